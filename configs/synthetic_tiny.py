@@ -1,0 +1,141 @@
+"""The built-in default run: a CPU-sized COPE on the synthetic ROPE-format dataset.
+
+  python -m cope_jax.train --config configs/synthetic_tiny.py --workdir demo_run
+
+Every field the code reads is declared here; `configs/rope_vitb16.py` derives the
+paper-size recipe from this one by changing fields.
+"""
+
+import ml_collections
+
+# The seven contrastive terms of the released forward pass: (embedding a, embedding b).
+CONTRASTIVE_TERMS = {
+    "page_visual_video": ("page_visual_embedding", "video_embedding"),
+    "page_visual_live": ("page_visual_embedding", "live_embedding"),
+    "video_live": ("video_embedding", "live_embedding"),
+    "page_video": ("page_embedding", "video_embedding"),
+    "page_live": ("page_embedding", "live_embedding"),
+    "page_text_video": ("page_text_embedding", "video_embedding"),
+    "page_text_live": ("page_text_embedding", "live_embedding"),
+}
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---- data -------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.rope_dir = "demo_run/rope"  # ROPE-format directory (nine txt files per split + images)
+  data.prepared_dir = "demo_run/prepared"  # ArrayRecord shards written by data_pipelines.prepare
+  data.vocab_path = "demo_run/rope/vocab.txt"  # WordPiece vocabulary (rbt vocab for real data)
+  data.train_split = "training"
+  data.eval_split = "test"
+  data.image_size = 64  # square input side of the visual encoder
+  data.num_frames = 4  # T: frames sampled per video / live clip
+  data.title_max_length = 32  # tokens, [CLS] and [SEP] included
+  data.asr_max_length = 32
+  data.crop_scale = (0.64, 1.0)  # random-resized-crop area range (train)
+  data.title_augment_prob = 0.6  # chance a title of >= 10 characters is perturbed
+  data.title_augment_char_rate = 0.2  # share of its characters doubled/dropped/spaced
+  data.num_workers = 0  # Grain worker processes (0: in the main process)
+  data.prefetch_buffer_size = 2
+  data.shuffle_seed = 0
+
+  # ---- model ------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.emb_dim = 64
+  model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  model.param_dtype = "float32"
+  model.remat = False  # rematerialise each transformer block in the backward pass
+  model.use_asr_text = False  # extension: fuse ASR text into the video/live heads
+  model.vision = vision = ml_collections.ConfigDict()
+  vision.image_size = data.get_ref("image_size")
+  vision.patch_size = 16
+  vision.width = 64
+  vision.layers = 2
+  vision.heads = 4
+  vision.mlp_dim = 256
+  vision.output_dim = 64  # CLIP `proj` output (512 for ViT-B/16)
+  vision.num_frames = data.get_ref("num_frames")  # length of the MIT positional embedding
+  vision.mit_layers = 1
+  vision.mit_heads = 4
+  vision.drop_path_rate = 0.0
+  model.text = text = ml_collections.ConfigDict()
+  text.vocab_size = 0  # 0: read the size from data.vocab_path
+  text.hidden_size = 64
+  text.layers = 2
+  text.heads = 4
+  text.intermediate_size = 256
+  text.max_positions = 64
+  text.type_vocab_size = 2
+  text.layer_norm_eps = 1e-12
+  text.dropout_rate = 0.0
+
+  # ---- losses -----------------------------------------------------------------
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.temperature = 0.05
+  loss.label_smoothing = 0.1
+  loss.weights = ml_collections.ConfigDict({name: 1.0 for name in CONTRASTIVE_TERMS})
+  loss.classify_weight = 0.0  # `use_spu_classify`: margin classification over products
+  loss.classify_scale = 64.0
+  loss.classify_margin = 0.4
+  loss.classify_sample_rate = 1.0  # share of negative class centres used per step
+
+  # ---- optimiser --------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-3  # base lr; each group multiplies it by its factor
+  optim.lr_factors = ml_collections.ConfigDict(
+      {"text": 1.0, "visual": 1.0, "fusion": 1.0, "classifier": 1.0, "other": 1.0})
+  optim.weight_decay = 5e-4
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.warmup_steps = 20
+  optim.grad_clip_norm = 1.0  # 0 disables clipping
+  optim.grad_accum_steps = 1
+  optim.frozen = ()  # groups to freeze, e.g. ("text",)
+
+  # ---- training loop ----------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 32  # global batch (all devices, all hosts)
+  train.num_steps = 300
+  train.log_every = 10
+  train.checkpoint_every = 100
+  train.keep_checkpoints = 2
+  train.eval_every = 0  # 0: evaluate only at the end (from the evaluate entry point)
+  train.init_from = ""  # Orbax checkpoint dir written by cope_jax.convert
+  train.init_allow_missing = False
+
+  # ---- device mesh ------------------------------------------------------------
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all remaining devices
+  mesh.model = 1
+  # logical axis name -> mesh axis (None: replicated)
+  mesh.rules = (
+      ("batch", "data"),
+      ("classes", ("data", "model")),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("vocab", None),
+      ("embed", None),
+  )
+
+  config.distributed = distributed = ml_collections.ConfigDict()
+  distributed.enabled = False  # or set COPE_DISTRIBUTED=1 / the JAX_* env variables
+  distributed.coordinator_address = ""
+  distributed.num_processes = 1
+  distributed.process_id = 0
+
+  # ---- evaluation -------------------------------------------------------------
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.batch_size = 32
+  evaluation.search = "auto"  # auto | exact | scann (auto: exact below scann_min_gallery)
+  evaluation.scann_min_gallery = 20000
+  evaluation.scann_num_leaves = 0  # 0: chosen from the gallery size
+  evaluation.scann_num_leaves_to_search = 0
+  evaluation.scann_reorder = 100
+  evaluation.recall_check_queries = 1000  # queries used to measure ScaNN recall vs exact
+  evaluation.one_shot_draws = 5
+  evaluation.checkpoint_step = -1  # -1: latest
+  evaluation.report_examples = 8  # example queries in the HTML report
+  return config
