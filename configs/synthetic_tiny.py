@@ -8,16 +8,7 @@ paper-size recipe from this one by changing fields.
 
 import ml_collections
 
-# The seven contrastive terms of the released forward pass: (embedding a, embedding b).
-CONTRASTIVE_TERMS = {
-    "page_visual_video": ("page_visual_embedding", "video_embedding"),
-    "page_visual_live": ("page_visual_embedding", "live_embedding"),
-    "video_live": ("video_embedding", "live_embedding"),
-    "page_video": ("page_embedding", "video_embedding"),
-    "page_live": ("page_embedding", "live_embedding"),
-    "page_text_video": ("page_text_embedding", "video_embedding"),
-    "page_text_live": ("page_text_embedding", "live_embedding"),
-}
+from cope_jax.losses import CONTRASTIVE_TERMS  # the seven contrastive term names
 
 
 def get_config():
@@ -39,6 +30,7 @@ def get_config():
   data.title_augment_prob = 0.6  # chance a title of >= 10 characters is perturbed
   data.title_augment_char_rate = 0.2  # share of its characters doubled/dropped/spaced
   data.num_workers = 0  # Grain worker processes (0: in the main process)
+  data.num_threads = 2  # Grain reader threads per process (JPEG decoding releases the GIL)
   data.prefetch_buffer_size = 2
   data.shuffle_seed = 0
 
