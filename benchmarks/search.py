@@ -1,0 +1,143 @@
+"""Exact (blocked JAX) vs ScaNN nearest-neighbour search on clustered data.
+
+  python -m benchmarks.search                       # galleries of 100k and 1M
+  python -m benchmarks.search --gallery_sizes 100000
+
+For each gallery size: build time, queries/s and recall@10 of ScaNN (default
+parameters of `cope_jax.retrieval.scann_parameters`) against exact search on
+the same queries. Prints a table and writes JSON (default
+benchmarks/results/search.json).
+
+Data: unit vectors around random centres (100 vectors per centre on average,
+noise norm 0.6 before normalisation), queries drawn the same way: a stand-in
+for product embeddings where each product has a tight group of items.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from cope_jax import retrieval
+
+K = 10
+
+
+def clustered_unit_vectors(rng, centers, num, noise, chunk=100_000):
+  """[num, D] float32 unit vectors around `centers` (generated in chunks)."""
+  dim = centers.shape[1]
+  out = np.empty((num, dim), np.float32)
+  for start in range(0, num, chunk):
+    stop = min(start + chunk, num)
+    x = centers[rng.integers(0, len(centers), stop - start)]
+    x = x + rng.standard_normal((stop - start, dim), dtype=np.float32) * (noise / np.sqrt(dim))
+    out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  return out
+
+
+def make_data(gallery_size, num_queries, dim, seed):
+  rng = np.random.default_rng(seed)
+  centers = rng.standard_normal((max(gallery_size // 100, 1), dim), dtype=np.float32)
+  centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+  gallery = clustered_unit_vectors(rng, centers, gallery_size, noise=0.6)
+  queries = clustered_unit_vectors(rng, centers, num_queries, noise=0.6)
+  return queries, gallery
+
+
+def time_exact(queries, gallery, chunk, query_block, gallery_block):
+  """Exact top-K in fixed-size query chunks (one compilation); -> indices, s, compile s."""
+  def run(chunk_queries):
+    return retrieval.exact_search(chunk_queries, gallery, K, query_block=query_block,
+                                  gallery_block=gallery_block)
+
+  padded = np.pad(queries, ((0, -len(queries) % chunk), (0, 0)))
+  start = time.perf_counter()
+  run(padded[:chunk])  # compile (and one chunk of work)
+  compile_and_first = time.perf_counter() - start
+  start = time.perf_counter()
+  indices = np.concatenate([run(padded[i:i + chunk])[1] for i in range(0, len(padded), chunk)])
+  return indices[:len(queries)], time.perf_counter() - start, compile_and_first
+
+
+def time_scann(queries, gallery, eval_config):
+  start = time.perf_counter()
+  searcher = retrieval.build_scann_index(gallery, eval_config, k=K)
+  build_seconds = time.perf_counter() - start
+  retrieval.scann_search(searcher, queries[:100], K)  # warm-up
+  start = time.perf_counter()
+  _, indices = retrieval.scann_search(searcher, queries, K)
+  return indices, time.perf_counter() - start, build_seconds
+
+
+def benchmark(gallery_size, args, eval_config):
+  queries, gallery = make_data(gallery_size, args.num_queries, args.dim, args.seed)
+  exact_indices, exact_seconds, exact_compile = time_exact(
+      queries, gallery, args.query_chunk, args.query_block, args.gallery_block)
+  scann_indices, scann_seconds, build_seconds = time_scann(queries, gallery, eval_config)
+  return {
+      "gallery_size": gallery_size,
+      "num_queries": len(queries),
+      "dim": args.dim,
+      "exact_seconds": exact_seconds,
+      "exact_queries_per_second": len(queries) / exact_seconds,
+      "exact_compile_and_first_chunk_seconds": exact_compile,
+      "scann_build_seconds": build_seconds,
+      "scann_seconds": scann_seconds,
+      "scann_queries_per_second": len(queries) / scann_seconds,
+      "scann_recall@10_vs_exact": retrieval.recall_against(exact_indices, scann_indices),
+      "scann_parameters": retrieval.scann_parameters(gallery_size, K, eval_config),
+  }
+
+
+def print_table(rows):
+  header = (f"{'gallery':>9} {'exact q/s':>10} {'scann q/s':>10} {'speed-up':>9} "
+            f"{'scann build s':>14} {'recall@10':>10}")
+  print(header)
+  print("-" * len(header))
+  for row in rows:
+    print(f"{row['gallery_size']:>9,d} {row['exact_queries_per_second']:>10,.0f} "
+          f"{row['scann_queries_per_second']:>10,.0f} "
+          f"{row['scann_queries_per_second'] / row['exact_queries_per_second']:>8.1f}x "
+          f"{row['scann_build_seconds']:>14.1f} {row['scann_recall@10_vs_exact']:>10.4f}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--gallery_sizes", default="100000,1000000",
+                      help="comma-separated gallery sizes")
+  parser.add_argument("--num_queries", type=int, default=10_000)
+  parser.add_argument("--dim", type=int, default=128)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--query_chunk", type=int, default=1024,
+                      help="queries per exact_search call (one compiled shape)")
+  parser.add_argument("--query_block", type=int, default=256)
+  parser.add_argument("--gallery_block", type=int, default=8192)
+  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "search.json"))
+  args = parser.parse_args()
+
+  from configs.synthetic_tiny import get_config  # pylint: disable=g-import-not-at-top
+  eval_config = get_config().eval
+  rows = []
+  for gallery_size in (int(size) for size in args.gallery_sizes.split(",")):
+    rows.append(benchmark(gallery_size, args, eval_config))
+    print(json.dumps(rows[-1]), flush=True)
+  print_table(rows)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"machine": {"jax_backend": jax.default_backend(),
+                           "devices": [str(d) for d in jax.devices()],
+                           "cpu_count": os.cpu_count(),
+                           "platform": platform.platform()},
+               "settings": {"k": K, "query_chunk": args.query_chunk,
+                            "query_block": args.query_block,
+                            "gallery_block": args.gallery_block},
+               "results": rows}, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
