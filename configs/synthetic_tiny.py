@@ -110,6 +110,7 @@ def get_config():
       ("heads", "model"),
       ("vocab", None),
       ("embed", None),
+      ("kv", None),  # per-head width of attention projections
   )
 
   config.distributed = distributed = ml_collections.ConfigDict()

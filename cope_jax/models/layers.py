@@ -1,0 +1,144 @@
+"""Building blocks shared by the COPE encoders.
+
+Every parameter is created through `nn.with_logical_partitioning`, with the logical
+axis names of `config.mesh.rules`:
+
+  'embed'  model width (the residual stream)     'mlp'   hidden width of an MLP
+  'heads'  attention heads                       'kv'    per-head width
+  'vocab'  token vocabulary
+
+Axes that are never worth sharding (3 of packed q/k/v, positions, patch pixels) carry
+`None`.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Initialisers matching the PyTorch modules the weights come from (only used when a
+# model is trained from scratch; converted checkpoints overwrite them).
+TRUNC_NORMAL_002 = nn.initializers.truncated_normal(stddev=0.02)
+NORMAL_002 = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init, names: Sequence[str | None]):
+  """`init` wrapped so that the parameter carries logical axis `names`."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features, kernel_axes, *, dtype, param_dtype, name, axis=-1, use_bias=True,
+          kernel_init=TRUNC_NORMAL_002):
+  """A `DenseGeneral` with partitioned kernel and bias.
+
+  `kernel_axes` names every kernel axis (input axes first, then output axes); the bias
+  takes the output axes' names.
+  """
+  num_out = len(features) if isinstance(features, (tuple, list)) else 1
+  return nn.DenseGeneral(
+      features=features,
+      axis=axis,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(kernel_init, kernel_axes),
+      bias_init=partitioned(nn.initializers.zeros_init(), kernel_axes[-num_out:]),
+      name=name,
+  )
+
+
+class LayerNorm(nn.LayerNorm):
+  """LayerNorm computed in float32 whatever the input; returns `output_dtype`.
+
+  Parameters `scale` and `bias` (PyTorch `weight` and `bias`) carry the 'embed' axis.
+  """
+  epsilon: float = 1e-5  # PyTorch's default
+  output_dtype: Dtype = jnp.float32
+  use_fast_variance: bool = False  # two-pass variance, as PyTorch computes it
+  scale_init: Any = partitioned(nn.initializers.ones_init(), ("embed",))
+  bias_init: Any = partitioned(nn.initializers.zeros_init(), ("embed",))
+
+  def __call__(self, x, *args, **kwargs):
+    y = super().__call__(x.astype(jnp.float32), *args, **kwargs)
+    return y.astype(self.output_dtype)
+
+
+def quick_gelu(x):
+  """CLIP's GELU approximation x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes a residual branch per example (leading axis) in training.
+
+  Surviving examples are scaled by 1 / (1 - rate); draws from the 'dropout' RNG stream.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, mask_shape)
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention laid out like PyTorch's `nn.MultiheadAttention`.
+
+  q, k and v come from one packed projection `in_proj` (kernel [D, 3, heads, D/heads],
+  PyTorch `in_proj_weight` [3D, D]); `out_proj` has kernel [heads, D/heads, D].
+  Attention runs through `jax.nn.dot_product_attention` (softmax in float32).
+
+  Input [batch, length, D] -> output [batch, length, D].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    qkv = dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
+                dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj")(x)
+    query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    context = jax.nn.dot_product_attention(query, key, value)  # [B, L, heads, head_dim]
+    return dense(width, ("heads", "kv", "embed"), axis=(-2, -1), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="out_proj")(context)
+
+
+class QuickGeluMlp(nn.Module):
+  """CLIP's MLP: `c_fc` -> QuickGELU -> `c_proj`. [..., D] -> [..., D]."""
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = dense(self.hidden_dim, ("embed", "mlp"), name="c_fc", **kwargs)(x)
+    return dense(width, ("mlp", "embed"), name="c_proj", **kwargs)(quick_gelu(hidden))
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """x / max(||x||, eps) along the last axis, in float32 (as `F.normalize`)."""
+  x = x.astype(jnp.float32)
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def canonical_dtype(name: str) -> Dtype:
+  """'float32' | 'bfloat16' (config strings) -> the jnp dtype; clear error otherwise."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if name not in dtypes:
+    raise ValueError(f"unknown dtype {name!r} in config.model; use one of {sorted(dtypes)}")
+  return dtypes[name]

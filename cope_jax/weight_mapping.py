@@ -1,0 +1,180 @@
+"""PyTorch COPE state_dict -> Flax `COPE` params, as a table of key patterns.
+
+A released checkpoint's keys (optionally prefixed `module.`) are renamed in three steps:
+
+1. strip `module.`; rename the heads (`item_fusion_model` -> `page_head`,
+   `photo_fusion_model` -> `video_head`, `live_fusion_model` -> `live_head`); turn list
+   indices into Linen names (`resblocks.3` -> `resblocks_3`, `layer.3` -> `layer_3`);
+2. the first rule of `RULES` whose pattern matches the whole key gives the Flax path and
+   the layout change (PyTorch Linear [out, in] -> kernel [in, out]; packed q/k/v
+   [3D, D] -> [D, 3, heads, D/heads]; conv [out, in, p, p] -> [p, p, in, out]; ...);
+3. the tensor is checked against the shape the model built from `config.model` expects.
+
+Released keys the Flax model does not create are dropped without complaint:
+  - every head's `fc2.*` (never used in the released forward pass);
+  - the video and live heads' `attention_pooling.*` and `fc0.*`, unless
+    `config.model.use_asr_text` (the released heads fuse no text for videos/lives);
+  - `text_encoder.bert_model.embeddings.position_ids` (a buffer older HF versions save).
+"""
+
+import re
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cope_jax.models import cope
+
+# (pattern on the renamed PyTorch key, Flax path template ('.'-separated), layout)
+RULES = (
+    (r"(.*)\.conv1\.weight", r"\1.conv1.kernel", "conv"),
+    (r"(.*)\.(attn|message_attn)\.in_proj_weight", r"\1.\2.in_proj.kernel", "linear"),
+    (r"(.*)\.(attn|message_attn)\.in_proj_bias", r"\1.\2.in_proj.bias", "flat"),
+    (r"(.*)\.(attn|message_attn)\.out_proj\.weight", r"\1.\2.out_proj.kernel",
+     "linear_from_heads"),
+    (r"(.*)\.attention\.output\.dense\.weight", r"\1.attention.output.dense.kernel",
+     "linear_from_heads"),
+    (r"(.*)\.(word|position|token_type)_embeddings\.weight", r"\1.\2_embeddings.embedding",
+     "same"),
+    (r"(.*)\.(ln_pre|ln_post|ln_1|ln_2|message_ln|LayerNorm)\.weight", r"\1.\2.scale",
+     "same"),
+    (r"(.*)\.(class_embedding|positional_embedding|proj)", r"\1.\2", "same"),
+    (r"(.*)\.weight", r"\1.kernel", "linear"),
+    (r"(.*)\.bias", r"\1.bias", "flat"),
+)
+
+HEAD_NAMES = {"item_fusion_model": "page_head", "photo_fusion_model": "video_head",
+              "live_fusion_model": "live_head"}
+
+ALWAYS_DROPPED = (r"(page|video|live)_head\.fc2\..*",
+                  r"text_encoder\.bert_model\.embeddings\.position_ids")
+DROPPED_WITHOUT_ASR = (r"(video|live)_head\.(fc0|attention_pooling)\..*",)
+
+
+class WeightMappingError(ValueError):
+  """The state_dict does not fit the model: lists unknown, missing and misshapen keys."""
+
+
+def _torch_shape(flax_shape: tuple, layout: str) -> tuple:
+  """The PyTorch shape that converts to `flax_shape` under `layout`."""
+  size = lambda dims: int(np.prod(dims, dtype=np.int64))
+  if layout == "same":
+    return tuple(flax_shape)
+  if layout == "flat":
+    return (size(flax_shape),)
+  if layout == "linear":  # kernel [in, *out]
+    return (size(flax_shape[1:]), flax_shape[0])
+  if layout == "linear_from_heads":  # kernel [heads, head_dim, out]
+    return (flax_shape[-1], size(flax_shape[:-1]))
+  if layout == "conv":  # kernel [p, p, in, out]
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  raise ValueError(f"unknown layout {layout!r}")
+
+
+def _to_flax_layout(tensor: np.ndarray, flax_shape: tuple, layout: str) -> np.ndarray:
+  if layout in ("same", "flat"):
+    return tensor.reshape(flax_shape)
+  if layout in ("linear", "linear_from_heads"):
+    return tensor.T.reshape(flax_shape)
+  if layout == "conv":
+    return tensor.transpose(2, 3, 1, 0)
+  raise ValueError(f"unknown layout {layout!r}")
+
+
+def rename_torch_key(key: str) -> str:
+  """Released key -> the key in Flax naming, still '.'-separated (before `RULES`)."""
+  key = key.removeprefix("module.")
+  head, _, rest = key.partition(".")
+  if head in HEAD_NAMES:
+    key = f"{HEAD_NAMES[head]}.{rest}"
+  return re.sub(r"\b(resblocks|layer)\.(\d+)\b", r"\1_\2", key)
+
+
+def flax_path_and_layout(renamed_key: str) -> tuple[str, str] | None:
+  """(Flax path 'a/b/c', layout) from the first matching rule, or None."""
+  for pattern, template, layout in RULES:
+    match = re.fullmatch(pattern, renamed_key)
+    if match:
+      return match.expand(template).replace(".", "/"), layout
+  return None
+
+
+def expected_param_shapes(model_config) -> dict[str, jax.ShapeDtypeStruct]:
+  """'a/b/c' -> ShapeDtypeStruct of every parameter of `COPE(model_config)` (no compute)."""
+  side = model_config.vision.image_size
+  frames = model_config.vision.num_frames
+  batch = {
+      "page_image": jnp.zeros((1, side, side, 3), jnp.uint8),
+      "page_title_ids": jnp.zeros((1, 2), jnp.int32),
+      "page_title_mask": jnp.ones((1, 2), jnp.int32),
+  }
+  for domain in ("video", "live"):
+    batch[f"{domain}_frames"] = jnp.zeros((1, frames, side, side, 3), jnp.uint8)
+    batch[f"{domain}_asr_ids"] = jnp.zeros((1, 2), jnp.int32)
+    batch[f"{domain}_asr_mask"] = jnp.ones((1, 2), jnp.int32)
+  variables = jax.eval_shape(cope.COPE(model_config).init, jax.random.key(0), batch)
+  params = nn.meta.unbox(variables["params"])
+  return {"/".join(path): leaf
+          for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+
+
+def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_config, *,
+                             allow_missing: bool = False,
+                             ignore_unused: bool = False) -> dict:
+  """Converts a released COPE state_dict to the `params` of `COPE(model_config)`.
+
+  Args:
+    state_dict: PyTorch key -> array (numpy, or anything `np.asarray` takes), keys
+      optionally prefixed `module.`. Released-but-unused keys are dropped (see the
+      module docstring).
+    model_config: `config.model`; the converted tensors must have the shapes it implies.
+    allow_missing: leave parameters the state_dict lacks out of the result (the caller
+      fills them, e.g. from a fresh init) instead of raising.
+    ignore_unused: skip keys no rule maps to a model parameter instead of raising.
+
+  Returns:
+    Nested dict of numpy arrays (the content of `variables['params']`, unboxed), in
+    the model's `param_dtype`.
+
+  Raises:
+    WeightMappingError: listing unknown keys, missing parameters and shape mismatches
+      (each mismatch names the key, its shape, the Flax path and the shape expected).
+  """
+  expected = expected_param_shapes(model_config)
+  dropped = ALWAYS_DROPPED + (() if model_config.use_asr_text else DROPPED_WITHOUT_ASR)
+  converted, unknown, mismatched = {}, [], {}
+  for key, value in state_dict.items():
+    renamed = rename_torch_key(key)
+    if any(re.fullmatch(pattern, renamed) for pattern in dropped):
+      continue
+    target = flax_path_and_layout(renamed)
+    if target is None or target[0] not in expected:
+      unknown.append(key)
+      continue
+    path, layout = target
+    tensor = np.asarray(value)
+    want = expected[path]
+    want_torch = _torch_shape(want.shape, layout)
+    if tuple(tensor.shape) != want_torch:
+      mismatched[path] = (f"{key}: shape {tuple(tensor.shape)}, but Flax {path} "
+                          f"{tuple(want.shape)} needs {want_torch}")
+      continue
+    converted[path] = _to_flax_layout(tensor, want.shape, layout).astype(want.dtype)
+
+  missing = sorted(set(expected) - set(converted) - set(mismatched))
+  problems = []
+  if unknown and not ignore_unused:
+    problems.append(f"{len(unknown)} unknown key(s): " + ", ".join(sorted(unknown)))
+  if missing and not allow_missing:
+    problems.append(f"{len(missing)} missing parameter(s): " + ", ".join(missing))
+  if mismatched:
+    problems.append(f"{len(mismatched)} shape mismatch(es):\n  "
+                    + "\n  ".join(mismatched.values()))
+  if problems:
+    raise WeightMappingError("state_dict does not fit COPE(config.model):\n"
+                             + "\n".join(problems))
+  return flax.traverse_util.unflatten_dict(converted, sep="/")
+

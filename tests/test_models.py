@@ -1,0 +1,434 @@
+"""COPE encoders in Flax against an independent PyTorch reference (tests/torch_reference.py).
+
+Tolerances (float32 on CPU): per-module features max abs diff <= 1e-4 (features of
+order 1); L2-normalised embeddings <= 1e-4; gradients rtol 1e-3 with atol 1e-5 times
+the largest gradient entry of that parameter.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import synthetic_tiny
+from cope_jax import weight_mapping
+from cope_jax.models import cope
+from cope_jax.models import fusion
+from cope_jax.models import text
+from cope_jax.models import vision
+from tests import torch_reference
+
+BATCH, FRAMES, IMAGE, TITLE_LENGTH = 3, 3, 32, 7
+ATOL = 1e-4
+F32 = dict(remat=False, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def tiny_model_config(use_asr_text=False):
+  config = synthetic_tiny.get_config()
+  config.data.image_size = IMAGE
+  config.data.num_frames = FRAMES
+  model = config.model
+  model.emb_dim = 16
+  model.use_asr_text = use_asr_text
+  model.vision.update(dict(patch_size=16, width=32, layers=2, heads=4, mlp_dim=64,
+                           output_dim=24, mit_layers=1, mit_heads=2))
+  model.text.update(dict(vocab_size=50, hidden_size=32, layers=2, heads=4,
+                         intermediate_size=64, max_positions=16))
+  return model
+
+
+def paper_model_config():
+  config = synthetic_tiny.get_config()
+  config.data.image_size = 224
+  config.data.num_frames = 8
+  model = config.model
+  model.emb_dim = 128
+  model.vision.update(dict(patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072,
+                           output_dim=512, mit_layers=4, mit_heads=8))
+  model.text.update(dict(vocab_size=21128, hidden_size=768, layers=6, heads=12,
+                         intermediate_size=3072, max_positions=512))
+  return model
+
+
+def make_batch(seed=0):
+  """A numpy batch in the model's format (uint8 images, int32 ids and masks)."""
+  rng = np.random.default_rng(seed)
+  lengths = np.array([TITLE_LENGTH, 4, 1])  # padded rows, one with [CLS] only
+
+  def tokens():
+    ids = rng.integers(1, 50, (BATCH, TITLE_LENGTH)).astype(np.int32)
+    mask = (np.arange(TITLE_LENGTH)[None] < lengths[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+  batch = {"page_image": rng.integers(0, 256, (BATCH, IMAGE, IMAGE, 3), dtype=np.uint8)}
+  batch["page_title_ids"], batch["page_title_mask"] = tokens()
+  for domain in ("video", "live"):
+    batch[f"{domain}_frames"] = rng.integers(
+        0, 256, (BATCH, FRAMES, IMAGE, IMAGE, 3), dtype=np.uint8)
+    batch[f"{domain}_asr_ids"], batch[f"{domain}_asr_mask"] = tokens()
+  return batch
+
+
+def torch_batch(batch):
+  """The numpy batch as the reference takes it: normalised NCHW floats, int64 ids."""
+  converted = {}
+  for key, value in batch.items():
+    if value.dtype == np.uint8:
+      converted[key] = torch_reference.normalize_uint8_nhwc(value)
+    else:
+      converted[key] = torch.from_numpy(value.astype(np.int64))
+  return converted
+
+
+def nhwc(images: torch.Tensor) -> np.ndarray:
+  return np.moveaxis(images.numpy(), -3, -1)
+
+
+def build_reference(model_config, seed=0):
+  torch.manual_seed(seed)
+  model = torch_reference.ReferenceCOPE(model_config)
+  return torch_reference.randomize_(model, seed).eval()
+
+
+def numpy_state_dict(module: torch.nn.Module) -> dict:
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def model_config():
+  return tiny_model_config()
+
+
+@pytest.fixture(scope="module")
+def reference(model_config):
+  return build_reference(model_config)
+
+
+@pytest.fixture(scope="module")
+def params(reference, model_config):
+  return weight_mapping.torch_state_dict_to_flax(numpy_state_dict(reference), model_config)
+
+
+def max_abs_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+# ---- per-module parity --------------------------------------------------------------
+
+
+def test_text_encoder_pooler_matches_hf_bert(reference, params, model_config):
+  batch = make_batch()
+  encoder = text.TextEncoder.from_config(model_config.text, **F32)
+  got = encoder.apply({"params": params["text_encoder"]}, batch["page_title_ids"],
+                      batch["page_title_mask"])
+  with torch.no_grad():
+    want = reference.text_encoder(*[torch.from_numpy(batch[k].astype(np.int64))
+                                    for k in ("page_title_ids", "page_title_mask")])
+  assert got.shape == (BATCH, model_config.text.hidden_size)
+  assert max_abs_diff(got, want) <= ATOL
+
+
+@pytest.mark.parametrize("num_frames", [FRAMES, 1], ids=["clip", "page"])
+def test_visual_encoder_matches_reference(reference, params, model_config, num_frames):
+  frames = torch_batch(make_batch())["video_frames"][:, :num_frames]
+  encoder = vision.VisualEncoder.from_config(model_config.vision, **F32)
+  got = jax.jit(encoder.apply)({"params": params["visual_encoder"]}, nhwc(frames))
+  with torch.no_grad():
+    want = reference.visual_encoder(frames)
+  assert got.shape == (BATCH, model_config.vision.output_dim)
+  assert max_abs_diff(got, want) <= ATOL
+
+
+def test_fusion_heads_match_reference(reference, params, model_config):
+  rng = np.random.default_rng(1)
+  visual = rng.normal(size=(BATCH, model_config.vision.output_dim)).astype(np.float32)
+  title = rng.normal(size=(BATCH, model_config.text.hidden_size)).astype(np.float32)
+  page_head = fusion.FusionHead(model_config.emb_dim, use_text=True)
+  got = page_head.apply({"params": params["page_head"]}, visual, title)
+  with torch.no_grad():
+    fused, text_proj, visual_proj = reference.item_fusion_model(
+        torch.from_numpy(title), torch.from_numpy(visual))
+  for key, want in (("fused", fused), ("text", text_proj), ("visual", visual_proj)):
+    assert max_abs_diff(got[key], want) <= ATOL, key
+
+  video_head = fusion.FusionHead(model_config.emb_dim, use_text=False)
+  got = video_head.apply({"params": params["video_head"]}, visual)
+  with torch.no_grad():
+    _, _, want = reference.photo_fusion_model(None, torch.from_numpy(visual))
+  assert set(got) == {"visual"}
+  assert max_abs_diff(got["visual"], want) <= ATOL
+
+
+# ---- end to end ---------------------------------------------------------------------
+
+
+def test_all_embeddings_match_reference_end_to_end(reference, params, model_config):
+  batch = make_batch()
+  got = jax.jit(cope.COPE(model_config).apply)({"params": params}, batch)  # uint8 images
+  with torch.no_grad():
+    want = reference(torch_batch(batch))
+  assert set(got) == set(want) == {"page_embedding", "page_text_embedding",
+                                   "page_visual_embedding", "video_embedding",
+                                   "live_embedding"}
+  for name in want:
+    assert got[name].shape == (BATCH, model_config.emb_dim)
+    np.testing.assert_allclose(np.linalg.norm(got[name], axis=-1), 1.0, atol=1e-5)
+    assert max_abs_diff(got[name], want[name]) <= ATOL, name
+
+
+def test_domain_methods_return_their_entries(params, model_config):
+  batch = make_batch()
+  model = cope.COPE(model_config)
+  everything = model.apply({"params": params}, batch)
+  for method, names in (("embed_page", {"page_embedding", "page_text_embedding",
+                                        "page_visual_embedding"}),
+                        ("embed_video", {"video_embedding"}),
+                        ("embed_live", {"live_embedding"})):
+    domain = method.removeprefix("embed_")
+    eval_batch = {k: v for k, v in batch.items() if k.startswith(domain)}
+    got = model.apply({"params": params}, eval_batch, method=method)
+    assert set(got) == names
+    for name in names:
+      np.testing.assert_allclose(got[name], everything[name], atol=1e-6)
+
+
+def test_asr_text_extension_matches_reference():
+  model_config = tiny_model_config(use_asr_text=True)
+  reference = build_reference(model_config, seed=3)
+  params = weight_mapping.torch_state_dict_to_flax(numpy_state_dict(reference),
+                                                   model_config)
+  assert "fc0" in params["video_head"] and "attention_pooling" in params["live_head"]
+  batch = make_batch(seed=2)
+  got = cope.COPE(model_config).apply({"params": params}, batch)
+  with torch.no_grad():
+    want = reference(torch_batch(batch))
+  for name in want:
+    assert max_abs_diff(got[name], want[name]) <= ATOL, name
+
+
+def contrastive_loss(a, b, xp_log_softmax, temperature=0.05):
+  """Symmetric InfoNCE against the diagonal (no smoothing), written for either framework."""
+  logits = a @ b.T / temperature
+  return -(xp_log_softmax(logits, 1).diagonal().mean()
+           + xp_log_softmax(logits.T, 1).diagonal().mean()) / 2
+
+
+def test_gradients_match_reference(reference, params, model_config):
+  batch = make_batch()
+  pairs = (("page_embedding", "video_embedding"), ("page_text_embedding", "live_embedding"),
+           ("page_visual_embedding", "live_embedding"), ("video_embedding", "live_embedding"))
+  model = cope.COPE(model_config)
+
+  def jax_loss(p):
+    e = model.apply({"params": p}, batch)
+    return sum(contrastive_loss(e[a], e[b], jax.nn.log_softmax) for a, b in pairs)
+
+  jax_value, jax_grads = jax.jit(jax.value_and_grad(jax_loss))(params)
+
+  reference.zero_grad()
+  e = reference(torch_batch(batch))
+  torch_value = sum(contrastive_loss(e[a], e[b], torch.log_softmax) for a, b in pairs)
+  torch_value.backward()
+  torch_grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+                 for name, p in reference.named_parameters()}
+  # Gradients have the parameters' shapes: the weight mapping puts them in Flax layout.
+  torch_grads = weight_mapping.torch_state_dict_to_flax(torch_grads, model_config)
+
+  assert abs(float(jax_value) - torch_value.item()) <= 1e-4
+  flat_jax = flax.traverse_util.flatten_dict(jax_grads, sep="/")
+  flat_torch = flax.traverse_util.flatten_dict(torch_grads, sep="/")
+  assert set(flat_jax) == set(flat_torch)
+  for path in ("visual_encoder/visual/transformer/resblocks_0/message_fc/kernel",
+               "text_encoder/bert_model/encoder/layer_0/attention/self/query/kernel",
+               "page_head/fc1/kernel"):
+    assert np.abs(flat_torch[path]).max() > 0, path  # the check is not vacuous
+  for path, want in flat_torch.items():
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(flat_jax[path], want, rtol=1e-3, atol=1e-5 * max(scale, 1.0),
+                               err_msg=path)
+
+
+# ---- weight mapping -----------------------------------------------------------------
+
+
+def test_mapping_accepts_module_prefix_and_drops_released_unused_keys(reference,
+                                                                      params, model_config):
+  state_dict = {f"module.{k}": v for k, v in numpy_state_dict(reference).items()}
+  # Keys some releases carry that the Flax model does not create.
+  state_dict["module.photo_fusion_model.fc0.weight"] = np.zeros((16, 32), np.float32)
+  state_dict["module.text_encoder.bert_model.embeddings.position_ids"] = np.arange(16)[None]
+  converted = weight_mapping.torch_state_dict_to_flax(state_dict, model_config)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)
+  for domain in ("page", "video", "live"):
+    assert "fc2" not in converted[f"{domain}_head"]
+  assert set(converted["video_head"]) == {"fc1"}
+
+
+def test_mapping_reports_wrong_shape_with_key_and_both_shapes(reference, model_config):
+  state_dict = numpy_state_dict(reference)
+  key = "visual_encoder.visual.transformer.resblocks.1.attn.in_proj_weight"
+  state_dict[key] = np.zeros((96, 31), np.float32)
+  with pytest.raises(weight_mapping.WeightMappingError) as error:
+    weight_mapping.torch_state_dict_to_flax(state_dict, model_config)
+  message = str(error.value)
+  assert key in message and "(96, 31)" in message and "(96, 32)" in message
+  assert "missing" not in message  # a misshapen tensor is not also reported missing
+
+
+def test_mapping_reports_unknown_and_missing_keys(reference, model_config):
+  state_dict = numpy_state_dict(reference)
+  state_dict["visual_encoder.visual.extra_token"] = np.zeros((32,), np.float32)
+  del state_dict["item_fusion_model.fc1.bias"]
+  with pytest.raises(weight_mapping.WeightMappingError) as error:
+    weight_mapping.torch_state_dict_to_flax(state_dict, model_config)
+  message = str(error.value)
+  assert "1 unknown key(s): visual_encoder.visual.extra_token" in message
+  assert "1 missing parameter(s): page_head/fc1/bias" in message
+
+  converted = weight_mapping.torch_state_dict_to_flax(
+      state_dict, model_config, allow_missing=True, ignore_unused=True)
+  assert "bias" not in converted["page_head"]["fc1"]
+  assert "kernel" in converted["page_head"]["fc1"]
+
+
+# ---- sizes, dtypes, training behaviour --------------------------------------------
+
+
+def test_paper_size_parameter_count_matches_release_minus_unused():
+  model_config = paper_model_config()
+  variables = jax.eval_shape(
+      cope.COPE(model_config).init, jax.random.key(0),
+      {"page_image": jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8),
+       "page_title_ids": jax.ShapeDtypeStruct((1, 4), jnp.int32),
+       "page_title_mask": jax.ShapeDtypeStruct((1, 4), jnp.int32),
+       "video_frames": jax.ShapeDtypeStruct((1, 8, 224, 224, 3), jnp.uint8),
+       "live_frames": jax.ShapeDtypeStruct((1, 8, 224, 224, 3), jnp.uint8)})
+  flax_count = sum(int(np.prod(x.shape))
+                   for x in jax.tree_util.tree_leaves(nn.meta.unbox(variables["params"])))
+  with torch.device("meta"):
+    reference = torch_reference.ReferenceCOPE(model_config)
+  torch_count = sum(p.numel() for p in reference.parameters())
+  emb = model_config.emb_dim
+  linear_2e_to_e = 2 * emb * emb + emb
+  # fc2 in three heads, attention_pooling.projection in the video and live heads.
+  unused = 3 * linear_2e_to_e + 2 * linear_2e_to_e
+  print(f"Flax params: {flax_count:,}; PyTorch reference: {torch_count:,}; "
+        f"released-but-unused: {unused:,}")
+  assert flax_count == torch_count - unused
+  # Released ViT-B/16 + MIT + rbt6 sizes, for orientation (not a hard-coded output).
+  assert 150e6 < flax_count < 250e6
+
+
+def test_bfloat16_forward_is_finite_and_close_to_float32(params, model_config):
+  batch = make_batch()
+  want = jax.jit(cope.COPE(model_config).apply)({"params": params}, batch)
+  bf16_config = tiny_model_config()
+  bf16_config.dtype = "bfloat16"
+  got = jax.jit(cope.COPE(bf16_config).apply)({"params": params}, batch)
+  for name in want:
+    assert got[name].dtype == jnp.float32
+    assert np.all(np.isfinite(got[name]))
+    # Cosine similarity with the float32 embedding (both unit vectors).
+    cosine = np.sum(np.asarray(got[name]) * np.asarray(want[name]), axis=-1)
+    assert np.all(cosine > 0.97), (name, cosine)
+
+
+@pytest.mark.slow
+def test_remat_gives_same_gradients(params, model_config):
+  batch = make_batch()
+  frames, ids, mask = (batch[k] for k in ("video_frames", "page_title_ids", "page_title_mask"))
+  for remat in (False, True):
+    kwargs = dict(F32, remat=remat)
+    visual = vision.VisualEncoder.from_config(model_config.vision, **kwargs)
+    words = text.TextEncoder.from_config(model_config.text, **kwargs)
+
+    def loss(p, visual=visual, words=words):
+      features = visual.apply({"params": p["visual_encoder"]}, frames)
+      pooled = words.apply({"params": p["text_encoder"]}, ids, mask)
+      return jnp.sum(features ** 2) + jnp.sum(pooled ** 3)
+
+    subset = {k: params[k] for k in ("visual_encoder", "text_encoder")}
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(subset))
+    assert (jaxpr.count("checkpoint") + jaxpr.count("remat") > 0) == remat
+    grads = jax.jit(jax.grad(loss))(subset)
+    if not remat:
+      plain = grads
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                         plain, grads)
+
+
+def test_drop_path_is_random_in_training_only(params):
+  model_config = tiny_model_config()
+  model_config.vision.drop_path_rate = 0.5
+  model = cope.COPE(model_config)
+  batch = {k: v for k, v in make_batch().items() if k.startswith("video")}
+  run = lambda seed, train: model.apply({"params": params}, batch, train, method="embed_video",
+                                        rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_array_equal(run(0, False)["video_embedding"],
+                                run(1, False)["video_embedding"])
+  assert not np.allclose(run(0, True)["video_embedding"], run(1, True)["video_embedding"])
+
+
+def test_params_carry_logical_axis_names(model_config):
+  batch = make_batch()
+  variables = jax.eval_shape(cope.COPE(model_config).init, jax.random.key(0), batch)
+  specs = flax.traverse_util.flatten_dict(nn.get_partition_spec(variables)["params"],
+                                          sep="/")
+  leaves = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  assert all(isinstance(leaf, nn.Partitioned) for leaf in leaves.values())
+  in_proj = "visual_encoder/visual/transformer/resblocks_0/attn/in_proj/kernel"
+  assert tuple(specs[in_proj]) == ("embed", None, "heads", "kv")
+  word = "text_encoder/bert_model/embeddings/word_embeddings/embedding"
+  assert tuple(specs[word]) == ("vocab", "embed")
+
+
+def test_unsupported_frame_count_is_a_clear_error(params, model_config):
+  batch = make_batch()
+  batch["video_frames"] = batch["video_frames"][:, :2]
+  with pytest.raises(ValueError, match="1 or 3 frames"):
+    cope.COPE(model_config).apply({"params": params}, batch, method="embed_video")
+
+
+SHARDED_INIT_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import flax.linen as nn
+import jax
+import numpy as np
+from configs import synthetic_tiny
+from cope_jax.models import cope
+from tests.test_models import make_batch, tiny_model_config
+
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+rules = synthetic_tiny.get_config().mesh.rules
+model, batch = cope.COPE(tiny_model_config()), make_batch()
+abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
+shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), batch)
+kernel = variables["params"]["visual_encoder"]["visual"]["transformer"]["resblocks_0"][
+    "attn"]["in_proj"]["kernel"].value
+assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None), (
+    kernel.sharding)
+embeddings = jax.jit(model.apply)(variables, batch)
+assert all(np.isfinite(np.asarray(e)).all() for e in embeddings.values())
+print("sharded ok")
+"""
+
+
+@pytest.mark.slow
+def test_params_shard_over_a_mesh_with_the_config_rules():
+  """Init + forward with parameters placed by config.mesh.rules on 8 fake CPU devices."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([sys.executable, "-c", SHARDED_INIT_SCRIPT], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "sharded ok" in result.stdout
