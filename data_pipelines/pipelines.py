@@ -1,0 +1,415 @@
+"""Grain input pipelines: training batches of products, eval batches per domain.
+
+Training (`make_train_dataset`): one example is one product that has a page, a video
+and a live clip; it shows one page, one video and one live clip of that product, chosen
+at random. Products are shuffled anew every epoch and repeated forever; with several
+processes, process p takes positions p, p + P, p + 2P, ... of the shuffled stream, so
+the processes see disjoint products within an epoch. Every random choice of an example
+(records, crop, flip, title noise) comes from a generator seeded with
+`(data.shuffle_seed, epoch, position in epoch)`, so batches do not depend on thread or
+worker counts, and the iterator state (`it.get_state()` / `it.set_state(...)`) resumes
+the exact same stream.
+
+Pipeline: products -> shuffle -> repeat -> [p::P] -> example -> batch -> threads
+(`data.num_threads`, buffer `data.prefetch_buffer_size`) -> worker processes
+(`data.num_workers`, 0 = in-process). Batching happens before the workers split the
+stream, so each worker builds whole batches.
+
+Evaluation (`make_eval_dataset`): every record of one domain of a split, in record
+order, with eval transforms; the last batch is padded to `eval.batch_size` with rows
+whose `valid` is False. Process p takes the p-th contiguous part; all processes yield
+the same number of batches.
+
+Batches are dicts of NumPy arrays; the keys and shapes are those of
+`docs/interfaces.md` (`batch_spec` gives them for a config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from absl import flags
+import grain
+import numpy as np
+
+from data_pipelines import prepare
+from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines import transforms
+
+DOMAINS = ("page", "video", "live")
+# Keys of the host-only string columns of eval batches.
+_STRING_KEYS = ("id", "product_id")
+
+# Source of the records of one domain: `len()` and `[i]` -> record dict.
+RecordSource = Any
+
+
+def batch_spec(config, process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of a per-process training batch: {key: (shape, dtype)}."""
+  batch_size = _per_process_batch_size(config.train.batch_size, process_count)
+  spec = {"product_index": ((batch_size,), np.dtype(np.int32))}
+  for domain in DOMAINS:
+    spec.update(_domain_spec(config.data, domain, batch_size))
+  return spec
+
+
+def eval_batch_spec(config, domain: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of the array entries of an eval batch (`id`, `product_id` aside)."""
+  _check_domain(domain)
+  batch_size = config.eval.batch_size
+  spec = {"valid": ((batch_size,), np.dtype(np.bool_))}
+  spec.update(_domain_spec(config.data, domain, batch_size))
+  return spec
+
+
+def _domain_spec(data_config, domain: str, batch_size: int):
+  size, uint8, int32 = data_config.image_size, np.dtype(np.uint8), np.dtype(np.int32)
+  if domain == "page":
+    text_shape = (batch_size, data_config.title_max_length)
+    return {"page_image": ((batch_size, size, size, 3), uint8),
+            "page_title_ids": (text_shape, int32),
+            "page_title_mask": (text_shape, int32)}
+  text_shape = (batch_size, data_config.asr_max_length)
+  return {f"{domain}_frames": ((batch_size, data_config.num_frames, size, size, 3), uint8),
+          f"{domain}_asr_ids": (text_shape, int32),
+          f"{domain}_asr_mask": (text_shape, int32)}
+
+
+def _check_domain(domain: str):
+  if domain not in DOMAINS:
+    raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+
+
+def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"train.batch_size={global_batch_size} is not divisible by the process "
+        f"count {process_count}")
+  return global_batch_size // process_count
+
+
+# ---- examples -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleOptions:
+  """The data-config values an example needs (picklable, for worker processes)."""
+  image_size: int
+  num_frames: int
+  title_max_length: int
+  asr_max_length: int
+  crop_scale: tuple[float, float]
+  title_augment_prob: float
+  title_augment_char_rate: float
+
+  @classmethod
+  def from_config(cls, data_config) -> _ExampleOptions:
+    return cls(
+        image_size=data_config.image_size, num_frames=data_config.num_frames,
+        title_max_length=data_config.title_max_length,
+        asr_max_length=data_config.asr_max_length,
+        crop_scale=tuple(data_config.crop_scale),
+        title_augment_prob=data_config.title_augment_prob,
+        title_augment_char_rate=data_config.title_augment_char_rate)
+
+
+def _clip_frames(record: Mapping[str, Any], num_frames: int, domain: str,
+                 min_side: int | None = None) -> list[np.ndarray]:
+  """Decodes the T segment-middle frames of a video/live record -> T x uint8 [H, W, 3]."""
+  frames = record["frames"]
+  if not frames:
+    raise ValueError(f"{domain} record {record['id']!r} has no frames")
+  return [transforms.decode_jpeg(frames[index], f"{domain} {record['id']}", min_side)
+          for index in transforms.sample_frame_indices(len(frames), num_frames)]
+
+
+def _encode_text(tokenizer: tokenizer_lib.Tokenizer, text: str, max_length: int):
+  ids, mask = tokenizer.encode([text], max_length)
+  return ids[0], mask[0]
+
+
+class _TrainExample:
+  """(global index, product) -> one training example (the row of a training batch)."""
+
+  def __init__(self, sources: Mapping[str, RecordSource],
+               tokenizer: tokenizer_lib.Tokenizer, options: _ExampleOptions,
+               num_products: int, seed: int):
+    self._sources = dict(sources)
+    self._tokenizer = tokenizer
+    self._options = options
+    self._num_products = num_products
+    self._seed = seed
+
+  def __call__(self, indexed_product: tuple[int, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    global_index, product = indexed_product
+    epoch, position = divmod(global_index, self._num_products)
+    rng = np.random.default_rng((self._seed, epoch, position))
+    options = self._options
+    # Large JPEGs are decoded at a reduced scale that still leaves every crop at
+    # least `image_size` pixels wide (training only; eval decodes at full size).
+    min_side = transforms.min_decode_side(options.image_size, options.crop_scale)
+    example = {"product_index": np.int32(product["product_index"])}
+    for domain in DOMAINS:
+      record = self._record(domain, product, rng)
+      if domain == "page":
+        image = transforms.decode_jpeg(record["image"], f"page {record['id']}",
+                                       min_side)
+        example["page_image"] = transforms.train_transform_clip(
+            [image], rng, options.image_size, options.crop_scale)[0]
+        title = transforms.augment_title(
+            record["text"], rng, options.title_augment_prob,
+            options.title_augment_char_rate)
+        example["page_title_ids"], example["page_title_mask"] = _encode_text(
+            self._tokenizer, title, options.title_max_length)
+      else:
+        example[f"{domain}_frames"] = transforms.train_transform_clip(
+            _clip_frames(record, options.num_frames, domain, min_side), rng,
+            options.image_size, options.crop_scale)
+        example[f"{domain}_asr_ids"], example[f"{domain}_asr_mask"] = _encode_text(
+            self._tokenizer, record["text"], options.asr_max_length)
+    return example
+
+  def _record(self, domain: str, product: Mapping[str, Any],
+              rng: np.random.Generator) -> Mapping[str, Any]:
+    record_index = product[domain][rng.integers(len(product[domain]))]
+    record = self._sources[domain][record_index]
+    if record["product_id"] != product["product_id"]:
+      raise ValueError(
+          f"{domain} record {record_index} ({record['id']!r}) belongs to product "
+          f"{record['product_id']!r}, but the product table lists it under "
+          f"{product['product_id']!r}")
+    return record
+
+
+class _EvalExample:
+  """Record index (or -1 for padding) -> one eval row of `domain`."""
+
+  def __init__(self, domain: str, source: RecordSource,
+               tokenizer: tokenizer_lib.Tokenizer, options: _ExampleOptions):
+    self._domain = domain
+    self._source = source
+    self._tokenizer = tokenizer
+    self._options = options
+
+  def __call__(self, record_index: int) -> dict[str, Any]:
+    domain, options = self._domain, self._options
+    if record_index < 0:
+      return self._padding()
+    record = self._source[record_index]
+    example = {"id": str(record["id"]), "product_id": str(record["product_id"]),
+               "valid": np.bool_(True)}
+    if domain == "page":
+      image = transforms.decode_jpeg(record["image"], name=f"page {record['id']}")
+      example["page_image"] = transforms.eval_transform(image, options.image_size)
+      example["page_title_ids"], example["page_title_mask"] = _encode_text(
+          self._tokenizer, record["text"], options.title_max_length)
+    else:
+      example[f"{domain}_frames"] = np.stack([
+          transforms.eval_transform(frame, options.image_size)
+          for frame in _clip_frames(record, options.num_frames, domain)])
+      example[f"{domain}_asr_ids"], example[f"{domain}_asr_mask"] = _encode_text(
+          self._tokenizer, record["text"], options.asr_max_length)
+    return example
+
+  def _padding(self) -> dict[str, Any]:
+    options, domain = self._options, self._domain
+    size = options.image_size
+    if domain == "page":
+      image_key, image_shape = "page_image", (size, size, 3)
+      text_prefix, text_length = "page_title", options.title_max_length
+    else:
+      image_key, image_shape = f"{domain}_frames", (options.num_frames, size, size, 3)
+      text_prefix, text_length = f"{domain}_asr", options.asr_max_length
+    return {"id": "", "product_id": "", "valid": np.bool_(False),
+            image_key: np.zeros(image_shape, np.uint8),
+            f"{text_prefix}_ids": np.full(text_length, self._tokenizer.pad_id, np.int32),
+            f"{text_prefix}_mask": np.zeros(text_length, np.int32)}
+
+
+def _stack_eval_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """Stacks eval rows; `id` and `product_id` become object arrays (host only)."""
+  batch = {}
+  for key in rows[0]:
+    if key in _STRING_KEYS:
+      column = np.empty(len(rows), dtype=object)
+      column[:] = [row[key] for row in rows]
+      batch[key] = column
+    else:
+      batch[key] = np.stack([row[key] for row in rows])
+  return batch
+
+
+# ---- datasets from sources ----------------------------------------------------------
+
+
+def _ensure_absl_flags_parsed():
+  """Grain's worker processes read absl flags; outside an absl app, use defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _read_and_prefetch(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
+  """MapDataset of batches -> IterDataset read by threads and worker processes."""
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=data_config.num_threads,
+      prefetch_buffer_size=data_config.prefetch_buffer_size))
+  if data_config.num_workers > 0:
+    _ensure_absl_flags_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_config.num_workers,
+        per_worker_buffer_size=data_config.prefetch_buffer_size))
+  return iter_dataset
+
+
+def train_products(products: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+  """The products usable as training examples: those with all three domains."""
+  return [product for product in products
+          if all(len(product[domain]) > 0 for domain in DOMAINS)]
+
+
+def train_dataset_from_sources(
+    config, products: Sequence[Mapping[str, Any]],
+    sources: Mapping[str, RecordSource], tokenizer: tokenizer_lib.Tokenizer,
+    process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Training batches from a product table and per-domain record sources.
+
+  Args:
+    config: run config (reads `data.*` and `train.batch_size`).
+    products: `prepare.load_products`-style dicts; products lacking a domain are left
+      out.
+    sources: domain -> random-access record source (`prepare.open_domain`).
+    tokenizer: tokenizer for titles and ASR texts.
+    process_index, process_count: this process and the number of processes.
+
+  Returns:
+    An infinite `grain.IterDataset` of batches (see `batch_spec`).
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  batch_size = _per_process_batch_size(config.train.batch_size, process_count)
+  usable = train_products(products)
+  if len(usable) < process_count:
+    raise ValueError(
+        f"only {len(usable)} of {len(products)} products have a page, a video and a "
+        f"live clip; {process_count} process(es) need at least one each")
+  make_example = _TrainExample(
+      sources, tokenizer, _ExampleOptions.from_config(config.data),
+      num_products=len(usable), seed=config.data.shuffle_seed)
+  dataset = (
+      grain.MapDataset.source(usable)
+      .shuffle(seed=config.data.shuffle_seed)
+      .repeat()
+      .map_with_index(lambda index, product: (index, product))
+      [process_index::process_count]
+      .map(make_example)
+      .batch(batch_size, drop_remainder=True))
+  return _read_and_prefetch(dataset, config.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalDataset:
+  """Eval batches of one domain for this process.
+
+  Iterate it (any number of times) for the batches: dicts with `id`, `product_id`
+  (object [B]), `valid` (bool [B]) and the domain's arrays (`eval_batch_spec`).
+
+  Attributes:
+    dataset: the underlying `grain.IterDataset`.
+    domain: `page`, `video` or `live`.
+    num_records: records of the domain in the split (all processes together).
+    record_range: (start, stop) record indices this process yields.
+    num_batches: batches each process yields (the same for every process).
+  """
+  dataset: grain.IterDataset
+  domain: str
+  num_records: int
+  record_range: tuple[int, int]
+  num_batches: int
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self.dataset)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
+def eval_dataset_from_source(
+    config, domain: str, source: RecordSource, tokenizer: tokenizer_lib.Tokenizer,
+    process_index: int = 0, process_count: int = 1) -> EvalDataset:
+  """Eval batches of every record of `source` (one domain); see `make_eval_dataset`."""
+  _check_domain(domain)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  batch_size = config.eval.batch_size
+  num_records = len(source)
+  start = num_records * process_index // process_count
+  stop = num_records * (process_index + 1) // process_count
+  largest_part = math.ceil(num_records / process_count)
+  num_batches = max(1, math.ceil(largest_part / batch_size))
+  make_example = _EvalExample(domain, source, tokenizer,
+                              _ExampleOptions.from_config(config.data))
+  # Row r of this process shows record start + r, or padding (-1) past `stop`.
+  dataset = (
+      grain.MapDataset.range(num_batches * batch_size)
+      .map(lambda row: start + row if start + row < stop else -1)
+      .map(make_example)
+      .batch(batch_size, batch_fn=_stack_eval_rows))
+  return EvalDataset(_read_and_prefetch(dataset, config.data), domain, num_records,
+                     (start, stop), num_batches)
+
+
+# ---- entry points on prepared data --------------------------------------------------
+
+
+def _open_prepared(prepared_dir: str, split: str, domains: Sequence[str]):
+  """Opens the prepared record sources of `domains` of a split, with clear errors."""
+  split_dir = os.path.join(prepared_dir, split)
+  if not os.path.isdir(split_dir):
+    raise FileNotFoundError(
+        f"no prepared split {split!r} in {prepared_dir!r} (expected the folder "
+        f"{split_dir!r}; run `python -m data_pipelines.prepare`)")
+  sources = {}
+  for domain in domains:
+    try:
+      sources[domain] = prepare.open_domain(prepared_dir, split, domain)
+    except (FileNotFoundError, OSError) as error:
+      raise FileNotFoundError(
+          f"no prepared {domain!r} records for split {split!r} in {prepared_dir!r}: "
+          f"{error}") from error
+  return sources
+
+
+def make_train_dataset(config, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """Infinite training batches of this process from `config.data.prepared_dir`.
+
+  Each batch holds `config.train.batch_size // process_count` rows; keys, shapes and
+  dtypes are `batch_spec(config, process_count)`. The iterator is checkpointable
+  (`get_state` / `set_state`).
+  """
+  data_config = config.data
+  sources = _open_prepared(data_config.prepared_dir, data_config.train_split,
+                                    DOMAINS)
+  products = prepare.load_products(data_config.prepared_dir, data_config.train_split)
+  tokenizer = tokenizer_lib.Tokenizer(data_config.vocab_path)
+  return train_dataset_from_sources(config, products, sources, tokenizer,
+                                    process_index, process_count)
+
+
+def make_eval_dataset(config, domain: str, split: str | None = None,
+                      process_index: int = 0, process_count: int = 1) -> EvalDataset:
+  """Eval batches of every record of `domain` in `split` (default `data.eval_split`).
+
+  Fixed record order, eval transforms, last batch padded to `config.eval.batch_size`
+  with `valid=False` rows; process p yields its contiguous share of the records.
+  """
+  _check_domain(domain)
+  split = split or config.data.eval_split
+  sources = _open_prepared(config.data.prepared_dir, split, (domain,))
+  tokenizer = tokenizer_lib.Tokenizer(config.data.vocab_path)
+  return eval_dataset_from_source(config, domain, sources[domain], tokenizer,
+                                  process_index, process_count)
