@@ -30,6 +30,41 @@ def partitioned(init, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+class DenseGeneral(nn.Module):
+  """A linear map contracting `axis` of the input into `features` output axes.
+
+  Unlike `nn.DenseGeneral` the kernel is created at its full multi-axis shape (not
+  flattened then reshaped), so its logical axis names apply to the array as created
+  and a sharding constraint can be placed on it when a mesh is active.
+  """
+  features: Any  # int or tuple of ints
+  kernel_axes: Sequence[str | None]
+  axis: Any = -1  # int or tuple of ints
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = TRUNC_NORMAL_002
+
+  @nn.compact
+  def __call__(self, inputs):
+    features = tuple(self.features) if isinstance(self.features, (tuple, list)) else (
+        self.features,)
+    axes = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
+    axes = tuple(a % inputs.ndim for a in axes)
+    kernel_shape = tuple(inputs.shape[a] for a in axes) + features
+    kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes),
+                        kernel_shape, self.param_dtype)
+    inputs, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
+    outputs = jax.lax.dot_general(
+        inputs, kernel, ((axes, tuple(range(len(axes)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros_init(),
+                                            tuple(self.kernel_axes)[-len(features):]),
+                        features, self.param_dtype)
+      outputs = outputs + bias.astype(self.dtype)
+    return outputs
+
+
 def dense(features, kernel_axes, *, dtype, param_dtype, name, axis=-1, use_bias=True,
           kernel_init=TRUNC_NORMAL_002):
   """A `DenseGeneral` with partitioned kernel and bias.
@@ -37,17 +72,9 @@ def dense(features, kernel_axes, *, dtype, param_dtype, name, axis=-1, use_bias=
   `kernel_axes` names every kernel axis (input axes first, then output axes); the bias
   takes the output axes' names.
   """
-  num_out = len(features) if isinstance(features, (tuple, list)) else 1
-  return nn.DenseGeneral(
-      features=features,
-      axis=axis,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=partitioned(kernel_init, kernel_axes),
-      bias_init=partitioned(nn.initializers.zeros_init(), kernel_axes[-num_out:]),
-      name=name,
-  )
+  return DenseGeneral(features=features, kernel_axes=tuple(kernel_axes), axis=axis,
+                      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, name=name)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -1,0 +1,286 @@
+r"""Trains COPE: `python -m cope_jax.train --config configs/synthetic_tiny.py --workdir DIR`.
+
+Fields of the config can be overridden on the command line
+(`--config.train.batch_size=64`). Rerunning the same command resumes from the last
+complete checkpoint in `DIR/checkpoints` with the same data order.
+
+The step is one pure function `train_step(state, batch) -> (state, metrics)`, compiled
+once over the device mesh with explicit shardings; `train_and_evaluate` is the loop
+around it (data, checkpoints, logging, evaluation hook).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from cope_jax import checkpoints
+from cope_jax import cli
+from cope_jax import config_checks
+from cope_jax import losses
+from cope_jax import metrics_writer
+from cope_jax import optim
+from cope_jax import sharding
+from cope_jax.models import cope as cope_model
+from data_pipelines import pipelines
+from data_pipelines import prepare
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32
+  params: Any  # {"model": COPE params, "classifier": {"centers": [C, D]}}
+  opt_state: Any
+  rng: jax.Array  # [2] uint32, a raw PRNG key (checkpointable as a plain array)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; training stopped before saving that state."""
+
+
+def build_model(config: ml_collections.ConfigDict) -> cope_model.COPE:
+  return cope_model.COPE(config.model)
+
+
+def zero_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+  """A training batch of zeros with the pipeline's shapes (for init and compilation)."""
+  spec = pipelines.batch_spec(config)
+  return {key: np.zeros((batch_size,) + tuple(shape[1:]), dtype)
+          for key, (shape, dtype) in spec.items()}
+
+
+def init_train_state(rng: jax.Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
+                     config: ml_collections.ConfigDict, num_classes: int) -> TrainState:
+  """Initial state, parameters boxed with their logical axis names."""
+  init_rng, classifier_rng, state_rng = jax.random.split(rng, 3)
+  variables = model.init({"params": init_rng, "dropout": init_rng}, zero_batch(config, 2),
+                         train=False)
+  params = {"model": variables["params"]}
+  if config.loss.classify_weight > 0:
+    centers_init = nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=0.01), ("classes", "embed"))
+    params["classifier"] = {
+        "centers": centers_init(classifier_rng, (num_classes, config.model.emb_dim), jnp.float32)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=state_rng)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               optimizer: optax.GradientTransformation,
+               loss_config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on a global batch. Pure: same inputs, same outputs."""
+  rng, dropout_rng, loss_rng = jax.random.split(state.rng, 3)
+
+  def loss_fn(params):
+    embeddings = model.apply({"params": params["model"]}, batch, train=True,
+                             rngs={"dropout": dropout_rng})
+    class_centers = params["classifier"]["centers"] if "classifier" in params else None
+    return losses.cope_loss(embeddings, batch["product_index"], class_centers, loss_config,
+                            loss_rng)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 finite=jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  return new_state, metrics
+
+
+def _abstract_like(values: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of placed arrays."""
+  return jax.tree.map(
+      lambda value: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding),
+      values)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       num_classes: int) -> tuple[TrainState, TrainState]:
+  """A freshly initialised TrainState created directly sharded, and its shardings."""
+  rules = sharding.logical_axis_rules(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return sharding.create_sharded(_state_init_fn(config, num_classes), mesh, rules,
+                                   jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         num_classes: int) -> TrainState:
+  """The TrainState's shapes, dtypes and shardings, computed without allocating it."""
+  rules = sharding.logical_axis_rules(config.mesh)
+  init_fn = _state_init_fn(config, num_classes)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = sharding.param_shardings(
+        jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)), mesh, rules)
+    boxed = jax.eval_shape(jax.jit(init_fn, out_shardings=shardings),
+                           jax.random.PRNGKey(config.seed))
+  return nn.meta.unbox(boxed)
+
+
+def _state_init_fn(config: ml_collections.ConfigDict, num_classes: int):
+  return functools.partial(
+      init_train_state, model=build_model(config),
+      optimizer=optim.make_optimizer(config.optim, config.train.num_steps), config=config,
+      num_classes=num_classes)
+
+
+def load_converted_weights(state: TrainState, shardings: TrainState,
+                           config: ml_collections.ConfigDict) -> TrainState:
+  """Loads converted (e.g. PyTorch) weights named by config.train.init_from."""
+  loaded = checkpoints.load_params(config.train.init_from)
+  if "model" not in loaded:
+    raise ValueError(f"config.train.init_from={config.train.init_from!r}: the checkpoint has no "
+                     "'model' entry; write it with `python -m cope_jax.convert`")
+  merged = checkpoints.merge_params(
+      state.params["model"], loaded["model"], allow_missing=config.train.init_allow_missing,
+      source=f"config.train.init_from={config.train.init_from!r}")
+  model_params = jax.device_put(merged, shardings.params["model"])
+  return state.replace(params=dict(state.params, model=model_params))
+
+
+def _peak_flops_per_device() -> float | None:
+  """Dense bf16 peak of the accelerator, for MFU; None where unknown (e.g. CPU)."""
+  kind = jax.devices()[0].device_kind.lower()
+  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12, "l4": 121e12,
+           "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12}
+  for name, flops in table.items():
+    if name in kind:
+      return flops
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming if a checkpoint exists) and returns the last logged metrics."""
+  config_checks.check_config(config)
+  config = config_checks.resolve_vocab_size(config)
+  os.makedirs(workdir, exist_ok=True)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if config.train.batch_size % process_count:
+    raise config_checks.ConfigError(
+        f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
+        f"{process_count} processes")
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.mesh)
+  if config.train.batch_size % mesh.shape["data"]:
+    raise config_checks.ConfigError(
+        f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
+        f"'data' mesh axis ({mesh.shape['data']} devices)")
+  num_classes = len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
+  model = build_model(config)
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+
+  state, state_shardings = create_train_state(config, mesh, num_classes)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params["model"]))
+  logging.info("COPE model: %.2fM parameters, mesh %s", num_params / 1e6, dict(mesh.shape))
+
+  dataset = pipelines.make_train_dataset(config, process_index, process_count)
+  data_iterator = iter(dataset)
+  manager = checkpoints.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
+  start_step = manager.latest_step()
+  if start_step is not None:
+    state = checkpoints.restore_training_state(
+        manager, start_step, _abstract_like(state), data_iterator)
+    logging.info("resumed from %s/checkpoints/%d", workdir, start_step)
+  elif config.train.init_from:
+    state = load_converted_weights(state, state_shardings, config)
+  start_step = int(state.step)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, optimizer=optimizer, loss_config=config.loss),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=(0,))
+
+  writer = metrics_writer.MetricsWriter(workdir, enabled=process_index == 0)
+  flops_per_step = None
+  peak_flops = _peak_flops_per_device()
+  total_steps = config.train.num_steps
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                       disable=process_index != 0, dynamic_ncols=True)
+  window_metrics: list[dict[str, jax.Array]] = []
+  window_start = time.perf_counter()
+  last_logged: dict[str, float] = {}
+  last_good_step = start_step
+  step = start_step
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    while step < total_steps:
+      host_batch = next(data_iterator)
+      batch = sharding.host_batch_to_global(host_batch, mesh)
+      if flops_per_step is None and peak_flops is not None:
+        flops_per_step = _compiled_flops(step_fn, state, batch)
+      state, step_metrics = step_fn(state, batch)
+      step += 1
+      if not bool(step_metrics["finite"]):
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: "
+            + ", ".join(f"{k}={float(v):.4g}" for k, v in step_metrics.items() if k != "finite")
+            + f". Stopped without saving; the last good checkpoint is step {last_good_step} "
+            f"in {workdir}/checkpoints. Lower config.optim.learning_rate or check the data.")
+      window_metrics.append(step_metrics)
+      progress.update(1)
+      if step % config.train.log_every == 0 or step == total_steps:
+        elapsed = time.perf_counter() - window_start
+        last_logged = _summarise(window_metrics)
+        last_logged["examples_per_second"] = (
+            len(window_metrics) * config.train.batch_size / max(elapsed, 1e-9))
+        for group, lr in optim.current_learning_rates(config.optim, total_steps, step).items():
+          last_logged[f"lr/{group}"] = lr
+        if flops_per_step and peak_flops:
+          last_logged["mfu"] = (flops_per_step * len(window_metrics) / elapsed
+                                / (peak_flops * jax.device_count()))
+        writer.write(step, last_logged)
+        progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
+                             ex_s=f"{last_logged['examples_per_second']:.1f}")
+        window_metrics, window_start = [], time.perf_counter()
+      if step % config.train.checkpoint_every == 0 or step == total_steps:
+        checkpoints.save_training_state(manager, step, state, data_iterator)
+        last_good_step = step
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+        from cope_jax import evaluate  # the evaluator imports this module's helpers
+        evaluate.evaluate_params(config, workdir, state.params["model"], step, mesh=mesh)
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return last_logged
+
+
+def _compiled_flops(step_fn, state, batch) -> float | None:
+  try:
+    cost = step_fn.lower(state, batch).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost["flops"])
+  except Exception as error:  # cost analysis is best effort; MFU is then not logged
+    logging.warning("no FLOP count for MFU: %s", error)
+    return 0.0
+
+
+def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(window)
+  return {key: float(np.mean([float(m[key]) for m in stacked]))
+          for key in stacked[0] if key != "finite"}
+
+
+def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  metrics = train_and_evaluate(config, workdir)
+  print(json.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
+                   sort_keys=True))
+
+
+if __name__ == "__main__":
+  cli.run(_main, "Directory for checkpoints, logs and evaluation reports.")

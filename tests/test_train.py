@@ -1,0 +1,140 @@
+"""The trainer end to end on tiny synthetic data: steps, resume after a kill, bad configs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cope_jax import checkpoints
+from cope_jax import config_checks
+from cope_jax import train
+from tests import tiny_configs
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _final_params(workdir, step):
+  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def _assert_same_tree(a, b, atol=1e-6):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def test_training_reduces_the_loss_and_logs(tiny_prepared_dir, tiny_rope_dir, tmp_path):
+  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=12)
+  config.train.log_every = 4
+  config.optim.learning_rate = 3e-3
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["loss"])
+  records = [line for line in open(tmp_path / "metrics.jsonl")]
+  assert len(records) == 3
+  import json
+  first, last = json.loads(records[0]), json.loads(records[-1])
+  assert last["loss"] < first["loss"]
+  for key in ("examples_per_second", "grad_norm", "lr/visual", "page_visual_video"):
+    assert key in last
+  assert os.listdir(tmp_path / "tensorboard")
+  assert checkpoints.checkpoint_manager(str(tmp_path), read_only=True).latest_step() == 12
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tiny_prepared_dir, tiny_rope_dir,
+                                                        tmp_path, monkeypatch):
+  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=6)
+  config.train.checkpoint_every = 2
+  train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+  expected = _final_params(str(tmp_path / "uninterrupted"), 6)
+
+  # Interrupt right after the checkpoint of step 4 has been started (as a kill would).
+  save = checkpoints.save_training_state
+
+  class Killed(Exception):
+    pass
+
+  def save_then_die(manager, step, state, data_iterator):
+    save(manager, step, state, data_iterator)
+    if step == 4:
+      manager.wait_until_finished()
+      raise Killed()
+
+  monkeypatch.setattr(checkpoints, "save_training_state", save_then_die)
+  with pytest.raises(Killed):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(checkpoints, "save_training_state", save)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  _assert_same_tree(_final_params(str(tmp_path / "resumed"), 6), expected)
+
+
+def test_sigkill_at_any_moment_then_rerun_completes(tiny_prepared_dir, tiny_rope_dir, tmp_path):
+  config_args = tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir)
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "cope_jax.train", "--config",
+             os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"), "--workdir", str(workdir),
+             "--config.train.num_steps=8", "--config.train.checkpoint_every=2", *config_args]
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    steps = [d for d in os.listdir(workdir / "checkpoints")] if (
+        workdir / "checkpoints").exists() else []
+    if any(d.isdigit() for d in steps):
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  manager = checkpoints.checkpoint_manager(str(workdir), read_only=True)
+  assert manager.latest_step() == 8
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train.batch_size", 0, "config.train.batch_size"),
+    ("model.dtype", "float8", "config.model.dtype"),
+    ("eval.search", "annoy", "config.eval.search"),
+    ("data.image_size", 40, "config.data.image_size"),
+])
+def test_bad_config_value_names_the_field(tiny_prepared_dir, tiny_rope_dir, field, value, message):
+  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=2)
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(config_checks.ConfigError, match=message.replace(".", r"\.")):
+    config_checks.check_config(config)
+
+
+def test_missing_data_path_is_named(tiny_rope_dir, tmp_path):
+  config = tiny_configs.training_config(str(tmp_path / "nowhere"), tiny_rope_dir, num_steps=2)
+  with pytest.raises(config_checks.ConfigError, match=r"config\.data\.prepared_dir"):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared_dir, tiny_rope_dir,
+                                                              tmp_path):
+  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=6)
+  config.train.checkpoint_every = 1
+  # An absurd learning rate blows the parameters up after the first update.
+  config.optim.learning_rate = 1e30
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip_norm = 0.0
+  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step"):
+    train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoints.checkpoint_manager(str(tmp_path), read_only=True)
+  saved = manager.all_steps()
+  assert max(saved, default=0) < 6
+  for step in saved:  # every saved state is finite
+    params = _final_params(str(tmp_path), step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
