@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -257,9 +259,24 @@ def load_scann_index(directory: str):
   """Reads a searcher written by `save_scann_index`."""
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isfile(os.path.join(directory, "scann_assets.pbtxt")):
+  directory = os.path.abspath(directory)
+  assets_path = os.path.join(directory, "scann_assets.pbtxt")
+  if not os.path.isfile(assets_path):
     raise FileNotFoundError(f"{directory}: no ScaNN index (scann_assets.pbtxt missing)")
-  return scann_ops_pybind.load_searcher(os.path.abspath(directory))
+  # ScaNN records absolute asset paths when it serialises; point them at this directory
+  # so that an index folder can be moved or copied to another machine.
+  with open(assets_path, encoding="utf-8") as f:
+    assets = re.sub(
+        r'asset_path:\s*"([^"]*)"',
+        lambda m: f'asset_path: "{os.path.join(directory, os.path.basename(m.group(1)))}"',
+        f.read())
+  docids_path = os.path.join(directory, "scann_docids.pkl")
+  docids = None
+  if os.path.isfile(docids_path):
+    with open(docids_path, "rb") as f:
+      docids = pickle.load(f)
+  return scann_ops_pybind.ScannSearcher(
+      scann_ops_pybind.scann_pybind.ScannNumpy(directory, assets), docids)
 
 
 def recall_against(reference_indices: np.ndarray, indices: np.ndarray) -> float:

@@ -6,6 +6,7 @@ with small integer entries, whose inner products are exact in float32 whatever
 the summation order, so ties are real ties in every implementation.
 """
 
+import os
 import math
 
 import ml_collections
@@ -251,7 +252,9 @@ def test_scann_index_save_load_gives_identical_results(tmp_path):
   queries, gallery = clustered_search_data(seed=1, num_gallery=3000, num_queries=50)
   searcher = retrieval.build_scann_index(gallery, eval_config())
   retrieval.save_scann_index(searcher, str(tmp_path / "index"))
-  loaded = retrieval.load_scann_index(str(tmp_path / "index"))
+  # A saved index still loads after its folder is moved (asset paths are re-rooted).
+  os.rename(tmp_path / "index", tmp_path / "moved_index")
+  loaded = retrieval.load_scann_index(str(tmp_path / "moved_index"))
   before = retrieval.scann_search(searcher, queries, 10)
   after = retrieval.scann_search(loaded, queries, 10)
   np.testing.assert_array_equal(after[1], before[1])

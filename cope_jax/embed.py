@@ -1,0 +1,119 @@
+"""Embeds every record of one split and domain, streaming over the device mesh.
+
+Memory stays bounded: one batch of decoded images is alive at a time on the host, and
+only the [N, D] embeddings accumulate. Each process embeds its own part of the split
+(the eval pipeline shards records by process) and keeps the rows it fed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+from flax import linen as nn
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from cope_jax import sharding
+from data_pipelines import pipelines
+
+DOMAINS = ("page", "video", "live")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainEmbeddings:
+  """One domain's records: ids [N] str, product_ids [N] str, embeddings [N, D] float32."""
+  domain: str
+  ids: np.ndarray
+  product_ids: np.ndarray
+  embeddings: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+def make_embed_fn(model: nn.Module, domain: str, mesh: jax.sharding.Mesh):
+  """jit-compiled `(model_params, batch) -> [B, D]` for one domain's eval batches."""
+  if domain not in DOMAINS:
+    raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+
+  def embed(model_params, batch):
+    outputs = model.apply({"params": model_params}, batch, method=f"embed_{domain}")
+    return outputs[f"{domain}_embedding"]
+
+  return jax.jit(embed, out_shardings=sharding.batch_sharding(mesh))
+
+
+def _local_rows(global_array: jax.Array) -> np.ndarray:
+  """The rows of a batch-sharded global array that live on this process, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(global_array)
+  shards = {}
+  for shard in global_array.addressable_shards:
+    start = shard.index[0].start or 0
+    shards.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([shards[start] for start in sorted(shards)], axis=0)
+
+
+def iter_embedding_batches(config: ml_collections.ConfigDict, model: nn.Module, model_params,
+                           domain: str, mesh: jax.sharding.Mesh, split: str | None = None,
+                           show_progress: bool = True):
+  """Yields (ids [b], product_ids [b], embeddings [b, D] float32) per batch of this process.
+
+  Padding rows are already removed. Streams: nothing but one batch is held.
+  """
+  dataset = pipelines.make_eval_dataset(
+      config, domain, split=split, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  embed_fn = make_embed_fn(model, domain, mesh)
+  progress = tqdm.tqdm(total=dataset.num_records, desc=f"embed {domain}", unit="item",
+                       disable=not show_progress or jax.process_index() != 0,
+                       dynamic_ncols=True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
+    for host_batch in dataset:
+      batch = sharding.host_batch_to_global(host_batch, mesh)
+      batch_embeddings = _local_rows(embed_fn(model_params, batch))
+      valid = np.asarray(host_batch["valid"], bool)
+      progress.update(int(valid.sum()))
+      yield (np.asarray(host_batch["id"])[valid], np.asarray(host_batch["product_id"])[valid],
+             np.asarray(batch_embeddings, np.float32)[valid])
+  progress.close()
+
+
+def embed_split(config: ml_collections.ConfigDict, model: nn.Module, model_params, domain: str,
+                mesh: jax.sharding.Mesh, split: str | None = None,
+                show_progress: bool = True) -> DomainEmbeddings:
+  """Embeds every record of `split` (default config.data.eval_split) in `domain`."""
+  ids, product_ids, embeddings = [], [], []
+  for batch_ids, batch_product_ids, batch_embeddings in iter_embedding_batches(
+      config, model, model_params, domain, mesh, split, show_progress):
+    ids.append(batch_ids)
+    product_ids.append(batch_product_ids)
+    embeddings.append(batch_embeddings)
+  dim = config.model.emb_dim
+  return DomainEmbeddings(
+      domain=domain,
+      ids=np.concatenate(ids) if ids else np.zeros((0,), object),
+      product_ids=np.concatenate(product_ids) if product_ids else np.zeros((0,), object),
+      embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32))
+
+
+def gather_to_all(local: DomainEmbeddings) -> DomainEmbeddings:
+  """Concatenates every process's rows (in process order) on every process."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  payload = np.frombuffer(pickle.dumps((local.ids, local.product_ids, local.embeddings)), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:payload.size] = payload
+  gathered = multihost_utils.process_allgather(padded)
+  parts = [pickle.loads(gathered[i, :int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]
+  return DomainEmbeddings(
+      domain=local.domain,
+      ids=np.concatenate([p[0] for p in parts]),
+      product_ids=np.concatenate([p[1] for p in parts]),
+      embeddings=np.concatenate([p[2] for p in parts]))
+

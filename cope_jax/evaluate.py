@@ -1,0 +1,127 @@
+r"""Evaluates cross-domain retrieval: `python -m cope_jax.evaluate --config C --workdir DIR`.
+
+Loads the latest training checkpoint of DIR (or `--config.eval.checkpoint_step=N`, or,
+when DIR has none, the converted weights of `config.train.init_from`), embeds every
+record of the evaluation split in the three domains and writes
+
+  DIR/eval/metrics.json    six directions x (R@1, R@5, R@10, median rank, mAP,
+                           one-shot accuracy), chance level, search kind
+  DIR/eval/report.md       the table, plots and an HTML page of example queries
+
+The same `evaluate_params` runs as the periodic evaluation hook of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from flax import linen as nn
+import jax
+import ml_collections
+
+from cope_jax import checkpoints
+from cope_jax import cli
+from cope_jax import config_checks
+from cope_jax import embed
+from cope_jax import report
+from cope_jax import retrieval
+from cope_jax import sharding
+from cope_jax import train
+from data_pipelines import prepare
+
+
+def load_model_params(config: ml_collections.ConfigDict, workdir: str,
+                      mesh: jax.sharding.Mesh) -> tuple[Any, int, str]:
+  """(model params, step, description of the source) for evaluation or export."""
+  manager = checkpoints.checkpoint_manager(workdir, read_only=True) if os.path.isdir(
+      os.path.join(workdir, "checkpoints")) else None
+  step = None
+  if manager is not None:
+    step = manager.latest_step() if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+    if step is not None and step not in manager.all_steps():
+      raise ValueError(f"config.eval.checkpoint_step: no checkpoint {step} in "
+                       f"{workdir}/checkpoints (have {sorted(manager.all_steps())})")
+  if step is not None:
+    state = checkpoints.restore_state_only(
+        manager, step, train.abstract_train_state(config, mesh, _num_classes(config)))
+    return state.params["model"], int(step), f"{workdir}/checkpoints/{step}"
+  if config.train.init_from:
+    state, shardings = train.create_train_state(config, mesh, _num_classes(config))
+    state = train.load_converted_weights(state, shardings, config)
+    return state.params["model"], 0, config.train.init_from
+  raise FileNotFoundError(
+      f"nothing to evaluate: {workdir}/checkpoints holds no checkpoint and "
+      "config.train.init_from is empty. Train first (python -m cope_jax.train) or convert "
+      "weights (python -m cope_jax.convert) and set --config.train.init_from.")
+
+
+def _num_classes(config: ml_collections.ConfigDict) -> int:
+  """Rows of the classifier in the train state (none without the classification loss)."""
+  if config.loss.classify_weight <= 0:
+    return 0
+  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
+
+
+def embed_eval_split(config: ml_collections.ConfigDict, model_params, mesh: jax.sharding.Mesh,
+                     split: str | None = None) -> dict[str, embed.DomainEmbeddings]:
+  """Every domain present in the split, gathered on every process."""
+  model = train.build_model(config)
+  split = split or config.data.eval_split
+  embeddings = {}
+  for domain in embed.DOMAINS:
+    try:
+      num_records = len(prepare.open_domain(config.data.prepared_dir, split, domain))
+    except FileNotFoundError as error:
+      logging.warning("split %r has no %s records (%s): its directions are skipped", split,
+                      domain, error)
+      continue
+    if num_records == 0:
+      logging.warning("split %r has no %s records: its directions are skipped", split, domain)
+      continue
+    local = embed.embed_split(config, model, model_params, domain, mesh, split)
+    embeddings[domain] = embed.gather_to_all(local)
+  return embeddings
+
+
+def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_params, step: int,
+                    mesh: jax.sharding.Mesh, source: str = "") -> dict:
+  """Embeds the eval split, computes the metrics and writes metrics.json + report."""
+  embeddings = embed_eval_split(config, model_params, mesh)
+  metrics = retrieval.evaluate_directions(
+      {domain: (e.ids, e.product_ids, e.embeddings) for domain, e in embeddings.items()},
+      config.eval)
+  metrics["checkpoint_step"] = int(step)
+  metrics["checkpoint"] = source
+  metrics["split"] = config.data.eval_split
+  metrics["num_items"] = {domain: len(e) for domain, e in embeddings.items()}
+  if jax.process_index() == 0:
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2, sort_keys=True)
+    with open(os.path.join(eval_dir, "history.jsonl"), "a") as f:
+      f.write(json.dumps(metrics, sort_keys=True) + "\n")
+    report.write_report(eval_dir, metrics, embeddings, config, workdir)
+  return metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config_checks.check_config(config)
+  config = config_checks.resolve_vocab_size(config)
+  mesh = sharding.make_mesh(config.mesh)
+  params, step, source = load_model_params(config, workdir, mesh)
+  return evaluate_params(config, workdir, params, step, mesh, source)
+
+
+def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  metrics = run(config, workdir)
+  if jax.process_index() == 0:
+    print(report.summary_table(metrics))
+    print(f"\nwrote {os.path.join(workdir, 'eval', 'metrics.json')}")
+
+
+if __name__ == "__main__":
+  cli.run(_main, "Training directory to evaluate (its checkpoints/ are read).")

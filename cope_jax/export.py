@@ -1,0 +1,457 @@
+r"""Exports embeddings and ScaNN indices: `python -m cope_jax.export`.
+
+  python -m cope_jax.export --config configs/synthetic_tiny.py --workdir DIR --out OUT \
+      [--split test] [--rope_dir ROPE_DIR] [--resume]
+
+Embeds every record of a split (default `config.data.eval_split`) with the model of
+DIR (its latest checkpoint, as `cope_jax.evaluate` picks it) and writes
+
+  OUT/<domain>-<p>-of-<n>.parquet   columns id, product_id, domain (string) and
+                                    embedding (list<float32>, L2-normalised); one
+                                    file per domain and JAX process
+  OUT/index/<domain>/               a ScaNN dot-product index over all processes' rows
+                                    of the domain: its rows are the rows of the files
+                                    the manifest lists for the domain, in that order
+  OUT/manifest.json                 checkpoint, config hash, embedding dimension,
+                                    counts and files per domain
+
+With --rope_dir a ROPE-format directory is prepared into OUT/prepared first and read
+from there. Parquet files are written under a temporary name and renamed when
+complete; --resume keeps every domain whose files are complete and listed in the
+manifest. `load_exported_index` reads an index back and refuses one made by another
+model (config hash) or of another embedding dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cope_jax import cli
+from cope_jax import embed
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+INDEX_DIR = "index"
+PREPARED_DIR = "prepared"
+ROW_GROUP_ROWS = 8192  # rows per Parquet row group (batches are buffered up to this)
+INDEX_DEFAULT_K = 10  # default neighbour count stored in the ScaNN searcher
+
+PARQUET_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("product_id", pa.string()),
+    ("domain", pa.string()),
+    ("embedding", pa.list_(pa.float32())),
+])
+
+
+class ExportMismatchError(ValueError):
+  """An export was made by another model or holds embeddings of another dimension."""
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """sha256 (hex) of the config's JSON with sorted keys: identifies the model run."""
+  text = config.to_json(sort_keys=True)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def parquet_name(domain: str, process_index: int, process_count: int) -> str:
+  return f"{domain}-{process_index}-of-{process_count}.parquet"
+
+
+# ----------------------------------------------------------------------------
+# Parquet.
+
+
+def normalise_rows(embeddings: np.ndarray, where: str = "embeddings") -> np.ndarray:
+  """[N, D] -> float32 rows of unit L2 norm; ValueError on a zero or non-finite row."""
+  embeddings = np.asarray(embeddings, np.float32)
+  if embeddings.ndim != 2:
+    raise ValueError(f"{where}: expected [N, D] embeddings, got shape {embeddings.shape}")
+  norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+  bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
+  if bad.size:
+    raise ValueError(f"{where}: {bad.size} rows are zero or not finite (first: row {bad[0]})")
+  return embeddings / norms
+
+
+def embeddings_table(domain: str, ids: Sequence[str], product_ids: Sequence[str],
+                     embeddings: np.ndarray) -> pa.Table:
+  """A Parquet-schema table of one batch: ids [b], product_ids [b], embeddings [b, D].
+
+  The embeddings are written as given: normalise them first (`normalise_rows`).
+  """
+  embeddings = np.asarray(embeddings, np.float32)
+  num_rows, dim = embeddings.shape
+  if len(ids) != num_rows or len(product_ids) != num_rows:
+    raise ValueError(f"{domain}: {len(ids)} ids and {len(product_ids)} product ids for "
+                     f"{num_rows} embeddings")
+  offsets = pa.array(np.arange(0, (num_rows + 1) * dim, dim, dtype=np.int32))
+  embedding_column = pa.ListArray.from_arrays(offsets, pa.array(embeddings.reshape(-1)))
+  return pa.Table.from_arrays(
+      [pa.array([str(i) for i in ids], pa.string()),
+       pa.array([str(p) for p in product_ids], pa.string()),
+       pa.array([domain] * num_rows, pa.string()),
+       embedding_column],
+      schema=PARQUET_SCHEMA)
+
+
+def write_parquet(path: str, domain: str, batches: Iterable[tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]],
+                  dim: int, row_group_rows: int = ROW_GROUP_ROWS) -> embed.DomainEmbeddings:
+  """Streams (ids [b], product_ids [b], embeddings [b, D]) batches into `path`.
+
+  Rows are buffered into row groups of about `row_group_rows`. The file appears under
+  its final name only once complete (written as `<path>.tmp`, then renamed).
+
+  Returns:
+    The rows written (L2-normalised embeddings), for building the index.
+  """
+  temporary = path + ".tmp"
+  ids, product_ids, embeddings = [], [], []
+  pending: list[pa.Table] = []
+  pending_rows = 0
+  with pq.ParquetWriter(temporary, PARQUET_SCHEMA) as writer:
+    for batch_ids, batch_product_ids, batch_embeddings in batches:
+      batch_embeddings = normalise_rows(batch_embeddings, f"{domain} embeddings")
+      table = embeddings_table(domain, batch_ids, batch_product_ids, batch_embeddings)
+      if table.num_rows == 0:
+        continue
+      ids.append(np.asarray(batch_ids, object))
+      product_ids.append(np.asarray(batch_product_ids, object))
+      embeddings.append(batch_embeddings)
+      pending.append(table)
+      pending_rows += table.num_rows
+      if pending_rows >= row_group_rows:
+        writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+        pending, pending_rows = [], 0
+    if pending:
+      writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+  os.replace(temporary, path)
+  return embed.DomainEmbeddings(
+      domain=domain,
+      ids=np.concatenate(ids) if ids else np.zeros((0,), object),
+      product_ids=np.concatenate(product_ids) if product_ids else np.zeros((0,), object),
+      embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32))
+
+
+def read_parquet(paths: Sequence[str], domain: str,
+                 with_embeddings: bool = True) -> embed.DomainEmbeddings:
+  """The rows of exported Parquet files, concatenated in the given order."""
+  columns = ["id", "product_id"] + (["embedding"] if with_embeddings else [])
+  tables = [pq.read_table(path, columns=columns) for path in paths]
+  table = pa.concat_tables(tables) if tables else PARQUET_SCHEMA.empty_table().select(columns)
+  embeddings = np.zeros((table.num_rows, 0), np.float32)
+  if with_embeddings and table.num_rows:
+    values = table.column("embedding").combine_chunks().flatten().to_numpy()
+    embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
+  return embed.DomainEmbeddings(
+      domain=domain,
+      ids=np.asarray(table.column("id").to_pylist(), object),
+      product_ids=np.asarray(table.column("product_id").to_pylist(), object),
+      embeddings=embeddings)
+
+
+# ----------------------------------------------------------------------------
+# Manifest.
+
+
+def read_manifest(out_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: not a valid export manifest ({error})") from error
+
+
+def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
+  """Writes the manifest atomically (temporary file, then rename)."""
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) -> bool:
+  """Whether file `name` is listed in the domain's manifest entry with its row count."""
+  listed = {f["file"]: f["rows"] for f in (entry or {}).get("files", [])}
+  path = os.path.join(out_dir, name)
+  if name not in listed or not os.path.exists(path):
+    return False
+  try:
+    return pq.ParquetFile(path).metadata.num_rows == listed[name]
+  except (OSError, pa.ArrowInvalid):
+    return False
+
+
+def _check_resumable(manifest: Mapping[str, Any], out_dir: str, expected: Mapping[str, Any]):
+  for key, value in expected.items():
+    if manifest.get(key) != value:
+      raise ExportMismatchError(
+          f"{os.path.join(out_dir, MANIFEST_FILE)}: --resume with a different {key} "
+          f"(manifest: {manifest.get(key)!r}, this run: {value!r}); use a new --out "
+          "folder or remove the old export")
+
+
+# ----------------------------------------------------------------------------
+# The export.
+
+
+def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
+                      split: str | None = None, rope_dir: str | None = None,
+                      resume: bool = False) -> dict[str, Any]:
+  """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
+
+  Args:
+    config: the run config (as on the command line; its hash goes in the manifest).
+    workdir: training directory whose checkpoint is exported
+      (`evaluate.load_model_params` rules).
+    out_dir: output folder.
+    split: split to embed (default `config.data.eval_split`).
+    rope_dir: a ROPE-format folder to prepare into `out_dir/prepared` and embed
+      instead of `config.data.prepared_dir`.
+    resume: keep domains whose Parquet files and index are complete and listed in
+      an existing manifest of the same model.
+
+  Returns:
+    The manifest written to `out_dir/manifest.json`.
+  """
+  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from cope_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cope_jax import sharding  # pylint: disable=g-import-not-at-top
+  from cope_jax import train  # pylint: disable=g-import-not-at-top
+
+  config_checks.check_config(config, need_data=not rope_dir)
+  model_hash = config_hash(config)
+  split = split or config.data.eval_split
+  process_index, process_count = jax.process_index(), jax.process_count()
+  os.makedirs(out_dir, exist_ok=True)
+  if rope_dir:
+    config = _with_prepared_data(config, rope_dir, out_dir)
+    config_checks.check_config(config)
+  config = config_checks.resolve_vocab_size(config)
+
+  identity = {"config_hash": model_hash, "embedding_dim": int(config.model.emb_dim),
+              "split": split}
+  previous = read_manifest(out_dir) if resume else None
+  if previous is not None:
+    _check_resumable(previous, out_dir, identity)  # before the (slow) model load
+
+  mesh = sharding.make_mesh(config.mesh)
+  model_params, step, source = evaluate.load_model_params(config, workdir, mesh)
+  identity["checkpoint_step"] = int(step)
+  if previous is not None:
+    _check_resumable(previous, out_dir, identity)
+  elif process_index == 0 and os.path.exists(os.path.join(out_dir, MANIFEST_FILE)):
+    os.remove(os.path.join(out_dir, MANIFEST_FILE))  # it would describe files replaced now
+  manifest: dict[str, Any] = {
+      "format_version": MANIFEST_FORMAT_VERSION, **identity, "checkpoint": source,
+      "prepared_dir": config.data.prepared_dir, "process_count": process_count,
+      "columns": PARQUET_SCHEMA.names, "domains": {}}
+  if previous is not None:
+    manifest["domains"] = dict(previous.get("domains", {}))
+
+  model = train.build_model(config)
+  for domain in embed.DOMAINS:
+    if not _has_records(config.data.prepared_dir, split, domain):
+      logging.warning("split %r has no %s records: nothing exported for it", split, domain)
+      manifest["domains"].pop(domain, None)
+      continue
+    manifest["domains"][domain] = _export_domain(
+        config, model, model_params, mesh, domain, split, out_dir,
+        manifest["domains"].get(domain) if resume else None)
+    if process_index == 0:
+      write_manifest(out_dir, manifest)
+  if process_index == 0:
+    write_manifest(out_dir, manifest)
+  return manifest
+
+
+def _has_records(prepared_dir: str, split: str, domain: str) -> bool:
+  """Whether the prepared split holds any record of `domain`."""
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+  try:
+    return len(prepare.open_domain(prepared_dir, split, domain)) > 0
+  except FileNotFoundError:
+    return False
+
+
+def _with_prepared_data(config: ml_collections.ConfigDict, rope_dir: str,
+                        out_dir: str) -> ml_collections.ConfigDict:
+  """Prepares `rope_dir` into `out_dir/prepared`; a config reading from there."""
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+
+  prepared_dir = os.path.join(out_dir, PREPARED_DIR)
+  if jax.process_index() == 0:  # prepare itself skips parts already written
+    logging.info("preparing %s into %s", rope_dir, prepared_dir)
+    prepare.prepare(rope_dir, prepared_dir, log=logging.info)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("cope_jax.export: prepared")
+  config = config.copy_and_resolve_references()
+  config.data.prepared_dir = prepared_dir
+  return config
+
+
+def _export_domain(config, model, model_params, mesh, domain: str, split: str, out_dir: str,
+                   previous_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+  """Writes this process's Parquet file and (process 0) the index of one domain."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  names = [parquet_name(domain, p, process_count) for p in range(process_count)]
+  own_name = names[process_index]
+  own_path = os.path.join(out_dir, own_name)
+  index_dir = os.path.join(out_dir, INDEX_DIR, domain)
+  all_complete = all(_parquet_complete(out_dir, previous_entry, name) for name in names)
+  index_complete = (all_complete and previous_entry.get("index_complete", False)
+                    and os.path.isfile(os.path.join(index_dir, "scann_assets.pbtxt")))
+  if index_complete:
+    logging.info("export %s: complete in the manifest, kept", domain)
+    return dict(previous_entry)
+
+  if _parquet_complete(out_dir, previous_entry, own_name):
+    logging.info("export %s: %s complete, read back", domain, own_name)
+    local = read_parquet([own_path], domain)
+  else:
+    batches = embed.iter_embedding_batches(config, model, model_params, domain, mesh, split)
+    local = write_parquet(own_path, domain, batches, int(config.model.emb_dim))
+  gathered = embed.gather_to_all(local)
+  counts = _gather_counts(len(local))
+  entry = {"count": len(gathered),
+           "files": [{"file": name, "rows": rows} for name, rows in zip(names, counts)],
+           "index": f"{INDEX_DIR}/{domain}", "index_complete": False}
+  if process_index == 0 and len(gathered):
+    _write_index(gathered.embeddings, index_dir, config.eval)
+    entry["index_complete"] = True
+  return entry
+
+
+def _gather_counts(local_count: int) -> list[int]:
+  """Every process's row count, in process order."""
+  if jax.process_count() == 1:
+    return [int(local_count)]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = multihost_utils.process_allgather(np.array([local_count], np.int64))
+  return [int(c) for c in np.asarray(counts).reshape(-1)]
+
+
+def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> None:
+  """Builds the ScaNN index and saves it into `index_dir`, replacing an old one.
+
+  Saved in place (not renamed from a temporary folder): ScaNN records the absolute
+  paths of its assets. The manifest marks the index complete only after this returns.
+  """
+  from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
+
+  searcher = retrieval.build_scann_index(embeddings, eval_config, k=INDEX_DEFAULT_K)
+  shutil.rmtree(index_dir, ignore_errors=True)
+  retrieval.save_scann_index(searcher, index_dir)
+
+
+# ----------------------------------------------------------------------------
+# Reading an export back.
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedIndex:
+  """A loaded ScaNN index; row i of it is `ids[i]` / `product_ids[i]`."""
+  domain: str
+  searcher: Any
+  ids: np.ndarray  # [N] str
+  product_ids: np.ndarray  # [N] str
+  manifest: dict[str, Any]
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, D] -> scores [Q, k] float32, indices [Q, k] int32 (-1: none)."""
+    from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
+    return retrieval.scann_search(self.searcher, queries, k)
+
+
+def load_exported_index(out_dir: str, domain: str, config_hash: str | None = None,
+                        dim: int | None = None) -> ExportedIndex:
+  """Loads `out_dir/index/<domain>` after checking the manifest.
+
+  Args:
+    out_dir: a folder written by `export_embeddings`.
+    domain: 'page' | 'video' | 'live'.
+    config_hash: when given, the hash (`config_hash(config)`) of the model the
+      caller's queries come from; an index of another model is refused.
+    dim: when given, the caller's embedding dimension; another dimension is refused.
+
+  Raises:
+    FileNotFoundError: no manifest, or no complete index for the domain.
+    ExportMismatchError: the config hash or the dimension differs.
+  """
+  from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
+
+  manifest_path = os.path.join(out_dir, MANIFEST_FILE)
+  manifest = read_manifest(out_dir)
+  if manifest is None:
+    raise FileNotFoundError(f"{manifest_path}: no export manifest (run cope_jax.export)")
+  if config_hash is not None and manifest.get("config_hash") != config_hash:
+    raise ExportMismatchError(
+        f"{manifest_path}: the index was exported from another model (config hash "
+        f"{manifest.get('config_hash')}, expected {config_hash}); re-export with this "
+        "model's config")
+  if dim is not None and manifest.get("embedding_dim") != dim:
+    raise ExportMismatchError(
+        f"{manifest_path}: the index holds {manifest.get('embedding_dim')}-dimensional "
+        f"embeddings, expected {dim}")
+  entry = manifest.get("domains", {}).get(domain)
+  if not entry or not entry.get("index_complete"):
+    raise FileNotFoundError(f"{manifest_path}: no complete {domain!r} index in this export "
+                            f"(domains: {sorted(manifest.get('domains', {}))})")
+  rows = read_parquet([os.path.join(out_dir, f["file"]) for f in entry["files"]], domain,
+                      with_embeddings=False)
+  if len(rows) != entry["count"]:
+    raise ValueError(f"{manifest_path}: {domain} lists {entry['count']} rows but its "
+                     f"Parquet files hold {len(rows)}")
+  searcher = retrieval.load_scann_index(os.path.join(out_dir, entry["index"]))
+  return ExportedIndex(domain=domain, searcher=searcher, ids=rows.ids,
+                       product_ids=rows.product_ids, manifest=manifest)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flag_values = flags.FLAGS
+  manifest = export_embeddings(config, workdir, flag_values.out, split=flag_values.split or None,
+                               rope_dir=flag_values.rope_dir or None, resume=flag_values.resume)
+  if jax.process_index() == 0:
+    counts = ", ".join(f"{d}: {e['count']}" for d, e in manifest["domains"].items())
+    print(f"exported checkpoint step {manifest['checkpoint_step']} ({counts}) to "
+          f"{flag_values.out}")
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("out", None, "Output folder for Parquet files, indices and manifest.")
+  flags.DEFINE_string("split", "", "Split to export (default: config.data.eval_split).")
+  flags.DEFINE_string("rope_dir", "", "A ROPE-format folder to prepare into OUT/prepared "
+                      "and export instead of config.data.prepared_dir.")
+  flags.DEFINE_bool("resume", False, "Keep domains already complete in OUT/manifest.json.")
+  flags.mark_flag_as_required("out")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  cli.run(_main, "Training directory whose checkpoint is exported.")

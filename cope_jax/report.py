@@ -1,0 +1,497 @@
+"""The human-readable evaluation report written next to `metrics.json`.
+
+`write_report` turns the metrics and the embeddings of one evaluation into
+
+  report.md             title, checkpoint, item counts, search kind, the results table
+  recall_curves.png     R@K for K = 1..50 per direction (exact search, sampled queries)
+  training_curves.png   loss, per-term losses and learning rates of the training log
+  examples.html         example queries with their top-5 results as thumbnails
+
+Each artefact is made independently: a failure in one (a missing image, a plotting
+error) is logged and listed in report.md, never raised, so it cannot cost the metrics
+the evaluator has already written.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from cope_jax import embed
+from cope_jax import metrics_writer
+from cope_jax import retrieval
+
+REPORT_FILE = "report.md"
+RECALL_CURVES_FILE = "recall_curves.png"
+TRAINING_CURVES_FILE = "training_curves.png"
+EXAMPLES_FILE = "examples.html"
+
+RECALL_CURVE_MAX_K = 50
+RECALL_CURVE_MAX_QUERIES = 2000  # queries sampled per direction for the curves
+RECALL_CURVE_SEED = 0
+EXAMPLES_SEED = 0
+EXAMPLES_TOP_K = 5
+THUMBNAIL_SIDE = 112  # pixels, longest side
+THUMBNAIL_QUALITY = 85  # JPEG quality of the embedded thumbnails
+
+# metrics.json key -> (column title, formatter); percentages get one decimal.
+_PERCENT = "percent"
+_NUMBER = "number"
+TABLE_COLUMNS = (
+    ("R@1", "R@1", _PERCENT),
+    ("R@5", "R@5", _PERCENT),
+    ("R@10", "R@10", _PERCENT),
+    ("median_rank", "median rank", _NUMBER),
+    ("mAP", "mAP", _PERCENT),
+    ("one_shot_accuracy", "one-shot acc.", _PERCENT),
+    ("chance_R@1", "chance R@1", _PERCENT),
+)
+_MISSING = "–"
+
+
+def _direction_names() -> list[tuple[str, str, str]]:
+  """[(name, query domain, gallery domain)] in the paper's order."""
+  return [(retrieval.direction_name(q, g), q, g) for q, g in retrieval.DIRECTIONS]
+
+
+def _direction_label(query_domain: str, gallery_domain: str) -> str:
+  return f"{query_domain} → {gallery_domain}"
+
+
+def _format_value(value: Any, kind: str) -> str:
+  if value is None or isinstance(value, str):
+    return _MISSING
+  value = float(value)
+  if not math.isfinite(value):
+    return _MISSING
+  if kind == _PERCENT:
+    return f"{100.0 * value:.1f}"
+  return f"{value:g}"
+
+
+# ----------------------------------------------------------------------------
+# The table.
+
+
+def summary_table(metrics: Mapping[str, Any]) -> str:
+  """A Markdown table of the six directions, in the layout of the paper's tables.
+
+  Args:
+    metrics: the dict of metrics.json: per direction name (`page_to_video`, ...) a
+      dict with the keys of `TABLE_COLUMNS`, or `{"skipped": reason}`; absent
+      directions are shown as not evaluated.
+
+  Returns:
+    Markdown text: a header row, a separator row and one row per direction.
+    R@K, mAP, one-shot accuracy and chance R@1 are percentages with one decimal;
+    a missing or undefined value (e.g. median rank under ScaNN) is shown as "–".
+  """
+  header = "| direction | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+  separator = "|---|" + "---:|" * len(TABLE_COLUMNS)
+  rows = [header, separator]
+  for name, query_domain, gallery_domain in _direction_names():
+    label = _direction_label(query_domain, gallery_domain)
+    entry = metrics.get(name)
+    if not isinstance(entry, Mapping) or "skipped" in entry:
+      reason = entry.get("skipped") if isinstance(entry, Mapping) else "not evaluated"
+      reason = html.escape(str(reason)).replace("|", "\\|")
+      cells = [f"skipped: {reason}"] + [""] * (len(TABLE_COLUMNS) - 1)
+    else:
+      cells = [_format_value(entry.get(key), kind) for key, _, kind in TABLE_COLUMNS]
+    rows.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------
+# Recall curves.
+
+
+def recall_curve(query: embed.DomainEmbeddings, gallery: embed.DomainEmbeddings,
+                 max_k: int = RECALL_CURVE_MAX_K, max_queries: int = RECALL_CURVE_MAX_QUERIES,
+                 seed: int = RECALL_CURVE_SEED) -> np.ndarray:
+  """R@K for K = 1..max_k of one direction by exact search.
+
+  At most `max_queries` queries are used, sampled without replacement with `seed`,
+  so the cost stays bounded for large evaluations. Queries whose product has no
+  gallery item are left out. Equal scores are ordered by gallery index.
+
+  Returns:
+    [max_k] float64; K beyond the gallery size repeat the R@G value; NaN where no
+    query was usable.
+  """
+  num_queries = len(query)
+  selected = np.arange(num_queries)
+  if num_queries > max_queries:
+    rng = np.random.default_rng(seed)
+    selected = np.sort(rng.choice(num_queries, size=max_queries, replace=False))
+  if selected.size == 0 or len(gallery) == 0:
+    return np.full(max_k, np.nan)
+  k = min(max_k, len(gallery))
+  _, indices = retrieval.exact_search(query.embeddings[selected], gallery.embeddings, k)
+  recall = retrieval.recall_at_k_from_topk(indices, query.product_ids[selected],
+                                           gallery.product_ids, ks=range(1, max_k + 1))
+  return np.array([recall[f"R@{i}"] for i in range(1, max_k + 1)], np.float64)
+
+
+def plot_recall_curves(curves: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes one line per direction: R@K (%) against K. curves: name -> [max_k]."""
+  figure, axes = _new_figure()
+  for name, curve in curves.items():
+    axes.plot(np.arange(1, len(curve) + 1), 100.0 * curve, label=name.replace("_to_", " → "))
+  axes.set_xlabel("K")
+  axes.set_ylabel("R@K (%)")
+  axes.set_ylim(0, 100)
+  axes.set_title("Cross-domain retrieval: recall at K (exact search)")
+  axes.grid(alpha=0.3)
+  if curves:
+    axes.legend(loc="lower right", fontsize="small")
+  _save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------
+# Training curves.
+
+
+def _series(records: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:
+  points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+  steps, values = zip(*points) if points else ((), ())
+  return np.asarray(steps, np.float64), np.asarray(values, np.float64)
+
+
+def training_curve_keys(records: Sequence[Mapping[str, float]]) -> dict[str, list[str]]:
+  """The logged keys to plot: {"loss": [...], "terms": [...], "lr": [...]}."""
+  from cope_jax import losses  # pylint: disable=g-import-not-at-top
+
+  keys = set().union(*(r.keys() for r in records)) if records else set()
+  term_names = list(losses.CONTRASTIVE_TERMS) + ["classification"]
+  return {
+      "loss": [k for k in ("loss",) if k in keys],
+      "terms": [k for k in term_names if k in keys],
+      "lr": sorted(k for k in keys if k.startswith("lr/")),
+  }
+
+
+def plot_training_curves(records: Sequence[Mapping[str, float]], path: str) -> None:
+  """Two panels over steps: total and per-term losses; learning rate per group."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  keys = training_curve_keys(records)
+  figure, (loss_axes, lr_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for key in keys["loss"]:
+    loss_axes.plot(*_series(records, key), label=key, color="black", linewidth=2)
+  for key in keys["terms"]:
+    loss_axes.plot(*_series(records, key), label=key, linewidth=1)
+  loss_axes.set_xlabel("step")
+  loss_axes.set_ylabel("loss")
+  loss_axes.set_title("Training loss")
+  loss_axes.grid(alpha=0.3)
+  loss_axes.legend(fontsize="x-small")
+  for key in keys["lr"]:
+    lr_axes.plot(*_series(records, key), label=key[len("lr/"):])
+  lr_axes.set_xlabel("step")
+  lr_axes.set_ylabel("learning rate")
+  lr_axes.set_title("Learning rate per parameter group")
+  lr_axes.grid(alpha=0.3)
+  if keys["lr"]:
+    lr_axes.legend(fontsize="small")
+  _save_figure(figure, path)
+
+
+def _new_figure():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt.subplots(figsize=(7, 4.5))
+
+
+def _save_figure(figure, path: str) -> None:
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  try:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+  finally:
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------
+# Example queries.
+
+
+def thumbnail_data_uri(jpeg_bytes: bytes, side: int = THUMBNAIL_SIDE) -> str:
+  """A `data:image/jpeg;base64,...` URI of the image shrunk to `side` pixels."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(io.BytesIO(jpeg_bytes)) as image:
+    image = image.convert("RGB")
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+  return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def record_image(record: Mapping[str, Any]) -> bytes:
+  """The JPEG bytes that show a record: the page image or a clip's middle frame."""
+  if "image" in record:
+    return record["image"]
+  frames = record.get("frames") or []
+  if not frames:
+    raise ValueError(f"record {record.get('id')!r} has no image and no frames")
+  return frames[len(frames) // 2]
+
+
+class RecordImages:
+  """Looks up the thumbnail of a record of one domain by its id.
+
+  Embedding row i is normally record i of the prepared source (the eval pipeline
+  keeps record order); when it is not, the records of the item's product (from the
+  products table) are searched. Only the records asked for are read.
+  """
+
+  def __init__(self, source, products: Sequence[Mapping[str, Any]], domain: str):
+    self._source = source
+    self._domain = domain
+    self._products = {p["product_id"]: p for p in products}
+    self._cache: dict[str, str] = {}
+
+  def data_uri(self, row: int, item_id: str, product_id: str) -> str:
+    if item_id not in self._cache:
+      self._cache[item_id] = thumbnail_data_uri(record_image(self._find(row, item_id, product_id)))
+    return self._cache[item_id]
+
+  def _find(self, row: int, item_id: str, product_id: str) -> Mapping[str, Any]:
+    if 0 <= row < len(self._source):
+      record = self._source[row]
+      if record["id"] == item_id:
+        return record
+    for index in self._products.get(product_id, {}).get(self._domain, []):
+      record = self._source[index]
+      if record["id"] == item_id:
+        return record
+    raise KeyError(f"{self._domain} record {item_id!r} (product {product_id!r}) not found "
+                   "in the prepared records")
+
+
+def select_examples(num_queries: int, num_examples: int, seed: int) -> np.ndarray:
+  """Sorted indices of `num_examples` distinct queries drawn with `seed`."""
+  count = min(num_examples, num_queries)
+  return np.sort(np.random.default_rng(seed).choice(num_queries, size=count, replace=False))
+
+
+def _image_cell(uri: str | None, lines: Sequence[str], correct: bool | None) -> str:
+  """One table cell: thumbnail, ✓ when correct, caption lines (plain text)."""
+  css = {True: "correct", False: "wrong", None: "query"}[correct]
+  mark = '<span class="mark">✓</span>' if correct else ""
+  alt = html.escape(lines[0], quote=True)
+  image = f'<img src="{uri}" alt="{alt}">' if uri else '<div class="noimage">no image</div>'
+  caption = "<br>".join(html.escape(line) for line in lines)
+  return f'<td class="{css}">{image}{mark}<div class="caption">{caption}</div></td>'
+
+
+def examples_html(embeddings: Mapping[str, embed.DomainEmbeddings],
+                  images: Mapping[str, RecordImages], num_examples: int,
+                  title: str = "COPE retrieval examples", seed: int = EXAMPLES_SEED,
+                  top_k: int = EXAMPLES_TOP_K) -> str:
+  """A self-contained HTML page: per direction, example queries and their top-k.
+
+  The same seeded query sample is drawn in every run. A retrieved item showing the
+  query's product gets a green border and a ✓. Thumbnails are inline base64 JPEG.
+  """
+  sections = []
+  for direction_index, (name, query_domain, gallery_domain) in enumerate(_direction_names()):
+    if query_domain not in embeddings or gallery_domain not in embeddings:
+      continue
+    query, gallery = embeddings[query_domain], embeddings[gallery_domain]
+    if len(query) == 0 or len(gallery) == 0:
+      continue
+    chosen = select_examples(len(query), num_examples, seed + direction_index)
+    k = min(top_k, len(gallery))
+    scores, indices = retrieval.exact_search(query.embeddings[chosen], gallery.embeddings, k)
+    rows = []
+    for query_row, row_scores, row_indices in zip(chosen, scores, indices):
+      query_product = str(query.product_ids[query_row])
+      cells = [_image_cell(
+          _try_uri(images[query_domain], query_row, query),
+          [f"query {query.ids[query_row]}", f"product {query_product}"], None)]
+      for rank, (score, gallery_row) in enumerate(zip(row_scores, row_indices), start=1):
+        result_product = str(gallery.product_ids[gallery_row])
+        cells.append(_image_cell(
+            _try_uri(images[gallery_domain], gallery_row, gallery),
+            [f"#{rank} {gallery.ids[gallery_row]}", f"product {result_product}",
+             f"score {float(score):.3f}"],
+            result_product == query_product))
+      rows.append("<tr>" + "".join(cells) + "</tr>")
+    sections.append(
+        f"<h2>{html.escape(_direction_label(query_domain, gallery_domain))}</h2>\n"
+        f"<table>\n" + "\n".join(rows) + "\n</table>")
+  return _HTML_PAGE.format(title=html.escape(title), body="\n".join(sections))
+
+
+def _try_uri(images: RecordImages, row: int, domain_embeddings: embed.DomainEmbeddings
+             ) -> str | None:
+  try:
+    return images.data_uri(int(row), str(domain_embeddings.ids[row]),
+                           str(domain_embeddings.product_ids[row]))
+  except (KeyError, ValueError, OSError) as error:
+    logging.warning("report: no thumbnail for %s %s: %s", domain_embeddings.domain,
+                    domain_embeddings.ids[row], error)
+    return None
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: separate; border-spacing: 6px; margin-bottom: 1.5em; }}
+td {{ vertical-align: top; text-align: center; font-size: 11px; width: 124px;
+      border: 4px solid #ddd; padding: 2px; position: relative; }}
+td.query {{ border-color: #3465a4; }}
+td.correct {{ border-color: #2e9e2e; }}
+td.wrong {{ border-color: #ddd; }}
+.mark {{ position: absolute; top: 2px; right: 6px; color: #2e9e2e; font-size: 20px;
+         font-weight: bold; }}
+.noimage {{ width: 112px; height: 112px; line-height: 112px; background: #eee; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<p>Each row: the query (blue) and its top results by cosine similarity. Results showing
+the query's product have a green border and a ✓.</p>
+{body}
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDict,
+                     artefacts: Mapping[str, str | None], notes: Sequence[str],
+                     problems: Sequence[str]) -> str:
+  lines = ["# COPE cross-domain retrieval report", ""]
+  step = metrics.get("checkpoint_step")
+  source = metrics.get("checkpoint")
+  lines.append(f"- checkpoint: step {step}" + (f" (`{source}`)" if source else ""))
+  lines.append(f"- split: `{metrics.get('split', config.data.eval_split)}` of "
+               f"`{config.data.prepared_dir}`")
+  num_items = metrics.get("num_items") or {}
+  if num_items:
+    lines.append("- items: " + ", ".join(f"{count} {domain}s"
+                                         for domain, count in num_items.items()))
+  search_line = f"- search: {metrics.get('search', 'exact')}"
+  scann_recall = metrics.get("scann_recall@10_vs_exact")
+  if scann_recall is not None:
+    search_line += f" (ScaNN recall@10 against exact search: {100.0 * scann_recall:.1f}%)"
+  lines += [search_line, "", "## Results (%)", "", summary_table(metrics), ""]
+  lines.append("R@K, mAP and accuracies in percent; chance R@1: the R@1 of a random "
+               "ranking of the same gallery.")
+  lines += ["", "## Figures and examples", ""]
+  if artefacts.get("recall_curves"):
+    lines += [f"![recall at K]({RECALL_CURVES_FILE})", ""]
+  if artefacts.get("training_curves"):
+    lines += [f"![training curves]({TRAINING_CURVES_FILE})", ""]
+  if artefacts.get("examples"):
+    lines += [f"Example queries with their top-{EXAMPLES_TOP_K} results: "
+              f"[{EXAMPLES_FILE}]({EXAMPLES_FILE})", ""]
+  lines += [f"- {note}" for note in notes]
+  if notes:
+    lines.append("")
+  if problems:
+    lines += ["## Problems while writing this report", ""]
+    lines += [f"- {problem}" for problem in problems]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_report(eval_dir: str, metrics: Mapping[str, Any],
+                 embeddings: Mapping[str, embed.DomainEmbeddings],
+                 config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Writes report.md, recall_curves.png, training_curves.png and examples.html.
+
+  Args:
+    eval_dir: output folder (created if needed).
+    metrics: the metrics.json dict.
+    embeddings: domain -> the gathered embeddings the metrics came from.
+    config: the run config (`data.prepared_dir`, `data.eval_split`,
+      `eval.report_examples` are read).
+    workdir: the training directory (its metrics.jsonl feeds the training curves).
+
+  Returns:
+    The paths written. Failures of the figures or the examples page are logged and
+    listed in report.md instead of raised.
+  """
+  os.makedirs(eval_dir, exist_ok=True)
+  written: list[str] = []
+  problems: list[str] = []
+  notes: list[str] = []
+  artefacts: dict[str, str | None] = {}
+
+  def attempt(key: str, description: str, make):
+    try:
+      path = make()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.exception("report: could not write the %s", description)
+      problems.append(f"{description}: {type(error).__name__}: {error}")
+      path = None
+    artefacts[key] = path
+    if path:
+      written.append(path)
+
+  attempt("recall_curves", "recall curves", lambda: _write_recall_curves(eval_dir, embeddings))
+  attempt("training_curves", "training curves",
+          lambda: _write_training_curves(eval_dir, workdir, notes))
+  attempt("examples", "example page", lambda: _write_examples(eval_dir, embeddings, config))
+
+  report_path = os.path.join(eval_dir, REPORT_FILE)
+  with open(report_path, "w", encoding="utf-8") as f:
+    f.write(_markdown_report(metrics, config, artefacts, notes, problems))
+  return [report_path] + written
+
+
+def _write_recall_curves(eval_dir: str, embeddings: Mapping[str, embed.DomainEmbeddings]
+                         ) -> str:
+  curves = {name: recall_curve(embeddings[q], embeddings[g])
+            for name, q, g in _direction_names() if q in embeddings and g in embeddings}
+  path = os.path.join(eval_dir, RECALL_CURVES_FILE)
+  plot_recall_curves(curves, path)
+  return path
+
+
+def _write_training_curves(eval_dir: str, workdir: str, notes: list[str]) -> str | None:
+  records = metrics_writer.read_metrics(workdir)
+  if not records:
+    notes.append(f"Training curves: skipped, no training log in {workdir}/metrics.jsonl")
+    return None
+  path = os.path.join(eval_dir, TRAINING_CURVES_FILE)
+  plot_training_curves(records, path)
+  return path
+
+
+def _write_examples(eval_dir: str, embeddings: Mapping[str, embed.DomainEmbeddings],
+                    config: ml_collections.ConfigDict) -> str | None:
+  num_examples = int(config.eval.report_examples)
+  if num_examples <= 0:
+    return None
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+
+  prepared_dir, split = config.data.prepared_dir, config.data.eval_split
+  products = prepare.load_products(prepared_dir, split)
+  images = {domain: RecordImages(prepare.open_domain(prepared_dir, split, domain), products,
+                                 domain)
+            for domain in embeddings}
+  path = os.path.join(eval_dir, EXAMPLES_FILE)
+  page = examples_html(embeddings, images, num_examples,
+                       title=f"COPE retrieval examples ({split} split)")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(page)
+  return path

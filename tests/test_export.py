@@ -1,0 +1,202 @@
+"""Embedding export: Parquet layout and values, resumption, the ScaNN index and its checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from configs import synthetic_tiny
+from cope_jax import checkpoints
+from cope_jax import config_checks
+from cope_jax import embed
+from cope_jax import export
+from cope_jax import retrieval
+from cope_jax import sharding
+from cope_jax import train
+from data_pipelines import prepare
+from tests import tiny_configs
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NORM_TOLERANCE = 1e-5  # float32 rows: |norm - 1|
+EMBEDDING_TOLERANCE = 1e-5  # export vs in-process embeddings (same model, same inputs)
+CONVERTED_SEED = 7  # the saved weights come from another seed than the export config's
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_prepared_dir, tiny_rope_dir, tmp_path_factory):
+  """A parameter checkpoint made with another seed, and its params."""
+  config = config_checks.resolve_vocab_size(
+      tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir))
+  config.seed = CONVERTED_SEED
+  mesh = sharding.make_mesh(config.mesh)
+  num_classes = len(prepare.load_products(tiny_prepared_dir, config.data.train_split))
+  state, _ = train.create_train_state(config, mesh, num_classes)
+  model_params = jax.tree.map(np.asarray, state.params["model"])
+  weights_dir = tmp_path_factory.mktemp("weights")
+  checkpoints.save_params(str(weights_dir), {"model": model_params})
+  return str(weights_dir), model_params
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_rope_dir, weights, tmp_path_factory):
+  """(config, out_dir, workdir, manifest) of `python -m cope_jax.export --rope_dir ...`.
+
+  The config is the command line's, rebuilt in-process (its data.prepared_dir names a
+  folder that does not exist: --rope_dir replaces it).
+  """
+  root = tmp_path_factory.mktemp("export")
+  out_dir, workdir, unused = str(root / "out"), str(root / "workdir"), str(root / "unused")
+  command = [sys.executable, "-m", "cope_jax.export", "--config",
+             os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"),
+             *tiny_configs.command_line_overrides(unused, tiny_rope_dir),
+             f"--config.train.init_from={weights[0]}", f"--workdir={workdir}",
+             f"--out={out_dir}", f"--rope_dir={tiny_rope_dir}", "--split=test"]
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "exported checkpoint step 0" in result.stdout
+  config = tiny_configs.training_config(unused, tiny_rope_dir)
+  config.train.num_steps = synthetic_tiny.get_config().train.num_steps  # not overridden
+  config.train.init_from = weights[0]
+  with open(os.path.join(out_dir, "manifest.json")) as f:
+    manifest = json.load(f)
+  return config, out_dir, workdir, manifest
+
+
+def _prepared_config(exported):
+  """The export's config reading the data it prepared."""
+  config = exported[0].copy_and_resolve_references()
+  config.data.prepared_dir = os.path.join(exported[1], "prepared")
+  return config
+
+
+@pytest.fixture(scope="module")
+def in_process(exported, weights):
+  """domain -> embed.embed_split output of the same model on the same split."""
+  config = config_checks.resolve_vocab_size(_prepared_config(exported))
+  mesh = sharding.make_mesh(config.mesh)
+  model = train.build_model(config)
+  return {domain: embed.embed_split(config, model, weights[1], domain, mesh,
+                                    show_progress=False)
+          for domain in embed.DOMAINS}
+
+
+def test_parquet_files_have_the_named_columns_and_counts(exported, tiny_prepared_dir):
+  _, out_dir, _, manifest = exported
+  assert manifest["prepared_dir"] == os.path.join(out_dir, "prepared")
+  for domain in embed.DOMAINS:
+    path = os.path.join(out_dir, f"{domain}-0-of-1.parquet")
+    schema = pq.read_schema(path)
+    assert schema.names == ["id", "product_id", "domain", "embedding"]
+    assert schema.field("id").type == pa.string()
+    assert schema.field("product_id").type == pa.string()
+    assert schema.field("domain").type == pa.string()
+    assert schema.field("embedding").type == pa.list_(pa.float32())
+    table = pq.read_table(path)
+    num_records = len(prepare.open_domain(tiny_prepared_dir, "test", domain))
+    assert table.num_rows == num_records > 0
+    assert set(table.column("domain").to_pylist()) == {domain}
+    assert len(set(table.column("id").to_pylist())) == num_records
+    assert manifest["domains"][domain]["count"] == num_records
+    assert manifest["domains"][domain]["files"] == [
+        {"file": f"{domain}-0-of-1.parquet", "rows": num_records}]
+    assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+
+
+def test_manifest_names_the_model_and_dimension(exported, weights):
+  config, out_dir, _, manifest = exported
+  with open(os.path.join(out_dir, "manifest.json")) as f:
+    assert json.load(f) == manifest
+  assert manifest["config_hash"] == export.config_hash(config)
+  assert manifest["embedding_dim"] == config.model.emb_dim == 16
+  assert manifest["checkpoint_step"] == 0  # converted weights, no training checkpoint
+  assert manifest["checkpoint"] == weights[0]
+  assert manifest["split"] == "test"
+
+
+def test_config_hash_changes_with_any_field(exported):
+  config = exported[0]
+  changed = config.copy_and_resolve_references()
+  changed.model.emb_dim = 32
+  assert export.config_hash(config) == export.config_hash(config.copy_and_resolve_references())
+  assert export.config_hash(changed) != export.config_hash(config)
+
+
+def test_embeddings_are_normalised_and_equal_the_in_process_ones(exported, in_process):
+  out_dir = exported[1]
+  for domain, expected in in_process.items():
+    rows = export.read_parquet([os.path.join(out_dir, f"{domain}-0-of-1.parquet")], domain)
+    np.testing.assert_allclose(np.linalg.norm(rows.embeddings, axis=1), 1.0,
+                               atol=NORM_TOLERANCE)
+    assert list(rows.ids) == list(expected.ids)
+    assert list(rows.product_ids) == list(expected.product_ids)
+    np.testing.assert_allclose(rows.embeddings, expected.embeddings, atol=EMBEDDING_TOLERANCE)
+
+
+def test_exported_index_finds_the_in_process_neighbours(exported, in_process):
+  config, out_dir, _, _ = exported
+  queries = in_process["video"].embeddings
+  for domain in ("page", "live"):
+    loaded = export.load_exported_index(out_dir, domain, config_hash=export.config_hash(config),
+                                        dim=config.model.emb_dim)
+    assert list(loaded.ids) == list(in_process[domain].ids)
+    searcher = retrieval.build_scann_index(in_process[domain].embeddings, config.eval)
+    k = 5
+    _, expected_indices = retrieval.scann_search(searcher, queries, k)
+    scores, indices = loaded.search(queries, k)
+    np.testing.assert_array_equal(indices, expected_indices)
+    # And both agree with exact search on this small gallery.
+    _, exact_indices = retrieval.exact_search(queries, in_process[domain].embeddings, k)
+    np.testing.assert_array_equal(indices, exact_indices)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_index_of_another_model_or_dimension_is_refused(exported):
+  config, out_dir, _, _ = exported
+  other = config.copy_and_resolve_references()
+  other.model.emb_dim = 32
+  with pytest.raises(export.ExportMismatchError, match="another model"):
+    export.load_exported_index(out_dir, "page", config_hash=export.config_hash(other))
+  with pytest.raises(export.ExportMismatchError, match="32"):
+    export.load_exported_index(out_dir, "page", dim=32)
+  with pytest.raises(FileNotFoundError, match="manifest"):
+    export.load_exported_index(os.path.join(out_dir, "nowhere"), "page")
+
+
+def test_resume_keeps_complete_files_and_redoes_missing_ones(exported, tiny_rope_dir):
+  config, out_dir, workdir, manifest = exported
+
+  def stamp(*parts):
+    return os.stat(os.path.join(out_dir, *parts)).st_mtime_ns
+
+  kept = {name: stamp(name) for name in ("page-0-of-1.parquet", "video-0-of-1.parquet")}
+  kept_indices = {domain: stamp("index", domain, "scann_assets.pbtxt")
+                  for domain in ("page", "video")}
+  live_before = export.read_parquet([os.path.join(out_dir, "live-0-of-1.parquet")], "live")
+  os.remove(os.path.join(out_dir, "live-0-of-1.parquet"))
+
+  resumed = export.export_embeddings(config, workdir, out_dir, rope_dir=tiny_rope_dir,
+                                     split="test", resume=True)
+  assert resumed["domains"] == manifest["domains"]
+  for name, before in kept.items():
+    assert stamp(name) == before, f"{name} was rewritten"
+  for domain, before in kept_indices.items():
+    assert stamp("index", domain, "scann_assets.pbtxt") == before, f"{domain} index rebuilt"
+  live_after = export.read_parquet([os.path.join(out_dir, "live-0-of-1.parquet")], "live")
+  assert list(live_after.ids) == list(live_before.ids)
+  np.testing.assert_allclose(live_after.embeddings, live_before.embeddings,
+                             atol=EMBEDDING_TOLERANCE)
+
+
+def test_resume_with_another_model_is_refused(exported, tiny_rope_dir):
+  config, out_dir, workdir, _ = exported
+  other = config.copy_and_resolve_references()
+  other.seed = 1
+  with pytest.raises(export.ExportMismatchError, match="config_hash"):
+    export.export_embeddings(other, workdir, out_dir, rope_dir=tiny_rope_dir, split="test",
+                             resume=True)
