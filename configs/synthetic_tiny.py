@@ -82,7 +82,7 @@ def get_config():
   optim.weight_decay = 5e-4
   optim.b1 = 0.9
   optim.b2 = 0.999
-  optim.warmup_steps = 20
+  optim.warmup_steps = 50
   optim.grad_clip_norm = 1.0  # 0 disables clipping
   optim.grad_accum_steps = 1
   optim.frozen = ()  # groups to freeze, e.g. ("text",)
@@ -90,9 +90,9 @@ def get_config():
   # ---- training loop ----------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 32  # global batch (all devices, all hosts)
-  train.num_steps = 300
-  train.log_every = 10
-  train.checkpoint_every = 100
+  train.num_steps = 1200
+  train.log_every = 50
+  train.checkpoint_every = 200
   train.keep_checkpoints = 2
   train.eval_every = 0  # 0: evaluate only at the end (from the evaluate entry point)
   train.init_from = ""  # Orbax checkpoint dir written by cope_jax.convert

@@ -43,7 +43,7 @@ class DenseGeneral(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernel_init: Any = TRUNC_NORMAL_002
+  kernel_init: Any = None  # None: LeCun normal over the contracted (input) axes
 
   @nn.compact
   def __call__(self, inputs):
@@ -52,7 +52,10 @@ class DenseGeneral(nn.Module):
     axes = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
     axes = tuple(a % inputs.ndim for a in axes)
     kernel_shape = tuple(inputs.shape[a] for a in axes) + features
-    kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes),
+    kernel_init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(len(axes))),
+        out_axis=tuple(range(len(axes), len(kernel_shape))))
+    kernel = self.param("kernel", partitioned(kernel_init, self.kernel_axes),
                         kernel_shape, self.param_dtype)
     inputs, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
     outputs = jax.lax.dot_general(
@@ -66,7 +69,7 @@ class DenseGeneral(nn.Module):
 
 
 def dense(features, kernel_axes, *, dtype, param_dtype, name, axis=-1, use_bias=True,
-          kernel_init=TRUNC_NORMAL_002):
+          kernel_init=None):
   """A `DenseGeneral` with partitioned kernel and bias.
 
   `kernel_axes` names every kernel axis (input axes first, then output axes); the bias
