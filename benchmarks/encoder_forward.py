@@ -1,0 +1,185 @@
+r"""Visual-encoder forward throughput: the Flax encoder vs the PyTorch reference, same run.
+
+  python -m benchmarks.encoder_forward                         # CPU: tiny and ViT-B/16
+  python -m benchmarks.encoder_forward --jax_dtype bfloat16    # GPU: bf16 compute in both
+
+Both frameworks run the same architecture with the same weights (the PyTorch reference
+encoder of `tests/torch_reference.py`, converted with `cope_jax/weight_mapping.py`) on the
+same uint8 clips [batch, T, S, S, 3], normalisation included. Shapes: `tiny` (the vision
+settings of configs/synthetic_tiny.py) and `vitb16` (configs/rope_vitb16.py: 224 px,
+T = 8). JAX runs on its default backend; PyTorch on CUDA when JAX is on a GPU and CUDA
+is available, else on the CPU with --torch_threads threads. Prints a table and writes
+JSON to benchmarks/results/encoder_forward_<backend>.json.
+
+Reading the numbers: on a CPU shared with other processes, PyTorch's OpenMP threads
+suffer most from oversubscription (the JSON records the load average; compare with
+--torch_threads 1). On a GPU, JAX's default float32 matmul precision uses TF32 while
+PyTorch's float32 matmuls do not, which shows in `max_abs_diff` and favours JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
+from configs import synthetic_tiny
+from cope_jax import weight_mapping
+from cope_jax.models import vision
+
+SHAPES = {"tiny": synthetic_tiny, "vitb16": rope_vitb16}
+
+
+def model_config(shape: str):
+  config = SHAPES[shape].get_config().model
+  config.text.vocab_size = config.text.vocab_size or 1000  # unused here; shapes need it
+  return config
+
+
+def random_clips(vision_config, batch_size: int, seed: int = 0) -> np.ndarray:
+  """uint8 [batch, T, S, S, 3]."""
+  side, frames = vision_config.image_size, vision_config.num_frames
+  return np.random.default_rng(seed).integers(0, 256, (batch_size, frames, side, side, 3),
+                                              dtype=np.uint8)
+
+
+def reference_encoder(config, seed: int = 0):
+  """The PyTorch reference encoder with seeded weights, and the same weights for Flax."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  encoder = torch_reference.randomize_(torch_reference.VisualEncoder(config.vision), seed)
+  state_dict = {f"visual_encoder.{k}": v.detach().numpy()
+                for k, v in encoder.state_dict().items()}
+  params = weight_mapping.torch_state_dict_to_flax(state_dict, config, allow_missing=True)
+  return encoder.eval(), params["visual_encoder"]
+
+
+def time_calls(run, iterations: int, warmup: int) -> tuple[float, float]:
+  """(seconds of the first call, median seconds per call after `warmup` calls).
+
+  The median of individually timed calls, not the mean: on a CPU shared with other
+  processes single calls can take many times longer than the rest.
+  """
+  start = time.perf_counter()
+  run()
+  first = time.perf_counter() - start
+  for _ in range(warmup - 1):
+    run()
+  seconds = []
+  for _ in range(iterations):
+    start = time.perf_counter()
+    run()
+    seconds.append(time.perf_counter() - start)
+  return first, float(np.median(seconds))
+
+
+def benchmark_shape(shape: str, batch_size: int, iterations: int, warmup: int,
+                    jax_dtype: str, torch_device: str) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  config = model_config(shape)
+  torch_model, params = reference_encoder(config)
+  clips = random_clips(config.vision, batch_size)
+
+  encoder = vision.VisualEncoder.from_config(
+      config.vision, remat=False, dtype=jnp.dtype(jax_dtype), param_dtype=jnp.float32)
+  forward = jax.jit(lambda p, x: encoder.apply({"params": p}, x))
+  device_params, device_clips = jax.device_put(params), jax.device_put(clips)
+  jax_out = None
+
+  def run_jax():
+    nonlocal jax_out
+    jax_out = forward(device_params, device_clips).block_until_ready()
+
+  torch_model = torch_model.to(torch_device)
+  mean = torch.tensor(torch_reference.IMAGENET_MEAN, device=torch_device).view(3, 1, 1)
+  std = torch.tensor(torch_reference.IMAGENET_STD, device=torch_device).view(3, 1, 1)
+  torch_clips = torch.from_numpy(clips).to(torch_device)
+  use_autocast = torch_device == "cuda" and jax_dtype == "bfloat16"
+  torch_out = None
+
+  def run_torch():
+    nonlocal torch_out
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
+      frames = (torch_clips.float().div(255.0).movedim(-1, -3) - mean) / std
+      torch_out = torch_model(frames)
+    if torch_device == "cuda":
+      torch.cuda.synchronize()
+
+  jax_first, jax_seconds = time_calls(run_jax, iterations, warmup)
+  torch_first, torch_seconds = time_calls(run_torch, iterations, warmup)
+  vision_config = config.vision
+  return {
+      "shape": shape, "batch_size": batch_size, "frames": vision_config.num_frames,
+      "image_size": vision_config.image_size, "width": vision_config.width,
+      "layers": vision_config.layers, "iterations": iterations, "jax_dtype": jax_dtype,
+      "jax_clips_per_second": batch_size / jax_seconds,
+      "torch_clips_per_second": batch_size / torch_seconds,
+      "jax_over_torch": torch_seconds / jax_seconds,
+      "jax_first_call_seconds": jax_first, "torch_first_call_seconds": torch_first,
+      "max_abs_diff": float(np.max(np.abs(np.asarray(jax_out, np.float32)
+                                          - torch_out.float().cpu().numpy()))),
+  }
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shapes", default="tiny,vitb16", help="comma-separated: tiny, vitb16")
+  parser.add_argument("--batch_size", type=int, default=2)
+  parser.add_argument("--tiny_iterations", type=int, default=20)
+  parser.add_argument("--vitb16_iterations", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=2, help="calls before timing (>= 1)")
+  parser.add_argument("--jax_dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/"
+                      "encoder_forward_<backend>.json)")
+  args = parser.parse_args(argv)
+
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.torch_threads)
+  backend = jax.default_backend()
+  torch_device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+  rows = []
+  for shape in args.shapes.split(","):
+    iterations = getattr(args, f"{shape}_iterations")
+    rows.append(benchmark_shape(shape, args.batch_size, iterations, max(args.warmup, 1),
+                                args.jax_dtype, torch_device))
+
+  header = (f"{'shape':8} {'batch':>5} {'T':>3} {'side':>4} {'JAX clips/s':>12} "
+            f"{'torch clips/s':>14} {'JAX/torch':>9} {'JAX 1st call s':>14} {'max |diff|':>10}")
+  print(f"JAX {jax.__version__} on {backend} ({jax.devices()[0].device_kind}); torch "
+        f"{torch.__version__} on {torch_device} ({torch.get_num_threads()} threads)")
+  print(header)
+  for row in rows:
+    print(f"{row['shape']:8} {row['batch_size']:>5} {row['frames']:>3} {row['image_size']:>4} "
+          f"{row['jax_clips_per_second']:>12.2f} {row['torch_clips_per_second']:>14.2f} "
+          f"{row['jax_over_torch']:>9.2f} {row['jax_first_call_seconds']:>14.2f} "
+          f"{row['max_abs_diff']:>10.1e}")
+  result = {"backend": backend, "device_kind": jax.devices()[0].device_kind,
+            "jax_version": jax.__version__, "torch_version": torch.__version__,
+            "torch_device": torch_device, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "load_average_1min": os.getloadavg()[0], "rows": rows}
+  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
+                                 f"encoder_forward_{backend}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,254 @@
+"""Serving artifacts: each domain's embedding function, compiled-ready via `jax.export`.
+
+  serving.export_embedders(config, model_params, "serving/")        # with the model code
+  embed_video = serving.load_embedder("serving/", "video")           # without it
+  embed_video({"video_frames": frames})  # -> {"video_embedding": [B, D] float32}
+
+Layout of the output directory:
+
+  <domain>.jax_exported    `jax.export.Exported.serialize()` of
+                           `fn(params, inputs) -> {name: [B, D] float32}`, the
+                           `COPE.embed_<domain>` computation, for domain in page | video | live
+  params.npz               the model parameters, flattened with '/'-joined keys
+  serving_manifest.json    per domain: the artifact, its inputs (name, shape, dtype; 'b' is
+                           the batch dimension) and outputs; embedding_dim, batch_size,
+                           platforms, config_hash, the JAX version that exported it
+
+Design: the parameters are an argument of the exported function, not constants folded
+into it, so the artifacts depend only on the architecture (config.model and the input
+sizes): weights retrained with the same config are served by replacing params.npz.
+The batch dimension is symbolic ('b') unless `batch_size` is given, so one artifact
+serves any batch size. Inputs are those of the eval batches (docs/interfaces.md): uint8
+images, int32 token ids and masks padded to the configured length.
+
+Loading needs only JAX, NumPy and this module (never `cope_jax.models`); serialising and
+deserialising need the `flatbuffers` package. An artifact runs on the platforms it was
+exported for (`platforms`, default: the exporting backend) with a JAX at least as new
+as the exporting one (jax.export's compatibility guarantees).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+from jax import export as jax_export
+import numpy as np
+
+DOMAINS = ("page", "video", "live")
+MANIFEST = "serving_manifest.json"
+PARAMS_FILE = "params.npz"
+BATCH_DIM = "b"
+FORMAT_VERSION = 1
+
+
+class ServingError(ValueError):
+  """A serving directory or an input batch does not fit the exported functions."""
+
+
+def domain_inputs(config, domain: str) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{input name: (shape without the batch dimension, dtype name)} of one domain.
+
+  page: `page_image` [S, S, 3] uint8, `page_title_ids` / `page_title_mask` [L] int32;
+  video / live: `<domain>_frames` [T, S, S, 3] uint8, plus `<domain>_asr_ids` / `_mask`
+  [L] int32 when `config.model.use_asr_text`.
+  """
+  if domain not in DOMAINS:
+    raise ServingError(f"unknown domain {domain!r}: expected one of {DOMAINS}")
+  side = config.data.image_size
+  if domain == "page":
+    length = config.data.title_max_length
+    return {"page_image": ((side, side, 3), "uint8"),
+            "page_title_ids": ((length,), "int32"), "page_title_mask": ((length,), "int32")}
+  inputs = {f"{domain}_frames": ((config.data.num_frames, side, side, 3), "uint8")}
+  if config.model.use_asr_text:
+    length = config.data.asr_max_length
+    inputs[f"{domain}_asr_ids"] = ((length,), "int32")
+    inputs[f"{domain}_asr_mask"] = ((length,), "int32")
+  return inputs
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{path}/"))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+  """NumPy's .npz cannot describe bfloat16 & co.: those are stored as raw unsigned ints."""
+  if array.dtype.kind in "biuf" and array.dtype.name in np.sctypeDict:
+    return array
+  return array.view(f"u{array.dtype.itemsize}")
+
+
+def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
+                     batch_size: int | None = None,
+                     platforms: Sequence[str] | None = None,
+                     domains: Sequence[str] = DOMAINS) -> dict:
+  """Exports `embed_page`, `embed_video`, `embed_live` of `COPE(config.model)` to `out_dir`.
+
+  Args:
+    config: the run config (`config.model` and the input sizes of `config.data`).
+    model_params: the COPE parameters (`variables['params']`; boxed or not), addressable
+      on this host.
+    out_dir: created if needed; existing artifacts are overwritten.
+    batch_size: a fixed batch size, or None for a symbolic one.
+    platforms: e.g. ("cpu", "cuda"); None exports for the current backend only.
+    domains: the domains to export (all three by default).
+
+  Returns:
+    The manifest written to `out_dir/serving_manifest.json`.
+  """
+  # The model code is needed to export, never to load.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from cope_jax import export as embeddings_export  # pylint: disable=g-import-not-at-top
+  from cope_jax.models import cope  # pylint: disable=g-import-not-at-top
+
+  if batch_size is not None and batch_size <= 0:
+    raise ServingError(f"batch_size must be positive or None, got {batch_size}")
+  model = cope.COPE(config.model)
+  params = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(dict(model_params))))
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  (batch,) = (jax_export.symbolic_shape(BATCH_DIM) if batch_size is None else (batch_size,))
+  batch_name = BATCH_DIM if batch_size is None else batch_size
+
+  os.makedirs(out_dir, exist_ok=True)
+  manifest = {"format_version": FORMAT_VERSION, "params_file": PARAMS_FILE,
+              "batch_size": batch_size, "embedding_dim": int(config.model.emb_dim),
+              "config_hash": embeddings_export.config_hash(config),
+              "model_config_hash": embeddings_export.config_hash(config.model),
+              "jax_version": jax.__version__, "domains": {}}
+  for domain in domains:
+    inputs = domain_inputs(config, domain)
+    abstract_inputs = {name: jax.ShapeDtypeStruct((batch,) + shape, dtype)
+                       for name, (shape, dtype) in inputs.items()}
+
+    def embed(params, inputs, method=f"embed_{domain}"):
+      return model.apply({"params": params}, inputs, method=method)
+
+    exported = jax_export.export(jax.jit(embed), platforms=platforms)(
+        abstract_params, abstract_inputs)
+    file_name = f"{domain}.jax_exported"
+    with open(os.path.join(out_dir, file_name), "wb") as f:
+      f.write(exported.serialize())
+    outputs = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+    manifest["domains"][domain] = {
+        "file": file_name,
+        "inputs": {name: {"shape": [batch_name, *shape], "dtype": dtype}
+                   for name, (shape, dtype) in inputs.items()},
+        "outputs": {name: {"shape": [batch_name, int(aval.shape[-1])],
+                           "dtype": str(aval.dtype)} for name, aval in outputs.items()},
+    }
+    manifest["platforms"] = list(exported.platforms)
+
+  np.savez(os.path.join(out_dir, PARAMS_FILE),
+           **{path: _storable(value) for path, value in _flatten(params).items()})
+  with open(os.path.join(out_dir, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2)
+  return manifest
+
+
+def read_manifest(out_dir: str) -> dict:
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise ServingError(f"{out_dir}: no {MANIFEST} (write it with "
+                       "cope_jax.serving.export_embedders)")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise ServingError(f"{path}: format_version {manifest.get('format_version')}, this code "
+                       f"reads {FORMAT_VERSION}")
+  return manifest
+
+
+def _load_params(path: str, exported: jax_export.Exported) -> Any:
+  """params.npz as the pytree the exported function takes, in its dtypes."""
+  if not os.path.isfile(path):
+    raise ServingError(f"{path}: parameter file missing")
+  with np.load(path) as stored:
+    flat = {key: stored[key] for key in stored.files}
+  params = _unflatten(flat)
+  want = jax.tree.unflatten(exported.in_tree, exported.in_avals)[0][0]
+  leaves, tree = jax.tree.flatten(params)
+  want_leaves, want_tree = jax.tree.flatten(want)
+  if tree != want_tree:
+    raise ServingError(f"{path}: its parameters do not have the structure the exported "
+                       "function takes (re-export, or use the params.npz written with it)")
+  restored = []
+  for value, aval in zip(leaves, want_leaves):
+    if value.dtype != aval.dtype:
+      value = value.view(aval.dtype)
+    if value.shape != aval.shape:
+      raise ServingError(f"{path}: a parameter has shape {value.shape}, the exported "
+                         f"function takes {aval.shape}")
+    restored.append(value)
+  return jax.tree.unflatten(tree, restored)
+
+
+def load_embedder(out_dir: str, domain: str, params: Any = None
+                  ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+  """The exported `embed_<domain>` as `inputs dict -> {name: [B, D] float32 numpy}`.
+
+  Args:
+    out_dir: a directory written by `export_embedders`.
+    domain: page | video | live.
+    params: parameters to use instead of `out_dir/params.npz` (same structure).
+
+  The returned function checks input names and shapes against the manifest and casts
+  integer inputs of another width (e.g. int64 token ids) to the exported dtype.
+  """
+  manifest = read_manifest(out_dir)
+  if domain not in manifest["domains"]:
+    raise ServingError(f"{out_dir}: no exported domain {domain!r} "
+                       f"(have {sorted(manifest['domains'])})")
+  entry = manifest["domains"][domain]
+  with open(os.path.join(out_dir, entry["file"]), "rb") as f:
+    exported = jax_export.deserialize(bytearray(f.read()))
+  if params is None:
+    params = _load_params(os.path.join(out_dir, manifest["params_file"]), exported)
+  device_params = jax.device_put(params)
+  call = jax.jit(exported.call)
+  specs = entry["inputs"]
+
+  def embed(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = sorted(set(specs) - set(inputs))
+    if missing:
+      raise ServingError(f"{domain} inputs lack {missing} (needs {sorted(specs)})")
+    arrays, batch = {}, None
+    for name, spec in specs.items():
+      value = np.asarray(inputs[name])
+      if value.ndim != len(spec["shape"]) or any(
+          isinstance(want, int) and got != want
+          for got, want in zip(value.shape, spec["shape"])):
+        raise ServingError(f"{domain} input {name!r}: shape {value.shape}, exported for "
+                           f"{spec['shape']}")
+      if batch not in (None, value.shape[0]):
+        raise ServingError(f"{domain} inputs disagree on the batch size")
+      batch = value.shape[0]
+      if value.dtype != spec["dtype"]:
+        if not np.can_cast(value.dtype, spec["dtype"], casting="same_kind"):
+          raise ServingError(f"{domain} input {name!r}: dtype {value.dtype}, exported for "
+                             f"{spec['dtype']}")
+        value = value.astype(spec["dtype"])
+      arrays[name] = value
+    return {name: np.asarray(value) for name, value in call(device_params, arrays).items()}
+
+  return embed
