@@ -28,6 +28,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
 from configs import synthetic_tiny
+from cope_jax import flops as model_flops
 from cope_jax import losses
 from cope_jax import optim
 from cope_jax import sharding
@@ -77,10 +78,7 @@ def time_jax(config, batch, steps: int, warmup: int) -> dict:
       donate_argnums=(0,))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     device_batch = sharding.host_batch_to_global(batch, mesh)
-    compiled = step_fn.lower(state, device_batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    step_fn = step_fn.lower(state, device_batch).compile()
     for _ in range(warmup):
       state, metrics = step_fn(state, device_batch)
     jax.block_until_ready(metrics["loss"])
@@ -89,12 +87,13 @@ def time_jax(config, batch, steps: int, warmup: int) -> dict:
       state, metrics = step_fn(state, device_batch)
     jax.block_until_ready(metrics["loss"])
     elapsed = time.perf_counter() - start
+  flops_per_step = model_flops.train_flops_per_example(config) * config.train.batch_size
   result = {"seconds_per_step": elapsed / steps,
             "examples_per_second": steps * config.train.batch_size / elapsed,
-            "flops_per_step": flops, "loss": float(metrics["loss"])}
-  peak = train._peak_flops_per_device()  # pylint: disable=protected-access
-  if peak and flops:
-    result["mfu"] = flops / result["seconds_per_step"] / (peak * jax.device_count())
+            "model_flops_per_step": flops_per_step, "loss": float(metrics["loss"])}
+  peak = model_flops.peak_flops_per_device()
+  if peak:
+    result["mfu"] = flops_per_step / result["seconds_per_step"] / (peak * jax.device_count())
   return result
 
 

@@ -30,6 +30,7 @@ import tqdm
 from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
+from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
@@ -150,17 +151,6 @@ def load_converted_weights(state: TrainState, shardings: TrainState,
   return state.replace(params=dict(state.params, model=model_params))
 
 
-def _peak_flops_per_device() -> float | None:
-  """Dense bf16 peak of the accelerator, for MFU; None where unknown (e.g. CPU)."""
-  kind = jax.devices()[0].device_kind.lower()
-  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12, "l4": 121e12,
-           "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12}
-  for name, flops in table.items():
-    if name in kind:
-      return flops
-  return None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming if a checkpoint exists) and returns the last logged metrics."""
   config_checks.check_config(config)
@@ -205,8 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,))
 
   writer = metrics_writer.MetricsWriter(workdir, enabled=process_index == 0)
-  flops_per_step = None
-  peak_flops = _peak_flops_per_device()
+  flops_per_step = flops.train_flops_per_example(config) * config.train.batch_size
+  peak_flops = flops.peak_flops_per_device()
   total_steps = config.train.num_steps
   progress = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                        disable=process_index != 0, dynamic_ncols=True)
@@ -219,8 +209,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < total_steps:
       host_batch = next(data_iterator)
       batch = sharding.host_batch_to_global(host_batch, mesh)
-      if flops_per_step is None and peak_flops is not None:
-        flops_per_step = _compiled_flops(step_fn, state, batch)
       state, step_metrics = step_fn(state, batch)
       step += 1
       if not bool(step_metrics["finite"]):
@@ -239,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             len(window_metrics) * config.train.batch_size / max(elapsed, 1e-9))
         for group, lr in optim.current_learning_rates(config.optim, total_steps, step).items():
           last_logged[f"lr/{group}"] = lr
-        if flops_per_step and peak_flops:
+        if peak_flops:
           last_logged["mfu"] = (flops_per_step * len(window_metrics) / elapsed
                                 / (peak_flops * jax.device_count()))
         writer.write(step, last_logged)
@@ -257,17 +245,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.close()
   writer.close()
   return last_logged
-
-
-def _compiled_flops(step_fn, state, batch) -> float | None:
-  try:
-    cost = step_fn.lower(state, batch).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0]
-    return float(cost["flops"])
-  except Exception as error:  # cost analysis is best effort; MFU is then not logged
-    logging.warning("no FLOP count for MFU: %s", error)
-    return 0.0
 
 
 def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
