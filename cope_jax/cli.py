@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -28,6 +29,9 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str)
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      # Checkpointing libraries log every save at INFO; `--verbosity=0` shows them again.
+      logging.set_verbosity(logging.WARNING)
     distributed.maybe_initialize(config_flag.value)
     job(config_flag.value, workdir_flag.value)
 

@@ -17,7 +17,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
 import flax
 from flax import linen as nn
 import jax
@@ -174,7 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   state, state_shardings = create_train_state(config, mesh, num_classes)
   num_params = sum(x.size for x in jax.tree.leaves(state.params["model"]))
-  logging.info("COPE model: %.2fM parameters, mesh %s", num_params / 1e6, dict(mesh.shape))
+  if process_index == 0:
+    print(f"COPE model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
+          f"{jax.device_count()} {jax.default_backend()} device(s), {process_count} process(es)")
 
   dataset = pipelines.make_train_dataset(config, process_index, process_count)
   data_iterator = iter(dataset)
@@ -183,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step is not None:
     state = checkpoints.restore_training_state(
         manager, start_step, _abstract_like(state), data_iterator)
-    logging.info("resumed from %s/checkpoints/%d", workdir, start_step)
+    if process_index == 0:
+      print(f"resumed from {workdir}/checkpoints/{start_step}")
   elif config.train.init_from:
     state = load_converted_weights(state, state_shardings, config)
   start_step = int(state.step)

@@ -11,7 +11,15 @@ Both are session-scoped and built once per test run (about two seconds together)
 Treat them as read-only: tests that modify data copy it or generate their own.
 """
 
-import pytest
+import os
+
+# Eight fake CPU devices for every in-process test, so that sharding tests never depend on
+# which test file happened to start JAX first. Must be set before JAX initialises.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from data_pipelines import prepare
 from data_pipelines import synthetic

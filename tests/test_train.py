@@ -1,5 +1,6 @@
 """The trainer end to end on tiny synthetic data: steps, resume after a kill, bad configs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import pytest
 
 from cope_jax import checkpoints
 from cope_jax import config_checks
+from cope_jax import evaluate
+from cope_jax import retrieval
 from cope_jax import train
 from tests import tiny_configs
 
@@ -41,7 +44,6 @@ def test_training_reduces_the_loss_and_logs(tiny_prepared_dir, tiny_rope_dir, tm
   assert np.isfinite(metrics["loss"])
   records = [line for line in open(tmp_path / "metrics.jsonl")]
   assert len(records) == 3
-  import json
   first, last = json.loads(records[0]), json.loads(records[-1])
   assert last["loss"] < first["loss"]
   for key in ("examples_per_second", "grad_norm", "lr/visual", "page_visual_video"):
@@ -138,3 +140,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared_dir,
   for step in saved:  # every saved state is finite
     params = _final_params(str(tmp_path), step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_evaluation_hook_and_entry_point_write_metrics(tiny_prepared_dir, tiny_rope_dir,
+                                                       tmp_path):
+  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=4)
+  config.train.eval_every = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  history = [json.loads(line) for line in open(tmp_path / "eval" / "history.jsonl")]
+  assert [record["checkpoint_step"] for record in history] == [2]
+
+  metrics = evaluate.run(config, str(tmp_path))  # the entry point: latest checkpoint (4)
+  on_disk = json.load(open(tmp_path / "eval" / "metrics.json"))
+  assert on_disk["checkpoint_step"] == metrics["checkpoint_step"] == 4
+  for query_domain, gallery_domain in retrieval.DIRECTIONS:
+    name = retrieval.direction_name(query_domain, gallery_domain)
+    for key in ("R@1", "R@5", "R@10", "median_rank", "one_shot_accuracy"):
+      assert key in on_disk[name], (name, key)
+  assert on_disk["search"] == "exact"
+  assert 0 < on_disk["chance_R@1"] < 1
+  for name in ("report.md", "recall_curves.png", "training_curves.png", "examples.html"):
+    assert (tmp_path / "eval" / name).stat().st_size > 0
