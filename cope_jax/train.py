@@ -206,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window_start = time.perf_counter()
   last_logged: dict[str, float] = {}
   last_good_step = start_step
+  unchecked: list[dict[str, jax.Array]] = []  # step metrics not yet checked for NaN/Inf
   step = start_step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < total_steps:
@@ -213,16 +214,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = sharding.host_batch_to_global(host_batch, mesh)
       state, step_metrics = step_fn(state, batch)
       step += 1
-      if not bool(step_metrics["finite"]):
-        manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: "
-            + ", ".join(f"{k}={float(v):.4g}" for k, v in step_metrics.items() if k != "finite")
-            + f". Stopped without saving; the last good checkpoint is step {last_good_step} "
-            f"in {workdir}/checkpoints. Lower config.optim.learning_rate or check the data.")
+      unchecked.append(step_metrics)
+      log_now = step % config.train.log_every == 0 or step == total_steps
+      save_now = step % config.train.checkpoint_every == 0 or step == total_steps
+      if log_now or save_now:
+        # Checked here rather than every step, so the host never waits on the device
+        # between steps; a non-finite state is never saved.
+        _stop_if_not_finite(unchecked, step, last_good_step, workdir, manager)
+        unchecked = []
       window_metrics.append(step_metrics)
       progress.update(1)
-      if step % config.train.log_every == 0 or step == total_steps:
+      if log_now:
         elapsed = time.perf_counter() - window_start
         last_logged = _summarise(window_metrics)
         last_logged["examples_per_second"] = (
@@ -236,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
                              ex_s=f"{last_logged['examples_per_second']:.1f}")
         window_metrics, window_start = [], time.perf_counter()
-      if step % config.train.checkpoint_every == 0 or step == total_steps:
+      if save_now:
         checkpoints.save_training_state(manager, step, state, data_iterator)
         last_good_step = step
       if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
@@ -247,6 +249,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.close()
   writer.close()
   return last_logged
+
+
+def _stop_if_not_finite(unchecked: list[dict[str, jax.Array]], step: int, last_good_step: int,
+                        workdir: str, manager) -> None:
+  """Raises NonFiniteLossError if any of the last len(unchecked) steps was NaN/Inf."""
+  finite = [bool(m["finite"]) for m in jax.device_get(unchecked)]
+  if all(finite):
+    return
+  bad_step = step - len(unchecked) + finite.index(False) + 1
+  bad = jax.device_get(unchecked[finite.index(False)])
+  manager.wait_until_finished()
+  raise NonFiniteLossError(
+      f"non-finite loss at step {bad_step}: "
+      + ", ".join(f"{k}={float(v):.4g}" for k, v in bad.items() if k != "finite")
+      + f". Stopped without saving; the last good checkpoint is step {last_good_step} in "
+      f"{workdir}/checkpoints. Lower config.optim.learning_rate or check the data.")
 
 
 def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
