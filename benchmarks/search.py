@@ -1,7 +1,12 @@
-"""Exact (blocked JAX) vs ScaNN nearest-neighbour search on clustered data.
+"""Exact (blocked JAX) vs ScaNN nearest-neighbour search, and embedding throughput.
 
   python -m benchmarks.search                       # galleries of 100k and 1M
   python -m benchmarks.search --gallery_sizes 100000
+  python -m benchmarks.search --only_embedding      # export's embedding speed only
+
+Embedding: items/s of the streaming embedding that export runs, per domain, on a
+synthetic test split with the tiny config, at eval batch 32 against batch 1 (the
+in-run baseline); written to benchmarks/results/embedding.json.
 
 For each gallery size: build time, queries/s and recall@10 of ScaNN (default
 parameters of `cope_jax.retrieval.scann_parameters`) against exact search on
@@ -105,6 +110,48 @@ def print_table(rows):
           f"{row['scann_build_seconds']:>14.1f} {row['scann_recall@10_vs_exact']:>10.4f}")
 
 
+def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
+  """Items/s of export's streaming embedding (`embed.iter_embedding_batches`), tiny config.
+
+  A synthetic ROPE split is generated and prepared in a temporary folder and embedded
+  with randomly initialised tiny-config weights (speed does not depend on the values);
+  batch size 1 is the in-run baseline.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from configs import synthetic_tiny  # pylint: disable=g-import-not-at-top
+  from cope_jax import config_checks, embed, sharding, train  # pylint: disable=g-import-not-at-top
+  from data_pipelines import prepare, synthetic  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    rope_dir, prepared_dir = os.path.join(tmp, "rope"), os.path.join(tmp, "prepared")
+    synthetic.generate(rope_dir, products=8, test_products=test_products, seed=0)
+    prepare.prepare(rope_dir, prepared_dir, progress=False, log=lambda *a: None)
+    config = synthetic_tiny.get_config()
+    config.data.rope_dir, config.data.prepared_dir = rope_dir, prepared_dir
+    config.data.vocab_path = os.path.join(rope_dir, "vocab.txt")
+    config = config_checks.resolve_vocab_size(config)
+    mesh = sharding.make_mesh(config.mesh)
+    state, _ = train.create_train_state(config, mesh, num_classes=0)
+    model = train.build_model(config)
+    for batch_size in batch_sizes:
+      config.eval.batch_size = batch_size
+      for domain in embed.DOMAINS:
+        # The first pass compiles; the second is timed.
+        for timed in (False, True):
+          start = time.perf_counter()
+          count = sum(len(ids) for ids, _, _ in embed.iter_embedding_batches(
+              config, model, state.params["model"], domain, mesh, show_progress=False))
+          seconds = time.perf_counter() - start
+        rows.append({"domain": domain, "batch_size": batch_size, "items": count,
+                     "seconds": round(seconds, 3), "items_per_s": round(count / seconds, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+  for row in rows:
+    baseline = next(r for r in rows if r["domain"] == row["domain"] and r["batch_size"] == 1)
+    row["speedup_vs_batch_1"] = round(row["items_per_s"] / baseline["items_per_s"], 2)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gallery_sizes", default="100000,1000000",
@@ -117,7 +164,28 @@ def main():
   parser.add_argument("--query_block", type=int, default=256)
   parser.add_argument("--gallery_block", type=int, default=8192)
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "search.json"))
+  parser.add_argument("--embed_test_products", type=int, default=60,
+                      help="test products of the synthetic split embedded (0: skip)")
+  parser.add_argument("--only_embedding", action="store_true",
+                      help="skip the search part (writes --embed_out only)")
+  parser.add_argument("--embed_out",
+                      default=os.path.join("benchmarks", "results", "embedding.json"))
   args = parser.parse_args()
+
+  if args.embed_test_products:
+    embedding_rows = embedding_throughput(args.embed_test_products)
+    print(f"\n{'domain':6} {'batch':>5} {'items/s':>9} {'vs batch 1':>10}")
+    for row in embedding_rows:
+      print(f"{row['domain']:6} {row['batch_size']:>5} {row['items_per_s']:>9.1f} "
+            f"{row['speedup_vs_batch_1']:>10.2f}")
+    os.makedirs(os.path.dirname(args.embed_out) or ".", exist_ok=True)
+    with open(args.embed_out, "w") as f:
+      json.dump({"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+                 "config": "configs/synthetic_tiny.py (random weights)",
+                 "results": embedding_rows}, f, indent=2)
+    print(f"wrote {args.embed_out}")
+  if args.only_embedding:
+    return
 
   from configs.synthetic_tiny import get_config  # pylint: disable=g-import-not-at-top
   eval_config = get_config().eval
