@@ -46,23 +46,16 @@ def load_model_params(config: ml_collections.ConfigDict, workdir: str,
                        f"{workdir}/checkpoints (have {sorted(manager.all_steps())})")
   if step is not None:
     state = checkpoints.restore_state_only(
-        manager, step, train.abstract_train_state(config, mesh, _num_classes(config)))
+        manager, step, train.abstract_train_state(config, mesh, train.classifier_size(config)))
     return state.params["model"], int(step), f"{workdir}/checkpoints/{step}"
   if config.train.init_from:
-    state, shardings = train.create_train_state(config, mesh, _num_classes(config))
+    state, shardings = train.create_train_state(config, mesh, train.classifier_size(config))
     state = train.load_converted_weights(state, shardings, config)
     return state.params["model"], 0, config.train.init_from
   raise FileNotFoundError(
       f"nothing to evaluate: {workdir}/checkpoints holds no checkpoint and "
       "config.train.init_from is empty. Train first (python -m cope_jax.train) or convert "
       "weights (python -m cope_jax.convert) and set --config.train.init_from.")
-
-
-def _num_classes(config: ml_collections.ConfigDict) -> int:
-  """Rows of the classifier in the train state (none without the classification loss)."""
-  if config.loss.classify_weight <= 0:
-    return 0
-  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
 
 
 def embed_eval_split(config: ml_collections.ConfigDict, model_params, mesh: jax.sharding.Mesh,

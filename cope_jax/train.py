@@ -55,6 +55,13 @@ def build_model(config: ml_collections.ConfigDict) -> cope_model.COPE:
   return cope_model.COPE(config.model)
 
 
+def classifier_size(config: ml_collections.ConfigDict) -> int:
+  """Rows of the product classifier: the training products (0 without that loss)."""
+  if config.loss.classify_weight <= 0:
+    return 0
+  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
+
+
 def zero_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
   """A training batch of zeros with the pipeline's shapes (for init and compilation)."""
   spec = pipelines.batch_spec(config)
@@ -167,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise config_checks.ConfigError(
         f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
         f"'data' mesh axis ({mesh.shape['data']} devices)")
-  num_classes = len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
+  num_classes = classifier_size(config)
   model = build_model(config)
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
 
