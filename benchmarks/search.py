@@ -4,6 +4,9 @@
   python -m benchmarks.search --gallery_sizes 100000
   python -m benchmarks.search --only_embedding      # export's embedding speed only
 
+faiss HNSW (M=32) joins the comparison when faiss-cpu is installed (it is not a
+dependency of the project: `pip install faiss-cpu==1.15.1`).
+
 Embedding: items/s of the streaming embedding that export runs, per domain, on a
 synthetic test split with the tiny config, at eval batch 32 against batch 1 (the
 in-run baseline); written to benchmarks/results/embedding.json.
@@ -78,12 +81,34 @@ def time_scann(queries, gallery, eval_config):
   return indices, time.perf_counter() - start, build_seconds
 
 
+def time_faiss_hnsw(queries, gallery, m=32, ef_construction=200, ef_search=128):
+  """faiss HNSW (inner product) if faiss-cpu is installed, else None.
+
+  faiss is not a dependency of the project: `pip install faiss-cpu` to include it.
+  """
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  start = time.perf_counter()
+  index = faiss.IndexHNSWFlat(gallery.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+  index.hnsw.efConstruction = ef_construction
+  index.add(np.ascontiguousarray(gallery, np.float32))
+  build_seconds = time.perf_counter() - start
+  index.hnsw.efSearch = ef_search
+  start = time.perf_counter()
+  _, indices = index.search(np.ascontiguousarray(queries, np.float32), K)
+  return indices, time.perf_counter() - start, build_seconds, {
+      "M": m, "efConstruction": ef_construction, "efSearch": ef_search,
+      "faiss_version": faiss.__version__}
+
+
 def benchmark(gallery_size, args, eval_config):
   queries, gallery = make_data(gallery_size, args.num_queries, args.dim, args.seed)
   exact_indices, exact_seconds, exact_compile = time_exact(
       queries, gallery, args.query_chunk, args.query_block, args.gallery_block)
   scann_indices, scann_seconds, build_seconds = time_scann(queries, gallery, eval_config)
-  return {
+  row = {
       "gallery_size": gallery_size,
       "num_queries": len(queries),
       "dim": args.dim,
@@ -96,6 +121,14 @@ def benchmark(gallery_size, args, eval_config):
       "scann_recall@10_vs_exact": retrieval.recall_against(exact_indices, scann_indices),
       "scann_parameters": retrieval.scann_parameters(gallery_size, K, eval_config),
   }
+  hnsw = None if args.skip_faiss else time_faiss_hnsw(queries, gallery)
+  if hnsw is not None:
+    hnsw_indices, hnsw_seconds, hnsw_build, hnsw_parameters = hnsw
+    row.update({"hnsw_build_seconds": hnsw_build, "hnsw_seconds": hnsw_seconds,
+                "hnsw_queries_per_second": len(queries) / hnsw_seconds,
+                "hnsw_recall@10_vs_exact": retrieval.recall_against(exact_indices, hnsw_indices),
+                "hnsw_parameters": hnsw_parameters})
+  return row
 
 
 def print_table(rows):
@@ -108,6 +141,12 @@ def print_table(rows):
           f"{row['scann_queries_per_second']:>10,.0f} "
           f"{row['scann_queries_per_second'] / row['exact_queries_per_second']:>8.1f}x "
           f"{row['scann_build_seconds']:>14.1f} {row['scann_recall@10_vs_exact']:>10.4f}")
+  hnsw_rows = [row for row in rows if "hnsw_queries_per_second" in row]
+  if hnsw_rows:
+    print(f"\n{'gallery':>9} {'HNSW q/s':>10} {'HNSW build s':>13} {'recall@10':>10}  (faiss)")
+    for row in hnsw_rows:
+      print(f"{row['gallery_size']:>9,d} {row['hnsw_queries_per_second']:>10,.0f} "
+            f"{row['hnsw_build_seconds']:>13.1f} {row['hnsw_recall@10_vs_exact']:>10.4f}")
 
 
 def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
@@ -164,6 +203,8 @@ def main():
   parser.add_argument("--query_block", type=int, default=256)
   parser.add_argument("--gallery_block", type=int, default=8192)
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "search.json"))
+  parser.add_argument("--skip_faiss", action="store_true",
+                      help="leave out faiss HNSW even when faiss-cpu is installed")
   parser.add_argument("--embed_test_products", type=int, default=60,
                       help="test products of the synthetic split embedded (0: skip)")
   parser.add_argument("--only_embedding", action="store_true",
