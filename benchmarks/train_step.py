@@ -1,7 +1,8 @@
 r"""Train-step throughput: this implementation vs the PyTorch reference model, same run.
 
   python -m benchmarks.train_step                       # CPU: tiny shapes, both frameworks
-  python -m benchmarks.train_step --shapes paper --batch_size 32 --dtype bfloat16   # GPU
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python -m benchmarks.train_step --shapes paper \
+      --batch_size 16                                 # GPU (leaves memory for PyTorch)
 
 For each shape both frameworks train the same architecture on the same random batch
 with AdamW and the seven contrastive terms: JAX with one jit-compiled `train.train_step`
