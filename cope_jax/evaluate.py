@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 from absl import logging
-from flax import linen as nn
 import jax
 import ml_collections
 
