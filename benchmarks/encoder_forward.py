@@ -20,6 +20,7 @@ PyTorch's float32 matmuls do not, which shows in `max_abs_diff` and favours JAX.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
 from configs import synthetic_tiny
 from cope_jax import weight_mapping
 from cope_jax.models import vision
+from cope_jax.models.config import ModelConfig
 
 SHAPES = {"tiny": synthetic_tiny, "vitb16": rope_vitb16}
 
@@ -93,8 +95,9 @@ def benchmark_shape(shape: str, batch_size: int, iterations: int, warmup: int,
   torch_model, params = reference_encoder(config)
   clips = random_clips(config.vision, batch_size)
 
-  encoder = vision.VisualEncoder.from_config(
-      config.vision, remat=False, dtype=jnp.dtype(jax_dtype), param_dtype=jnp.float32)
+  vision_config = dataclasses.replace(ModelConfig.from_config(config).vision, remat=False,
+                                      dtype=jnp.dtype(jax_dtype), param_dtype=jnp.float32)
+  encoder = vision.VisualEncoder(vision_config)
   forward = jax.jit(lambda p, x: encoder.apply({"params": p}, x))
   device_params, device_clips = jax.device_put(params), jax.device_put(clips)
   jax_out = None

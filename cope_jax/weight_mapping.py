@@ -12,9 +12,11 @@ A released checkpoint's keys (optionally prefixed `module.`) are renamed in thre
 
 Released keys the Flax model does not create are dropped without complaint:
   - every head's `fc2.*` (never used in the released forward pass);
-  - the video and live heads' `attention_pooling.*` and `fc0.*`, unless
-    `config.model.use_asr_text` (the released heads fuse no text for videos/lives);
+  - the `attention_pooling.*` of heads that fuse no text: the video and live heads unless
+    `config.model.use_asr_text` (the released forward fuses no text for videos/lives);
   - `text_encoder.bert_model.embeddings.position_ids` (a buffer older HF versions save).
+Every head's `fc0` (its text projection) is kept: the in-domain text<->visual alignment
+terms use it for the clips' ASR text.
 """
 
 import re
@@ -27,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cope_jax.models import cope
+from cope_jax.models.config import ModelConfig
+from data_pipelines import domains
 
 # (pattern on the renamed PyTorch key, Flax path template ('.'-separated), layout)
 RULES = (
@@ -46,12 +50,17 @@ RULES = (
     (r"(.*)\.bias", r"\1.bias", "flat"),
 )
 
-HEAD_NAMES = {"item_fusion_model": "page_head", "photo_fusion_model": "video_head",
-              "live_fusion_model": "live_head"}
+HEAD_NAMES = {domain.release_head: domain.head for domain in domains.DOMAINS}
 
-ALWAYS_DROPPED = (r"(page|video|live)_head\.fc2\..*",
-                  r"text_encoder\.bert_model\.embeddings\.position_ids")
-DROPPED_WITHOUT_ASR = (r"(video|live)_head\.(fc0|attention_pooling)\..*",)
+ALWAYS_DROPPED = tuple(rf"{domain.head}\.fc2\..*" for domain in domains.DOMAINS) + (
+    r"text_encoder\.bert_model\.embeddings\.position_ids",)
+
+
+def dropped_patterns(model_config) -> tuple[str, ...]:
+  """Renamed released keys the model of `config.model` has no parameter for."""
+  return ALWAYS_DROPPED + tuple(
+      rf"{domain.head}\.attention_pooling\..*" for domain in domains.DOMAINS
+      if not domain.fuses_text(model_config.use_asr_text))
 
 
 class WeightMappingError(ValueError):
@@ -106,16 +115,14 @@ def expected_param_shapes(model_config) -> dict[str, jax.ShapeDtypeStruct]:
   """'a/b/c' -> ShapeDtypeStruct of every parameter of `COPE(model_config)` (no compute)."""
   side = model_config.vision.image_size
   frames = model_config.vision.num_frames
-  batch = {
-      "page_image": jnp.zeros((1, side, side, 3), jnp.uint8),
-      "page_title_ids": jnp.zeros((1, 2), jnp.int32),
-      "page_title_mask": jnp.ones((1, 2), jnp.int32),
-  }
-  for domain in ("video", "live"):
-    batch[f"{domain}_frames"] = jnp.zeros((1, frames, side, side, 3), jnp.uint8)
-    batch[f"{domain}_asr_ids"] = jnp.zeros((1, 2), jnp.int32)
-    batch[f"{domain}_asr_mask"] = jnp.ones((1, 2), jnp.int32)
-  variables = jax.eval_shape(cope.COPE(model_config).init, jax.random.key(0), batch)
+  batch = {}
+  for domain in domains.DOMAINS:
+    pixels = (1, frames, side, side, 3) if domain.is_clip else (1, side, side, 3)
+    batch[domain.media_key] = jnp.zeros(pixels, jnp.uint8)
+    batch[domain.text_ids_key] = jnp.zeros((1, 2), jnp.int32)
+    batch[domain.text_mask_key] = jnp.ones((1, 2), jnp.int32)
+  variables = jax.eval_shape(cope.COPE(ModelConfig.from_config(model_config)).init,
+                             jax.random.key(0), batch)
   params = nn.meta.unbox(variables["params"])
   return {"/".join(path): leaf
           for path, leaf in flax.traverse_util.flatten_dict(params).items()}
@@ -144,7 +151,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_config, *,
       (each mismatch names the key, its shape, the Flax path and the shape expected).
   """
   expected = expected_param_shapes(model_config)
-  dropped = ALWAYS_DROPPED + (() if model_config.use_asr_text else DROPPED_WITHOUT_ASR)
+  dropped = dropped_patterns(model_config)
   converted, unknown, mismatched = {}, [], {}
   for key, value in state_dict.items():
     renamed = rename_torch_key(key)

@@ -23,11 +23,12 @@ import transformers
 from cope_jax import checkpoints
 from cope_jax import convert
 from cope_jax import sharding
-from cope_jax import train
+from cope_jax import state as state_lib
 from cope_jax import weight_mapping
 from cope_jax.models import cope
 from cope_jax.models import text
 from cope_jax.models import vision
+from cope_jax.models.config import ModelConfig
 from tests import tiny_configs
 from tests import torch_reference
 
@@ -115,7 +116,8 @@ def converted_dir(release_checkpoint, tmp_path_factory):
 def test_cli_conversion_reproduces_reference_embeddings(converted_dir, reference, config):
   params = checkpoints.load_params(converted_dir)["model"]
   batch = make_batch(config)
-  got = jax.jit(cope.COPE(config.model).apply)({"params": params}, batch)
+  got = jax.jit(cope.COPE(ModelConfig.from_config(config.model)).apply)(
+      {"params": params}, batch)
   with torch.no_grad():
     want = reference(torch_batch(batch))
   assert set(got) == set(want)
@@ -140,10 +142,11 @@ def test_converted_dir_initialises_training(converted_dir, config):
   config = tiny_config()
   config.train.init_from = converted_dir
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings = train.create_train_state(config, mesh, num_classes=4)
-  state = train.load_converted_weights(state, shardings, config)
+  state, shardings = state_lib.create_train_state(config, mesh, num_classes=4)
+  model_params = state_lib.load_converted_weights(state.params["model"],
+                                                  shardings.params["model"], config)
   loaded = flat(checkpoints.load_params(converted_dir)["model"])
-  started = flat(flax.linen.meta.unbox(state.params["model"]))
+  started = flat(flax.linen.meta.unbox(model_params))
   assert set(started) == set(loaded)
   for path, value in loaded.items():
     np.testing.assert_array_equal(np.asarray(started[path]), value, err_msg=path)
@@ -167,8 +170,7 @@ def test_xclip_checkpoint_gives_the_visual_encoder_only(reference, config, tmp_p
   assert metadata["partial"] and "text_encoder" in metadata["missing_by_group"]
 
   frames = make_batch(config)["video_frames"]
-  encoder = vision.VisualEncoder.from_config(config.model.vision, remat=False,
-                                             dtype=np.float32, param_dtype=np.float32)
+  encoder = vision.VisualEncoder(ModelConfig.from_config(config.model).vision)
   got = jax.jit(encoder.apply)({"params": params["visual_encoder"]}, frames)
   with torch.no_grad():
     want = reference.visual_encoder(torch_reference.normalize_uint8_nhwc(frames))
@@ -231,8 +233,7 @@ def test_bert_model_directory_gives_the_text_encoder(config, tmp_path):
 
   batch = make_batch(config)
   ids, mask = batch["page_title_ids"], batch["page_title_mask"]
-  encoder = text.TextEncoder.from_config(config.model.text, remat=False, dtype=np.float32,
-                                         param_dtype=np.float32)
+  encoder = text.TextEncoder(ModelConfig.from_config(config.model).text)
   got = jax.jit(encoder.apply)({"params": conversion.params["text_encoder"]}, ids, mask)
   with torch.no_grad():
     want = hf_model(input_ids=torch.from_numpy(ids.astype(np.int64)),

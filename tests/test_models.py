@@ -5,6 +5,7 @@ order 1); L2-normalised embeddings <= 1e-4; gradients rtol 1e-3 with atol 1e-5 t
 the largest gradient entry of that parameter.
 """
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -24,11 +25,16 @@ from cope_jax.models import cope
 from cope_jax.models import fusion
 from cope_jax.models import text
 from cope_jax.models import vision
+from cope_jax.models.config import ModelConfig
 from tests import torch_reference
 
 BATCH, FRAMES, IMAGE, TITLE_LENGTH = 3, 3, 32, 7
 ATOL = 1e-4
-F32 = dict(remat=False, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def build(model_config):
+  """COPE from `config.model` (a ConfigDict), through its typed config."""
+  return cope.COPE(ModelConfig.from_config(model_config))
 
 
 def tiny_model_config(use_asr_text=False):
@@ -126,7 +132,7 @@ def max_abs_diff(a, b):
 
 def test_text_encoder_pooler_matches_hf_bert(reference, params, model_config):
   batch = make_batch()
-  encoder = text.TextEncoder.from_config(model_config.text, **F32)
+  encoder = text.TextEncoder(ModelConfig.from_config(model_config).text)
   got = encoder.apply({"params": params["text_encoder"]}, batch["page_title_ids"],
                       batch["page_title_mask"])
   with torch.no_grad():
@@ -139,7 +145,7 @@ def test_text_encoder_pooler_matches_hf_bert(reference, params, model_config):
 @pytest.mark.parametrize("num_frames", [FRAMES, 1], ids=["clip", "page"])
 def test_visual_encoder_matches_reference(reference, params, model_config, num_frames):
   frames = torch_batch(make_batch())["video_frames"][:, :num_frames]
-  encoder = vision.VisualEncoder.from_config(model_config.vision, **F32)
+  encoder = vision.VisualEncoder(ModelConfig.from_config(model_config).vision)
   got = jax.jit(encoder.apply)({"params": params["visual_encoder"]}, nhwc(frames))
   with torch.no_grad():
     want = reference.visual_encoder(frames)
@@ -151,7 +157,7 @@ def test_fusion_heads_match_reference(reference, params, model_config):
   rng = np.random.default_rng(1)
   visual = rng.normal(size=(BATCH, model_config.vision.output_dim)).astype(np.float32)
   title = rng.normal(size=(BATCH, model_config.text.hidden_size)).astype(np.float32)
-  page_head = fusion.FusionHead(model_config.emb_dim, use_text=True)
+  page_head = fusion.FusionHead(model_config.emb_dim, fuse=True)
   got = page_head.apply({"params": params["page_head"]}, visual, title)
   with torch.no_grad():
     fused, text_proj, visual_proj = reference.item_fusion_model(
@@ -159,12 +165,19 @@ def test_fusion_heads_match_reference(reference, params, model_config):
   for key, want in (("fused", fused), ("text", text_proj), ("visual", visual_proj)):
     assert max_abs_diff(got[key], want) <= ATOL, key
 
-  video_head = fusion.FusionHead(model_config.emb_dim, use_text=False)
+  video_head = fusion.FusionHead(model_config.emb_dim, fuse=False)
   got = video_head.apply({"params": params["video_head"]}, visual)
   with torch.no_grad():
     _, _, want = reference.photo_fusion_model(None, torch.from_numpy(visual))
   assert set(got) == {"visual"}
   assert max_abs_diff(got["visual"], want) <= ATOL
+  # With ASR text the clip head also projects it (fc0), without fusing.
+  got = video_head.apply({"params": params["video_head"]}, visual, title)
+  with torch.no_grad():
+    fused, text_proj, _ = reference.photo_fusion_model(torch.from_numpy(title),
+                                                       torch.from_numpy(visual))
+  assert set(got) == {"visual", "text"}
+  assert max_abs_diff(got["text"], text_proj) <= ATOL
 
 
 # ---- end to end ---------------------------------------------------------------------
@@ -172,32 +185,40 @@ def test_fusion_heads_match_reference(reference, params, model_config):
 
 def test_all_embeddings_match_reference_end_to_end(reference, params, model_config):
   batch = make_batch()
-  got = jax.jit(cope.COPE(model_config).apply)({"params": params}, batch)  # uint8 images
+  got = jax.jit(build(model_config).apply)({"params": params}, batch)  # uint8 images
   with torch.no_grad():
     want = reference(torch_batch(batch))
-  assert set(got) == set(want) == {"page_embedding", "page_text_embedding",
-                                   "page_visual_embedding", "video_embedding",
-                                   "live_embedding"}
+  assert set(got) == set(want) == set(cope.ALL_EMBEDDINGS)
+  assert len(cope.ALL_EMBEDDINGS) == 9  # three per domain
   for name in want:
     assert got[name].shape == (BATCH, model_config.emb_dim)
     np.testing.assert_allclose(np.linalg.norm(got[name], axis=-1), 1.0, atol=1e-5)
     assert max_abs_diff(got[name], want[name]) <= ATOL, name
 
 
-def test_domain_methods_return_their_entries(params, model_config):
+def test_embed_returns_what_is_asked_from_the_domains_keys_only(params, model_config):
   batch = make_batch()
-  model = cope.COPE(model_config)
+  model = build(model_config)
   everything = model.apply({"params": params}, batch)
-  for method, names in (("embed_page", {"page_embedding", "page_text_embedding",
-                                        "page_visual_embedding"}),
-                        ("embed_video", {"video_embedding"}),
-                        ("embed_live", {"live_embedding"})):
-    domain = method.removeprefix("embed_")
+  for domain in ("page", "video", "live"):
     eval_batch = {k: v for k, v in batch.items() if k.startswith(domain)}
-    got = model.apply({"params": params}, eval_batch, method=method)
-    assert set(got) == names
+    got = model.apply({"params": params}, eval_batch, domain, method=cope.COPE.embed)
+    assert set(got) == {f"{domain}_embedding"}  # the retrieval embedding by default
+    names = (f"{domain}_embedding", f"{domain}_text_embedding", f"{domain}_visual_embedding")
+    got = model.apply({"params": params}, eval_batch, domain, outputs=names,
+                      method=cope.COPE.embed)
+    assert set(got) == set(names)
     for name in names:
       np.testing.assert_allclose(got[name], everything[name], atol=1e-6)
+  # A clip's ASR text is read only when asked for: frames alone give its embedding.
+  frames_only = {"video_frames": batch["video_frames"]}
+  got = model.apply({"params": params}, frames_only, "video", method=cope.COPE.embed)
+  np.testing.assert_allclose(got["video_embedding"], everything["video_embedding"], atol=1e-6)
+  with pytest.raises(KeyError, match="video_asr_ids"):
+    model.apply({"params": params}, frames_only, "video", outputs=("video_text_embedding",),
+                method=cope.COPE.embed)
+  with pytest.raises(ValueError, match="unknown embeddings"):
+    model.apply({"params": params}, batch, outputs=("video_title_embedding",))
 
 
 def test_asr_text_extension_matches_reference():
@@ -207,7 +228,7 @@ def test_asr_text_extension_matches_reference():
                                                    model_config)
   assert "fc0" in params["video_head"] and "attention_pooling" in params["live_head"]
   batch = make_batch(seed=2)
-  got = cope.COPE(model_config).apply({"params": params}, batch)
+  got = build(model_config).apply({"params": params}, batch)
   with torch.no_grad():
     want = reference(torch_batch(batch))
   for name in want:
@@ -225,7 +246,7 @@ def test_gradients_match_reference(reference, params, model_config):
   batch = make_batch()
   pairs = (("page_embedding", "video_embedding"), ("page_text_embedding", "live_embedding"),
            ("page_visual_embedding", "live_embedding"), ("video_embedding", "live_embedding"))
-  model = cope.COPE(model_config)
+  model = build(model_config)
 
   def jax_loss(p):
     e = model.apply({"params": p}, batch)
@@ -262,14 +283,15 @@ def test_gradients_match_reference(reference, params, model_config):
 def test_mapping_accepts_module_prefix_and_drops_released_unused_keys(reference,
                                                                       params, model_config):
   state_dict = {f"module.{k}": v for k, v in numpy_state_dict(reference).items()}
-  # Keys some releases carry that the Flax model does not create.
-  state_dict["module.photo_fusion_model.fc0.weight"] = np.zeros((16, 32), np.float32)
+  # A key some releases carry that the Flax model does not create.
   state_dict["module.text_encoder.bert_model.embeddings.position_ids"] = np.arange(16)[None]
   converted = weight_mapping.torch_state_dict_to_flax(state_dict, model_config)
   jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)
   for domain in ("page", "video", "live"):
     assert "fc2" not in converted[f"{domain}_head"]
-  assert set(converted["video_head"]) == {"fc1"}
+  # Without ASR fusion a clip head keeps its text projection (for the in-domain
+  # alignment terms) but has no attention pooling.
+  assert set(converted["video_head"]) == {"fc0", "fc1"}
 
 
 def test_mapping_reports_wrong_shape_with_key_and_both_shapes(reference, model_config):
@@ -305,12 +327,15 @@ def test_mapping_reports_unknown_and_missing_keys(reference, model_config):
 def test_paper_size_parameter_count_matches_release_minus_unused():
   model_config = paper_model_config()
   variables = jax.eval_shape(
-      cope.COPE(model_config).init, jax.random.key(0),
+      build(model_config).init, jax.random.key(0),
       {"page_image": jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8),
        "page_title_ids": jax.ShapeDtypeStruct((1, 4), jnp.int32),
        "page_title_mask": jax.ShapeDtypeStruct((1, 4), jnp.int32),
-       "video_frames": jax.ShapeDtypeStruct((1, 8, 224, 224, 3), jnp.uint8),
-       "live_frames": jax.ShapeDtypeStruct((1, 8, 224, 224, 3), jnp.uint8)})
+       **{f"{domain}_{key}": jax.ShapeDtypeStruct(shape, dtype)
+          for domain in ("video", "live")
+          for key, shape, dtype in (("frames", (1, 8, 224, 224, 3), jnp.uint8),
+                                    ("asr_ids", (1, 4), jnp.int32),
+                                    ("asr_mask", (1, 4), jnp.int32))}})
   flax_count = sum(int(np.prod(x.shape))
                    for x in jax.tree_util.tree_leaves(nn.meta.unbox(variables["params"])))
   with torch.device("meta"):
@@ -329,10 +354,10 @@ def test_paper_size_parameter_count_matches_release_minus_unused():
 
 def test_bfloat16_forward_is_finite_and_close_to_float32(params, model_config):
   batch = make_batch()
-  want = jax.jit(cope.COPE(model_config).apply)({"params": params}, batch)
+  want = jax.jit(build(model_config).apply)({"params": params}, batch)
   bf16_config = tiny_model_config()
   bf16_config.dtype = "bfloat16"
-  got = jax.jit(cope.COPE(bf16_config).apply)({"params": params}, batch)
+  got = jax.jit(build(bf16_config).apply)({"params": params}, batch)
   for name in want:
     assert got[name].dtype == jnp.float32
     assert np.all(np.isfinite(got[name]))
@@ -346,9 +371,9 @@ def test_remat_gives_same_gradients(params, model_config):
   batch = make_batch()
   frames, ids, mask = (batch[k] for k in ("video_frames", "page_title_ids", "page_title_mask"))
   for remat in (False, True):
-    kwargs = dict(F32, remat=remat)
-    visual = vision.VisualEncoder.from_config(model_config.vision, **kwargs)
-    words = text.TextEncoder.from_config(model_config.text, **kwargs)
+    typed = ModelConfig.from_config(model_config)
+    visual = vision.VisualEncoder(dataclasses.replace(typed.vision, remat=remat))
+    words = text.TextEncoder(dataclasses.replace(typed.text, remat=remat))
 
     def loss(p, visual=visual, words=words):
       features = visual.apply({"params": p["visual_encoder"]}, frames)
@@ -368,9 +393,10 @@ def test_remat_gives_same_gradients(params, model_config):
 def test_drop_path_is_random_in_training_only(params):
   model_config = tiny_model_config()
   model_config.vision.drop_path_rate = 0.5
-  model = cope.COPE(model_config)
+  model = build(model_config)
   batch = {k: v for k, v in make_batch().items() if k.startswith("video")}
-  run = lambda seed, train: model.apply({"params": params}, batch, train, method="embed_video",
+  run = lambda seed, train: model.apply({"params": params}, batch, "video", train,
+                                        method=cope.COPE.embed,
                                         rngs={"dropout": jax.random.key(seed)})
   np.testing.assert_array_equal(run(0, False)["video_embedding"],
                                 run(1, False)["video_embedding"])
@@ -379,7 +405,7 @@ def test_drop_path_is_random_in_training_only(params):
 
 def test_params_carry_logical_axis_names(model_config):
   batch = make_batch()
-  variables = jax.eval_shape(cope.COPE(model_config).init, jax.random.key(0), batch)
+  variables = jax.eval_shape(build(model_config).init, jax.random.key(0), batch)
   specs = flax.traverse_util.flatten_dict(nn.get_partition_spec(variables)["params"],
                                           sep="/")
   leaves = flax.traverse_util.flatten_dict(variables["params"], sep="/")
@@ -394,7 +420,7 @@ def test_unsupported_frame_count_is_a_clear_error(params, model_config):
   batch = make_batch()
   batch["video_frames"] = batch["video_frames"][:, :2]
   with pytest.raises(ValueError, match="1 or 3 frames"):
-    cope.COPE(model_config).apply({"params": params}, batch, method="embed_video")
+    build(model_config).apply({"params": params}, batch, "video", method=cope.COPE.embed)
 
 
 SHARDED_INIT_SCRIPT = """
@@ -405,11 +431,12 @@ import jax
 import numpy as np
 from configs import synthetic_tiny
 from cope_jax.models import cope
+from cope_jax.models.config import ModelConfig
 from tests.test_models import make_batch, tiny_model_config
 
 mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
 rules = synthetic_tiny.get_config().mesh.rules
-model, batch = cope.COPE(tiny_model_config()), make_batch()
+model, batch = cope.COPE(ModelConfig.from_config(tiny_model_config())), make_batch()
 abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
 shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
 variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), batch)

@@ -176,12 +176,11 @@ class AttentionPooling(nn.Module):
 
 
 class FusionHead(nn.Module):
-  """Released head layout: fc0 (if text_dim), fc1, fc2, attention_pooling.projection."""
+  """Released head layout: fc0, fc1, fc2, attention_pooling.projection."""
 
   def __init__(self, text_dim, visual_dim, emb_dim):
     super().__init__()
-    if text_dim is not None:
-      self.fc0 = nn.Linear(text_dim, emb_dim)
+    self.fc0 = nn.Linear(text_dim, emb_dim)
     self.fc1 = nn.Linear(visual_dim, emb_dim)
     self.fc2 = nn.Linear(2 * emb_dim, emb_dim)  # present in checkpoints, never used
     self.attention_pooling = AttentionPooling(emb_dim)
@@ -197,22 +196,31 @@ class FusionHead(nn.Module):
 
 
 class ReferenceCOPE(nn.Module):
-  """The released model; `use_asr_text` adds the ASR branch to the video/live heads."""
+  """The released model; `use_asr_text` fuses the ASR text into the video/live embedding.
+
+  Returns every embedding of every domain: the page's fused/text/visual embeddings as
+  released, each clip's retrieval embedding (visual, or fused with `use_asr_text`) and,
+  for the in-domain alignment of the release's training script, each clip's ASR text
+  projection (`fc0`) and visual projection (`fc1`).
+  """
 
   def __init__(self, model_config):
     super().__init__()
     self.use_asr_text = model_config.use_asr_text
     hidden = model_config.text.hidden_size
-    clip_text_dim = hidden if self.use_asr_text else None
     output_dim, emb_dim = model_config.vision.output_dim, model_config.emb_dim
     self.visual_encoder = VisualEncoder(model_config.vision)
     self.text_encoder = TextEncoder(model_config.text)
     self.item_fusion_model = FusionHead(hidden, output_dim, emb_dim)
-    self.photo_fusion_model = FusionHead(clip_text_dim, output_dim, emb_dim)
-    self.live_fusion_model = FusionHead(clip_text_dim, output_dim, emb_dim)
+    self.photo_fusion_model = FusionHead(hidden, output_dim, emb_dim)
+    self.live_fusion_model = FusionHead(hidden, output_dim, emb_dim)
 
-  def forward(self, batch):
-    """batch: the model's batch dict as torch tensors, images normalised NCHW."""
+  def forward(self, batch, clip_text: bool = True):
+    """batch: the model's batch dict as torch tensors, images normalised NCHW.
+
+    `clip_text=False` skips the clips' ASR text where the retrieval embedding does not
+    fuse it (the released forward pass, which computes no clip text embedding).
+    """
     title = self.text_encoder(batch["page_title_ids"], batch["page_title_mask"])
     page_visual = self.visual_encoder(batch["page_image"][:, None])
     page, page_text, page_visual = self.item_fusion_model(title, page_visual)
@@ -222,10 +230,13 @@ class ReferenceCOPE(nn.Module):
                          ("live", self.live_fusion_model)):
       visual = self.visual_encoder(batch[f"{domain}_frames"])
       asr = None
-      if self.use_asr_text:
+      if clip_text or self.use_asr_text:
         asr = self.text_encoder(batch[f"{domain}_asr_ids"], batch[f"{domain}_asr_mask"])
-      fused, _, visual = head(asr, visual)
+      fused, asr_projection, visual = head(asr, visual)
       outputs[f"{domain}_embedding"] = fused if self.use_asr_text else visual
+      outputs[f"{domain}_visual_embedding"] = visual
+      if asr_projection is not None:
+        outputs[f"{domain}_text_embedding"] = asr_projection
     return {name: F.normalize(value, dim=-1) for name, value in outputs.items()}
 
 

@@ -1,76 +1,110 @@
-"""COPE: one visual encoder and one text encoder shared by three domain heads.
+"""COPE: one visual encoder and one text encoder shared by one fusion head per domain.
 
-  model = COPE(config.model)
-  variables = model.init(rngs, batch)
-  embeddings = model.apply(variables, batch, train=False)   # all five embeddings
-  page = model.apply(variables, eval_batch, method="embed_page")
+  model = COPE(ModelConfig.from_config(config.model))   # or cope_jax.state.build_model
+  variables = model.init(rngs, batch)                     # creates every parameter
+  embeddings = model.apply(variables, batch, train=True, outputs=("page_embedding", ...))
+  video = model.apply(variables, eval_batch, "video", method=COPE.embed)
 
-Batch keys (docs/interfaces.md): `page_image` [B, S, S, 3], `page_title_ids/mask`
-[B, L]; `video_frames` / `live_frames` [B, T, S, S, 3], `video_asr_ids/mask`,
-`live_asr_ids/mask` [B, L]. Images are uint8 (normalised in the model) or float
-already normalised. Every returned embedding is L2-normalised float32 [B, emb_dim].
+The domains come from `data_pipelines.domains`. Batch keys per domain (docs/interfaces.md):
+the pixels `<domain>.media_key` (`page_image` [B, S, S, 3] for an image domain,
+`video_frames` [B, T, S, S, 3] for a clip domain; uint8, normalised in the model, or float
+already normalised) and the text `<domain>.text_ids_key` / `text_mask_key` [B, L] int32.
+
+Each domain defines three embeddings, every one L2-normalised float32 [B, emb_dim]:
+  `<domain>_visual_embedding`  fc1 of the visual feature
+  `<domain>_text_embedding`    fc0 of the text feature (title or ASR)
+  `<domain>_embedding`         the retrieval embedding: the fused one where the domain
+                               fuses text (pages; clips with `use_asr_text`), else the
+                               visual one
+Only the embeddings asked for are computed, so a clip's ASR text runs through the text
+encoder only when a loss term or the fusion needs it.
 """
 
+from collections.abc import Collection, Mapping
 
 import flax.linen as nn
-import ml_collections
+import jax
 
 from cope_jax.models import fusion
 from cope_jax.models import layers
 from cope_jax.models import text
 from cope_jax.models import vision
+from cope_jax.models.config import ModelConfig
+from data_pipelines import domains
+
+
+def embedding_names(domain: domains.Domain) -> tuple[str, str, str]:
+  """The three embeddings a domain defines: (retrieval, text, visual)."""
+  return (domain.embedding_key, domain.text_embedding_key, domain.visual_embedding_key)
+
+
+ALL_EMBEDDINGS = tuple(name for domain in domains.DOMAINS for name in embedding_names(domain))
 
 
 class COPE(nn.Module):
-  """The three-domain model; submodules `visual_encoder`, `text_encoder`, `*_head`."""
-  config: ml_collections.ConfigDict  # config.model
+  """The multi-domain model; submodules `visual_encoder`, `text_encoder`, `<domain>_head`."""
+  config: ModelConfig
 
   def setup(self):
     config = self.config
-    dtype = layers.canonical_dtype(config.dtype)
-    param_dtype = layers.canonical_dtype(config.param_dtype)
-    kwargs = dict(remat=config.remat, dtype=dtype, param_dtype=param_dtype)
-    self.visual_encoder = vision.VisualEncoder.from_config(config.vision, **kwargs)
-    self.text_encoder = text.TextEncoder.from_config(config.text, **kwargs)
-    head = lambda use_text: fusion.FusionHead(config.emb_dim, use_text, dtype, param_dtype)
-    self.page_head = head(True)
-    self.video_head = head(config.use_asr_text)
-    self.live_head = head(config.use_asr_text)
+    self.visual_encoder = vision.VisualEncoder(config.vision)
+    self.text_encoder = text.TextEncoder(config.text)
+    for domain in domains.DOMAINS:
+      # Attribute name = parameter scope name (`page_head`, ...), as the release's heads.
+      setattr(self, domain.head, fusion.FusionHead(
+          config.emb_dim, fuse=domain.fuses_text(config.use_asr_text), dtype=config.dtype,
+          param_dtype=config.param_dtype))
 
-  def __call__(self, batch, train: bool = False):
-    """All five embeddings of a training batch: dict of [B, emb_dim] float32."""
-    return {**self.embed_page(batch, train),
-            **self.embed_video(batch, train),
-            **self.embed_live(batch, train)}
+  def __call__(self, batch: Mapping[str, jax.Array], train: bool = False,
+               outputs: Collection[str] | None = None) -> dict[str, jax.Array]:
+    """The embeddings named in `outputs` (default: all of `ALL_EMBEDDINGS`).
 
-  def embed_page(self, batch, train: bool = False):
-    """{'page_embedding', 'page_text_embedding', 'page_visual_embedding'}: [B, emb_dim]."""
-    image = _require(batch, "page_image", ndim=4)
-    visual = self.visual_encoder(image[:, None], train)  # a page is a one-frame clip
-    title = self.text_encoder(_require(batch, "page_title_ids", ndim=2),
-                              _require(batch, "page_title_mask", ndim=2), train)
-    outputs = self.page_head(visual, title)
-    return {"page_embedding": layers.l2_normalize(outputs["fused"]),
-            "page_text_embedding": layers.l2_normalize(outputs["text"]),
-            "page_visual_embedding": layers.l2_normalize(outputs["visual"])}
+    Returns a dict name -> [B, emb_dim] float32. Domains none of whose embeddings are
+    asked for are not computed (their batch keys may be absent).
+    """
+    unknown = sorted(set(outputs or ()) - set(ALL_EMBEDDINGS))
+    if unknown:
+      raise ValueError(f"unknown embeddings {unknown}; the model defines {ALL_EMBEDDINGS}")
+    result = {}
+    for domain in domains.DOMAINS:
+      wanted = [name for name in embedding_names(domain)
+                if outputs is None or name in outputs]
+      if wanted:
+        result.update(self.embed(batch, domain.name, train, wanted))
+    return result
 
-  def embed_video(self, batch, train: bool = False):
-    """{'video_embedding': [B, emb_dim]}."""
-    return self._embed_clip(batch, "video", self.video_head, train)
+  def embed(self, batch: Mapping[str, jax.Array], domain: str, train: bool = False,
+            outputs: Collection[str] | None = None) -> dict[str, jax.Array]:
+    """One domain's embeddings from a (training or eval) batch.
 
-  def embed_live(self, batch, train: bool = False):
-    """{'live_embedding': [B, emb_dim]}."""
-    return self._embed_clip(batch, "live", self.live_head, train)
+    Args:
+      batch: holds the domain's media and text keys.
+      domain: a domain name (`domains.NAMES`).
+      train: dropout / stochastic depth on.
+      outputs: which of the domain's embeddings (default: the retrieval embedding).
 
-  def _embed_clip(self, batch, domain, head, train):
-    visual = self.visual_encoder(_require(batch, f"{domain}_frames", ndim=5), train)
-    asr = None
-    if self.config.use_asr_text:
-      asr = self.text_encoder(_require(batch, f"{domain}_asr_ids", ndim=2),
-                              _require(batch, f"{domain}_asr_mask", ndim=2), train)
-    outputs = head(visual, asr)
-    embedding = outputs["fused"] if self.config.use_asr_text else outputs["visual"]
-    return {f"{domain}_embedding": layers.l2_normalize(embedding)}
+    Returns:
+      dict name -> [B, emb_dim] float32, L2-normalised.
+    """
+    spec = domains.get(domain)
+    retrieval, text_name, visual_name = embedding_names(spec)
+    wanted = set(outputs or (retrieval,))
+    if not wanted <= {retrieval, text_name, visual_name}:
+      raise ValueError(f"{domain} defines the embeddings {embedding_names(spec)}, "
+                       f"not {sorted(wanted - {retrieval, text_name, visual_name})}")
+    fuses = spec.fuses_text(self.config.use_asr_text)
+    media = _require(batch, spec.media_key, ndim=5 if spec.is_clip else 4)
+    # An image is a clip of one frame: [B, S, S, 3] -> [B, 1, S, S, 3].
+    visual = self.visual_encoder(media if spec.is_clip else media[:, None], train)
+    text_features = None
+    if text_name in wanted or (retrieval in wanted and fuses):
+      text_features = self.text_encoder(_require(batch, spec.text_ids_key, ndim=2),
+                                        _require(batch, spec.text_mask_key, ndim=2), train)
+    projections = getattr(self, spec.head)(visual, text_features)
+    available = {visual_name: projections["visual"],
+                 text_name: projections.get("text"),
+                 retrieval: projections["fused"] if fuses else projections["visual"]}
+    return {name: layers.l2_normalize(available[name]) for name in sorted(wanted)}
 
 
 def _require(batch, key: str, ndim: int):

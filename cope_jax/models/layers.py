@@ -164,11 +164,3 @@ def l2_normalize(x, eps: float = 1e-12):
   x = x.astype(jnp.float32)
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
   return x / jnp.maximum(norm, eps)
-
-
-def canonical_dtype(name: str) -> Dtype:
-  """'float32' | 'bfloat16' (config strings) -> the jnp dtype; clear error otherwise."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-  if name not in dtypes:
-    raise ValueError(f"unknown dtype {name!r} in config.model; use one of {sorted(dtypes)}")
-  return dtypes[name]

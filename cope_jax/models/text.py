@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cope_jax.models import layers
+from cope_jax.models.config import TextConfig
 
 Dtype = Any
 
@@ -143,22 +144,17 @@ class BertLayer(nn.Module):
 
 class BertEncoder(nn.Module):
   """`layer_{i}` stack. [B, L, hidden] -> [B, L, hidden]."""
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  layer_norm_eps: float
-  dropout_rate: float
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: TextConfig
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool = True):
+    config = self.config
     # Argument 0 is the module, 3 is `deterministic` (a Python bool).
-    layer_class = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
-    for i in range(self.num_layers):
-      x = layer_class(self.num_heads, self.intermediate_size, self.layer_norm_eps,
-                      self.dropout_rate, self.dtype, self.param_dtype,
+    layer_class = nn.remat(BertLayer, static_argnums=(3,)) if config.remat else BertLayer
+    for i in range(config.layers):
+      x = layer_class(num_heads=config.heads, intermediate_size=config.intermediate_size,
+                      layer_norm_eps=config.layer_norm_eps, dropout_rate=config.dropout_rate,
+                      dtype=config.dtype, param_dtype=config.param_dtype,
                       name=f"layer_{i}")(x, attention_mask, deterministic)
     return x
 
@@ -177,68 +173,25 @@ class BertPooler(nn.Module):
 
 class BertModel(nn.Module):
   """HF `BertModel` (with pooler): token ids + mask [B, L] -> pooler output [B, hidden]."""
-  vocab_size: int
-  hidden_size: int
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  max_positions: int
-  type_vocab_size: int
-  layer_norm_eps: float
-  dropout_rate: float
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: TextConfig
 
   @nn.compact
   def __call__(self, token_ids, token_mask, deterministic: bool = True):
-    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = BertEmbeddings(self.vocab_size, self.hidden_size, self.max_positions,
-                       self.type_vocab_size, self.layer_norm_eps, self.dropout_rate,
+    config = self.config
+    kwargs = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+    x = BertEmbeddings(config.vocab_size, config.hidden_size, config.max_positions,
+                       config.type_vocab_size, config.layer_norm_eps, config.dropout_rate,
                        name="embeddings", **kwargs)(
                            token_ids, jnp.zeros_like(token_ids), deterministic)
     attention_mask = (token_mask > 0)[:, None, None, :]  # [B, 1 (heads), 1 (query), L]
-    x = BertEncoder(self.num_layers, self.num_heads, self.intermediate_size,
-                    self.layer_norm_eps, self.dropout_rate, self.remat, name="encoder",
-                    **kwargs)(x, attention_mask, deterministic)
+    x = BertEncoder(config, name="encoder")(x, attention_mask, deterministic)
     return BertPooler(name="pooler", **kwargs)(x)
 
 
 class TextEncoder(nn.Module):
   """`bert_model`'s pooler output: ids, mask [B, L] int32 -> [B, hidden_size]."""
-  vocab_size: int
-  hidden_size: int
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  max_positions: int
-  type_vocab_size: int = 2
-  layer_norm_eps: float = 1e-12
-  dropout_rate: float = 0.0
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @classmethod
-  def from_config(cls, text_config, *, remat, dtype, param_dtype, name=None):
-    """Builds the encoder from `config.model.text` (`vocab_size` must be set, > 0)."""
-    if text_config.vocab_size <= 0:
-      raise ValueError(
-          "config.model.text.vocab_size is 0: set it to the size of the vocabulary "
-          "(data.vocab_path) before building the model")
-    return cls(vocab_size=text_config.vocab_size, hidden_size=text_config.hidden_size,
-               num_layers=text_config.layers, num_heads=text_config.heads,
-               intermediate_size=text_config.intermediate_size,
-               max_positions=text_config.max_positions,
-               type_vocab_size=text_config.type_vocab_size,
-               layer_norm_eps=text_config.layer_norm_eps,
-               dropout_rate=text_config.dropout_rate, remat=remat, dtype=dtype,
-               param_dtype=param_dtype, name=name)
+  config: TextConfig
 
   @nn.compact
   def __call__(self, token_ids, token_mask, train: bool = False):
-    return BertModel(
-        self.vocab_size, self.hidden_size, self.num_layers, self.num_heads,
-        self.intermediate_size, self.max_positions, self.type_vocab_size,
-        self.layer_norm_eps, self.dropout_rate, self.remat, self.dtype, self.param_dtype,
-        name="bert_model")(token_ids, token_mask, not train)
+    return BertModel(self.config, name="bert_model")(token_ids, token_mask, not train)

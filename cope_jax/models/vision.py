@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cope_jax.models import layers
+from cope_jax.models.config import VisionConfig
 
 Dtype = Any
 
@@ -100,22 +101,18 @@ def _maybe_remat(block_class, remat: bool):
 
 class CrossFrameTransformer(nn.Module):
   """`resblocks_{i}`: the stack of `CrossFrameBlock`s. [B, T, L, D] -> [B, T, L, D]."""
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  drop_path_rate: float = 0.0
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: VisionConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    block_class = _maybe_remat(CrossFrameBlock, self.remat)
+    config = self.config
+    block_class = _maybe_remat(CrossFrameBlock, config.remat)
     # Stochastic depth grows linearly from 0 in the first block to the rate in the last.
-    rates = np.linspace(0.0, self.drop_path_rate, self.num_layers) if self.num_layers else []
-    for i in range(self.num_layers):
-      x = block_class(self.num_heads, self.mlp_dim, float(rates[i]), self.dtype,
-                      self.param_dtype, name=f"resblocks_{i}")(x, deterministic)
+    rates = np.linspace(0.0, config.drop_path_rate, config.layers) if config.layers else []
+    for i in range(config.layers):
+      x = block_class(num_heads=config.heads, mlp_dim=config.mlp_dim,
+                      drop_path_rate=float(rates[i]), dtype=config.dtype,
+                      param_dtype=config.param_dtype, name=f"resblocks_{i}")(x, deterministic)
     return x
 
 
@@ -125,62 +122,52 @@ class CrossFrameViT(nn.Module):
   Input: normalised frames [batch, frames, size, size, 3]. Output: the projected [CLS]
   feature of every frame, [batch, frames, output_dim].
   """
-  image_size: int
-  patch_size: int
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  output_dim: int
-  drop_path_rate: float = 0.0
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: VisionConfig
 
   @nn.compact
   def __call__(self, frames, deterministic: bool = True):
+    config = self.config
+    dtype, param_dtype, width = config.dtype, config.param_dtype, config.width
     batch, num_frames, height, width_px, channels = frames.shape
-    if (height, width_px, channels) != (self.image_size, self.image_size, 3):
+    if (height, width_px, channels) != (config.image_size, config.image_size, 3):
       raise ValueError(
-          f"visual encoder expects frames [batch, frames, {self.image_size}, "
-          f"{self.image_size}, 3] (config.model.vision.image_size), got {frames.shape}")
-    grid = self.image_size // self.patch_size
-    scale = self.width ** -0.5
+          f"visual encoder expects frames [batch, frames, {config.image_size}, "
+          f"{config.image_size}, 3] (config.model.vision.image_size), got {frames.shape}")
+    grid = config.image_size // config.patch_size
+    scale = width ** -0.5
     images = frames.reshape(batch * num_frames, height, width_px, channels)
     patches = nn.Conv(
-        self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
-        padding="VALID", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        width, (config.patch_size, config.patch_size), strides=config.patch_size,
+        padding="VALID", use_bias=False, dtype=dtype, param_dtype=param_dtype,
         kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                        (None, None, None, "embed")),
         name="conv1")(images)
-    patches = patches.reshape(batch * num_frames, grid * grid, self.width)
+    patches = patches.reshape(batch * num_frames, grid * grid, width)
 
     class_embedding = self.param(
         "class_embedding",
         layers.partitioned(nn.initializers.normal(scale), ("embed",)),
-        (self.width,), self.param_dtype)
+        (width,), param_dtype)
     positional_embedding = self.param(
         "positional_embedding",
         layers.partitioned(nn.initializers.normal(scale), (None, "embed")),
-        (grid * grid + 1, self.width), self.param_dtype)
-    cls_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype),
-                                  (batch * num_frames, 1, self.width))
-    tokens = jnp.concatenate([cls_tokens, patches.astype(self.dtype)], axis=1)
-    tokens = tokens + positional_embedding.astype(self.dtype)
-    tokens = layers.LayerNorm(output_dtype=self.dtype, param_dtype=self.param_dtype,
+        (grid * grid + 1, width), param_dtype)
+    cls_tokens = jnp.broadcast_to(class_embedding.astype(dtype),
+                                  (batch * num_frames, 1, width))
+    tokens = jnp.concatenate([cls_tokens, patches.astype(dtype)], axis=1)
+    tokens = tokens + positional_embedding.astype(dtype)
+    tokens = layers.LayerNorm(output_dtype=dtype, param_dtype=param_dtype,
                               name="ln_pre")(tokens)
 
-    tokens = tokens.reshape(batch, num_frames, grid * grid + 1, self.width)
-    tokens = CrossFrameTransformer(
-        self.num_layers, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
-        self.dtype, self.param_dtype, name="transformer")(tokens, deterministic)
+    tokens = tokens.reshape(batch, num_frames, grid * grid + 1, width)
+    tokens = CrossFrameTransformer(config, name="transformer")(tokens, deterministic)
 
-    cls_features = layers.LayerNorm(output_dtype=self.dtype, param_dtype=self.param_dtype,
+    cls_features = layers.LayerNorm(output_dtype=dtype, param_dtype=param_dtype,
                                     name="ln_post")(tokens[:, :, 0, :])
     proj = self.param("proj", layers.partitioned(nn.initializers.normal(scale),
                                                  ("embed", None)),
-                      (self.width, self.output_dim), self.param_dtype)
-    return cls_features @ proj.astype(self.dtype)  # [B, T, output_dim]
+                      (width, config.output_dim), param_dtype)
+    return cls_features @ proj.astype(dtype)  # [B, T, output_dim]
 
 
 class MultiFrameIntegration(nn.Module):
@@ -191,31 +178,27 @@ class MultiFrameIntegration(nn.Module):
   PyTorch code: the blocks run over `num_frames` positions and the mean is over them.
   Output [batch, D].
   """
-  num_frames: int
-  num_layers: int
-  num_heads: int
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: VisionConfig
 
   @nn.compact
   def __call__(self, frame_features, deterministic: bool = True):
+    config = self.config
     frames, dim = frame_features.shape[1:]
-    if frames not in (1, self.num_frames):
+    if frames not in (1, config.num_frames):
       raise ValueError(
-          f"the multi-frame integration transformer takes 1 or {self.num_frames} frames "
+          f"the multi-frame integration transformer takes 1 or {config.num_frames} frames "
           f"(config.model.vision.num_frames), got {frames}")
     positional_embedding = self.param(
         "positional_embedding", layers.partitioned(layers.TRUNC_NORMAL_002,
                                                    (None, None, "embed")),
-        (1, self.num_frames, dim), self.param_dtype)
-    x = frame_features + positional_embedding.astype(self.dtype)
-    block_class = _maybe_remat(ResidualAttentionBlock, self.remat)
-    for i in range(self.num_layers):
-      x = block_class(self.num_heads, 4 * dim, self.dtype, self.param_dtype,
-                      name=f"resblocks_{i}")(x, deterministic)
+        (1, config.num_frames, dim), config.param_dtype)
+    x = frame_features + positional_embedding.astype(config.dtype)
+    block_class = _maybe_remat(ResidualAttentionBlock, config.remat)
+    for i in range(config.mit_layers):
+      x = block_class(num_heads=config.mit_heads, mlp_dim=4 * dim, dtype=config.dtype,
+                      param_dtype=config.param_dtype, name=f"resblocks_{i}")(x, deterministic)
     x = x + frame_features
-    return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
+    return jnp.mean(x.astype(jnp.float32), axis=1).astype(config.dtype)
 
 
 class VisualEncoder(nn.Module):
@@ -224,41 +207,12 @@ class VisualEncoder(nn.Module):
   Input: frames [batch, T, size, size, 3], uint8 RGB (normalised here with ImageNet
   statistics) or float already normalised. Output: [batch, output_dim].
   """
-  image_size: int
-  patch_size: int
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  output_dim: int
-  num_frames: int
-  mit_num_layers: int
-  mit_heads: int
-  drop_path_rate: float = 0.0
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @classmethod
-  def from_config(cls, vision_config, *, remat, dtype, param_dtype, name=None):
-    """Builds the encoder from `config.model.vision`."""
-    return cls(image_size=vision_config.image_size, patch_size=vision_config.patch_size,
-               width=vision_config.width, num_layers=vision_config.layers,
-               num_heads=vision_config.heads, mlp_dim=vision_config.mlp_dim,
-               output_dim=vision_config.output_dim, num_frames=vision_config.num_frames,
-               mit_num_layers=vision_config.mit_layers, mit_heads=vision_config.mit_heads,
-               drop_path_rate=vision_config.drop_path_rate, remat=remat, dtype=dtype,
-               param_dtype=param_dtype, name=name)
+  config: VisionConfig
 
   @nn.compact
   def __call__(self, frames, train: bool = False):
     if frames.ndim != 5:
       raise ValueError(f"frames must be [batch, frames, height, width, 3], got {frames.shape}")
-    frames = normalize_images(frames, self.dtype)
-    frame_features = CrossFrameViT(
-        self.image_size, self.patch_size, self.width, self.num_layers, self.num_heads,
-        self.mlp_dim, self.output_dim, self.drop_path_rate, self.remat, self.dtype,
-        self.param_dtype, name="visual")(frames, not train)
-    return MultiFrameIntegration(
-        self.num_frames, self.mit_num_layers, self.mit_heads, self.remat, self.dtype,
-        self.param_dtype, name="mit")(frame_features, not train)
+    frames = normalize_images(frames, self.config.dtype)
+    frame_features = CrossFrameViT(self.config, name="visual")(frames, not train)
+    return MultiFrameIntegration(self.config, name="mit")(frame_features, not train)
