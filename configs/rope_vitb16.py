@@ -49,7 +49,7 @@ def get_config():
 
   # The reference names the seven terms but no per-term numbers: all weigh 1.0.
   for term in config.loss.weights:
-    config.loss.weights[term] = 1.0
+    config.loss.weights[term] = 0.0 if term.endswith("_text_visual") else 1.0
   config.loss.classify_weight = 0.0  # `use_spu_classify`; set 1.0 to add the margin loss
 
   config.optim.learning_rate = 5e-3

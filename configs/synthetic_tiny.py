@@ -8,8 +8,6 @@ paper-size recipe from this one by changing fields.
 
 import ml_collections
 
-from cope_jax.losses import CONTRASTIVE_TERMS  # the seven contrastive term names
-
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -68,7 +66,21 @@ def get_config():
   config.loss = loss = ml_collections.ConfigDict()
   loss.temperature = 0.05
   loss.label_smoothing = 0.1
-  loss.weights = ml_collections.ConfigDict({name: 1.0 for name in CONTRASTIVE_TERMS})
+  # One weight per term of the loss-term table (cope_jax/losses.py); 0 switches it off.
+  loss.weights = ml_collections.ConfigDict({
+      # the seven cross-domain terms of the released forward pass
+      "page_visual_video": 1.0,
+      "page_visual_live": 1.0,
+      "video_live": 1.0,
+      "page_video": 1.0,
+      "page_live": 1.0,
+      "page_text_video": 1.0,
+      "page_text_live": 1.0,
+      # in-domain text <-> visual alignment (the release's stage-1 terms)
+      "page_text_visual": 0.0,
+      "video_text_visual": 0.0,
+      "live_text_visual": 0.0,
+  })
   loss.classify_weight = 0.0  # `use_spu_classify`: margin classification over products
   loss.classify_scale = 64.0
   loss.classify_margin = 0.4

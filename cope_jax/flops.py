@@ -11,6 +11,9 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from cope_jax import losses
+from data_pipelines import domains
+
 
 def _transformer_layer_flops(tokens: int, width: int, mlp_dim: int) -> int:
   projections = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
@@ -40,13 +43,22 @@ def text_forward_flops(text: ml_collections.ConfigDict, length: int) -> int:
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
-  """FLOPs of one training example (page + video + live) in a train step."""
+  """FLOPs of one training example (one record of every domain) in a train step.
+
+  Counts what the train step computes: the visual encoder for every domain whose
+  embeddings the loss reads, and the text encoder where the domain fuses its text or a
+  loss term reads its text embedding.
+  """
   model, data = config.model, config.data
-  forward = visual_forward_flops(model.vision, 1)
-  forward += 2 * visual_forward_flops(model.vision, data.num_frames)
-  forward += text_forward_flops(model.text, data.title_max_length)
-  if model.use_asr_text:
-    forward += 2 * text_forward_flops(model.text, data.asr_max_length)
+  needed = set(losses.needed_embeddings(config.loss))
+  forward = 0
+  for domain in domains.DOMAINS:
+    if not needed & {domain.embedding_key, domain.text_embedding_key,
+                     domain.visual_embedding_key}:
+      continue
+    forward += visual_forward_flops(model.vision, data.num_frames if domain.is_clip else 1)
+    if domain.fuses_text(model.use_asr_text) or domain.text_embedding_key in needed:
+      forward += text_forward_flops(model.text, data[domain.text_length_field])
   return 3 * forward
 
 

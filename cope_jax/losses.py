@@ -13,9 +13,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# The seven contrastive terms of the released forward pass:
-# term name -> (embedding a, embedding b), keys of the model's output dict.
+from cope_jax.models import layers
+from data_pipelines import domains
+
+# The loss-term table: term name -> (embedding a, embedding b), keys of the model's
+# output dict (`cope_jax.models.cope`). Each term is a symmetric InfoNCE between the two.
 CONTRASTIVE_TERMS = {
+    # The seven cross-domain terms of the released forward pass.
     "page_visual_video": ("page_visual_embedding", "video_embedding"),
     "page_visual_live": ("page_visual_embedding", "live_embedding"),
     "video_live": ("video_embedding", "live_embedding"),
@@ -23,10 +27,27 @@ CONTRASTIVE_TERMS = {
     "page_live": ("page_embedding", "live_embedding"),
     "page_text_video": ("page_text_embedding", "video_embedding"),
     "page_text_live": ("page_text_embedding", "live_embedding"),
+    # In-domain text <-> visual alignment, one per domain (the release's training script's
+    # `--use_item_text_item_visual_cross`, `--use_photo_text_photo_visual_cross`,
+    # `--use_live_text_live_visual_cross`): title <-> image, ASR <-> frames.
+    **{f"{domain.name}_text_visual": (domain.text_embedding_key, domain.visual_embedding_key)
+       for domain in domains.DOMAINS},
 }
 
-# Embeddings the product classifier is applied to (losses summed).
-CLASSIFIED_EMBEDDINGS = ("page_embedding", "video_embedding", "live_embedding")
+# Embeddings the product classifier is applied to (losses summed): each domain's
+# retrieval embedding.
+CLASSIFIED_EMBEDDINGS = tuple(domain.embedding_key for domain in domains.DOMAINS)
+
+
+def needed_embeddings(loss_config) -> tuple[str, ...]:
+  """The model outputs the objective of `loss_config` reads (sorted)."""
+  _check_loss_config(loss_config)
+  needed = {name for term, weight in loss_config.weights.items() if weight
+            for name in CONTRASTIVE_TERMS[term]}
+  if loss_config.classify_weight:
+    needed.update(CLASSIFIED_EMBEDDINGS)
+  return tuple(sorted(needed))
+
 
 # Logit given to excluded rows/columns/classes. Finite, so that 0 * logit = 0.
 _MASKED_LOGIT = -1e9
@@ -97,11 +118,6 @@ def contrastive_loss(a, b, temperature, label_smoothing=0.0, valid=None):
   return 0.5 * (_masked_mean(a_to_b, valid) + _masked_mean(b_to_a, valid))
 
 
-def _l2_normalize(x, axis=-1, eps=1e-12):
-  squared_norm = jnp.sum(x * x, axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps))
-
-
 def sample_class_mask(labels, num_classes, sample_rate, rng, valid=None):
   """Classes used by a PartialFC-style classifier step.
 
@@ -160,8 +176,8 @@ def margin_classification_loss(embeddings, labels, class_centers, scale=64.0,
     Scalar float32 loss.
   """
   num_classes = class_centers.shape[0]
-  embeddings = _l2_normalize(embeddings.astype(jnp.float32))
-  centers = _l2_normalize(class_centers.astype(jnp.float32))
+  embeddings = layers.l2_normalize(embeddings.astype(jnp.float32))
+  centers = layers.l2_normalize(class_centers.astype(jnp.float32))
   cosine = jnp.einsum("bd,cd->bc", embeddings, centers)  # [B, C]
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   logits = scale * (cosine - margin * onehot)

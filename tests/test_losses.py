@@ -184,8 +184,8 @@ def _loss_config(**overrides):
 
 
 def _embeddings(rng, batch_size, dim):
-  names = ("page_embedding", "page_text_embedding", "page_visual_embedding",
-           "video_embedding", "live_embedding")
+  names = sorted({name for pair in losses.CONTRASTIVE_TERMS.values() for name in pair}
+                 | set(losses.CLASSIFIED_EMBEDDINGS))
   return {name: _normalized(rng, (batch_size, dim)).astype(np.float32)
           for name in names}
 
@@ -307,3 +307,34 @@ def test_margin_loss_keeps_class_centers_sharded():
   dims = [int(d) for shape in moved_shapes
           for d in re.findall(r"\d+", re.sub(r"\{[^}]*\}", "", shape))]
   assert num_classes not in dims, moved_shapes
+
+
+def test_in_domain_terms_align_each_domains_text_with_its_visual_embedding():
+  rng = np.random.default_rng(8)
+  embeddings = _embeddings(rng, 5, 8)
+  weights = {name: 0.0 for name in losses.CONTRASTIVE_TERMS}
+  weights.update(page_text_visual=1.0, video_text_visual=0.5, live_text_visual=2.0)
+  config = _loss_config(weights=weights)
+  total, metrics = losses.cope_loss(embeddings, np.zeros(5, np.int32), None, config, None)
+  want = {domain: _np_contrastive(embeddings[f"{domain}_text_embedding"],
+                                  embeddings[f"{domain}_visual_embedding"], 0.05, 0.1)
+          for domain in ("page", "video", "live")}
+  for domain, value in want.items():
+    np.testing.assert_allclose(metrics[f"{domain}_text_visual"], value, rtol=1e-5)
+  np.testing.assert_allclose(total, want["page"] + 0.5 * want["video"] + 2.0 * want["live"],
+                             rtol=1e-5)
+
+
+def test_needed_embeddings_are_those_the_weighted_terms_read():
+  weights = {name: 0.0 for name in losses.CONTRASTIVE_TERMS}
+  weights.update(video_text_visual=1.0, page_live=1.0)
+  assert losses.needed_embeddings(_loss_config(weights=weights)) == (
+      "live_embedding", "page_embedding", "video_text_embedding", "video_visual_embedding")
+  with_classifier = losses.needed_embeddings(_loss_config(weights=weights, classify_weight=1.0))
+  assert set(with_classifier) == set(losses.needed_embeddings(_loss_config(weights=weights))) | {
+      "video_embedding"}
+  # Today's default (the seven cross-domain terms) never reads a clip's text.
+  cross_domain = {name: 0.0 if name.endswith("_text_visual") else 1.0
+                  for name in losses.CONTRASTIVE_TERMS}
+  needed = losses.needed_embeddings(_loss_config(weights=cross_domain))
+  assert "video_text_embedding" not in needed and "live_text_embedding" not in needed
