@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from cope_jax import retrieval
+from data_pipelines import domains
 
 K = 10
 
@@ -171,11 +172,11 @@ def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
     config.data.vocab_path = os.path.join(rope_dir, "vocab.txt")
     config = config_checks.resolve_vocab_size(config)
     mesh = sharding.make_mesh(config.mesh)
-    state, _ = train.create_train_state(config, mesh, num_classes=0)
-    model = train.build_model(config)
+    state, _ = state_lib.create_train_state(config, mesh, num_classes=0)
+    model = state_lib.build_model(config)
     for batch_size in batch_sizes:
       config.eval.batch_size = batch_size
-      for domain in embed.DOMAINS:
+      for domain in domains.NAMES:
         # The first pass compiles; the second is timed.
         for timed in (False, True):
           start = time.perf_counter()

@@ -33,6 +33,7 @@ from cope_jax import flops as model_flops
 from cope_jax import losses
 from cope_jax import optim
 from cope_jax import sharding
+from cope_jax import state as state_lib
 from cope_jax import train
 
 VOCAB_SIZE = {"tiny": 1000, "paper": 21128}
@@ -69,8 +70,9 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 def time_jax(config, batch, steps: int, warmup: int) -> dict:
   mesh = sharding.make_mesh(config.mesh)
-  state, shardings = train.create_train_state(config, mesh, num_classes=batch["product_index"].size)
-  model = train.build_model(config)
+  state, shardings = state_lib.create_train_state(
+      config, mesh, num_classes=batch["product_index"].size)
+  model = state_lib.build_model(config)
   step_fn = jax.jit(
       functools.partial(train.train_step, model=model,
                         optimizer=optim.make_optimizer(config.optim, config.train.num_steps),
@@ -130,6 +132,8 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
     total = 0.0
     for name, (a, b) in losses.CONTRASTIVE_TERMS.items():
       weight = config.loss.weights[name]
+      if not weight:
+        continue
       logits = embeddings[a].float() @ embeddings[b].float().T / config.loss.temperature
       total = total + weight * 0.5 * (
           F.cross_entropy(logits, labels, label_smoothing=config.loss.label_smoothing)
@@ -139,7 +143,7 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   def step():
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device, dtype=torch.float16, enabled=use_amp):
-      loss = loss_fn(model(to_model_batch()))
+      loss = loss_fn(model(to_model_batch(), clip_text=False))
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

@@ -51,10 +51,16 @@ def restore_training_state(manager: ocp.CheckpointManager, step: int, abstract_s
   return restored["state"]
 
 
-def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"]
+def restore_model_params(manager: ocp.CheckpointManager, step: int,
+                         abstract_params: Any) -> Any:
+  """Only `state.params["model"]` of a training checkpoint, into `abstract_params`'s
+  shapes and shardings (an Orbax partial restore: the optimiser moments, the classifier
+  and the RNG are not read)."""
+  item = {"params": {"model": abstract_params}}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  return restored["state"]["params"]["model"]
 
 
 def save_params(directory: str, params: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):

@@ -6,6 +6,7 @@ Each error names the config field (`config.train.batch_size: ...`) so that a typ
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import ml_collections
@@ -94,3 +95,9 @@ def resolve_vocab_size(config: ml_collections.ConfigDict) -> ml_collections.Conf
   if not config.model.text.vocab_size:
     config.model.text.vocab_size = read_vocab_size(config.data.vocab_path)
   return config
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """sha256 (hex) of the config's JSON with sorted keys: identifies the model run."""
+  text = config.to_json(sort_keys=True)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()

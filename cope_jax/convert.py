@@ -48,6 +48,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from cope_jax import checkpoints
+from cope_jax import config_checks
 from cope_jax import weight_mapping
 
 KINDS = ("cope", "xclip", "clip_vit", "bert")
@@ -269,7 +271,6 @@ def _resolve_vocab_size(config: ml_collections.ConfigDict, renamed: Mapping[str,
                     f"{config.model.text.vocab_size} from the checkpoint's word embeddings"]
   vocab_path = config.data.vocab_path
   if vocab_path and os.path.isfile(vocab_path):
-    from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
     config.model.text.vocab_size = config_checks.read_vocab_size(vocab_path)
     return config, [f"config.model.text.vocab_size=0: set to {config.model.text.vocab_size} "
                     f"from {vocab_path}"]
@@ -350,7 +351,6 @@ def _group_counts(names, separator: str) -> dict[str, int]:
 def conversion_metadata(conversion: Conversion, kind: str, source: str,
                         config: ml_collections.ConfigDict) -> dict:
   """The content of `conversion.json`."""
-  from cope_jax import export  # pylint: disable=g-import-not-at-top
   count = lambda tree: int(sum(np.size(leaf) for leaf in traverse_util.flatten_dict(
       tree).values()))
   return {
@@ -366,8 +366,8 @@ def conversion_metadata(conversion: Conversion, kind: str, source: str,
       "missing_by_group": _group_counts(conversion.left_initialised, "/"),
       "left_initialised": list(conversion.left_initialised),
       "partial": bool(conversion.left_initialised),
-      "config_hash": export.config_hash(config),
-      "model_config_hash": export.config_hash(config.model),
+      "config_hash": config_checks.config_hash(config),
+      "model_config_hash": config_checks.config_hash(config.model),
       "notes": list(conversion.notes),
   }
 
@@ -394,7 +394,6 @@ def summary_lines(metadata: Mapping[str, Any], out: str) -> list[str]:
 def run(torch_checkpoint: str, kind: str, config: ml_collections.ConfigDict, out: str, *,
         allow_missing: bool = False, ignore_unused: bool = False) -> dict:
   """Converts and writes `out/params` + `out/conversion.json`; returns the metadata."""
-  from cope_jax import checkpoints  # pylint: disable=g-import-not-at-top
   conversion, config = convert(torch_checkpoint, kind, config, allow_missing=allow_missing,
                                ignore_unused=ignore_unused)
   metadata = conversion_metadata(conversion, kind, torch_checkpoint, config)

@@ -17,9 +17,9 @@ import numpy as np
 import tqdm
 
 from cope_jax import sharding
+from cope_jax.models import cope
+from data_pipelines import domains
 from data_pipelines import pipelines
-
-DOMAINS = ("page", "video", "live")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +36,11 @@ class DomainEmbeddings:
 
 def make_embed_fn(model: nn.Module, domain: str, mesh: jax.sharding.Mesh):
   """jit-compiled `(model_params, batch) -> [B, D]` for one domain's eval batches."""
-  if domain not in DOMAINS:
-    raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+  name = domains.get(domain).embedding_key
 
   def embed(model_params, batch):
-    outputs = model.apply({"params": model_params}, batch, method=f"embed_{domain}")
-    return outputs[f"{domain}_embedding"]
+    return model.apply({"params": model_params}, batch, domain, outputs=(name,),
+                       method=cope.COPE.embed)[name]
 
   return jax.jit(embed, out_shardings=sharding.batch_sharding(mesh))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from absl import logging
 import jax
@@ -28,42 +27,18 @@ from cope_jax import embed
 from cope_jax import report
 from cope_jax import retrieval
 from cope_jax import sharding
-from cope_jax import train
+from cope_jax import state as state_lib
+from data_pipelines import domains
 from data_pipelines import prepare
-
-
-def load_model_params(config: ml_collections.ConfigDict, workdir: str,
-                      mesh: jax.sharding.Mesh) -> tuple[Any, int, str]:
-  """(model params, step, description of the source) for evaluation or export."""
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True) if os.path.isdir(
-      os.path.join(workdir, "checkpoints")) else None
-  step = None
-  if manager is not None:
-    step = manager.latest_step() if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
-    if step is not None and step not in manager.all_steps():
-      raise ValueError(f"config.eval.checkpoint_step: no checkpoint {step} in "
-                       f"{workdir}/checkpoints (have {sorted(manager.all_steps())})")
-  if step is not None:
-    state = checkpoints.restore_state_only(
-        manager, step, train.abstract_train_state(config, mesh, train.classifier_size(config)))
-    return state.params["model"], int(step), f"{workdir}/checkpoints/{step}"
-  if config.train.init_from:
-    state, shardings = train.create_train_state(config, mesh, train.classifier_size(config))
-    state = train.load_converted_weights(state, shardings, config)
-    return state.params["model"], 0, config.train.init_from
-  raise FileNotFoundError(
-      f"nothing to evaluate: {workdir}/checkpoints holds no checkpoint and "
-      "config.train.init_from is empty. Train first (python -m cope_jax.train) or convert "
-      "weights (python -m cope_jax.convert) and set --config.train.init_from.")
 
 
 def embed_eval_split(config: ml_collections.ConfigDict, model_params, mesh: jax.sharding.Mesh,
                      split: str | None = None) -> dict[str, embed.DomainEmbeddings]:
   """Every domain present in the split, gathered on every process."""
-  model = train.build_model(config)
+  model = state_lib.build_model(config)
   split = split or config.data.eval_split
   embeddings = {}
-  for domain in embed.DOMAINS:
+  for domain in domains.NAMES:
     try:
       num_records = len(prepare.open_domain(config.data.prepared_dir, split, domain))
     except FileNotFoundError as error:
@@ -104,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.check_config(config)
   config = config_checks.resolve_vocab_size(config)
   mesh = sharding.make_mesh(config.mesh)
-  params, step, source = load_model_params(config, workdir, mesh)
+  params, step, source = state_lib.load_model_params(config, workdir, mesh)
   return evaluate_params(config, workdir, params, step, mesh, source)
 
 

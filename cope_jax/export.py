@@ -25,7 +25,6 @@ model (config hash) or of another embedding dimension.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -40,7 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cope_jax import cli
+from cope_jax import config_checks
 from cope_jax import embed
+from cope_jax import sharding
+from cope_jax import state
+from data_pipelines import domains
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -59,12 +62,6 @@ PARQUET_SCHEMA = pa.schema([
 
 class ExportMismatchError(ValueError):
   """An export was made by another model or holds embeddings of another dimension."""
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """sha256 (hex) of the config's JSON with sorted keys: identifies the model run."""
-  text = config.to_json(sort_keys=True)
-  return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def parquet_name(domain: str, process_index: int, process_count: int) -> str:
@@ -220,7 +217,7 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   Args:
     config: the run config (as on the command line; its hash goes in the manifest).
     workdir: training directory whose checkpoint is exported
-      (`evaluate.load_model_params` rules).
+      (`state.load_model_params` rules).
     out_dir: output folder.
     split: split to embed (default `config.data.eval_split`).
     rope_dir: a ROPE-format folder to prepare into `out_dir/prepared` and embed
@@ -231,13 +228,8 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   Returns:
     The manifest written to `out_dir/manifest.json`.
   """
-  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from cope_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cope_jax import sharding  # pylint: disable=g-import-not-at-top
-  from cope_jax import train  # pylint: disable=g-import-not-at-top
-
   config_checks.check_config(config, need_data=not rope_dir)
-  model_hash = config_hash(config)
+  model_hash = config_checks.config_hash(config)
   split = split or config.data.eval_split
   process_index, process_count = jax.process_index(), jax.process_count()
   os.makedirs(out_dir, exist_ok=True)
@@ -253,7 +245,7 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
     _check_resumable(previous, out_dir, identity)  # before the (slow) model load
 
   mesh = sharding.make_mesh(config.mesh)
-  model_params, step, source = evaluate.load_model_params(config, workdir, mesh)
+  model_params, step, source = state.load_model_params(config, workdir, mesh)
   identity["checkpoint_step"] = int(step)
   if previous is not None:
     _check_resumable(previous, out_dir, identity)
@@ -266,8 +258,8 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   if previous is not None:
     manifest["domains"] = dict(previous.get("domains", {}))
 
-  model = train.build_model(config)
-  for domain in embed.DOMAINS:
+  model = state.build_model(config)
+  for domain in domains.NAMES:
     if not _has_records(config.data.prepared_dir, split, domain):
       logging.warning("split %r has no %s records: nothing exported for it", split, domain)
       manifest["domains"].pop(domain, None)

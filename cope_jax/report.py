@@ -168,14 +168,14 @@ def _series(records: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarra
 
 
 def training_curve_keys(records: Sequence[Mapping[str, float]]) -> dict[str, list[str]]:
-  """The logged keys to plot: {"loss": [...], "terms": [...], "lr": [...]}."""
-  from cope_jax import losses  # pylint: disable=g-import-not-at-top
+  """The logged keys to plot: {"loss": [...], "terms": [...], "lr": [...]}.
 
+  "terms" is every `loss/<term>` key found in the log, whatever terms the run used.
+  """
   keys = set().union(*(r.keys() for r in records)) if records else set()
-  term_names = list(losses.CONTRASTIVE_TERMS) + ["classification"]
   return {
       "loss": [k for k in ("loss",) if k in keys],
-      "terms": [k for k in term_names if k in keys],
+      "terms": sorted(k for k in keys if k.startswith("loss/")),
       "lr": sorted(k for k in keys if k.startswith("lr/")),
   }
 

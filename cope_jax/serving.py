@@ -8,7 +8,7 @@ Layout of the output directory:
 
   <domain>.jax_exported    `jax.export.Exported.serialize()` of
                            `fn(params, inputs) -> {name: [B, D] float32}`, the
-                           `COPE.embed_<domain>` computation, for domain in page | video | live
+                           `COPE.embed(..., domain)` computation, for each domain
   params.npz               the model parameters, flattened with '/'-joined keys
   serving_manifest.json    per domain: the artifact, its inputs (name, shape, dtype; 'b' is
                            the batch dimension) and outputs; embedding_dim, batch_size,
@@ -37,7 +37,8 @@ import jax
 from jax import export as jax_export
 import numpy as np
 
-DOMAINS = ("page", "video", "live")
+from data_pipelines import domains as domain_registry
+
 MANIFEST = "serving_manifest.json"
 PARAMS_FILE = "params.npz"
 BATCH_DIM = "b"
@@ -48,26 +49,37 @@ class ServingError(ValueError):
   """A serving directory or an input batch does not fit the exported functions."""
 
 
+def _domain(name: str) -> domain_registry.Domain:
+  if name not in domain_registry.BY_NAME:
+    raise ServingError(f"unknown domain {name!r}: expected one of {domain_registry.NAMES}")
+  return domain_registry.BY_NAME[name]
+
+
 def domain_inputs(config, domain: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """{input name: (shape without the batch dimension, dtype name)} of one domain.
 
-  page: `page_image` [S, S, 3] uint8, `page_title_ids` / `page_title_mask` [L] int32;
-  video / live: `<domain>_frames` [T, S, S, 3] uint8, plus `<domain>_asr_ids` / `_mask`
-  [L] int32 when `config.model.use_asr_text`.
+  The pixels: `page_image` [S, S, 3] or `<clip domain>_frames` [T, S, S, 3], uint8; and,
+  where the domain's embedding fuses text (pages; clips with `config.model.use_asr_text`),
+  its token ids and mask [L] int32 (`page_title_ids`, `video_asr_ids`, ...).
   """
-  if domain not in DOMAINS:
-    raise ServingError(f"unknown domain {domain!r}: expected one of {DOMAINS}")
+  spec = _domain(domain)
   side = config.data.image_size
-  if domain == "page":
-    length = config.data.title_max_length
-    return {"page_image": ((side, side, 3), "uint8"),
-            "page_title_ids": ((length,), "int32"), "page_title_mask": ((length,), "int32")}
-  inputs = {f"{domain}_frames": ((config.data.num_frames, side, side, 3), "uint8")}
-  if config.model.use_asr_text:
-    length = config.data.asr_max_length
-    inputs[f"{domain}_asr_ids"] = ((length,), "int32")
-    inputs[f"{domain}_asr_mask"] = ((length,), "int32")
+  pixels = (config.data.num_frames, side, side, 3) if spec.is_clip else (side, side, 3)
+  inputs = {spec.media_key: (pixels, "uint8")}
+  if spec.fuses_text(config.model.use_asr_text):
+    length = config.data[spec.text_length_field]
+    inputs[spec.text_ids_key] = ((length,), "int32")
+    inputs[spec.text_mask_key] = ((length,), "int32")
   return inputs
+
+
+def domain_outputs(config, domain: str) -> tuple[str, ...]:
+  """The embeddings exported for a domain: all three where its inputs include text
+  (retrieval, text and visual embedding), else the retrieval embedding."""
+  spec = _domain(domain)
+  if spec.fuses_text(config.model.use_asr_text):
+    return (spec.embedding_key, spec.text_embedding_key, spec.visual_embedding_key)
+  return (spec.embedding_key,)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -102,8 +114,8 @@ def _storable(array: np.ndarray) -> np.ndarray:
 def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
                      batch_size: int | None = None,
                      platforms: Sequence[str] | None = None,
-                     domains: Sequence[str] = DOMAINS) -> dict:
-  """Exports `embed_page`, `embed_video`, `embed_live` of `COPE(config.model)` to `out_dir`.
+                     domains: Sequence[str] = domain_registry.NAMES) -> dict:
+  """Exports `COPE.embed` of each domain of `COPE(config.model)` to `out_dir`.
 
   Args:
     config: the run config (`config.model` and the input sizes of `config.data`).
@@ -112,19 +124,19 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
     out_dir: created if needed; existing artifacts are overwritten.
     batch_size: a fixed batch size, or None for a symbolic one.
     platforms: e.g. ("cpu", "cuda"); None exports for the current backend only.
-    domains: the domains to export (all three by default).
+    domains: the domains to export (all by default).
 
   Returns:
     The manifest written to `out_dir/serving_manifest.json`.
   """
   # The model code is needed to export, never to load.
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from cope_jax import export as embeddings_export  # pylint: disable=g-import-not-at-top
-  from cope_jax.models import cope  # pylint: disable=g-import-not-at-top
+  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from cope_jax import state  # pylint: disable=g-import-not-at-top
 
   if batch_size is not None and batch_size <= 0:
     raise ServingError(f"batch_size must be positive or None, got {batch_size}")
-  model = cope.COPE(config.model)
+  model = state.build_model(config)
   params = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(dict(model_params))))
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   (batch,) = (jax_export.symbolic_shape(BATCH_DIM) if batch_size is None else (batch_size,))
@@ -133,16 +145,17 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   manifest = {"format_version": FORMAT_VERSION, "params_file": PARAMS_FILE,
               "batch_size": batch_size, "embedding_dim": int(config.model.emb_dim),
-              "config_hash": embeddings_export.config_hash(config),
-              "model_config_hash": embeddings_export.config_hash(config.model),
+              "config_hash": config_checks.config_hash(config),
+              "model_config_hash": config_checks.config_hash(config.model),
               "jax_version": jax.__version__, "domains": {}}
   for domain in domains:
     inputs = domain_inputs(config, domain)
     abstract_inputs = {name: jax.ShapeDtypeStruct((batch,) + shape, dtype)
                        for name, (shape, dtype) in inputs.items()}
 
-    def embed(params, inputs, method=f"embed_{domain}"):
-      return model.apply({"params": params}, inputs, method=method)
+    def embed(params, inputs, domain=domain):
+      return model.apply({"params": params}, inputs, domain,
+                         outputs=domain_outputs(config, domain), method=type(model).embed)
 
     exported = jax_export.export(jax.jit(embed), platforms=platforms)(
         abstract_params, abstract_inputs)
@@ -205,11 +218,11 @@ def _load_params(path: str, exported: jax_export.Exported) -> Any:
 
 def load_embedder(out_dir: str, domain: str, params: Any = None
                   ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
-  """The exported `embed_<domain>` as `inputs dict -> {name: [B, D] float32 numpy}`.
+  """The exported embedding of `domain` as `inputs dict -> {name: [B, D] float32 numpy}`.
 
   Args:
     out_dir: a directory written by `export_embedders`.
-    domain: page | video | live.
+    domain: a domain name (`data_pipelines.domains.NAMES`).
     params: parameters to use instead of `out_dir/params.npz` (same structure).
 
   The returned function checks input names and shapes against the manifest and casts

@@ -5,19 +5,28 @@ Fields of the config can be overridden on the command line
 complete checkpoint in `DIR/checkpoints` with the same data order.
 
 The step is one pure function `train_step(state, batch) -> (state, metrics)`, compiled
-once over the device mesh with explicit shardings; `train_and_evaluate` is the loop
-around it (data, checkpoints, logging, evaluation hook).
+once over the device mesh with explicit shardings. Around it:
+
+  setup(config, workdir) -> TrainingRun     mesh, state (fresh, resumed or converted),
+                                            data iterator, checkpoint manager, step_fn
+  run_steps(run, hooks)                     the step loop; after every step each hook
+                                            sees (step, state, metrics)
+  hooks                                     FiniteCheck (NaN/Inf at log and checkpoint
+                                            boundaries), Logger (metrics.jsonl,
+                                            TensorBoard, progress bar), Checkpointer,
+                                            PeriodicEvaluation (an evaluation callback)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-import flax
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,60 +38,22 @@ import tqdm
 from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
+from cope_jax import evaluate
 from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
 from cope_jax import sharding
-from cope_jax.models import cope as cope_model
+from cope_jax import state as state_lib
 from data_pipelines import pipelines
-from data_pipelines import prepare
 
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # [] int32
-  params: Any  # {"model": COPE params, "classifier": {"centers": [C, D]}}
-  opt_state: Any
-  rng: jax.Array  # [2] uint32, a raw PRNG key (checkpointable as a plain array)
+TrainState = state_lib.TrainState
+# (config, workdir, model params, step, mesh) -> metrics: the periodic evaluation.
+EvaluateFn = Callable[[ml_collections.ConfigDict, str, Any, int, jax.sharding.Mesh], Any]
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; training stopped before saving that state."""
-
-
-def build_model(config: ml_collections.ConfigDict) -> cope_model.COPE:
-  return cope_model.COPE(config.model)
-
-
-def classifier_size(config: ml_collections.ConfigDict) -> int:
-  """Rows of the product classifier: the training products (0 without that loss)."""
-  if config.loss.classify_weight <= 0:
-    return 0
-  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
-
-
-def zero_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
-  """A training batch of zeros with the pipeline's shapes (for init and compilation)."""
-  spec = pipelines.batch_spec(config)
-  return {key: np.zeros((batch_size,) + tuple(shape[1:]), dtype)
-          for key, (shape, dtype) in spec.items()}
-
-
-def init_train_state(rng: jax.Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
-                     config: ml_collections.ConfigDict, num_classes: int) -> TrainState:
-  """Initial state, parameters boxed with their logical axis names."""
-  init_rng, classifier_rng, state_rng = jax.random.split(rng, 3)
-  variables = model.init({"params": init_rng, "dropout": init_rng}, zero_batch(config, 2),
-                         train=False)
-  params = {"model": variables["params"]}
-  if config.loss.classify_weight > 0:
-    centers_init = nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=0.01), ("classes", "embed"))
-    params["classifier"] = {
-        "centers": centers_init(classifier_rng, (num_classes, config.model.emb_dim), jnp.float32)}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=state_rng)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -90,188 +61,273 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                loss_config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a global batch. Pure: same inputs, same outputs."""
   rng, dropout_rng, loss_rng = jax.random.split(state.rng, 3)
+  needed = losses.needed_embeddings(loss_config)
 
   def loss_fn(params):
-    embeddings = model.apply({"params": params["model"]}, batch, train=True,
+    embeddings = model.apply({"params": params["model"]}, batch, train=True, outputs=needed,
                              rngs={"dropout": dropout_rng})
     class_centers = params["classifier"]["centers"] if "classifier" in params else None
     return losses.cope_loss(embeddings, batch["product_index"], class_centers, loss_config,
                             loss_rng)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+  # Each weighted term as `loss/<term>` (the total is `loss`).
+  metrics = {f"loss/{name}": value for name, value in terms.items() if name != "total"}
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                  finite=jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics
 
 
-def _abstract_like(values: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a tree of placed arrays."""
-  return jax.tree.map(
-      lambda value: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding),
-      values)
+# ---- set-up -------------------------------------------------------------------------
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                       num_classes: int) -> tuple[TrainState, TrainState]:
-  """A freshly initialised TrainState created directly sharded, and its shardings."""
-  rules = sharding.logical_axis_rules(config.mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return sharding.create_sharded(_state_init_fn(config, num_classes), mesh, rules,
-                                   jax.random.PRNGKey(config.seed))
+@dataclasses.dataclass
+class TrainingRun:
+  """Everything the step loop and its hooks share, made once by `setup`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  state_shardings: TrainState
+  data_iterator: Any  # checkpointable Grain iterator
+  manager: Any  # orbax CheckpointManager of workdir/checkpoints
+  step_fn: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]
+  start_step: int
+
+  @property
+  def is_chief(self) -> bool:
+    return jax.process_index() == 0
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                         num_classes: int) -> TrainState:
-  """The TrainState's shapes, dtypes and shardings, computed without allocating it."""
-  rules = sharding.logical_axis_rules(config.mesh)
-  init_fn = _state_init_fn(config, num_classes)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = sharding.param_shardings(
-        jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)), mesh, rules)
-    boxed = jax.eval_shape(jax.jit(init_fn, out_shardings=shardings),
-                           jax.random.PRNGKey(config.seed))
-  return nn.meta.unbox(boxed)
+def _check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  for count, what in ((jax.process_count(), "processes"),
+                      (mesh.shape["data"], "devices of the 'data' mesh axis")):
+    if config.train.batch_size % count:
+      raise config_checks.ConfigError(
+          f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
+          f"{count} {what}")
 
 
-def _state_init_fn(config: ml_collections.ConfigDict, num_classes: int):
-  return functools.partial(
-      init_train_state, model=build_model(config),
-      optimizer=optim.make_optimizer(config.optim, config.train.num_steps), config=config,
-      num_classes=num_classes)
-
-
-def load_converted_weights(state: TrainState, shardings: TrainState,
-                           config: ml_collections.ConfigDict) -> TrainState:
-  """Loads converted (e.g. PyTorch) weights named by config.train.init_from."""
-  loaded = checkpoints.load_params(config.train.init_from)
-  if "model" not in loaded:
-    raise ValueError(f"config.train.init_from={config.train.init_from!r}: the checkpoint has no "
-                     "'model' entry; write it with `python -m cope_jax.convert`")
-  merged = checkpoints.merge_params(
-      state.params["model"], loaded["model"], allow_missing=config.train.init_allow_missing,
-      source=f"config.train.init_from={config.train.init_from!r}")
-  model_params = jax.device_put(merged, shardings.params["model"])
-  return state.replace(params=dict(state.params, model=model_params))
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming if a checkpoint exists) and returns the last logged metrics."""
+def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
+  """Checks the config, builds mesh, state and data, resumes from the last checkpoint."""
   config_checks.check_config(config)
   config = config_checks.resolve_vocab_size(config)
   os.makedirs(workdir, exist_ok=True)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  if config.train.batch_size % process_count:
-    raise config_checks.ConfigError(
-        f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
-        f"{process_count} processes")
-
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config.mesh)
-  if config.train.batch_size % mesh.shape["data"]:
-    raise config_checks.ConfigError(
-        f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
-        f"'data' mesh axis ({mesh.shape['data']} devices)")
-  num_classes = classifier_size(config)
-  model = build_model(config)
+  _check_batch_divisibility(config, mesh)
+  model = state_lib.build_model(config)
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
-
-  state, state_shardings = create_train_state(config, mesh, num_classes)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params["model"]))
-  if process_index == 0:
+  state, state_shardings = state_lib.create_train_state(
+      config, mesh, state_lib.classifier_size(config))
+  if jax.process_index() == 0:
+    num_params = sum(x.size for x in jax.tree.leaves(state.params["model"]))
     print(f"COPE model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
-          f"{jax.device_count()} {jax.default_backend()} device(s), {process_count} process(es)")
+          f"{jax.device_count()} {jax.default_backend()} device(s), "
+          f"{jax.process_count()} process(es)")
 
-  dataset = pipelines.make_train_dataset(config, process_index, process_count)
-  data_iterator = iter(dataset)
+  data_iterator = iter(pipelines.make_train_dataset(config, jax.process_index(),
+                                                    jax.process_count()))
   manager = checkpoints.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
-  start_step = manager.latest_step()
-  if start_step is not None:
+  latest = manager.latest_step()
+  if latest is not None:
     state = checkpoints.restore_training_state(
-        manager, start_step, _abstract_like(state), data_iterator)
-    if process_index == 0:
-      print(f"resumed from {workdir}/checkpoints/{start_step}")
+        manager, latest, state_lib.abstract_like(state), data_iterator)
+    if jax.process_index() == 0:
+      print(f"resumed from {workdir}/checkpoints/{latest}")
   elif config.train.init_from:
-    state = load_converted_weights(state, state_shardings, config)
-  start_step = int(state.step)
+    model_params = state_lib.load_converted_weights(
+        state.params["model"], state_shardings.params["model"], config)
+    state = state.replace(params=dict(state.params, model=model_params))
 
-  batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, optimizer=optimizer, loss_config=config.loss),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-      donate_argnums=(0,))
-
-  writer = metrics_writer.MetricsWriter(workdir, enabled=process_index == 0)
-  flops_per_step = flops.train_flops_per_example(config) * config.train.batch_size
-  peak_flops = flops.peak_flops_per_device()
-  total_steps = config.train.num_steps
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                       disable=process_index != 0, dynamic_ncols=True)
-  window_metrics: list[dict[str, jax.Array]] = []
-  window_start = time.perf_counter()
-  last_logged: dict[str, float] = {}
-  last_good_step = start_step
-  unchecked: list[dict[str, jax.Array]] = []  # step metrics not yet checked for NaN/Inf
-  step = start_step
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    while step < total_steps:
-      host_batch = next(data_iterator)
-      batch = sharding.host_batch_to_global(host_batch, mesh)
-      state, step_metrics = step_fn(state, batch)
-      step += 1
-      unchecked.append(step_metrics)
-      log_now = step % config.train.log_every == 0 or step == total_steps
-      save_now = step % config.train.checkpoint_every == 0 or step == total_steps
-      if log_now or save_now:
-        # Checked here rather than every step, so the host never waits on the device
-        # between steps; a non-finite state is never saved.
-        _stop_if_not_finite(unchecked, step, last_good_step, workdir, manager)
-        unchecked = []
-      window_metrics.append(step_metrics)
-      progress.update(1)
-      if log_now:
-        elapsed = time.perf_counter() - window_start
-        last_logged = _summarise(window_metrics)
-        last_logged["examples_per_second"] = (
-            len(window_metrics) * config.train.batch_size / max(elapsed, 1e-9))
-        for group, lr in optim.current_learning_rates(config.optim, total_steps, step).items():
-          last_logged[f"lr/{group}"] = lr
-        if peak_flops:
-          last_logged["mfu"] = (flops_per_step * len(window_metrics) / elapsed
-                                / (peak_flops * jax.device_count()))
-        writer.write(step, last_logged)
-        progress.set_postfix(loss=f"{last_logged['loss']:.3f}",
-                             ex_s=f"{last_logged['examples_per_second']:.1f}")
-        window_metrics, window_start = [], time.perf_counter()
-      if save_now:
-        checkpoints.save_training_state(manager, step, state, data_iterator)
-        last_good_step = step
-      if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
-        from cope_jax import evaluate  # the evaluator imports this module's helpers
-        evaluate.evaluate_params(config, workdir, state.params["model"], step, mesh=mesh)
-  progress.close()
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  return last_logged
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return TrainingRun(config=config, workdir=workdir, mesh=mesh, state=state,
+                     state_shardings=state_shardings, data_iterator=data_iterator,
+                     manager=manager, step_fn=step_fn, start_step=int(state.step))
 
 
-def _stop_if_not_finite(unchecked: list[dict[str, jax.Array]], step: int, last_good_step: int,
-                        workdir: str, manager) -> None:
-  """Raises NonFiniteLossError if any of the last len(unchecked) steps was NaN/Inf."""
-  finite = [bool(m["finite"]) for m in jax.device_get(unchecked)]
-  if all(finite):
-    return
-  bad_step = step - len(unchecked) + finite.index(False) + 1
-  bad = jax.device_get(unchecked[finite.index(False)])
-  manager.wait_until_finished()
-  raise NonFiniteLossError(
-      f"non-finite loss at step {bad_step}: "
-      + ", ".join(f"{k}={float(v):.4g}" for k, v in bad.items() if k != "finite")
-      + f". Stopped without saving; the last good checkpoint is step {last_good_step} in "
-      f"{workdir}/checkpoints. Lower config.optim.learning_rate or check the data.")
+# ---- hooks --------------------------------------------------------------------------
+
+
+class Hook(Protocol):
+  """Runs after every step; `close` once when the loop ends."""
+
+  def __call__(self, step: int, state: TrainState, metrics: dict[str, jax.Array]) -> None:
+    ...
+
+  def close(self) -> None:
+    ...
+
+
+def _is_boundary(step: int, every: int, total: int) -> bool:
+  return step % every == 0 or step == total
+
+
+class FiniteCheck:
+  """Raises NonFiniteLossError when a step since the last log/checkpoint was NaN/Inf.
+
+  Checked at log and checkpoint boundaries rather than every step, so the host never
+  waits on the device between steps; it runs before the Checkpointer, so a non-finite
+  state is never saved.
+  """
+
+  def __init__(self, run: TrainingRun):
+    self._run = run
+    self._unchecked: list[dict[str, jax.Array]] = []
+    self._last_good_step = run.start_step
+
+  def __call__(self, step, state, metrics):
+    train = self._run.config.train
+    self._unchecked.append(metrics)
+    if not (_is_boundary(step, train.log_every, train.num_steps)
+            or _is_boundary(step, train.checkpoint_every, train.num_steps)):
+      return
+    finite = [bool(m["finite"]) for m in jax.device_get(self._unchecked)]
+    unchecked, self._unchecked = self._unchecked, []
+    if all(finite):
+      if _is_boundary(step, train.checkpoint_every, train.num_steps):
+        self._last_good_step = step
+      return
+    bad_step = step - len(unchecked) + finite.index(False) + 1
+    bad = jax.device_get(unchecked[finite.index(False)])
+    self._run.manager.wait_until_finished()
+    raise NonFiniteLossError(
+        f"non-finite loss at step {bad_step}: "
+        + ", ".join(f"{k}={float(v):.4g}" for k, v in bad.items() if k != "finite")
+        + f". Stopped without saving; the last good checkpoint is step {self._last_good_step} "
+        f"in {self._run.workdir}/checkpoints. Lower config.optim.learning_rate or check "
+        "the data.")
+
+  def close(self):
+    pass
+
+
+class Logger:
+  """Window means of the step metrics, lr, throughput and MFU every `train.log_every`
+  steps to metrics.jsonl / TensorBoard (process 0), and the progress bar."""
+
+  def __init__(self, run: TrainingRun):
+    config = run.config
+    self._run = run
+    self._writer = metrics_writer.MetricsWriter(run.workdir, enabled=run.is_chief)
+    self._flops_per_step = flops.train_flops_per_example(config) * config.train.batch_size
+    self._peak_flops = flops.peak_flops_per_device()
+    self._progress = tqdm.tqdm(total=config.train.num_steps, initial=run.start_step,
+                               desc="train", unit="step", disable=not run.is_chief,
+                               dynamic_ncols=True)
+    self._window: list[dict[str, jax.Array]] = []
+    self._window_start = time.perf_counter()
+    self.last_logged: dict[str, float] = {}
+
+  def __call__(self, step, state, metrics):
+    config = self._run.config
+    self._window.append(metrics)
+    self._progress.update(1)
+    if not _is_boundary(step, config.train.log_every, config.train.num_steps):
+      return
+    elapsed = time.perf_counter() - self._window_start
+    logged = _summarise(self._window)
+    logged["examples_per_second"] = (
+        len(self._window) * config.train.batch_size / max(elapsed, 1e-9))
+    for group, lr in optim.current_learning_rates(config.optim, config.train.num_steps,
+                                                  step).items():
+      logged[f"lr/{group}"] = lr
+    if self._peak_flops:
+      logged["mfu"] = (self._flops_per_step * len(self._window) / elapsed
+                       / (self._peak_flops * jax.device_count()))
+    self._writer.write(step, logged)
+    self._progress.set_postfix(loss=f"{logged['loss']:.3f}",
+                               ex_s=f"{logged['examples_per_second']:.1f}")
+    self.last_logged = logged
+    self._window, self._window_start = [], time.perf_counter()
+
+  def close(self):
+    self._progress.close()
+    self._writer.close()
+
+
+class Checkpointer:
+  """Saves state and data-iterator position every `train.checkpoint_every` steps and at
+  the end (asynchronously; `close` waits for the last save)."""
+
+  def __init__(self, run: TrainingRun):
+    self._run = run
+
+  def __call__(self, step, state, metrics):
+    train = self._run.config.train
+    if _is_boundary(step, train.checkpoint_every, train.num_steps):
+      checkpoints.save_training_state(self._run.manager, step, state, self._run.data_iterator)
+
+  def close(self):
+    self._run.manager.wait_until_finished()
+    self._run.manager.close()
+
+
+class PeriodicEvaluation:
+  """Calls `evaluate_fn` with the model parameters every `train.eval_every` steps
+  (not at the last step: the evaluate entry point does that)."""
+
+  def __init__(self, run: TrainingRun, evaluate_fn: EvaluateFn):
+    self._run = run
+    self._evaluate_fn = evaluate_fn
+
+  def __call__(self, step, state, metrics):
+    train = self._run.config.train
+    if train.eval_every and step % train.eval_every == 0 and step < train.num_steps:
+      self._evaluate_fn(self._run.config, self._run.workdir, state.params["model"], step,
+                        self._run.mesh)
+
+  def close(self):
+    pass
+
+
+def default_hooks(run: TrainingRun, evaluate_fn: EvaluateFn | None = None) -> list[Hook]:
+  """FiniteCheck, Logger, Checkpointer and (with a callback) PeriodicEvaluation, in the
+  order they run after a step."""
+  hooks: list[Hook] = [FiniteCheck(run), Logger(run), Checkpointer(run)]
+  if evaluate_fn is not None:
+    hooks.append(PeriodicEvaluation(run, evaluate_fn))
+  return hooks
+
+
+# ---- the loop -----------------------------------------------------------------------
+
+
+def run_steps(run: TrainingRun, hooks: Sequence[Hook]) -> TrainState:
+  """Steps from `run.start_step` to `config.train.num_steps`; returns the final state."""
+  state = run.state
+  run.state = None  # donated to the first step: never read it again
+  rules = sharding.logical_axis_rules(run.config.mesh)
+  step = run.start_step
+  try:
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
+      while step < run.config.train.num_steps:
+        batch = sharding.host_batch_to_global(next(run.data_iterator), run.mesh)
+        state, step_metrics = run.step_fn(state, batch)
+        step += 1
+        for hook in hooks:
+          hook(step, state, step_metrics)
+  finally:
+    for hook in hooks:
+      hook.close()
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluate_fn: EvaluateFn | None = None) -> dict[str, float]:
+  """Trains (resuming if a checkpoint exists) and returns the last logged metrics.
+
+  `evaluate_fn`, when given, runs every `config.train.eval_every` steps.
+  """
+  run = setup(config, workdir)
+  hooks = default_hooks(run, evaluate_fn)
+  run_steps(run, hooks)
+  return next(hook.last_logged for hook in hooks if isinstance(hook, Logger))
 
 
 def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -281,7 +337,7 @@ def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
-  metrics = train_and_evaluate(config, workdir)
+  metrics = train_and_evaluate(config, workdir, evaluate_fn=evaluate.evaluate_params)
   print(json.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
                    sort_keys=True))
 

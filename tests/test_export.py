@@ -18,8 +18,9 @@ from cope_jax import embed
 from cope_jax import export
 from cope_jax import retrieval
 from cope_jax import sharding
-from cope_jax import train
+from cope_jax import state as state_lib
 from data_pipelines import prepare
+from data_pipelines import domains
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def weights(tiny_prepared_dir, tiny_rope_dir, tmp_path_factory):
   config.seed = CONVERTED_SEED
   mesh = sharding.make_mesh(config.mesh)
   num_classes = len(prepare.load_products(tiny_prepared_dir, config.data.train_split))
-  state, _ = train.create_train_state(config, mesh, num_classes)
+  state, _ = state_lib.create_train_state(config, mesh, num_classes)
   model_params = jax.tree.map(np.asarray, state.params["model"])
   weights_dir = tmp_path_factory.mktemp("weights")
   checkpoints.save_params(str(weights_dir), {"model": model_params})
@@ -80,16 +81,16 @@ def in_process(exported, weights):
   """domain -> embed.embed_split output of the same model on the same split."""
   config = config_checks.resolve_vocab_size(_prepared_config(exported))
   mesh = sharding.make_mesh(config.mesh)
-  model = train.build_model(config)
+  model = state_lib.build_model(config)
   return {domain: embed.embed_split(config, model, weights[1], domain, mesh,
                                     show_progress=False)
-          for domain in embed.DOMAINS}
+          for domain in domains.NAMES}
 
 
 def test_parquet_files_have_the_named_columns_and_counts(exported, tiny_prepared_dir):
   _, out_dir, _, manifest = exported
   assert manifest["prepared_dir"] == os.path.join(out_dir, "prepared")
-  for domain in embed.DOMAINS:
+  for domain in domains.NAMES:
     path = os.path.join(out_dir, f"{domain}-0-of-1.parquet")
     schema = pq.read_schema(path)
     assert schema.names == ["id", "product_id", "domain", "embedding"]
@@ -112,7 +113,7 @@ def test_manifest_names_the_model_and_dimension(exported, weights):
   config, out_dir, _, manifest = exported
   with open(os.path.join(out_dir, "manifest.json")) as f:
     assert json.load(f) == manifest
-  assert manifest["config_hash"] == export.config_hash(config)
+  assert manifest["config_hash"] == config_checks.config_hash(config)
   assert manifest["embedding_dim"] == config.model.emb_dim == 16
   assert manifest["checkpoint_step"] == 0  # converted weights, no training checkpoint
   assert manifest["checkpoint"] == weights[0]
@@ -123,8 +124,8 @@ def test_config_hash_changes_with_any_field(exported):
   config = exported[0]
   changed = config.copy_and_resolve_references()
   changed.model.emb_dim = 32
-  assert export.config_hash(config) == export.config_hash(config.copy_and_resolve_references())
-  assert export.config_hash(changed) != export.config_hash(config)
+  assert config_checks.config_hash(config) == config_checks.config_hash(config.copy_and_resolve_references())
+  assert config_checks.config_hash(changed) != config_checks.config_hash(config)
 
 
 def test_embeddings_are_normalised_and_equal_the_in_process_ones(exported, in_process):
@@ -142,7 +143,7 @@ def test_exported_index_finds_the_in_process_neighbours(exported, in_process):
   config, out_dir, _, _ = exported
   queries = in_process["video"].embeddings
   for domain in ("page", "live"):
-    loaded = export.load_exported_index(out_dir, domain, config_hash=export.config_hash(config),
+    loaded = export.load_exported_index(out_dir, domain, config_hash=config_checks.config_hash(config),
                                         dim=config.model.emb_dim)
     assert list(loaded.ids) == list(in_process[domain].ids)
     searcher = retrieval.build_scann_index(in_process[domain].embeddings, config.eval)
@@ -161,7 +162,7 @@ def test_index_of_another_model_or_dimension_is_refused(exported):
   other = config.copy_and_resolve_references()
   other.model.emb_dim = 32
   with pytest.raises(export.ExportMismatchError, match="another model"):
-    export.load_exported_index(out_dir, "page", config_hash=export.config_hash(other))
+    export.load_exported_index(out_dir, "page", config_hash=config_checks.config_hash(other))
   with pytest.raises(export.ExportMismatchError, match="32"):
     export.load_exported_index(out_dir, "page", dim=32)
   with pytest.raises(FileNotFoundError, match="manifest"):

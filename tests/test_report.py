@@ -13,6 +13,7 @@ import pytest
 from cope_jax import embed
 from cope_jax import report
 from cope_jax import retrieval
+from data_pipelines import domains
 from data_pipelines import prepare
 from tests import tiny_configs
 
@@ -89,7 +90,7 @@ def _domain_embeddings(prepared_dir, domain, noise, seed):
 @pytest.fixture(scope="module")
 def tiny_embeddings(tiny_prepared_dir):
   return {domain: _domain_embeddings(tiny_prepared_dir, domain, noise=1.0, seed=seed)[0]
-          for seed, domain in enumerate(embed.DOMAINS)}
+          for seed, domain in enumerate(domains.NAMES)}
 
 
 def _numpy_recall_curve(query, gallery, max_k):
@@ -132,8 +133,10 @@ def _write_training_log(workdir, num_records=5):
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for i in range(num_records):
       step = 10 * (i + 1)
-      f.write(json.dumps({"step": step, "loss": 5.0 - i, "page_video": 2.0 - 0.1 * i,
-                          "video_live": 1.5 - 0.1 * i, "lr/visual": 1e-3 * (i + 1) / 5,
+      f.write(json.dumps({"step": step, "loss": 5.0 - i, "loss/page_video": 2.0 - 0.1 * i,
+                          "loss/video_live": 1.5 - 0.1 * i,
+                          "loss/a_term_the_report_never_heard_of": 1.0,
+                          "lr/visual": 1e-3 * (i + 1) / 5,
                           "lr/text": 1e-4, "examples_per_second": 100.0}) + "\n")
 
 
@@ -215,3 +218,14 @@ def test_report_survives_plot_failures_and_a_missing_log(tiny_embeddings, tiny_p
   assert "renderer exploded" in markdown
   assert "no training log" in markdown
   assert "recall_curves.png" not in markdown
+
+
+def test_training_curves_plot_every_logged_loss_term(tmp_path):
+  _write_training_log(str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  keys = report.training_curve_keys(records)
+  assert keys["loss"] == ["loss"]
+  assert keys["terms"] == ["loss/a_term_the_report_never_heard_of", "loss/page_video",
+                           "loss/video_live"]
+  assert keys["lr"] == ["lr/text", "lr/visual"]

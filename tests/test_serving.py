@@ -18,7 +18,9 @@ import pytest
 pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
 
 from cope_jax import serving  # pylint: disable=g-import-not-at-top
+from cope_jax import state
 from cope_jax.models import cope
+from data_pipelines import domains
 from tests import tiny_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,10 +51,8 @@ def domain_batch(config, domain, batch_size, seed=0):
 
 def random_params(config, seed):
   """COPE parameters with random values (shapes from an abstract init: no compilation)."""
-  full_batch = {}
-  for domain in serving.DOMAINS:
-    full_batch.update(domain_batch(config, domain, 1))
-  abstract = jax.eval_shape(cope.COPE(config.model).init, jax.random.key(0), full_batch)
+  abstract = jax.eval_shape(state.build_model(config).init, jax.random.key(0),
+                            state.zero_batch(config, 1))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -65,7 +65,9 @@ def random_params(config, seed):
 
 def apply_domain(config, params, domain, batch):
   """The in-process model's embeddings (jit-compiled: eager Flax is slow on CPU)."""
-  apply = jax.jit(functools.partial(cope.COPE(config.model).apply, method=f"embed_{domain}"))
+  apply = jax.jit(functools.partial(
+      state.build_model(config).apply, domain=domain,
+      outputs=serving.domain_outputs(config, domain), method=cope.COPE.embed))
   return apply({"params": params}, batch)
 
 
@@ -95,7 +97,7 @@ def serving_dir(config, params, tmp_path_factory):
 
 def test_manifest_describes_every_domain(serving_dir, config):
   manifest = serving.read_manifest(serving_dir)
-  assert set(manifest["domains"]) == set(serving.DOMAINS)
+  assert set(manifest["domains"]) == set(domains.NAMES)
   assert manifest["batch_size"] is None and manifest["embedding_dim"] == config.model.emb_dim
   side = config.data.image_size
   page = manifest["domains"]["page"]
@@ -105,11 +107,11 @@ def test_manifest_describes_every_domain(serving_dir, config):
   video = manifest["domains"]["video"]
   assert set(video["inputs"]) == {"video_frames"}  # no ASR branch in this config
   assert video["outputs"]["video_embedding"]["shape"] == ["b", config.model.emb_dim]
-  for domain in serving.DOMAINS:
+  for domain in domains.NAMES:
     assert os.path.isfile(os.path.join(serving_dir, f"{domain}.jax_exported"))
 
 
-@pytest.mark.parametrize("domain", serving.DOMAINS)
+@pytest.mark.parametrize("domain", domains.NAMES)
 def test_round_trip_matches_model_apply(serving_dir, config, params, domain):
   batch = domain_batch(config, domain, 3, seed=1)
   got = serving.load_embedder(serving_dir, domain)(batch)
@@ -166,11 +168,12 @@ SERVE_SCRIPT = """
 import sys
 import numpy as np
 from cope_jax import serving
+from data_pipelines import domains
 
 serving_dir, inputs_path, outputs_path = sys.argv[1:]
 inputs = np.load(inputs_path)
 outputs = {}
-for domain in serving.DOMAINS:
+for domain in domains.NAMES:
   embed = serving.load_embedder(serving_dir, domain)
   outputs.update(embed({k: inputs[k] for k in inputs.files if k.startswith(domain)}))
 np.savez(outputs_path, **outputs)
@@ -183,7 +186,7 @@ print("modules:", loaded)
 def test_a_process_without_the_model_code_serves_the_same_embeddings(
     serving_dir, config, params, tmp_path):
   batch, want = {}, {}
-  for domain in serving.DOMAINS:
+  for domain in domains.NAMES:
     domain_inputs = domain_batch(config, domain, 2, seed=4)
     batch.update(domain_inputs)
     want.update(apply_domain(config, params, domain, domain_inputs))

@@ -1,0 +1,195 @@
+"""The model and its training state: construction, abstract shapes, weight loading.
+
+Shared by `train`, `evaluate`, `export`, the benchmarks and the tests, so that none of
+them imports another entry point:
+
+  model = build_model(config)                                   # COPE(ModelConfig)
+  state, shardings = create_train_state(config, mesh, num_classes)   # placed, sharded
+  abstract = abstract_train_state(config, mesh, num_classes)    # shapes only
+  params, step, source = load_model_params(config, workdir, mesh)   # for eval / export
+
+Trainable parameters are `{"model": <COPE params>, "classifier": {"centers": [C, D]}}`
+(`classifier` only with the classification loss). Evaluation and export restore only
+`params["model"]` from a training checkpoint (an Orbax partial restore): neither the
+optimiser moments nor the training split's product table are read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cope_jax import checkpoints
+from cope_jax import optim
+from cope_jax import sharding
+from cope_jax.models import cope as cope_model
+from cope_jax.models.config import ModelConfig
+from data_pipelines import pipelines
+from data_pipelines import prepare
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32
+  params: Any  # {"model": COPE params, "classifier": {"centers": [C, D]}}
+  opt_state: Any
+  rng: jax.Array  # [2] uint32, a raw PRNG key (checkpointable as a plain array)
+
+
+def build_model(config: ml_collections.ConfigDict) -> cope_model.COPE:
+  """COPE with the typed hyper-parameters of `config.model` (vocab size resolved)."""
+  return cope_model.COPE(ModelConfig.from_config(config.model))
+
+
+def classifier_size(config: ml_collections.ConfigDict) -> int:
+  """Rows of the product classifier: the training products (0 without that loss)."""
+  if config.loss.classify_weight <= 0:
+    return 0
+  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
+
+
+def zero_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+  """A training batch of zeros with the pipeline's shapes (for init and compilation)."""
+  spec = pipelines.batch_spec(config)
+  return {key: np.zeros((batch_size,) + tuple(shape[1:]), dtype)
+          for key, (shape, dtype) in spec.items()}
+
+
+def init_train_state(rng: jax.Array, *, model: nn.Module, optimizer: optax.GradientTransformation,
+                     config: ml_collections.ConfigDict, num_classes: int) -> TrainState:
+  """Initial state, parameters boxed with their logical axis names."""
+  init_rng, classifier_rng, state_rng = jax.random.split(rng, 3)
+  params = {"model": _init_model(model, config, init_rng)}
+  if config.loss.classify_weight > 0:
+    centers_init = nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=0.01), ("classes", "embed"))
+    params["classifier"] = {
+        "centers": centers_init(classifier_rng, (num_classes, config.model.emb_dim), jnp.float32)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=state_rng)
+
+
+def _init_model(model: nn.Module, config: ml_collections.ConfigDict, init_rng: jax.Array):
+  """The model's boxed parameters from the init key of `init_train_state`."""
+  return model.init({"params": init_rng, "dropout": init_rng}, zero_batch(config, 2),
+                    train=False)["params"]
+
+
+def _model_params_init_fn(config: ml_collections.ConfigDict):
+  """rng -> boxed model params, the same values `init_train_state(rng)` gives them."""
+  model = build_model(config)
+  return lambda rng: _init_model(model, config, jax.random.split(rng, 3)[0])
+
+
+def abstract_like(values: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of placed arrays."""
+  return jax.tree.map(
+      lambda value: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding),
+      values)
+
+
+def _state_init_fn(config: ml_collections.ConfigDict, num_classes: int):
+  return functools.partial(
+      init_train_state, model=build_model(config),
+      optimizer=optim.make_optimizer(config.optim, config.train.num_steps), config=config,
+      num_classes=num_classes)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       num_classes: int) -> tuple[TrainState, TrainState]:
+  """A freshly initialised TrainState created directly sharded, and its shardings."""
+  rules = sharding.logical_axis_rules(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return sharding.create_sharded(_state_init_fn(config, num_classes), mesh, rules,
+                                   jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         num_classes: int) -> TrainState:
+  """The TrainState's shapes, dtypes and shardings, computed without allocating it."""
+  rules = sharding.logical_axis_rules(config.mesh)
+  init_fn = _state_init_fn(config, num_classes)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = sharding.param_shardings(
+        jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)), mesh, rules)
+    boxed = jax.eval_shape(jax.jit(init_fn, out_shardings=shardings),
+                           jax.random.PRNGKey(config.seed))
+  return nn.meta.unbox(boxed)
+
+
+def abstract_model_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+  """The model parameters' shapes, dtypes and shardings (no optimiser, no classifier)."""
+  rules = sharding.logical_axis_rules(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(_model_params_init_fn(config), jax.random.PRNGKey(config.seed))
+    shardings = sharding.param_shardings(boxed, mesh, rules)
+  return jax.tree.map(
+      lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                       sharding=leaf_sharding),
+      nn.meta.unbox(boxed), shardings)
+
+
+def init_model_params(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """Freshly initialised model parameters placed with their shardings, and the shardings."""
+  return sharding.create_sharded(_model_params_init_fn(config), mesh,
+                                 sharding.logical_axis_rules(config.mesh),
+                                 jax.random.PRNGKey(config.seed))
+
+
+def load_converted_weights(params: Any, shardings: Any,
+                           config: ml_collections.ConfigDict) -> Any:
+  """Model params with the converted (e.g. PyTorch) weights of config.train.init_from.
+
+  Args:
+    params: the model parameters to start from (their leaves not in the checkpoint are
+      kept when `config.train.init_allow_missing`).
+    shardings: the parameters' shardings (a tree like `params`).
+  """
+  loaded = checkpoints.load_params(config.train.init_from)
+  if "model" not in loaded:
+    raise ValueError(f"config.train.init_from={config.train.init_from!r}: the checkpoint has no "
+                     "'model' entry; write it with `python -m cope_jax.convert`")
+  merged = checkpoints.merge_params(
+      params, loaded["model"], allow_missing=config.train.init_allow_missing,
+      source=f"config.train.init_from={config.train.init_from!r}")
+  return jax.device_put(merged, shardings)
+
+
+def load_model_params(config: ml_collections.ConfigDict, workdir: str,
+                      mesh: jax.sharding.Mesh) -> tuple[Any, int, str]:
+  """(model params, step, description of the source) for evaluation or export.
+
+  The checkpoint `config.eval.checkpoint_step` (-1: the latest) of `workdir`; without
+  one, the converted weights of `config.train.init_from`. Only the model parameters are
+  read from a training checkpoint.
+  """
+  manager = checkpoints.checkpoint_manager(workdir, read_only=True) if os.path.isdir(
+      os.path.join(workdir, "checkpoints")) else None
+  step = None
+  if manager is not None:
+    step = manager.latest_step() if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+    if step is not None and step not in manager.all_steps():
+      raise ValueError(f"config.eval.checkpoint_step: no checkpoint {step} in "
+                       f"{workdir}/checkpoints (have {sorted(manager.all_steps())})")
+  if step is not None:
+    params = checkpoints.restore_model_params(manager, step,
+                                              abstract_model_params(config, mesh))
+    return params, int(step), f"{workdir}/checkpoints/{step}"
+  if config.train.init_from:
+    params, shardings = init_model_params(config, mesh)
+    params = load_converted_weights(params, shardings, config)
+    return params, 0, config.train.init_from
+  raise FileNotFoundError(
+      f"nothing to evaluate: {workdir}/checkpoints holds no checkpoint and "
+      "config.train.init_from is empty. Train first (python -m cope_jax.train) or convert "
+      "weights (python -m cope_jax.convert) and set --config.train.init_from.")
