@@ -32,6 +32,7 @@ import numpy as np
 import PIL.Image
 
 from configs import synthetic_tiny
+from data_pipelines import domains
 from data_pipelines import pipelines
 from data_pipelines import prepare
 from data_pipelines import synthetic
@@ -148,7 +149,7 @@ def naive_batches(config, seed: int = 0):
   """Batches of the training layout built in a plain loop (no Grain, no threads)."""
   data = config.data
   sources = {domain: prepare.open_domain(data.prepared_dir, data.train_split, domain)
-             for domain in pipelines.DOMAINS}
+             for domain in domains.NAMES}
   products = pipelines.train_products(
       prepare.load_products(data.prepared_dir, data.train_split))
   tokenizer = tokenizer_lib.Tokenizer(data.vocab_path)
@@ -159,7 +160,7 @@ def naive_batches(config, seed: int = 0):
     for product_position in rng.integers(len(products), size=batch_size):
       product = products[product_position]
       records = {domain: sources[domain][int(rng.choice(product[domain]))]
-                 for domain in pipelines.DOMAINS}
+                 for domain in domains.NAMES}
       title = transforms.augment_title(records["page"]["text"], rng)
       row = {"product_index": np.int32(product["product_index"]),
              "page_image": _naive_clip([records["page"]["image"]], 1, size, rng)[0]}

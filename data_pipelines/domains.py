@@ -4,7 +4,8 @@ A product is shown in three domains. Each `Domain` records what the rest of the 
 needs to know about one of them, so that modules iterate over `DOMAINS` instead of
 branching on names:
 
-  name           this project's name ("page", "video", "live")
+  name           this project's name ("page", "video", "live"); `plural` ("pages", ...)
+                 names its records (`RopeCatalog.pages`, `num_pages`, ...)
   kind           IMAGE (one image + a title) or CLIP (frames in time order + ASR text)
   release_name   the PyTorch release's name ("item", "photo", "live"): its head
                  (`<release_name>_fusion_model`) and its embedding files (`{rank}_item`)
@@ -41,6 +42,7 @@ class RopeFiles:
 class Domain:
   """One media domain (see the module docstring for each field)."""
   name: str
+  plural: str
   kind: str
   release_name: str
   files: RopeFiles
@@ -98,15 +100,15 @@ class Domain:
 
 
 DOMAINS = (
-    Domain("page", IMAGE, "item",
+    Domain("page", "pages", IMAGE, "item",
            RopeFiles("product_pages_pair", "page_titles", "page_images",
                      ("page_id", "image file name")),
            text="title", text_length_field="title_max_length"),
-    Domain("video", CLIP, "photo",
+    Domain("video", "videos", CLIP, "photo",
            RopeFiles("product_videos_pair", "video_asrs", "video_frames",
                      ("video_id", "frame_number", "image file name")),
            text="asr", text_length_field="asr_max_length"),
-    Domain("live", CLIP, "live",
+    Domain("live", "lives", CLIP, "live",
            RopeFiles("product_lives_pair", "live_asrs", "live_clips",
                      ("live_id", "timestamp_ms", "image file name")),
            text="asr", text_length_field="asr_max_length"),

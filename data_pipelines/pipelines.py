@@ -36,11 +36,11 @@ from absl import flags
 import grain
 import numpy as np
 
+from data_pipelines import domains
 from data_pipelines import prepare
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
 
-DOMAINS = ("page", "video", "live")
 # Keys of the host-only string columns of eval batches.
 _STRING_KEYS = ("id", "product_id")
 
@@ -52,36 +52,31 @@ def batch_spec(config, process_count: int = 1) -> dict[str, tuple[tuple[int, ...
   """Shapes and dtypes of a per-process training batch: {key: (shape, dtype)}."""
   batch_size = _per_process_batch_size(config.train.batch_size, process_count)
   spec = {"product_index": ((batch_size,), np.dtype(np.int32))}
-  for domain in DOMAINS:
+  for domain in domains.DOMAINS:
     spec.update(_domain_spec(config.data, domain, batch_size))
   return spec
 
 
 def eval_batch_spec(config, domain: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Shapes and dtypes of the array entries of an eval batch (`id`, `product_id` aside)."""
-  _check_domain(domain)
   batch_size = config.eval.batch_size
   spec = {"valid": ((batch_size,), np.dtype(np.bool_))}
-  spec.update(_domain_spec(config.data, domain, batch_size))
+  spec.update(_domain_spec(config.data, domains.get(domain), batch_size))
   return spec
 
 
-def _domain_spec(data_config, domain: str, batch_size: int):
-  size, uint8, int32 = data_config.image_size, np.dtype(np.uint8), np.dtype(np.int32)
-  if domain == "page":
-    text_shape = (batch_size, data_config.title_max_length)
-    return {"page_image": ((batch_size, size, size, 3), uint8),
-            "page_title_ids": (text_shape, int32),
-            "page_title_mask": (text_shape, int32)}
-  text_shape = (batch_size, data_config.asr_max_length)
-  return {f"{domain}_frames": ((batch_size, data_config.num_frames, size, size, 3), uint8),
-          f"{domain}_asr_ids": (text_shape, int32),
-          f"{domain}_asr_mask": (text_shape, int32)}
+def _media_shape(data_config, domain: domains.Domain) -> tuple[int, ...]:
+  """One example's pixels: [S, S, 3] for an image domain, [T, S, S, 3] for a clip."""
+  size = data_config.image_size
+  return (data_config.num_frames, size, size, 3) if domain.is_clip else (size, size, 3)
 
 
-def _check_domain(domain: str):
-  if domain not in DOMAINS:
-    raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+def _domain_spec(data_config, domain: domains.Domain, batch_size: int):
+  text_shape = (batch_size, data_config[domain.text_length_field])
+  return {domain.media_key: ((batch_size,) + _media_shape(data_config, domain),
+                             np.dtype(np.uint8)),
+          domain.text_ids_key: (text_shape, np.dtype(np.int32)),
+          domain.text_mask_key: (text_shape, np.dtype(np.int32))}
 
 
 def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -117,13 +112,17 @@ class _ExampleOptions:
         title_augment_char_rate=data_config.title_augment_char_rate)
 
 
-def _clip_frames(record: Mapping[str, Any], num_frames: int, domain: str,
-                 min_side: int | None = None) -> list[np.ndarray]:
-  """Decodes the T segment-middle frames of a video/live record -> T x uint8 [H, W, 3]."""
+def _decode_images(record: Mapping[str, Any], domain: domains.Domain, num_frames: int,
+                   min_side: int | None = None) -> list[np.ndarray]:
+  """A record's pixels as uint8 [H, W, 3] images: the image of an image domain, the T
+  segment-middle frames of a clip."""
+  name = f"{domain.name} {record['id']}"
+  if not domain.is_clip:
+    return [transforms.decode_jpeg(record["image"], name, min_side)]
   frames = record["frames"]
   if not frames:
-    raise ValueError(f"{domain} record {record['id']!r} has no frames")
-  return [transforms.decode_jpeg(frames[index], f"{domain} {record['id']}", min_side)
+    raise ValueError(f"{domain.name} record {record['id']!r} has no frames")
+  return [transforms.decode_jpeg(frames[index], name, min_side)
           for index in transforms.sample_frame_indices(len(frames), num_frames)]
 
 
@@ -153,24 +152,19 @@ class _TrainExample:
     # least `image_size` pixels wide (training only; eval decodes at full size).
     min_side = transforms.min_decode_side(options.image_size, options.crop_scale)
     example = {"product_index": np.int32(product["product_index"])}
-    for domain in DOMAINS:
-      record = self._record(domain, product, rng)
-      if domain == "page":
-        image = transforms.decode_jpeg(record["image"], f"page {record['id']}",
-                                       min_side)
-        example["page_image"] = transforms.train_transform_clip(
-            [image], rng, options.image_size, options.crop_scale)[0]
-        title = transforms.augment_title(
-            record["text"], rng, options.title_augment_prob,
-            options.title_augment_char_rate)
-        example["page_title_ids"], example["page_title_mask"] = _encode_text(
-            self._tokenizer, title, options.title_max_length)
-      else:
-        example[f"{domain}_frames"] = transforms.train_transform_clip(
-            _clip_frames(record, options.num_frames, domain, min_side), rng,
-            options.image_size, options.crop_scale)
-        example[f"{domain}_asr_ids"], example[f"{domain}_asr_mask"] = _encode_text(
-            self._tokenizer, record["text"], options.asr_max_length)
+    for domain in domains.DOMAINS:
+      record = self._record(domain.name, product, rng)
+      # One crop and flip for all frames of a clip (an image is a clip of one frame).
+      pixels = transforms.train_transform_clip(
+          _decode_images(record, domain, options.num_frames, min_side), rng,
+          options.image_size, options.crop_scale)
+      example[domain.media_key] = pixels if domain.is_clip else pixels[0]
+      text = record["text"]
+      if domain.text == "title":  # the release perturbs titles, not ASR texts
+        text = transforms.augment_title(text, rng, options.title_augment_prob,
+                                        options.title_augment_char_rate)
+      example[domain.text_ids_key], example[domain.text_mask_key] = _encode_text(
+          self._tokenizer, text, getattr(options, domain.text_length_field))
     return example
 
   def _record(self, domain: str, product: Mapping[str, Any],
@@ -188,7 +182,7 @@ class _TrainExample:
 class _EvalExample:
   """Record index (or -1 for padding) -> one eval row of `domain`."""
 
-  def __init__(self, domain: str, source: RecordSource,
+  def __init__(self, domain: domains.Domain, source: RecordSource,
                tokenizer: tokenizer_lib.Tokenizer, options: _ExampleOptions):
     self._domain = domain
     self._source = source
@@ -200,34 +194,24 @@ class _EvalExample:
     if record_index < 0:
       return self._padding()
     record = self._source[record_index]
+    pixels = np.stack([transforms.eval_transform(image, options.image_size)
+                       for image in _decode_images(record, domain, options.num_frames)])
     example = {"id": str(record["id"]), "product_id": str(record["product_id"]),
-               "valid": np.bool_(True)}
-    if domain == "page":
-      image = transforms.decode_jpeg(record["image"], name=f"page {record['id']}")
-      example["page_image"] = transforms.eval_transform(image, options.image_size)
-      example["page_title_ids"], example["page_title_mask"] = _encode_text(
-          self._tokenizer, record["text"], options.title_max_length)
-    else:
-      example[f"{domain}_frames"] = np.stack([
-          transforms.eval_transform(frame, options.image_size)
-          for frame in _clip_frames(record, options.num_frames, domain)])
-      example[f"{domain}_asr_ids"], example[f"{domain}_asr_mask"] = _encode_text(
-          self._tokenizer, record["text"], options.asr_max_length)
+               "valid": np.bool_(True),
+               domain.media_key: pixels if domain.is_clip else pixels[0]}
+    example[domain.text_ids_key], example[domain.text_mask_key] = _encode_text(
+        self._tokenizer, record["text"], getattr(options, domain.text_length_field))
     return example
 
   def _padding(self) -> dict[str, Any]:
     options, domain = self._options, self._domain
     size = options.image_size
-    if domain == "page":
-      image_key, image_shape = "page_image", (size, size, 3)
-      text_prefix, text_length = "page_title", options.title_max_length
-    else:
-      image_key, image_shape = f"{domain}_frames", (options.num_frames, size, size, 3)
-      text_prefix, text_length = f"{domain}_asr", options.asr_max_length
+    pixels = (options.num_frames, size, size, 3) if domain.is_clip else (size, size, 3)
+    text_length = getattr(options, domain.text_length_field)
     return {"id": "", "product_id": "", "valid": np.bool_(False),
-            image_key: np.zeros(image_shape, np.uint8),
-            f"{text_prefix}_ids": np.full(text_length, self._tokenizer.pad_id, np.int32),
-            f"{text_prefix}_mask": np.zeros(text_length, np.int32)}
+            domain.media_key: np.zeros(pixels, np.uint8),
+            domain.text_ids_key: np.full(text_length, self._tokenizer.pad_id, np.int32),
+            domain.text_mask_key: np.zeros(text_length, np.int32)}
 
 
 def _stack_eval_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -266,9 +250,9 @@ def _read_and_prefetch(dataset: grain.MapDataset, data_config) -> grain.IterData
 
 
 def train_products(products: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-  """The products usable as training examples: those with all three domains."""
+  """The products usable as training examples: those with a record in every domain."""
   return [product for product in products
-          if all(len(product[domain]) > 0 for domain in DOMAINS)]
+          if all(len(product[domain]) > 0 for domain in domains.NAMES)]
 
 
 def train_dataset_from_sources(
@@ -341,7 +325,6 @@ def eval_dataset_from_source(
     config, domain: str, source: RecordSource, tokenizer: tokenizer_lib.Tokenizer,
     process_index: int = 0, process_count: int = 1) -> EvalDataset:
   """Eval batches of every record of `source` (one domain); see `make_eval_dataset`."""
-  _check_domain(domain)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   batch_size = config.eval.batch_size
@@ -350,7 +333,7 @@ def eval_dataset_from_source(
   stop = num_records * (process_index + 1) // process_count
   largest_part = math.ceil(num_records / process_count)
   num_batches = max(1, math.ceil(largest_part / batch_size))
-  make_example = _EvalExample(domain, source, tokenizer,
+  make_example = _EvalExample(domains.get(domain), source, tokenizer,
                               _ExampleOptions.from_config(config.data))
   # Row r of this process shows record start + r, or padding (-1) past `stop`.
   dataset = (
@@ -393,7 +376,7 @@ def make_train_dataset(config, process_index: int = 0,
   """
   data_config = config.data
   sources = _open_prepared(data_config.prepared_dir, data_config.train_split,
-                                    DOMAINS)
+                           domains.NAMES)
   products = prepare.load_products(data_config.prepared_dir, data_config.train_split)
   tokenizer = tokenizer_lib.Tokenizer(data_config.vocab_path)
   return train_dataset_from_sources(config, products, sources, tokenizer,
@@ -407,7 +390,7 @@ def make_eval_dataset(config, domain: str, split: str | None = None,
   Fixed record order, eval transforms, last batch padded to `config.eval.batch_size`
   with `valid=False` rows; process p yields its contiguous share of the records.
   """
-  _check_domain(domain)
+  domains.get(domain)  # ValueError for an unknown domain, before any file is opened
   split = split or config.data.eval_split
   sources = _open_prepared(config.data.prepared_dir, split, (domain,))
   tokenizer = tokenizer_lib.Tokenizer(config.data.vocab_path)

@@ -53,9 +53,10 @@ from array_record.python import array_record_module
 from PIL import Image
 import tqdm
 
+from data_pipelines import domains
 from data_pipelines import rope_format
 
-DOMAINS = rope_format.DOMAINS
+DOMAINS = domains.NAMES
 FORMAT_VERSION = 1  # bump when the record layout changes: invalidates every marker
 REPORT_NAME = "prepare_report.json"
 # group_size:1 makes every record its own chunk: cheap random access for Grain.
@@ -199,7 +200,7 @@ class _ImageEncoder:
 def _image_tasks(records: list, domain: str, max_image_side: int
                  ) -> Iterator[tuple[tuple[str, ...], int]]:
   for record in records:
-    paths = (record.image,) if domain == "page" else record.frames
+    paths = record.frames if domains.get(domain).is_clip else (record.image,)
     yield paths, max_image_side
 
 
@@ -218,8 +219,9 @@ def _write_domain(catalog: rope_format.RopeCatalog, domain: str, product_index: 
   problems, record_products, dropped = [], [], 0
   bar = tqdm.tqdm(zip(records, results), total=len(records), disable=not progress,
                   desc=f"{catalog.split}/{domain}", unit="rec")
+  is_clip = domains.get(domain).is_clip
   for record, encoded in bar:
-    lines = (record.image_line,) if domain == "page" else record.frame_lines
+    lines = record.frame_lines if is_clip else (record.image_line,)
     kept, kept_keys = [], []
     for index, result in enumerate(encoded):
       if isinstance(result, str):
@@ -227,19 +229,19 @@ def _write_domain(catalog: rope_format.RopeCatalog, domain: str, product_index: 
                          "reason": f"image does not decode ({result}); not stored"})
       else:
         kept.append(result)
-        kept_keys.append(record.frame_keys[index] if domain != "page" else 0)
+        kept_keys.append(record.frame_keys[index] if is_clip else 0)
     if not kept:
-      what = "its image" if domain == "page" else "all its frames"
+      what = "all its frames" if is_clip else "its image"
       problems.append({"file": media_file, "line": lines[0],
                        "reason": f"{domain} {record.id}: {what} failed to decode; dropped"})
       dropped += 1
       continue
     item = {"id": record.id, "product_id": record.product_id,
             "product_index": product_index[record.product_id], "text": record.text}
-    if domain == "page":
-      item["image"] = kept[0]
-    else:
+    if is_clip:
       item["frames"], item["frame_keys"] = kept, kept_keys
+    else:
+      item["image"] = kept[0]
     writer.write(msgpack.packb(item, use_bin_type=True))
     record_products.append(item["product_index"])
   tmp_paths = writer.close()
@@ -345,7 +347,7 @@ def prepare(rope_dir: str, out_dir: str, *, max_image_side: int = 0,
   if not splits:
     raise FileNotFoundError(
         f"{rope_dir!r} holds no ROPE split (looked for "
-        f"{', '.join(rope_format.file_name(s, 'product_pages_pair') for s in rope_format.SPLITS)})")
+        f"{', '.join(rope_format.file_name(s, domains.DOMAINS[0].files.pair) for s in rope_format.SPLITS)})")
   options = {"max_image_side": max_image_side, "shard_size": shard_size}
   os.makedirs(out_dir, exist_ok=True)
   encoder = _ImageEncoder(num_workers)

@@ -46,31 +46,13 @@ import functools
 import os
 from collections.abc import Iterator
 
+from data_pipelines import domains
+
 SPLITS = ("training", "test")
-DOMAINS = ("page", "video", "live")
 MISSING_TEXT = "空"
 IMAGE_SUBDIR = "images"
 
 _BOM = b"\xef\xbb\xbf"
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainFiles:
-  """The three txt-file kinds that describe one domain, and their column names."""
-  pair: str
-  text: str
-  media: str
-  media_columns: tuple[str, ...]
-
-
-DOMAIN_FILES = {
-    "page": DomainFiles("product_pages_pair", "page_titles", "page_images",
-                        ("page_id", "image file name")),
-    "video": DomainFiles("product_videos_pair", "video_asrs", "video_frames",
-                         ("video_id", "frame_number", "image file name")),
-    "live": DomainFiles("product_lives_pair", "live_asrs", "live_clips",
-                        ("live_id", "timestamp_ms", "image file name")),
-}
 
 
 def file_name(split: str, kind: str) -> str:
@@ -80,14 +62,14 @@ def file_name(split: str, kind: str) -> str:
 
 def split_file_names(split: str) -> list[str]:
   """The nine txt file names of `split`, pair files first."""
-  kinds = [getattr(DOMAIN_FILES[d], role) for role in ("pair", "text", "media")
-           for d in DOMAINS]
+  kinds = [getattr(domain.files, role) for role in ("pair", "text", "media")
+           for domain in domains.DOMAINS]
   return [file_name(split, kind) for kind in kinds]
 
 
 def has_split(root: str, split: str) -> bool:
-  """Whether `root` holds (at least the page pair file of) `split`."""
-  return os.path.exists(os.path.join(root, file_name(split, "product_pages_pair")))
+  """Whether `root` holds (at least the first domain's pair file of) `split`."""
+  return os.path.exists(os.path.join(root, file_name(split, domains.DOMAINS[0].files.pair)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,20 +107,20 @@ class RopeCatalog:
   problems: list[dict]
 
   def domain(self, domain: str) -> dict:
-    """The records of `domain` ("page", "video" or "live")."""
-    return {"page": self.pages, "video": self.videos, "live": self.lives}[domain]
+    """The records of the domain called `domain` (a name of `domains.NAMES`)."""
+    return getattr(self, domains.get(domain).plural)
 
   def media_file(self, domain: str) -> str:
     """Name of the txt file whose lines `image_line` / `frame_lines` refer to."""
-    return file_name(self.split, DOMAIN_FILES[domain].media)
+    return file_name(self.split, domains.get(domain).files.media)
 
   @functools.cached_property
   def products(self) -> dict[str, dict[str, list[str]]]:
     """product_id -> {"page": [ids], "video": [ids], "live": [ids]}, sorted by id."""
     table: dict[str, dict[str, list[str]]] = {}
-    for domain in DOMAINS:
+    for domain in domains.NAMES:
       for item_id, record in self.domain(domain).items():
-        entry = table.setdefault(record.product_id, {d: [] for d in DOMAINS})
+        entry = table.setdefault(record.product_id, {d: [] for d in domains.NAMES})
         entry[domain].append(item_id)
     return dict(sorted(table.items()))
 
@@ -268,8 +250,8 @@ class _ImageResolver:
 def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
                 report: _Problems) -> dict[str, list[tuple[int, str, int]]]:
   """item id -> [(frame key, image path, line)] (one entry, key 0, for pages)."""
-  columns = DOMAIN_FILES[domain].media_columns
-  is_clip = len(columns) == 3
+  spec = domains.get(domain)
+  columns, is_clip = spec.files.media_columns, spec.is_clip
   media: dict[str, list[tuple[int, str, int]]] = {}
   seen: dict[tuple[str, int], tuple[str, int]] = {}  # (id, key) -> (name, line)
   for line, row in _rows(path, report):
@@ -297,7 +279,7 @@ def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
         report.add(line, f"second file for {columns[1]} {key} of {domain} {item_id} "
                    f"(first at line {first_line}); kept the first")
       else:
-        report.add(line, f"second image for page {item_id} (first at line "
+        report.add(line, f"second image for {domain} {item_id} (first at line "
                    f"{first_line}); kept the first")
       continue
     seen[(item_id, key)] = (name, line)
@@ -313,7 +295,8 @@ def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
 def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
                  problems: list[dict]) -> dict:
   """Reads one domain's three files into id -> PageRecord / ClipRecord."""
-  kinds = DOMAIN_FILES[domain]
+  spec = domains.get(domain)
+  kinds = spec.files
   names = {role: file_name(split, getattr(kinds, role)) for role in ("pair", "text", "media")}
   reports = {role: _Problems(problems, name) for role, name in names.items()}
   paths = {role: os.path.join(root, name) for role, name in names.items()}
@@ -322,7 +305,7 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
   texts = _read_texts(paths["text"], domain, paired, reports["text"])
   media = _read_media(paths["media"], domain, paired, resolver, reports["media"])
 
-  text_kind = "title" if domain == "page" else "ASR text"
+  text_kind = spec.text_description
   records = {}
   for item_id, (product_id, pair_line) in paired.items():
     text = texts.get(item_id)
@@ -332,11 +315,11 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
       text = MISSING_TEXT
     frames = sorted(media.get(item_id, ()))
     if not frames:
-      what = "image" if domain == "page" else "frames"
+      what = "frames" if spec.is_clip else "image"
       reports["pair"].add(pair_line, f"{domain} {item_id} has no usable {what} in "
                           f"{names['media']}; excluded")
       continue
-    if domain == "page":
+    if not spec.is_clip:
       _, image, image_line = frames[0]
       records[item_id] = PageRecord(item_id, product_id, text, image, image_line)
     else:
@@ -369,6 +352,6 @@ def load_rope(root: str, split: str = "training", check_files: bool = True
         f"ROPE directory {root!r} lacks required {split!r} file(s): {', '.join(missing)}")
   resolver = _ImageResolver(root, check_files)
   problems: list[dict] = []
-  domains = {d: _load_domain(root, split, d, resolver, problems) for d in DOMAINS}
-  return RopeCatalog(root=root, split=split, pages=domains["page"],
-                     videos=domains["video"], lives=domains["live"], problems=problems)
+  records = {domain.plural: _load_domain(root, split, domain.name, resolver, problems)
+             for domain in domains.DOMAINS}
+  return RopeCatalog(root=root, split=split, problems=problems, **records)

@@ -38,6 +38,7 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from data_pipelines import domains
 from data_pipelines import rope_format
 
 # --- the product world -------------------------------------------------------------
@@ -337,7 +338,7 @@ class _SplitFiles:
   def __init__(self, split: str):
     self.split = split
     self.lines: dict[str, list[_Line]] = {
-        getattr(files, role): [] for files in rope_format.DOMAIN_FILES.values()
+        getattr(domain.files, role): [] for domain in domains.DOMAINS
         for role in ("pair", "text", "media")}
 
   def add(self, kind: str, *fields) -> None:
@@ -544,8 +545,7 @@ def generate(out_dir: str, *, products: int = 240, test_products: int = 60,
                          image_size)
     summary["splits"][split] = {
         "products": count,
-        **{kind: len(files.lines[rope_format.DOMAIN_FILES[d].pair])
-           for d, kind in (("page", "pages"), ("video", "videos"), ("live", "lives"))}}
+        **{domain.plural: len(files.lines[domain.files.pair]) for domain in domains.DOMAINS}}
     if inject_faults:  # a separate stream, so the clean content matches a clean run
       _inject_faults(files, out_dir, np.random.default_rng([seed, split_index]), used_ids)
     faults += files.write(out_dir)

@@ -8,6 +8,7 @@ import shutil
 import grain
 from PIL import Image
 
+from data_pipelines import domains
 from data_pipelines import prepare
 from data_pipelines import rope_format
 from data_pipelines import synthetic
@@ -34,7 +35,7 @@ def test_report_counts_match_the_catalog(tiny_rope_dir, tiny_prepared_dir):
     assert entry["products"] == len(catalog.products)
     assert entry["products_with_all_domains"] == sum(
         all(ids.values()) for ids in catalog.products.values())
-    for domain in rope_format.DOMAINS:
+    for domain in domains.NAMES:
       assert entry["domains"][domain]["records"] == len(catalog.domain(domain))
       assert entry["domains"][domain]["products"] == sum(
           bool(ids[domain]) for ids in catalog.products.values())
@@ -48,7 +49,7 @@ def test_records_round_trip(tiny_rope_dir, tiny_prepared_dir):
     products = prepare.load_products(tiny_prepared_dir, split)
     assert [p["product_index"] for p in products] == list(range(len(products)))
     assert [p["product_id"] for p in products] == sorted(catalog.products)
-    for domain in rope_format.DOMAINS:
+    for domain in domains.NAMES:
       source = prepare.open_domain(tiny_prepared_dir, split, domain)
       seen = []
       for product in products:

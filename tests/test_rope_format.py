@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import synthetic
 
@@ -67,7 +68,7 @@ def test_bom_and_crlf_files_parse_like_plain_ones(tmp_path):
                                   "test")
   assert windows.problems == []
   assert list(windows.pages) == ["g1"]  # no BOM glued to the first id
-  for domain in rope_format.DOMAINS:
+  for domain in domains.NAMES:
     strip_paths = lambda record: {k: v for k, v in dataclasses.asdict(record).items()
                                   if k not in ("image", "frames")}
     assert ({i: strip_paths(r) for i, r in windows.domain(domain).items()}
@@ -185,7 +186,7 @@ def test_every_injected_fault_is_reported_and_every_good_row_kept(tmp_path):
                            if f["kind"] == "missing_image_file" and "page_images" in f["file"]}
     missing_frames = {f["id"]: f["image"] for f in split_faults
                       if f["kind"] == "missing_image_file" and "video_frames" in f["file"]}
-    for domain in rope_format.DOMAINS:
+    for domain in domains.NAMES:
       for item_id, record in clean.domain(domain).items():
         if item_id in missing_page_images:
           assert item_id not in faulty.pages

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import tokenizers
 
+from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import synthetic
 
@@ -98,7 +99,7 @@ def test_vocab_tokenises_every_text_without_unknowns(tiny_rope_dir):
   assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
   assert len(vocab) == len(set(vocab))
   catalog = rope_format.load_rope(tiny_rope_dir, "training")
-  texts = [r.text for d in rope_format.DOMAINS for r in catalog.domain(d).values()]
+  texts = [r.text for d in domains.NAMES for r in catalog.domain(d).values()]
   for lowercase in (False, True):
     tokenizer = tokenizers.BertWordPieceTokenizer(vocab_path, lowercase=lowercase)
     for text in texts:

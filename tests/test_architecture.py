@@ -1,0 +1,164 @@
+"""The layering rules of docs/architecture.md, checked on the source tree.
+
+- The import graph of the library (`cope_jax`, `data_pipelines`, `configs`), counting
+  imports inside functions too, has no cycle.
+- Configs import nothing from the library.
+- Each domain and each retrieval direction is defined once, in `data_pipelines/domains.py`:
+  no other library module spells the domain list, a direction, or branches on a domain
+  name.
+"""
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+from data_pipelines import domains
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("cope_jax", "data_pipelines", "configs")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _library_files():
+  for package in PACKAGES:
+    yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+  """Library modules `path` imports (anywhere in the file), resolved to module names."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+    else:
+      continue
+    for name in names:
+      while name and name not in modules:
+        name = name.rpartition(".")[0]
+      if name:
+        found.add(name)
+  return found
+
+
+def import_graph() -> dict[str, set[str]]:
+  files = {_module_name(path): path for path in _library_files()}
+  modules = set(files)
+  graph = {}
+  for module, path in files.items():
+    # A package's __init__ is imported with any of its modules: not an edge of its own.
+    graph[module] = {m for m in _imports(path, modules)
+                     if m != module and not module.startswith(m + ".")}
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state: dict[str, str] = {}
+  stack: list[str] = []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for successor in sorted(graph.get(node, ())):
+      if state.get(successor) == "open":
+        return stack[stack.index(successor):] + [successor]
+      if successor not in state:
+        cycle = visit(successor)
+        if cycle:
+          return cycle
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_the_library_import_graph_is_acyclic():
+  graph = import_graph()
+  assert "cope_jax.train" in graph and "cope_jax.state" in graph["cope_jax.train"]
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_cycles():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_evaluation_and_export_do_not_depend_on_the_trainer():
+  graph = import_graph()
+
+  def reachable(start):
+    seen, todo = set(), [start]
+    while todo:
+      for successor in graph[todo.pop()]:
+        if successor not in seen:
+          seen.add(successor)
+          todo.append(successor)
+    return seen
+
+  for entry in ("cope_jax.evaluate", "cope_jax.export", "cope_jax.convert"):
+    assert "cope_jax.train" not in reachable(entry), entry
+
+
+def test_configs_import_nothing_from_the_library():
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    imported = _imports(path, {"cope_jax", "data_pipelines"})
+    assert not imported, f"{path.name} imports {sorted(imported)}"
+
+
+def _library_sources():
+  for path in _library_files():
+    if path.parts[-2] == "configs" or path.name == "domains.py":
+      continue
+    yield path, path.read_text(encoding="utf-8")
+
+
+_NAMES = "|".join(domains.NAMES)
+SECOND_DEFINITIONS = {
+    "domain list": re.compile(  # e.g. ("page", "video", "live")
+        r"""\(\s*["'](%s)["']\s*,\s*["'](%s)["']""" % (_NAMES, _NAMES)),
+    "direction": re.compile(r"""["'](%s)_to_(%s)["']""" % (_NAMES, _NAMES)),
+    "branch on a domain name": re.compile(
+        r"""(domain|query_domain|gallery_domain)\s*[!=]=\s*["'](%s)["']""" % _NAMES),
+    "ROPE file kind": re.compile(r"""["']product_(pages|videos|lives)_pair["']"""),
+}
+
+
+def test_each_domain_and_direction_is_defined_once():
+  found = [f"{path.relative_to(ROOT)}:{source[:match.start()].count(chr(10)) + 1}: {what}: "
+           f"{match.group(0)}"
+           for path, source in _library_sources()
+           for what, pattern in SECOND_DEFINITIONS.items()
+           for match in pattern.finditer(source)]
+  assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("source, what", [
+    ('DOMAINS = ("page", "video", "live")', "domain list"),
+    ('if domain == "live":', "branch on a domain name"),
+    ('name = "video_to_page"', "direction"),
+    ('pair = "product_lives_pair"', "ROPE file kind"),
+])
+def test_the_definition_check_catches_a_second_definition(source, what):
+  assert SECOND_DEFINITIONS[what].search(source)
+  assert not any(pattern.search('domain = domains.get("x")')
+                 for pattern in SECOND_DEFINITIONS.values())
+
+
+def test_directions_are_every_ordered_pair_of_domains():
+  assert len(domains.DIRECTIONS) == len(domains.NAMES) * (len(domains.NAMES) - 1)
+  assert set(domains.DIRECTIONS) == {(a, b) for a in domains.NAMES for b in domains.NAMES
+                                     if a != b}
+  assert domains.DIRECTION_NAMES[:2] == ("page_to_video", "video_to_page")
