@@ -18,14 +18,14 @@ from typing import Any
 import jax
 import optax
 
+from data_pipelines import domains
+
 # Parameter groups, and the top-level submodule names that select them.
 GROUPS = ("text", "visual", "fusion", "classifier", "other")
 _GROUP_OF_MODULE = {
     "text_encoder": "text",
     "visual_encoder": "visual",
-    "page_head": "fusion",
-    "video_head": "fusion",
-    "live_head": "fusion",
+    **{domain.head: "fusion" for domain in domains.DOMAINS},
     "classifier": "classifier",
 }
 
@@ -47,7 +47,7 @@ def param_group(path: Sequence[Any]) -> str:
 
   Returns:
     "text" under `text_encoder`, "visual" under `visual_encoder`, "fusion"
-    under `page_head`/`video_head`/`live_head`, "classifier" under
+    under a domain's head (`page_head`, ...), "classifier" under
     `classifier`, else "other". The outermost matching component decides.
   """
   for key in path:
