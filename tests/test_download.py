@@ -32,7 +32,7 @@ from data_pipelines import transforms
 DATA = {"products": 3, "test_products": 2, "frames_per_clip": 4, "image_size": 32, "seed": 1}
 NUM_FRAMES = 2  # of the 4 per clip: the two segment middles are fetched
 SERVED_PATH = "/rope/images/"
-FAST = {"workers": 4, "timeout": 0.8, "retries": 2, "backoff": 0.01, "max_backoff": 0.05,
+FAST = {"workers": 4, "timeout": 5.0, "retries": 2, "backoff": 0.01, "max_backoff": 0.05,
         "progress": False, "log": lambda line: None}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +121,7 @@ class FlakyServer:
       self.always = {}
       self.requests = collections.defaultdict(list)  # name -> [monotonic time]
       self.delay = 0.0
-      self.slow_seconds = 2.0
+      self.slow_seconds = 1.5  # the slow test's --timeout is 0.5 s
 
   def next_action(self, name):
     with self._lock:
@@ -308,7 +308,7 @@ def test_misbehaving_server(rope_dir, server, release, misbehaviour):
   victim = _page_names(rope_dir)[1]
   server.script[victim] = list(script)
   server.always[victim] = always
-  report = _run(rope_dir, server)
+  report = _run(rope_dir, server, **({"timeout": 0.5} if always == "slow" else {}))
   _, failures, on_disk = check_ledger_agrees_with_disk(rope_dir, expected=release["expected"])
   requests = len(server.requests[victim])
   if misbehaviour == "connection_reset":
