@@ -30,8 +30,8 @@ requests in flight on one thread, with no thread per request; its `TCPConnector`
 keep-alive connections and enforces a per-host connection limit (`limit_per_host`); and
 it raises typed errors for each way a request can fail (cannot connect, connection
 reset, body shorter than its Content-Length, timeout), which the retry policy below
-needs. It is mature and widely used (aio-libs). Compared with requests in a thread pool:
-one OS thread per in-flight request and no per-host limit of its own.
+needs. It is mature and widely used (aio-libs). requests in a thread pool would need one
+OS thread per request in flight.
 
 Requests. `--workers` coroutines each hold at most one request, and the connector allows
 `--workers` connections per host, so a request never waits for a pooled connection and
@@ -46,8 +46,8 @@ Requests. `--workers` coroutines each hold at most one request, and the connecto
   * Redirects are followed (at most 10).
   * Every 2xx body must decode as an image: PIL's `verify()` and then a full decode.
     A 200 carrying an HTML page is a failure (with its content type in the ledger), not
-    a file, and is not retried (a rerun tries again). `--max_side` re-encodes an image whose longer side exceeds it as an RGB JPEG
-    of that side (quality 90), to save disk.
+    a file, and is not retried (a rerun tries again). `--max_side` re-encodes an image
+    whose longer side exceeds it as an RGB JPEG of that side (quality 90), to save disk.
   * An unreachable prefix stops the run early: after `--abort_after` failed connection
     attempts (refused, unreachable, unknown host, connect timeout) in a row with no
     response in between, the run stops with a message naming the prefix (exit status
@@ -67,7 +67,7 @@ Ledger, in ROPE_DIR:
   download_report.json      status (running / complete / aborted), counts (requested,
                             downloaded, already_present, failed, not_attempted,
                             invalid_names, duplicate_names, frames_skipped_by_sampling,
-                            bytes), failures by reason, and the options. Written when
+                            bytes written), failures by reason, and the options. Written when
                             the run starts and when it ends.
   download_failures.jsonl   one line per image that failed in this run: {file, line,
                             id, name, url, status, error, attempts} (file/line: the
