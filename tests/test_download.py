@@ -1,25 +1,22 @@
 """Downloading a ROPE release by URL, against a local HTTP server that misbehaves on cue.
 
 The data is `data_pipelines.synthetic`'s URL form (txt files + a served image folder).
-The server (stdlib `http.server` on 127.0.0.1 in a thread) serves it under
-/rope/images/ and can answer a given file name with 404, 403, 500, 429/503 with
-Retry-After, a slow response, a body shorter than its Content-Length, an HTML page or a
-connection reset. The last check of every test: the ledger and the files on disk agree.
+The server (`tests/image_server.py`: stdlib `http.server` on 127.0.0.1 in a thread)
+serves it under /rope/images/ and can answer a given file name with 404, 403, 500,
+429/503 with Retry-After, a slow response, a body shorter than its Content-Length, an
+HTML page or a connection reset. The last check of every test: the ledger and the files
+on disk agree.
 """
 
-import collections
+import datetime
 import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
-import http.server
 
 from PIL import Image
 import pytest
@@ -28,114 +25,13 @@ from data_pipelines import download
 from data_pipelines import rope_format
 from data_pipelines import synthetic
 from data_pipelines import transforms
+from tests import image_server
 
 DATA = {"products": 3, "test_products": 2, "frames_per_clip": 4, "image_size": 32, "seed": 1}
 NUM_FRAMES = 2  # of the 4 per clip: the two segment middles are fetched
-SERVED_PATH = "/rope/images/"
 FAST = {"workers": 4, "timeout": 5.0, "retries": 2, "backoff": 0.01, "max_backoff": 0.05,
         "progress": False, "log": lambda line: None}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# --- the server --------------------------------------------------------------------
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"  # keep-alive, as real image servers
-  disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls
-
-  def log_message(self, *args):  # quiet
-    pass
-
-  def do_GET(self):  # pylint: disable=invalid-name
-    server = self.server.owner
-    if not self.path.startswith(SERVED_PATH):
-      self._send(404, b"no such path", "text/plain")
-      return
-    name = urllib.parse.unquote(self.path[len(SERVED_PATH):])
-    action = server.next_action(name)
-    if server.delay:
-      time.sleep(server.delay)
-    path = os.path.join(server.served_dir, name)
-    if action in ("404", "403", "500"):
-      self._send(int(action), b"<html>error</html>", "text/html")
-    elif action in ("429", "503"):
-      self._send(int(action), b"slow down", "text/plain", {"Retry-After": "1"})
-    elif action == "html":
-      self._send(200, b"<!DOCTYPE html><html><body>Sorry, not found</body></html>",
-                 "text/html")
-    elif action == "reset":  # RST instead of an answer
-      self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                 struct.pack("ii", 1, 0))
-      self.connection.close()
-      self.close_connection = True
-    elif not os.path.isfile(path):
-      self._send(404, b"not found", "text/plain")
-    else:
-      with open(path, "rb") as f:
-        data = f.read()
-      if action == "slow":
-        time.sleep(server.slow_seconds)
-      if action == "truncated":  # promises more than it sends, then hangs up
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(data) + 500))
-        self.end_headers()
-        self.wfile.write(data[:len(data) // 2])
-        self.close_connection = True
-        return
-      self._send(200, data, "image/jpeg")
-
-  def _send(self, status, body, content_type, headers=None):
-    self.send_response(status)
-    self.send_header("Content-Type", content_type)
-    self.send_header("Content-Length", str(len(body)))
-    for key, value in (headers or {}).items():
-      self.send_header(key, value)
-    self.end_headers()
-    self.wfile.write(body)
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-  daemon_threads = True
-
-  def handle_error(self, request, client_address):
-    pass  # clients that gave up (timeouts, resets) are expected here
-
-
-class FlakyServer:
-  """Serves `served_dir`; `script[name]` is a list of actions used up one request at a
-  time, then `always[name]` (default "ok") answers."""
-
-  def __init__(self, served_dir):
-    self.served_dir = served_dir
-    self.httpd = _QuietServer(("127.0.0.1", 0), _Handler)
-    self.httpd.owner = self
-    self._lock = threading.Lock()
-    self.reset()
-    self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-    self._thread.start()
-
-  def reset(self):
-    with self._lock:
-      self.script = {}
-      self.always = {}
-      self.requests = collections.defaultdict(list)  # name -> [monotonic time]
-      self.delay = 0.0
-      self.slow_seconds = 1.5  # the slow test's --timeout is 0.5 s
-
-  def next_action(self, name):
-    with self._lock:
-      self.requests[name].append(time.monotonic())
-      queued = self.script.get(name)
-      return queued.pop(0) if queued else self.always.get(name, "ok")
-
-  @property
-  def prefix(self):
-    return f"http://127.0.0.1:{self.httpd.server_address[1]}{SERVED_PATH}"
-
-  def stop(self):
-    self.httpd.shutdown()
-    self.httpd.server_close()
 
 
 # --- fixtures ----------------------------------------------------------------------
@@ -165,7 +61,7 @@ def release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def module_server(release):
-  server = FlakyServer(release["served"])
+  server = image_server.FlakyServer(release["served"])
   yield server
   server.stop()
 
@@ -438,7 +334,6 @@ def test_kill_9_mid_run_loses_nothing_complete(rope_dir, server, release):
 
 
 def test_retry_after_accepts_seconds_and_http_dates():
-  import datetime  # pylint: disable=g-import-not-at-top
   now = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
   assert download.retry_after_seconds("7", now) == 7.0
   assert download.retry_after_seconds("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
@@ -487,7 +382,7 @@ def test_injected_image_faults_become_ledger_lines(tmp_path):
     faults = json.load(f)["faults"]
   damaged = {fault["image"]: fault["kind"] for fault in faults
              if fault["kind"] in ("missing_image_file", "truncated_jpeg")}
-  server = FlakyServer(served)
+  server = image_server.FlakyServer(served)
   try:
     report = download.download(rope, server.prefix, all_frames=True, **FAST)
   finally:
