@@ -247,6 +247,13 @@ class _ImageResolver:
     return None
 
 
+class _NamesAsWritten:
+  """A resolver that keeps each image file name as the txt file writes it."""
+
+  def resolve(self, name: str) -> str:
+    return name
+
+
 def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
                 report: _Problems) -> dict[str, list[tuple[int, str, int]]]:
   """item id -> [(frame key, image path, line)] (one entry, key 0, for pages)."""
@@ -326,6 +333,27 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
       keys, frame_paths, lines = zip(*frames)
       records[item_id] = ClipRecord(item_id, product_id, text, frame_paths, keys, lines)
   return records
+
+
+def media_names(root: str, split: str, domain: str
+                ) -> tuple[dict[str, list[tuple[int, str, int]]], list[dict]]:
+  """The image file names that `load_rope` would use for one domain, without the files.
+
+  Reads the domain's pair file and media file with the same rules as `load_rope`, but
+  neither resolves nor checks the names: for fetching the images a release names.
+
+  Returns:
+    (item id -> [(frame key, image file name as written, media-file line)] in time
+    order (one entry, key 0, for a page), for every paired id with at least one
+    usable row, in media-file order; the problems found in the two files).
+  """
+  files = DOMAIN_FILES[domain]
+  problems: list[dict] = []
+  pair_name, media_name = file_name(split, files.pair), file_name(split, files.media)
+  paired = _read_pairs(os.path.join(root, pair_name), domain, _Problems(problems, pair_name))
+  media = _read_media(os.path.join(root, media_name), domain, paired, _NamesAsWritten(),
+                      _Problems(problems, media_name))
+  return {item_id: sorted(rows) for item_id, rows in media.items()}, problems
 
 
 def load_rope(root: str, split: str = "training", check_files: bool = True

@@ -7,6 +7,13 @@ writes `OUT/training_*.txt` and `OUT/test_*.txt` (the nine ROPE files per split,
 files name only `<uuid>.jpg`), and `OUT/vocab.txt`, a BERT WordPiece vocabulary covering
 every text. The output depends only on the arguments: the same seed gives the same bytes.
 
+  python -m data_pipelines.synthetic --out demo_run/rope --url_form demo_run/served
+
+writes the URL form, as ROPE is released: the same txt files in OUT, nothing in
+OUT/images, and the JPEG files in IMAGES_DIR, for a local HTTP server to serve
+(`python -m http.server --bind 127.0.0.1 --directory demo_run/served 8000`) and
+`data_pipelines.download` to fetch.
+
 The data is learnable but hard in the ways ROPE is:
   * every product has a visual identity (the category's shape, a colour, a pattern and a
     glyph letter) and a Chinese title naming those attributes;
@@ -363,10 +370,10 @@ def _domain_count(rng: np.random.Generator, missing_probability: float) -> int:
   return int(min(7, 1 + rng.poisson(2.7)))
 
 
-def _write_split(split: str, products: list[Product], out_dir: str, rng: np.random.Generator,
-                 used_ids: set[str], frames_per_clip: int, image_size: int) -> _SplitFiles:
+def _write_split(split: str, products: list[Product], image_dir: str,
+                 rng: np.random.Generator, used_ids: set[str], frames_per_clip: int,
+                 image_size: int) -> _SplitFiles:
   files = _SplitFiles(split)
-  image_dir = os.path.join(out_dir, rope_format.IMAGE_SUBDIR)
   frame_rows = {"video_frames": [], "live_clips": []}
 
   def save(jpeg: bytes) -> str:
@@ -418,79 +425,146 @@ def _pick(lines: list[_Line], rng: np.random.Generator) -> tuple[int, list[str]]
       return index, [f.strip() for f in lines[index].text.split(",", 2)]
 
 
-def _inject_faults(files: _SplitFiles, out_dir: str, rng: np.random.Generator,
-                   used_ids: set[str]) -> None:
-  """Damages one split in place; each damaged line carries its fault description."""
-  lines = files.lines
-  image_dir = os.path.join(out_dir, rope_format.IMAGE_SUBDIR)
+def _fault(kind: str, detected_by: str = "load_rope", **details) -> dict:
+  """A fault description, as listed in `injected_faults.json` (plus file and line)."""
+  return {"kind": kind, "detected_by": detected_by, **details}
 
-  def fault(kind: str, detected_by: str = "load_rope", **details) -> dict:
-    return {"kind": kind, "detected_by": detected_by, **details}
 
-  product_id = _pick(lines["product_pages_pair"], rng)[1][0]
-  _, (video_id, _, _) = _pick(lines["video_frames"], rng)
-  _, (live_id, _, _) = _pick(lines["live_clips"], rng)
+@dataclasses.dataclass
+class _Damage:
+  """What every fault injector works on: one split's lines and images, and the stream."""
+  lines: dict[str, list[_Line]]  # txt-file kind -> lines (damaged in place)
+  image_dir: str
+  rng: np.random.Generator
+  used_ids: set[str]
+  product_id: str  # a product, a video and a live that the injectors may refer to
+  video_id: str
+  live_id: str
 
-  # Malformed rows.
-  _insert(lines["product_pages_pair"], _Line(product_id, fault("missing_columns")), rng)
-  _insert(lines["video_frames"], _Line(f"{video_id}, 12", fault("missing_columns")), rng)
-  _insert(lines["video_frames"], _Line(f"{video_id}, 1O, {_new_uuid(rng)}.jpg",
-                                       fault("non_numeric_frame_number")), rng)
-  _insert(lines["live_clips"], _Line(f"{live_id}, 16500000x0000, {_new_uuid(rng)}.jpg",
-                                     fault("non_numeric_frame_number")), rng)
-  _insert(lines["page_titles"], _Line("", fault("blank_line")), rng)
-  _insert(lines["video_asrs"], _Line("   ", fault("blank_line")), rng)
 
-  # Exact duplicates, placed after the row they repeat.
+def _missing_columns(damage: _Damage) -> None:
+  """A pair row with one column; a frame row with two."""
+  lines, rng = damage.lines, damage.rng
+  _insert(lines["product_pages_pair"], _Line(damage.product_id, _fault("missing_columns")),
+          rng)
+  _insert(lines["video_frames"], _Line(f"{damage.video_id}, 12", _fault("missing_columns")),
+          rng)
+
+
+def _non_numeric_frame_number(damage: _Damage) -> None:
+  """A frame number with a letter O for a zero; a timestamp with an x."""
+  lines, rng = damage.lines, damage.rng
+  _insert(lines["video_frames"], _Line(f"{damage.video_id}, 1O, {_new_uuid(rng)}.jpg",
+                                       _fault("non_numeric_frame_number")), rng)
+  _insert(lines["live_clips"], _Line(f"{damage.live_id}, 16500000x0000, {_new_uuid(rng)}.jpg",
+                                     _fault("non_numeric_frame_number")), rng)
+
+
+def _blank_line(damage: _Damage) -> None:
+  """An empty line and a line of spaces."""
+  _insert(damage.lines["page_titles"], _Line("", _fault("blank_line")), damage.rng)
+  _insert(damage.lines["video_asrs"], _Line("   ", _fault("blank_line")), damage.rng)
+
+
+def _duplicate_row(damage: _Damage) -> None:
+  """Exact duplicates, each placed after the row it repeats."""
+  lines, rng = damage.lines, damage.rng
   for kind in ("product_pages_pair", "video_asrs", "live_clips"):
     index, _ = _pick(lines[kind], rng)
-    _insert(lines[kind], _Line(lines[kind][index].text, fault("duplicate_row")), rng, index)
+    _insert(lines[kind], _Line(lines[kind][index].text, _fault("duplicate_row")), rng, index)
 
-  # A page paired with a second product (the first pairing wins).
+
+def _conflicting_pair(damage: _Damage) -> None:
+  """A page paired with a second product (the first pairing wins)."""
+  lines, rng = damage.lines, damage.rng
   index, (first_product, page_id) = _pick(lines["product_pages_pair"], rng)
   other_product = next(l.text.split(",")[0] for l in lines["product_videos_pair"]
                        if l.text.split(",")[0] != first_product)
   _insert(lines["product_pages_pair"], _Line(f"{other_product}, {page_id}",
-                                             fault("conflicting_pair", id=page_id)), rng, index)
+                                             _fault("conflicting_pair", id=page_id)), rng, index)
 
-  # Ids that cannot be used: no image / no frames, or never paired.
-  new_page = _new_id(rng, 14, used_ids)
-  _insert(lines["product_pages_pair"], _Line(f"{product_id}, {new_page}",
-                                             fault("page_without_image", id=new_page)), rng)
-  lines["page_titles"].append(_Line(f"{new_page}, 无图商品，测试"))
-  new_video = _new_id(rng, 16, used_ids)
-  _insert(lines["product_videos_pair"], _Line(f"{product_id}, {new_video}",
-                                              fault("video_without_frames", id=new_video)), rng)
-  lines["video_asrs"].append(_Line(f"{new_video}, 没有画面的视频"))
+
+def _page_without_image(damage: _Damage) -> None:
+  """A paired page with a title and no image row."""
+  new_page = _new_id(damage.rng, 14, damage.used_ids)
+  _insert(damage.lines["product_pages_pair"],
+          _Line(f"{damage.product_id}, {new_page}", _fault("page_without_image", id=new_page)),
+          damage.rng)
+  damage.lines["page_titles"].append(_Line(f"{new_page}, 无图商品，测试"))
+
+
+def _video_without_frames(damage: _Damage) -> None:
+  """A paired video with ASR text and no frame rows."""
+  new_video = _new_id(damage.rng, 16, damage.used_ids)
+  _insert(damage.lines["product_videos_pair"],
+          _Line(f"{damage.product_id}, {new_video}",
+                _fault("video_without_frames", id=new_video)), damage.rng)
+  damage.lines["video_asrs"].append(_Line(f"{new_video}, 没有画面的视频"))
+
+
+def _unpaired_id(damage: _Damage) -> None:
+  """A title and a live frame about ids that no pair file names."""
+  lines, rng, used_ids = damage.lines, damage.rng, damage.used_ids
   _insert(lines["page_titles"], _Line(f"{_new_id(rng, 14, used_ids)}, 无主商品",
-                                      fault("unpaired_id")), rng)
+                                      _fault("unpaired_id")), rng)
   _insert(lines["live_clips"], _Line(f"{_new_id(rng, 16, used_ids)}, 1650000000000, "
-                                     f"{_new_uuid(rng)}.jpg", fault("unpaired_id")), rng)
+                                     f"{_new_uuid(rng)}.jpg", _fault("unpaired_id")), rng)
 
-  # Image files: deleted (reader finds them missing) or truncated (decoding fails).
-  for kind, action in (("page_images", "missing_image_file"), ("video_frames", "missing_image_file"),
-                       ("page_images", "truncated_jpeg"), ("video_frames", "truncated_jpeg")):
-    index, fields = _pick(lines[kind], rng)
-    path = os.path.join(image_dir, fields[-1])
-    if action == "missing_image_file":
-      os.remove(path)
-      lines[kind][index].fault = fault(action, id=fields[0], image=fields[-1])
-    else:
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-      lines[kind][index].fault = fault(action, detected_by="prepare", id=fields[0],
-                                       image=fields[-1])
 
-  # A usable page whose title row is missing: kept with text 空.
+def _missing_image_file(damage: _Damage) -> None:
+  """A page image and a video frame deleted (the reader finds them missing)."""
+  for kind in ("page_images", "video_frames"):
+    index, fields = _pick(damage.lines[kind], damage.rng)
+    os.remove(os.path.join(damage.image_dir, fields[-1]))
+    damage.lines[kind][index].fault = _fault("missing_image_file", id=fields[0],
+                                             image=fields[-1])
+
+
+def _truncated_jpeg(damage: _Damage) -> None:
+  """A page image and a video frame cut to half their bytes (decoding fails)."""
+  for kind in ("page_images", "video_frames"):
+    index, fields = _pick(damage.lines[kind], damage.rng)
+    path = os.path.join(damage.image_dir, fields[-1])
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+    damage.lines[kind][index].fault = _fault("truncated_jpeg", detected_by="prepare",
+                                             id=fields[0], image=fields[-1])
+
+
+def _missing_text(damage: _Damage) -> None:
+  """A usable page (a copy of another page's image) whose title row is missing: kept
+  with the text 空."""
+  lines, rng = damage.lines, damage.rng
   _, (_, template_image) = _pick(lines["page_images"], rng)
-  with open(os.path.join(image_dir, template_image), "rb") as f:
+  with open(os.path.join(damage.image_dir, template_image), "rb") as f:
     copy_name = _new_uuid(rng) + ".jpg"
-    with open(os.path.join(image_dir, copy_name), "wb") as g:
+    with open(os.path.join(damage.image_dir, copy_name), "wb") as g:
       g.write(f.read())
-  untitled_page = _new_id(rng, 14, used_ids)
-  _insert(lines["product_pages_pair"], _Line(f"{product_id}, {untitled_page}",
-                                             fault("missing_text", id=untitled_page)), rng)
+  untitled_page = _new_id(rng, 14, damage.used_ids)
+  _insert(lines["product_pages_pair"], _Line(f"{damage.product_id}, {untitled_page}",
+                                             _fault("missing_text", id=untitled_page)), rng)
   lines["page_images"].append(_Line(f"{untitled_page}, {copy_name}"))
+
+
+# Every kind of damage, applied in this order (the order fixes the random stream, so the
+# same seed gives the same faults). Adding a kind: one function, one entry.
+FAULT_INJECTORS = (
+    _missing_columns, _non_numeric_frame_number, _blank_line, _duplicate_row,
+    _conflicting_pair, _page_without_image, _video_without_frames, _unpaired_id,
+    _missing_image_file, _truncated_jpeg, _missing_text,
+)
+
+
+def _inject_faults(files: _SplitFiles, image_dir: str, rng: np.random.Generator,
+                   used_ids: set[str]) -> None:
+  """Damages one split in place; each damaged line carries its fault description."""
+  lines = files.lines
+  product_id = _pick(lines["product_pages_pair"], rng)[1][0]
+  _, (video_id, _, _) = _pick(lines["video_frames"], rng)
+  _, (live_id, _, _) = _pick(lines["live_clips"], rng)
+  damage = _Damage(lines, image_dir, rng, used_ids, product_id, video_id, live_id)
+  for inject in FAULT_INJECTORS:
+    inject(damage)
 
 
 # --- vocabulary --------------------------------------------------------------------
@@ -515,7 +589,7 @@ def make_vocab(texts: list[str]) -> list[str]:
 
 def generate(out_dir: str, *, products: int = 240, test_products: int = 60,
              frames_per_clip: int = 8, image_size: int = 64, seed: int = 0,
-             inject_faults: bool = False) -> dict:
+             inject_faults: bool = False, url_form_images: str | None = None) -> dict:
   """Writes a synthetic ROPE directory to `out_dir`; returns a summary dict.
 
   Args:
@@ -526,12 +600,18 @@ def generate(out_dir: str, *, products: int = 240, test_products: int = 60,
     image_size: side of the square JPEGs, in pixels.
     seed: everything (ids, file names, pictures, texts) follows from it.
     inject_faults: damage the data and write `injected_faults.json`.
+    url_form_images: None: the images go to `out_dir/images/`. A directory: the URL
+      form, as ROPE is released: `out_dir` gets the txt files only, and the images go
+      to this directory (serve it over HTTP and fetch them with
+      `data_pipelines.download`). Same seed, same bytes either way.
   """
   if products < 2 or test_products < 2 or frames_per_clip < 2 or image_size < 16:
     raise ValueError("need products >= 2, test_products >= 2, frames_per_clip >= 2 and "
                      f"image_size >= 16; got {products}, {test_products}, "
                      f"{frames_per_clip}, {image_size}")
-  os.makedirs(os.path.join(out_dir, rope_format.IMAGE_SUBDIR), exist_ok=True)
+  image_dir = url_form_images or os.path.join(out_dir, rope_format.IMAGE_SUBDIR)
+  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(image_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   used_ids: set[str] = set()
   used_looks: set[tuple] = set()
@@ -541,13 +621,13 @@ def generate(out_dir: str, *, products: int = 240, test_products: int = 60,
   for split_index, (split, count) in enumerate((("training", products),
                                                 ("test", test_products))):
     split_products = plan_products(rng, count, used_ids, used_looks)
-    files = _write_split(split, split_products, out_dir, rng, used_ids, frames_per_clip,
+    files = _write_split(split, split_products, image_dir, rng, used_ids, frames_per_clip,
                          image_size)
     summary["splits"][split] = {
         "products": count,
         **{domain.plural: len(files.lines[domain.files.pair]) for domain in domains.DOMAINS}}
     if inject_faults:  # a separate stream, so the clean content matches a clean run
-      _inject_faults(files, out_dir, np.random.default_rng([seed, split_index]), used_ids)
+      _inject_faults(files, image_dir, np.random.default_rng([seed, split_index]), used_ids)
     faults += files.write(out_dir)
     for kind in ("page_titles", "video_asrs", "live_asrs"):
       texts += [line.text.split(",", 1)[-1] for line in files.lines[kind]]
@@ -573,16 +653,22 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--inject_faults", action="store_true",
                       help="damage the data; list the faults in OUT/injected_faults.json")
+  parser.add_argument("--url_form", metavar="IMAGES_DIR", default=None,
+                      help="write the URL form: the txt files in OUT, the images in "
+                      "IMAGES_DIR (to serve over HTTP), nothing in OUT/images")
   args = parser.parse_args(argv)
   summary = generate(args.out, products=args.products, test_products=args.test_products,
                      frames_per_clip=args.frames_per_clip, image_size=args.image_size,
-                     seed=args.seed, inject_faults=args.inject_faults)
+                     seed=args.seed, inject_faults=args.inject_faults,
+                     url_form_images=args.url_form)
   for split, counts in summary["splits"].items():
     print(f"{split}: {counts['products']} products, {counts['pages']} pages, "
           f"{counts['videos']} videos, {counts['lives']} lives")
   if args.inject_faults:
     print(f"{summary['faults']} injected faults listed in "
           f"{os.path.join(args.out, 'injected_faults.json')}")
+  if args.url_form:
+    print(f"images in {args.url_form} (URL form: fetch them with data_pipelines.download)")
   print(f"wrote {args.out}")
 
 

@@ -1,6 +1,7 @@
 """The synthetic ROPE generator: format, determinism, difficulty, vocabulary."""
 
 import collections
+import json
 import os
 
 import numpy as np
@@ -114,3 +115,20 @@ def test_live_frames_are_blurrier_than_page_images(tiny_rope_dir):
   page = np.mean([sharpness(p.image) for p in catalog.pages.values()])
   live = np.mean([sharpness(f) for c in catalog.lives.values() for f in c.frames])
   assert live < page
+
+
+def test_url_form_writes_the_same_files_with_images_in_a_separate_folder(tmp_path):
+  synthetic.generate(str(tmp_path / "local"), seed=5, inject_faults=True, **SMALL)
+  synthetic.generate(str(tmp_path / "url" / "rope"), seed=5, inject_faults=True,
+                     url_form_images=str(tmp_path / "url" / "served"), **SMALL)
+  local = _all_files(tmp_path / "local")
+  url_txt = _all_files(tmp_path / "url" / "rope")
+  served = _all_files(tmp_path / "url" / "served")
+  assert not os.path.exists(tmp_path / "url" / "rope" / "images")
+  assert url_txt == {k: v for k, v in local.items() if not k.startswith("images" + os.sep)}
+  assert served == {k[len("images" + os.sep):]: v for k, v in local.items()
+                    if k.startswith("images" + os.sep)}
+  # Each injector of the table leaves its kind in the fault list.
+  faults = json.loads(url_txt["injected_faults.json"])["faults"]
+  kinds = {fault["kind"] for fault in faults}
+  assert kinds == {inject.__name__.lstrip("_") for inject in synthetic.FAULT_INJECTORS}

@@ -1,0 +1,161 @@
+"""Download throughput: files/s at 1 worker vs 32 workers, against a server with latency.
+
+  python -m benchmarks.download [--products 24] [--workers 1,32] [--delay_ms 20]
+
+Writes a synthetic ROPE dataset in the URL form (`data_pipelines.synthetic --url_form`,
+64 px JPEGs, 8 frames per clip) in a temporary folder, serves its images from a local
+HTTP/1.1 server on 127.0.0.1 in a separate process (a thread per connection, every
+response held back `--delay_ms` to simulate network latency), and times
+`data_pipelines.download.download` fetching every image (`--all_frames`) into an empty
+folder at each worker count, in the same run. The time covers the whole command
+(reading the txt files, requests, checking and writing each image, the ledger);
+`--repeats` runs per worker count, the best one kept. The baseline is 1 worker: one
+request at a time, so its rate is bound by the latency (at most 1000 / delay_ms
+files/s). Prints a table and writes JSON (`--out`, default
+benchmarks/results/download.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.server
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import tempfile
+import time
+import urllib.parse
+
+from data_pipelines import download
+from data_pipelines import synthetic
+
+SERVED_PATH = "/images/"
+
+
+class _DelayedHandler(http.server.BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"
+  disable_nagle_algorithm = True  # as real servers: no 40 ms delayed-ACK stalls
+
+  def log_message(self, *args):
+    pass
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    time.sleep(self.server.delay_s)
+    body = self.server.files.get(urllib.parse.unquote(self.path[len(SERVED_PATH):]))
+    status = 200 if body is not None else 404
+    body = body if body is not None else b"not found"
+    self.send_response(status)
+    self.send_header("Content-Type", "image/jpeg" if status == 200 else "text/plain")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+
+def serve(served_dir: str, delay_s: float, port_queue) -> None:
+  """Serves the files of `served_dir` (held in memory) under /images/, each response
+  `delay_s` late; puts the port on `port_queue`. Runs until killed."""
+  files = {}
+  for name in os.listdir(served_dir):
+    with open(os.path.join(served_dir, name), "rb") as f:
+      files[name] = f.read()
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DelayedHandler)
+  server.daemon_threads = True
+  server.files, server.delay_s = files, delay_s
+  port_queue.put(server.server_address[1])
+  server.serve_forever()
+
+
+@dataclasses.dataclass
+class Measurement:
+  workers: int
+  files: int
+  seconds: float
+  files_per_s: float
+  megabytes_per_s: float
+
+
+def measure(rope_dir: str, prefix: str, workers: int, repeats: int) -> Measurement:
+  best = None
+  for _ in range(repeats):
+    out = os.path.join(rope_dir, "images")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    report = download.download(rope_dir, prefix, all_frames=True, workers=workers,
+                               progress=False, log=lambda line: None)
+    seconds = time.perf_counter() - start
+    counts = report["counts"]
+    assert counts["downloaded"] == counts["requested"] and not counts["failed"], counts
+    if best is None or seconds < best[0]:
+      best = (seconds, counts)
+  seconds, counts = best
+  return Measurement(workers, counts["downloaded"], round(seconds, 3),
+                     round(counts["downloaded"] / seconds, 1),
+                     round(counts["bytes"] / seconds / 1e6, 2))
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="benchmarks/results/download.json")
+  parser.add_argument("--products", type=int, default=24,
+                      help="training products of the generated dataset (test: a quarter)")
+  parser.add_argument("--workers", default="1,32", help="comma-separated worker counts; "
+                      "the first is the baseline")
+  parser.add_argument("--delay_ms", type=float, default=20.0,
+                      help="latency the server adds to every response")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="runs per worker count above 1 (the best is kept)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  worker_counts = [int(w) for w in args.workers.split(",")]
+
+  with tempfile.TemporaryDirectory(prefix="cope_download_bench_") as root:
+    rope_dir, served = os.path.join(root, "rope"), os.path.join(root, "served")
+    synthetic.generate(rope_dir, products=args.products,
+                       test_products=max(2, args.products // 4), frames_per_clip=8,
+                       image_size=64, seed=args.seed, url_form_images=served)
+    context = multiprocessing.get_context("spawn")
+    port_queue = context.Queue()
+    server = context.Process(target=serve, args=(served, args.delay_ms / 1000, port_queue),
+                             daemon=True)
+    server.start()
+    try:
+      prefix = f"http://127.0.0.1:{port_queue.get(timeout=60)}{SERVED_PATH}"
+      measurements = [measure(rope_dir, prefix, workers, 1 if workers == 1 else args.repeats)
+                      for workers in worker_counts]
+    finally:
+      server.kill()
+      server.join()
+
+  baseline = measurements[0]
+  speedups = {m.workers: m.files_per_s / baseline.files_per_s for m in measurements}
+  header = (f"{'workers':>7} {'files':>6} {'seconds':>8} {'files/s':>8} {'MB/s':>6} "
+            f"{'vs ' + str(baseline.workers) + ' worker':>12}")
+  print(f"server latency {args.delay_ms:g} ms per request (bound for 1 worker: "
+        f"{1000 / args.delay_ms:.0f} files/s)")
+  print(header)
+  print("-" * len(header))
+  for m in measurements:
+    print(f"{m.workers:>7} {m.files:>6} {m.seconds:>8.2f} {m.files_per_s:>8.1f} "
+          f"{m.megabytes_per_s:>6.2f} {speedups[m.workers]:>11.1f}x")
+  report = {
+      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                  "python": platform.python_version(),
+                  "load_average_1min": round(os.getloadavg()[0], 2)},
+      "setup": {"delay_ms": args.delay_ms, "train_products": args.products,
+                "jpeg_side": 64, "frames_per_clip": 8, "all_frames": True,
+                "server": "http.server ThreadingHTTPServer, HTTP/1.1, separate process",
+                "repeats": args.repeats},
+      "measurements": [dataclasses.asdict(m) for m in measurements],
+      "speedup_vs_baseline": {f"{w}_workers": round(r, 2) for w, r in speedups.items()},
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
