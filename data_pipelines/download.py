@@ -217,7 +217,7 @@ def resolve_splits(rope_dir: str, split: str) -> list[str]:
     if not splits:
       raise FileNotFoundError(f"ROPE directory {rope_dir!r} holds no split "
                               f"({' or '.join(rope_format.SPLITS)}): no "
-                              f"{rope_format.file_name('training', 'product_pages_pair')}")
+                              f"{rope_format.file_name('training', domains.DOMAINS[0].files.pair)}")
   else:
     splits = [split]
   for name in splits:

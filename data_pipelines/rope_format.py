@@ -347,7 +347,7 @@ def media_names(root: str, split: str, domain: str
     order (one entry, key 0, for a page), for every paired id with at least one
     usable row, in media-file order; the problems found in the two files).
   """
-  files = DOMAIN_FILES[domain]
+  files = domains.get(domain).files
   problems: list[dict] = []
   pair_name, media_name = file_name(split, files.pair), file_name(split, files.media)
   paired = _read_pairs(os.path.join(root, pair_name), domain, _Problems(problems, pair_name))

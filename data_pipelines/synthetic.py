@@ -69,6 +69,10 @@ LIVE_FILLERS = ("直播间的朋友们", "上车上车", "1号链接", "秒杀",
                 "主播亲测", "拍一发一", "扣1", "马上开价")
 
 MISSING_TEXT = rope_format.MISSING_TEXT
+# The ROPE files of each domain (fault injectors name the file they damage).
+_PAGE = domains.get("page").files
+_VIDEO = domains.get("video").files
+_LIVE = domains.get("live").files
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -370,11 +374,28 @@ def _domain_count(rng: np.random.Generator, missing_probability: float) -> int:
   return int(min(7, 1 + rng.poisson(2.7)))
 
 
+def _video_frame_numbers(rng: np.random.Generator, count: int) -> np.ndarray:
+  """Frame numbers that cross digit-count boundaries (9 -> 10 ...)."""
+  return int(rng.integers(0, 10)) + int(rng.integers(3, 30)) * np.arange(count)
+
+
+def _live_timestamps(rng: np.random.Generator, count: int) -> np.ndarray:
+  """13-digit epoch milliseconds, a second or so apart."""
+  start = 1_650_000_000_000 + int(rng.integers(0, 10 ** 10))
+  return start + np.cumsum(rng.integers(800, 5000, count))
+
+
+# How each clip domain looks: (frame renderer, frame keys, ASR spoken by a live host).
+_CLIP_STYLES = {"video": (render_video, _video_frame_numbers, False),
+                "live": (render_live, _live_timestamps, True)}
+
+
 def _write_split(split: str, products: list[Product], image_dir: str,
                  rng: np.random.Generator, used_ids: set[str], frames_per_clip: int,
                  image_size: int) -> _SplitFiles:
   files = _SplitFiles(split)
-  frame_rows = {"video_frames": [], "live_clips": []}
+  clip_domains = [domain for domain in domains.DOMAINS if domain.is_clip]
+  frame_rows = {domain.files.media: [] for domain in clip_domains}
 
   def save(jpeg: bytes) -> str:
     name = _new_uuid(rng) + ".jpg"
@@ -386,24 +407,19 @@ def _write_split(split: str, products: list[Product], image_dir: str,
     sprite = render_product(product, image_size)
     for _ in range(_domain_count(rng, 0.04)):
       page_id = _new_id(rng, 14, used_ids)
-      files.add("product_pages_pair", product.product_id, page_id)
-      files.add("page_titles", page_id, _maybe_missing(make_title(product, rng), rng, 0.03))
-      files.add("page_images", page_id, save(render_page(sprite, rng, image_size)))
-    for domain, render, frame_kind, pair_kind, text_kind in (
-        ("video", render_video, "video_frames", "product_videos_pair", "video_asrs"),
-        ("live", render_live, "live_clips", "product_lives_pair", "live_asrs")):
+      files.add(_PAGE.pair, product.product_id, page_id)
+      files.add(_PAGE.text, page_id, _maybe_missing(make_title(product, rng), rng, 0.03))
+      files.add(_PAGE.media, page_id, save(render_page(sprite, rng, image_size)))
+    for domain in clip_domains:
+      render, frame_keys, live = _CLIP_STYLES[domain.name]
       for _ in range(_domain_count(rng, 0.08)):
         clip_id = _new_id(rng, 16, used_ids)
-        files.add(pair_kind, product.product_id, clip_id)
-        asr = make_asr(product, rng, live=domain == "live")
-        files.add(text_kind, clip_id, _maybe_missing(asr, rng, 0.1))
-        if domain == "video":  # frame numbers cross digit-count boundaries (9 -> 10 ...)
-          keys = int(rng.integers(0, 10)) + int(rng.integers(3, 30)) * np.arange(frames_per_clip)
-        else:  # 13-digit epoch milliseconds
-          start = 1_650_000_000_000 + int(rng.integers(0, 10 ** 10))
-          keys = start + np.cumsum(rng.integers(800, 5000, frames_per_clip))
+        files.add(domain.files.pair, product.product_id, clip_id)
+        asr = make_asr(product, rng, live=live)
+        files.add(domain.files.text, clip_id, _maybe_missing(asr, rng, 0.1))
+        keys = frame_keys(rng, frames_per_clip)
         for key, jpeg in zip(keys, render(sprite, rng, image_size, frames_per_clip)):
-          frame_rows[frame_kind].append(f"{clip_id}, {int(key)}, {save(jpeg)}")
+          frame_rows[domain.files.media].append(f"{clip_id}, {int(key)}, {save(jpeg)}")
   for kind, rows in frame_rows.items():  # ROPE's frame files are not in time order
     for i in rng.permutation(len(rows)):
       files.lines[kind].append(_Line(rows[i]))
@@ -445,31 +461,31 @@ class _Damage:
 def _missing_columns(damage: _Damage) -> None:
   """A pair row with one column; a frame row with two."""
   lines, rng = damage.lines, damage.rng
-  _insert(lines["product_pages_pair"], _Line(damage.product_id, _fault("missing_columns")),
+  _insert(lines[_PAGE.pair], _Line(damage.product_id, _fault("missing_columns")),
           rng)
-  _insert(lines["video_frames"], _Line(f"{damage.video_id}, 12", _fault("missing_columns")),
+  _insert(lines[_VIDEO.media], _Line(f"{damage.video_id}, 12", _fault("missing_columns")),
           rng)
 
 
 def _non_numeric_frame_number(damage: _Damage) -> None:
   """A frame number with a letter O for a zero; a timestamp with an x."""
   lines, rng = damage.lines, damage.rng
-  _insert(lines["video_frames"], _Line(f"{damage.video_id}, 1O, {_new_uuid(rng)}.jpg",
+  _insert(lines[_VIDEO.media], _Line(f"{damage.video_id}, 1O, {_new_uuid(rng)}.jpg",
                                        _fault("non_numeric_frame_number")), rng)
-  _insert(lines["live_clips"], _Line(f"{damage.live_id}, 16500000x0000, {_new_uuid(rng)}.jpg",
+  _insert(lines[_LIVE.media], _Line(f"{damage.live_id}, 16500000x0000, {_new_uuid(rng)}.jpg",
                                      _fault("non_numeric_frame_number")), rng)
 
 
 def _blank_line(damage: _Damage) -> None:
   """An empty line and a line of spaces."""
-  _insert(damage.lines["page_titles"], _Line("", _fault("blank_line")), damage.rng)
-  _insert(damage.lines["video_asrs"], _Line("   ", _fault("blank_line")), damage.rng)
+  _insert(damage.lines[_PAGE.text], _Line("", _fault("blank_line")), damage.rng)
+  _insert(damage.lines[_VIDEO.text], _Line("   ", _fault("blank_line")), damage.rng)
 
 
 def _duplicate_row(damage: _Damage) -> None:
   """Exact duplicates, each placed after the row it repeats."""
   lines, rng = damage.lines, damage.rng
-  for kind in ("product_pages_pair", "video_asrs", "live_clips"):
+  for kind in (_PAGE.pair, _VIDEO.text, _LIVE.media):
     index, _ = _pick(lines[kind], rng)
     _insert(lines[kind], _Line(lines[kind][index].text, _fault("duplicate_row")), rng, index)
 
@@ -477,43 +493,43 @@ def _duplicate_row(damage: _Damage) -> None:
 def _conflicting_pair(damage: _Damage) -> None:
   """A page paired with a second product (the first pairing wins)."""
   lines, rng = damage.lines, damage.rng
-  index, (first_product, page_id) = _pick(lines["product_pages_pair"], rng)
-  other_product = next(l.text.split(",")[0] for l in lines["product_videos_pair"]
+  index, (first_product, page_id) = _pick(lines[_PAGE.pair], rng)
+  other_product = next(l.text.split(",")[0] for l in lines[_VIDEO.pair]
                        if l.text.split(",")[0] != first_product)
-  _insert(lines["product_pages_pair"], _Line(f"{other_product}, {page_id}",
+  _insert(lines[_PAGE.pair], _Line(f"{other_product}, {page_id}",
                                              _fault("conflicting_pair", id=page_id)), rng, index)
 
 
 def _page_without_image(damage: _Damage) -> None:
   """A paired page with a title and no image row."""
   new_page = _new_id(damage.rng, 14, damage.used_ids)
-  _insert(damage.lines["product_pages_pair"],
+  _insert(damage.lines[_PAGE.pair],
           _Line(f"{damage.product_id}, {new_page}", _fault("page_without_image", id=new_page)),
           damage.rng)
-  damage.lines["page_titles"].append(_Line(f"{new_page}, 无图商品，测试"))
+  damage.lines[_PAGE.text].append(_Line(f"{new_page}, 无图商品，测试"))
 
 
 def _video_without_frames(damage: _Damage) -> None:
   """A paired video with ASR text and no frame rows."""
   new_video = _new_id(damage.rng, 16, damage.used_ids)
-  _insert(damage.lines["product_videos_pair"],
+  _insert(damage.lines[_VIDEO.pair],
           _Line(f"{damage.product_id}, {new_video}",
                 _fault("video_without_frames", id=new_video)), damage.rng)
-  damage.lines["video_asrs"].append(_Line(f"{new_video}, 没有画面的视频"))
+  damage.lines[_VIDEO.text].append(_Line(f"{new_video}, 没有画面的视频"))
 
 
 def _unpaired_id(damage: _Damage) -> None:
   """A title and a live frame about ids that no pair file names."""
   lines, rng, used_ids = damage.lines, damage.rng, damage.used_ids
-  _insert(lines["page_titles"], _Line(f"{_new_id(rng, 14, used_ids)}, 无主商品",
+  _insert(lines[_PAGE.text], _Line(f"{_new_id(rng, 14, used_ids)}, 无主商品",
                                       _fault("unpaired_id")), rng)
-  _insert(lines["live_clips"], _Line(f"{_new_id(rng, 16, used_ids)}, 1650000000000, "
+  _insert(lines[_LIVE.media], _Line(f"{_new_id(rng, 16, used_ids)}, 1650000000000, "
                                      f"{_new_uuid(rng)}.jpg", _fault("unpaired_id")), rng)
 
 
 def _missing_image_file(damage: _Damage) -> None:
   """A page image and a video frame deleted (the reader finds them missing)."""
-  for kind in ("page_images", "video_frames"):
+  for kind in (_PAGE.media, _VIDEO.media):
     index, fields = _pick(damage.lines[kind], damage.rng)
     os.remove(os.path.join(damage.image_dir, fields[-1]))
     damage.lines[kind][index].fault = _fault("missing_image_file", id=fields[0],
@@ -522,7 +538,7 @@ def _missing_image_file(damage: _Damage) -> None:
 
 def _truncated_jpeg(damage: _Damage) -> None:
   """A page image and a video frame cut to half their bytes (decoding fails)."""
-  for kind in ("page_images", "video_frames"):
+  for kind in (_PAGE.media, _VIDEO.media):
     index, fields = _pick(damage.lines[kind], damage.rng)
     path = os.path.join(damage.image_dir, fields[-1])
     with open(path, "r+b") as f:
@@ -535,15 +551,15 @@ def _missing_text(damage: _Damage) -> None:
   """A usable page (a copy of another page's image) whose title row is missing: kept
   with the text 空."""
   lines, rng = damage.lines, damage.rng
-  _, (_, template_image) = _pick(lines["page_images"], rng)
+  _, (_, template_image) = _pick(lines[_PAGE.media], rng)
   with open(os.path.join(damage.image_dir, template_image), "rb") as f:
     copy_name = _new_uuid(rng) + ".jpg"
     with open(os.path.join(damage.image_dir, copy_name), "wb") as g:
       g.write(f.read())
   untitled_page = _new_id(rng, 14, damage.used_ids)
-  _insert(lines["product_pages_pair"], _Line(f"{damage.product_id}, {untitled_page}",
+  _insert(lines[_PAGE.pair], _Line(f"{damage.product_id}, {untitled_page}",
                                              _fault("missing_text", id=untitled_page)), rng)
-  lines["page_images"].append(_Line(f"{untitled_page}, {copy_name}"))
+  lines[_PAGE.media].append(_Line(f"{untitled_page}, {copy_name}"))
 
 
 # Every kind of damage, applied in this order (the order fixes the random stream, so the
@@ -559,9 +575,9 @@ def _inject_faults(files: _SplitFiles, image_dir: str, rng: np.random.Generator,
                    used_ids: set[str]) -> None:
   """Damages one split in place; each damaged line carries its fault description."""
   lines = files.lines
-  product_id = _pick(lines["product_pages_pair"], rng)[1][0]
-  _, (video_id, _, _) = _pick(lines["video_frames"], rng)
-  _, (live_id, _, _) = _pick(lines["live_clips"], rng)
+  product_id = _pick(lines[_PAGE.pair], rng)[1][0]
+  _, (video_id, _, _) = _pick(lines[_VIDEO.media], rng)
+  _, (live_id, _, _) = _pick(lines[_LIVE.media], rng)
   damage = _Damage(lines, image_dir, rng, used_ids, product_id, video_id, live_id)
   for inject in FAULT_INJECTORS:
     inject(damage)
@@ -629,7 +645,7 @@ def generate(out_dir: str, *, products: int = 240, test_products: int = 60,
     if inject_faults:  # a separate stream, so the clean content matches a clean run
       _inject_faults(files, image_dir, np.random.default_rng([seed, split_index]), used_ids)
     faults += files.write(out_dir)
-    for kind in ("page_titles", "video_asrs", "live_asrs"):
+    for kind in (_PAGE.text, _VIDEO.text, _LIVE.text):
       texts += [line.text.split(",", 1)[-1] for line in files.lines[kind]]
   with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8", newline="\n") as f:
     f.write("\n".join(make_vocab(texts)) + "\n")
