@@ -180,23 +180,23 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
     status = "skipped (up to date)"
     log(f"{config.name}: up to date in {dataset_dir}, skipped")
   else:
-    exists = os.path.exists(dataset_dir)
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if exists  # overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    changed = os.path.exists(dataset_dir)
+    if changed:  # built from other inputs: stale (TFDS would delete it first too)
+      shutil.rmtree(dataset_dir)
+      builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
+                               file_format=rope_tfds.FILE_FORMAT)
     runner = "a plain generator" if beam_options is None else "Apache Beam"
     log(f"{config.name}: building {', '.join(splits)} into {dataset_dir} with {runner}"
-        + (" (inputs or options changed)" if exists else ""))
+        + (" (inputs or options changed)" if changed else ""))
     tfds.display_progress_bar(progress)
-    builder.download_and_prepare(
-        file_format=rope_tfds.FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=rope_dir, download_mode=mode, beam_options=beam_options,
-            num_shards=num_shards))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=rope_dir, beam_options=beam_options, num_shards=num_shards))
     build_info = rope_tfds.read_build_info(dataset_dir)
     status = "written"
     if build_info is None or build_info["fingerprint"] != fingerprint:
-      raise RuntimeError(f"the build of {dataset_dir} left no matching {rope_tfds.BUILD_INFO_NAME}"
-                         " (were the txt files changed during the build?)")
+      raise RuntimeError(f"the build of {dataset_dir} left no matching "
+                         f"{rope_tfds.BUILD_INFO_NAME} (did the txt files change during "
+                         "the build?)")
 
   split_reports = {}
   for split in splits:

@@ -9,8 +9,8 @@ work as for any TFDS dataset. `python -m data_pipelines.prepare` is the command 
 builds it (and the library's readers, `prepare.open_domain` / `prepare.load_products`,
 read it); with TFDS directly:
 
-  builder = tfds.builder("rope/all_frames_original", data_dir=DATA_DIR)
-  builder.download_and_prepare(file_format="array_record",
+  builder = tfds.builder("rope/all_frames_original", data_dir=DATA_DIR)  # ArrayRecord
+  builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=ROPE_DIR))
 
 ROPE_DIR is the "manual" input: the nine txt files of each split and the images
@@ -217,9 +217,8 @@ def encode_image(path: str, max_side: int = 0) -> bytes:
       image.load()
       source_format, source_mode = image.format, image.mode
       rgb = image.convert("RGB")
-  except Image.UnidentifiedImageError:
-    raise OSError(f"cannot identify image file {os.path.basename(path)} "
-                  f"({len(data)} bytes)") from None
+  except Image.UnidentifiedImageError:  # its message shows a BytesIO, not the file
+    raise OSError(f"not an image file ({len(data)} bytes)") from None
   too_large = max_side > 0 and max(rgb.size) > max_side
   if source_format == "JPEG" and source_mode == "RGB" and not too_large:
     return data
@@ -286,8 +285,8 @@ def encode_row(row: dict, max_side: int) -> tuple[dict | None, list[dict]]:
       frame_keys.append(frame_key)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       problems.append({"file": row["media_file"], "line": line,
-                       "reason": f"image does not decode ({type(e).__name__}: {e}); "
-                                 "not stored",
+                       "reason": f"image {os.path.basename(path)} does not decode "
+                                 f"({type(e).__name__}: {e}); not stored",
                        "key": row["key"], "position": position, "dropped": False})
   if not frames:
     what = "all its frames" if domains.get(domain).is_clip else "its image"
@@ -353,6 +352,8 @@ class Rope(tfds.core.GeneratorBasedBuilder):
     """`rope_splits`: the ROPE splits to build (default: those in the manual dir)."""
     self._rope_splits = tuple(rope_splits) if rope_splits is not None else None
     self._build: dict[str, Any] = {}
+    if kwargs.get("file_format") is None:  # TFDS's default, TFRecord, needs TensorFlow
+      kwargs["file_format"] = FILE_FORMAT
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
