@@ -99,7 +99,9 @@ def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
   if runner is not None:
     flags.insert(0, f"--runner={runner}")
   if runner in ("DirectRunner", "direct") and workers > 1:
-    flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    if not any(f.startswith("--direct_running_mode=") for f in flags):
+      flags.append("--direct_running_mode=multi_processing")
+    flags.append(f"--direct_num_workers={workers}")
   return beam_pipeline_options.PipelineOptions(flags)
 
 
@@ -269,20 +271,12 @@ def open_domain(prepared_dir: str, split: str, domain: str) -> rope_tfds.RecordS
   name = rope_tfds.split_name(split, domain)
   if pointer["records"][split][domain] == 0:
     return rope_tfds.RecordSource(None, domain, name)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   dataset_dir = os.path.join(prepared_dir, pointer["dataset_dir"])
   try:
-    builder = tfds.builder_from_directory(dataset_dir)
-    split_info = builder.info.splits[name]
-  except (OSError, KeyError, ValueError) as e:
-    raise FileNotFoundError(f"the prepared dataset {dataset_dir} lacks split {name}: {e}; "
-                            "run `python -m data_pipelines.prepare` again") from e
-  missing = [os.fspath(p) for p in split_info.filepaths if not os.path.exists(p)]
-  if missing:
-    raise FileNotFoundError(f"{len(missing)} shard(s) of {name} are missing, e.g. "
-                            f"{missing[0]}: run `python -m data_pipelines.prepare` again "
-                            "(delete the dataset folder first)")
-  return rope_tfds.RecordSource(builder.as_data_source(split=name), domain, name)
+    return rope_tfds.open_split(dataset_dir, name, domain)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}: run `python -m data_pipelines.prepare` again (delete "
+                            f"{dataset_dir} first)") from e
 
 
 def load_products(prepared_dir: str, split: str) -> list[dict]:

@@ -47,7 +47,10 @@ Configs (`BUILDER_CONFIGS`) are the shapes that change what is stored:
   * `num_frames` T: keep only the T segment-middle frames of each clip, the frames the
     release (and `transforms.sample_frame_indices`) read for T frames. A clip with
     fewer than T frames keeps all of them. Sampling T frames from the stored ones then
-    gives exactly the frames that sampling T from the whole clip gives. 0: every frame.
+    gives exactly the frames that sampling T from the whole clip gives. Frames not kept
+    are never read (a broken one among them is not reported; a missing one is, by the
+    catalog reader, which also leaves it out before the T frames are chosen). 0: every
+    frame.
   * `max_side` S: re-encode images whose longer side exceeds S (JPEG quality 90); 0:
     images are stored as released (re-encoded only if not RGB JPEG).
 Config names say both: `all_frames_original`, `frames8_original`, `frames8_side256`...
@@ -76,6 +79,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines import domains
 from data_pipelines import rope_format
@@ -547,45 +551,53 @@ def read_products(dataset_dir: str, rope_split: str) -> list[dict]:
 class RecordSource:
   """Random access to one domain's records as the dicts of docs/interfaces.md.
 
-  Wraps `tfds.data_source`'s source of a `<split>_<domain>` split (None: no record).
+  Wraps a raw-bytes TFDS data source of a `<split>_<domain>` split (None: no record).
   Items: pages `{"id", "product_id", "product_index", "text", "image": bytes}`; videos
   and lives `{"id", "product_id", "product_index", "text", "frames": [bytes],
   "frame_keys": [int]}`. `len`, `[i]`, `__getitems__`; picklable (Grain workers).
+
+  Records are parsed straight from their `tf.train.Example` protos (each feature here
+  is one flat list: scalars have one value, sequences one value per frame), about 4x
+  faster than TFDS's generic NumPy decoding; a test checks both agree on every record.
   """
 
-  def __init__(self, source, domain: str, name: str):
-    self._source = source
+  def __init__(self, raw_source, domain: str, name: str):
+    self._source = raw_source
     self._is_clip = domains.get(domain).is_clip
     self._name = name
 
   def __len__(self) -> int:
     return 0 if self._source is None else len(self._source)
 
-  def _convert(self, example: dict) -> dict:
-    item = {"id": _to_str(example["id"]), "product_id": _to_str(example["product_id"]),
-            "product_index": int(example["product_index"]),
-            "text": _to_str(example["text"])}
-    frames = [bytes(frame) for frame in example["frames"]]
+  def _parse(self, serialized: bytes) -> dict:
+    feature = tf_example_pb2.Example.FromString(serialized).features.feature
+    item = {"id": feature["id"].bytes_list.value[0].decode("utf-8"),
+            "product_id": feature["product_id"].bytes_list.value[0].decode("utf-8"),
+            "product_index": int(feature["product_index"].int64_list.value[0]),
+            "text": feature["text"].bytes_list.value[0].decode("utf-8")}
+    frames = list(feature["frames"].bytes_list.value)
     if self._is_clip:
       item["frames"] = frames
-      item["frame_keys"] = [int(key) for key in example["frame_keys"]]
+      item["frame_keys"] = list(feature["frame_keys"].int64_list.value)
     else:
       item["image"] = frames[0]
     return item
 
-  def __getitem__(self, index: int) -> dict:
+  def _check(self, index: int) -> None:
     if not 0 <= index < len(self):
       raise IndexError(f"record {index} out of range [0, {len(self)}) of {self._name}")
-    return self._convert(self._source[index])
+
+  def __getitem__(self, index: int) -> dict:
+    self._check(index)
+    return self._parse(self._source[index])
 
   def __getitems__(self, indices) -> list[dict]:
     indices = list(indices)
     for index in indices:
-      if not 0 <= index < len(self):
-        raise IndexError(f"record {index} out of range [0, {len(self)}) of {self._name}")
+      self._check(index)
     if not indices:
       return []
-    return [self._convert(example) for example in self._source.__getitems__(indices)]
+    return [self._parse(record) for record in self._source.__getitems__(indices)]
 
   def __iter__(self) -> Iterator[dict]:
     return (self[i] for i in range(len(self)))
@@ -594,5 +606,21 @@ class RecordSource:
     return f"RecordSource({self._name}, {len(self)} records)"
 
 
-def _to_str(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def open_split(dataset_dir: str, name: str, domain: str) -> RecordSource:
+  """`RecordSource` over the TFDS split `name` of the built dataset in `dataset_dir`.
+
+  Raises:
+    FileNotFoundError: the dataset, the split or one of its shards is missing.
+  """
+  try:
+    builder = tfds.builder_from_directory(dataset_dir)
+    split_info = builder.info.splits[name]
+  except (OSError, KeyError, ValueError) as e:
+    raise FileNotFoundError(f"the dataset {dataset_dir} lacks split {name}: {e}") from e
+  missing = [os.fspath(p) for p in split_info.filepaths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} shard(s) of {name} are missing, e.g. "
+                            f"{missing[0]}")
+  raw = builder.as_data_source(split=name,
+                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  return RecordSource(raw, domain, name)

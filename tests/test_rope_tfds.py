@@ -38,10 +38,19 @@ def test_registered_builder_and_data_source_read_what_prepare_wrote(tiny_prepare
                                 split=f"{split}_{domain}")
       ours = prepare.open_domain(tiny_prepared_dir, split, domain)
       assert len(source) == len(ours) > 0
-      last = len(source) - 1
-      assert source[last]["id"].decode() == ours[last]["id"]
-      assert list(source[0]["frames"]) == (
-          ours[0]["frames"] if domain != "page" else [ours[0]["image"]])
+      # Our direct proto parsing and TFDS's own decoding agree on every record.
+      for index, item in enumerate(ours):
+        example = source[index]
+        assert item["id"] == example["id"].decode()
+        assert item["product_id"] == example["product_id"].decode()
+        assert item["product_index"] == int(example["product_index"])
+        assert item["text"] == example["text"].decode()
+        frames = [bytes(frame) for frame in example["frames"]]
+        if domain == "page":
+          assert [item["image"]] == frames and list(example["frame_keys"]) == [0]
+        else:
+          assert item["frames"] == frames
+          assert item["frame_keys"] == [int(key) for key in example["frame_keys"]]
 
 
 def test_build_info_carries_products_and_problems(tiny_prepared_dir):
