@@ -94,6 +94,18 @@ PRODUCTS_PREFIX = "rope_products-"
 JPEG_QUALITY = 90
 NUM_FRAMES_CHOICES = (0, 4, 8, 16)
 MAX_SIDE_CHOICES = (0, 256, 512)
+DESCRIPTION = """\
+ROPE (COPE, Bai et al., ICCV 2023): products shown as product pages (an image and a
+title), short videos and live-stream clips (frames and ASR text).
+
+Splits are `<rope split>_<domain>`: training_page, training_video, training_live,
+test_page, test_video, test_live. All share one layout; a page is a one-frame record.
+Records are in the order of the release's pair files (integer keys = catalog position,
+shuffling disabled). `product_index` numbers the products of a ROPE split in sorted-id
+order; rope_products-<split>.json beside the shards lists each record's product_index in
+record order. rope_build.json lists every row the reader refused and every image that
+did not decode, with its txt file and line; records none of whose images decode are not
+stored."""
 _CATALOG_DIR = "catalog.tmp"
 _PROBLEMS_PREFIX = "problems.tmp-"
 
@@ -380,7 +392,7 @@ class Rope(tfds.core.GeneratorBasedBuilder):
     })
     return tfds.core.DatasetInfo(
         builder=self,
-        description=__doc__.split("\n\n", 1)[1].split("\n\nConfigs")[0],
+        description=DESCRIPTION,
         features=features,
         disable_shuffling=True,
         homepage="https://arxiv.org/abs/2308.05550",
