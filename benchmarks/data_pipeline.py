@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     _print_table(measurements, speedups)
   report = {
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version()},
+                  "python": platform.python_version(),
+                  "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
       "dataset": {"train_products": args.products, "jpeg_side": 256,
                   "frames_per_clip": 8, "setup_seconds": round(setup_seconds, 1)},
       "config": {"num_threads": synthetic_tiny.get_config().data.num_threads,
