@@ -355,8 +355,9 @@ class Rope(tfds.core.GeneratorBasedBuilder):
   """ROPE (COPE's product pages, short videos and live clips) as ArrayRecord."""
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "Records per ROPE split and domain; integer keys in catalog "
-                            "order; product table and problems beside the shards."}
+  RELEASE_NOTES = {DATASET_VERSION: "Records per ROPE split and domain; integer keys in "
+                                    "catalog order; product tables and problems beside "
+                                    "the shards."}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "ROPE comes by e-mail after a licence agreement: put its nine txt files per split "
