@@ -1,21 +1,33 @@
-"""Training input pipeline throughput: Grain pipeline vs a plain sequential loop.
+"""Data preparation and training input throughput, each against its baseline.
 
   python -m benchmarks.data_pipeline [--batches 16] [--products 40] [--workers 0,1,2]
+  python -m benchmarks.data_pipeline --prepare_only [--products 200]
 
-Generates a synthetic ROPE-format dataset with 256 px JPEGs in a temporary folder,
-prepares it, then measures examples/s and decoded frames/s (1 page image + T video
-frames + T live frames per example) of `pipelines.make_train_dataset` at two shapes:
+Generates a synthetic ROPE-format dataset with 256 px JPEGs in a temporary folder, then
 
-  paper  224 px, T = 8 (the released recipe), batch 8 (its per-GPU batch)
-  tiny   configs/synthetic_tiny.py's shape (64 px, T = 4), batch 32
+1. Preparation (`data_pipelines.prepare`: decode-check every image, write the `rope`
+   TFDS dataset): the single-process generator (the baseline) and the Apache Beam
+   DirectRunner with `--prepare_beam_workers` processes (multi-processing mode), on the
+   same input in the same run. Reported: wall seconds (Beam's start-up included),
+   images/s, and the ratio to the single process. Both must write the same records.
+   Skipped (with a note) when apache-beam is not installed.
 
-for each worker-process count, and a naive baseline in the same run: a plain Python
-loop that reads the same records and decodes, crops, resizes and tokenises them one
-after another with PIL, building batches of the same layout. The first batch of each
-run (worker start-up) is timed separately; then the batches the pipeline can hold
-ready in its buffers are taken untimed, and the rate is measured on the next
-`--batches` batches (steady state).
-Prints a table and writes JSON (`--out`, default benchmarks/results/data_pipeline.json).
+2. Training input: examples/s and decoded frames/s (1 page image + T video frames + T
+   live frames per example) of `pipelines.make_train_dataset`, reading the single
+   process's output, at two shapes:
+
+     paper  224 px, T = 8 (the released recipe), batch 8 (its per-GPU batch)
+     tiny   configs/synthetic_tiny.py's shape (64 px, T = 4), batch 32
+
+   for each worker-process count, and a naive baseline in the same run: a plain Python
+   loop that reads the same records and decodes, crops, resizes and tokenises them one
+   after another with PIL, building batches of the same layout. The first batch of each
+   run (worker start-up) is timed separately; then the batches the pipeline can hold
+   ready in its buffers are taken untimed, and the rate is measured on the next
+   `--batches` batches (steady state).
+
+Prints the tables and writes JSON (`--out`, default benchmarks/results/data_pipeline.json;
+with --prepare_only benchmarks/results/data_pipeline_prepare.json).
 """
 
 from __future__ import annotations
@@ -58,14 +70,76 @@ class Measurement:
   frames_per_s: float
 
 
-def _make_dataset(root: str, products: int, seed: int) -> tuple[str, str]:
-  """Writes synthetic ROPE data (256 px) and its prepared shards under `root`."""
-  rope_dir, prepared_dir = os.path.join(root, "rope"), os.path.join(root, "prepared")
+@dataclasses.dataclass
+class PrepareMeasurement:
+  path: str
+  workers: int
+  seconds: float
+  records: int
+  images: int
+  images_per_s: float
+
+
+def _make_rope(root: str, products: int, seed: int) -> str:
+  """Writes synthetic ROPE data (256 px JPEGs, 8 frames per clip) under `root`."""
+  rope_dir = os.path.join(root, "rope")
   synthetic.generate(rope_dir, products=products, test_products=2, frames_per_clip=8,
                      image_size=256, seed=seed)
-  prepare.prepare(rope_dir, prepared_dir, num_workers=2, progress=False,
-                  log=lambda line: None)
-  return rope_dir, prepared_dir
+  return rope_dir
+
+
+def _count_images(rope_dir: str) -> int:
+  return sum(1 for name in os.listdir(os.path.join(rope_dir, "images"))
+             if name.endswith(".jpg"))
+
+
+def _prepared_records(prepared_dir: str) -> list:
+  return [item for split in ("training", "test") for domain in pipelines.DOMAINS
+          for item in prepare.open_domain(prepared_dir, split, domain)]
+
+
+def measure_prepare(rope_dir: str, root: str, beam_workers: int
+                    ) -> tuple[list[PrepareMeasurement], str, str | None]:
+  """Times prepare single-process and on the Beam DirectRunner; checks equal output.
+
+  Returns the measurements, the single-process output folder, and a note when the
+  Beam run was skipped.
+  """
+  images = _count_images(rope_dir)
+  runs = [("single process", 1, {})]
+  note = None
+  try:
+    import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+    runs.append(("Beam DirectRunner", beam_workers,
+                 {"workers": beam_workers, "beam_runner": "DirectRunner"}))
+  except ImportError:
+    note = "Beam row skipped: apache-beam is not installed (requirements-beam.txt)"
+  measurements, outputs = [], []
+  for path, workers, options in runs:
+    out = os.path.join(root, f"prepared_{len(outputs)}")
+    start = time.perf_counter()
+    report = prepare.prepare(rope_dir, out, progress=False, log=lambda line: None,
+                             **options)
+    seconds = time.perf_counter() - start
+    records = sum(d["records"] for s in report["splits"].values()
+                  for d in s["domains"].values())
+    measurements.append(PrepareMeasurement(path, workers, round(seconds, 2), records,
+                                           images, round(images / seconds, 1)))
+    outputs.append(out)
+  if len(outputs) == 2 and _prepared_records(outputs[0]) != _prepared_records(outputs[1]):
+    raise AssertionError("the Beam build wrote other records than the single process")
+  return measurements, outputs[0], note
+
+
+def _print_prepare_table(measurements: list[PrepareMeasurement]) -> None:
+  header = (f"{'preparation':<18} {'workers':>7} {'seconds':>8} {'records':>8} "
+            f"{'images':>7} {'images/s':>9} {'vs single':>9}")
+  print(header)
+  print("-" * len(header))
+  for m in measurements:
+    ratio = measurements[0].seconds / m.seconds
+    print(f"{m.path:<18} {m.workers:>7} {m.seconds:>8.2f} {m.records:>8} {m.images:>7} "
+          f"{m.images_per_s:>9.1f} {ratio:>8.2f}x")
 
 
 def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int):
@@ -199,7 +273,9 @@ def _print_table(measurements: list[Measurement], speedups: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="benchmarks/results/data_pipeline.json")
+  parser.add_argument("--out", default=None,
+                      help="JSON path (default benchmarks/results/data_pipeline.json, "
+                           "with --prepare_only data_pipeline_prepare.json)")
   parser.add_argument("--batches", type=int, default=16,
                       help="timed batches per measurement (after the warm-up ones)")
   parser.add_argument("--products", type=int, default=40,
@@ -208,14 +284,23 @@ def main(argv: list[str] | None = None) -> None:
                       help="comma-separated Grain worker-process counts")
   parser.add_argument("--shapes", default="paper,tiny")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--prepare_beam_workers", type=int, default=2,
+                      help="Beam DirectRunner processes in the preparation comparison")
+  parser.add_argument("--prepare_only", action="store_true",
+                      help="measure only the preparation comparison")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = ("benchmarks/results/data_pipeline_prepare.json" if args.prepare_only
+                else "benchmarks/results/data_pipeline.json")
   worker_counts = [int(w) for w in args.workers.split(",")]
-  shapes = args.shapes.split(",")
+  shapes = [] if args.prepare_only else args.shapes.split(",")
 
   with tempfile.TemporaryDirectory(prefix="cope_data_bench_") as root:
     start = time.perf_counter()
-    rope_dir, prepared_dir = _make_dataset(root, args.products, args.seed)
+    rope_dir = _make_rope(root, args.products, args.seed)
     setup_seconds = time.perf_counter() - start
+    prepare_measurements, prepared_dir, prepare_note = measure_prepare(
+        rope_dir, root, args.prepare_beam_workers)
     measurements, speedups = [], {}
     for shape in shapes:
       naive = measure_naive(_config(shape, rope_dir, prepared_dir, 0), shape,
@@ -228,10 +313,16 @@ def main(argv: list[str] | None = None) -> None:
         speedups[(shape, "grain", workers)] = (
             result.examples_per_s / naive.examples_per_s)
 
-  _print_table(measurements, speedups)
+  _print_prepare_table(prepare_measurements)
+  if prepare_note:
+    print(prepare_note)
+  if measurements:
+    print()
+    _print_table(measurements, speedups)
   report = {
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version()},
+                  "python": platform.python_version(),
+                  "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
       "dataset": {"train_products": args.products, "jpeg_side": 256,
                   "frames_per_clip": 8, "setup_seconds": round(setup_seconds, 1)},
       "config": {"num_threads": synthetic_tiny.get_config().data.num_threads,
@@ -239,6 +330,13 @@ def main(argv: list[str] | None = None) -> None:
                      synthetic_tiny.get_config().data.prefetch_buffer_size},
       "shapes": {name: dict(zip(("image_size", "num_frames", "batch_size"), value))
                  for name, value in SHAPES.items() if name in shapes},
+      "prepare": {
+          "measurements": [dataclasses.asdict(m) for m in prepare_measurements],
+          "speedup_vs_single_process": {
+              f"{m.path}/{m.workers}_workers": round(
+                  prepare_measurements[0].seconds / m.seconds, 2)
+              for m in prepare_measurements[1:]},
+          "note": prepare_note},
       "measurements": [dataclasses.asdict(m) for m in measurements],
       "speedup_vs_naive": {f"{shape}/{loader}/{workers}_workers": round(ratio, 2)
                            for (shape, loader, workers), ratio in speedups.items()},
@@ -246,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
-  print(f"dataset set-up {setup_seconds:.0f} s; wrote {args.out}")
+  print(f"dataset generation {setup_seconds:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,159 +1,70 @@
-"""ROPE directory -> ArrayRecord shards per split and domain, a product table, a report.
+"""ROPE directory -> the `rope` TFDS dataset (ArrayRecord), product tables, a report.
 
   python -m data_pipelines.prepare --rope_dir demo_run/rope --out demo_run/prepared
 
-For each split present (`training`, `test`) it parses the catalog
-(`rope_format.load_rope`), checks that every image decodes, optionally re-encodes images
-whose longer side exceeds `--max_image_side`, and writes
+  # only the 8 frames per clip training reads, images at most 256 px:
+  python -m data_pipelines.prepare --rope_dir R --out O --num_frames 8 --max_image_side 256
 
-  OUT/<split>/<domain>-<i>-of-<n>.array_record   domain in page | video | live
-  OUT/<split>/<domain>.complete.json             completion marker (see below)
-  OUT/<split>/catalog.complete.json              product ids and reader problems
-  OUT/<split>/products.json                      the product table
-  OUT/prepare_report.json                        counts and every problem
+  # several local processes (Apache Beam; pip install -r requirements-beam.txt):
+  python -m data_pipelines.prepare --rope_dir R --out O --beam_runner=DirectRunner --workers 8
 
-Each record is a msgpack-serialised dict (docs/interfaces.md): pages
-`{id, product_id, product_index, text, image}`, videos and lives
-`{id, product_id, product_index, text, frames, frame_keys}`, images as JPEG bytes.
-Readers use `open_domain` and `load_products` and never open these files by hand.
+  # a cluster runner: the same, with pipeline options (see README, "Running on real ROPE")
+  python -m data_pipelines.prepare --rope_dir R --out O \\
+      --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,temp_location=gs://..."
 
-Why ArrayRecord written directly rather than through a TFDS builder: a TFDS
-`GeneratorBasedBuilder` shuffles examples by key when it writes, while the
-product-grouped training sampler needs record indices that stay exactly where this
-module put them (the product table lists them), and a sequence-of-bytes feature (the
-frames of a clip) makes TFDS encode through TensorFlow. `ArrayRecordWriter` keeps
-record order, needs no TensorFlow, and the files stay readable by
-`grain.sources.ArrayRecordDataSource` like any TFDS-made ArrayRecord shard.
+This is a thin command over the `rope` builder (`data_pipelines.rope_tfds`, whose
+docstring describes splits, record order and configs). It
 
-Resumption: a split/domain is written to a temporary folder, its shards are renamed
-into place, and only then its marker is written, holding a fingerprint of the inputs
-(the split's nine txt files, hashed, plus the options that change the records). A rerun
-skips every part whose marker holds the current fingerprint and redoes the others; a
-run killed half-way leaves no marker for the unfinished part. Image files themselves are
-not hashed: if you replace images under the same names, delete OUT.
+  1. checks every one of the nine txt files of each requested split (`--splits`,
+     default: those of which ROPE_DIR holds any file) before writing anything: a missing
+     file, a directory in its place or an unreadable one is an error naming each;
+  2. builds the dataset into OUT/tfds, or skips the build when OUT already holds it for
+     the same inputs and options (resume: the dataset folder carries a fingerprint of the
+     txt files and options; TFDS writes into a temporary folder and renames it when
+     complete, so a killed run leaves nothing half-written, and the rerun redoes the
+     build);
+  3. writes what the readers open:
 
-Products: `product_index` numbers every product of the catalog in sorted product-id
-order. A product all of whose images fail to decode keeps its index with empty lists.
+  OUT/tfds/rope/<config>/<version>/   the TFDS dataset: `tfds.data_source("rope/<config>",
+                                      data_dir="OUT/tfds", split="training_video")`
+  OUT/<split>/products.json           the product table (`load_products`)
+  OUT/dataset.json                    which config / version the readers open
+  OUT/prepare_report.json             counts per split and domain, and every problem
+
+Every row that the catalog reader (`rope_format.load_rope`) refuses and every image that
+does not decode is in the report's `problems` with its txt file and line: stage "read"
+or "decode". A clip keeps its frames that decode; a record none of whose images decode
+is left out (and reported). Products keep their `product_index` (sorted product-id
+order) even when all their records are left out.
+
+Readers call `open_domain` and `load_products` (docs/interfaces.md) and never open the
+files by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
-import multiprocessing
 import os
 import shutil
-from collections.abc import Iterator
-
-import msgpack
-from array_record.python import array_record_data_source
-from array_record.python import array_record_module
-from PIL import Image
-import tqdm
+import sys
+from collections.abc import Iterator, Sequence
 
 from data_pipelines import domains
 from data_pipelines import rope_format
+from data_pipelines import rope_tfds
 
-DOMAINS = domains.NAMES
-FORMAT_VERSION = 1  # bump when the record layout changes: invalidates every marker
 REPORT_NAME = "prepare_report.json"
-# group_size:1 makes every record its own chunk: cheap random access for Grain.
-WRITER_OPTIONS = "group_size:1"
-JPEG_QUALITY = 90
-
-
-# --- images ------------------------------------------------------------------------
-
-def encode_image(path: str, max_image_side: int = 0) -> bytes:
-  """JPEG bytes of the image at `path`, checked to decode fully.
-
-  The file's own bytes are kept when it is an RGB JPEG within `max_image_side` (0: no
-  limit); otherwise it is re-encoded as RGB JPEG, resized so its longer side is
-  `max_image_side`.
-
-  Raises:
-    OSError / ValueError (from PIL) when the file is missing, truncated or not an image.
-  """
-  with open(path, "rb") as f:
-    data = f.read()
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()
-    source_format, source_mode = image.format, image.mode
-    rgb = image.convert("RGB")
-  too_large = max_image_side > 0 and max(rgb.size) > max_image_side
-  if source_format == "JPEG" and source_mode == "RGB" and not too_large:
-    return data
-  if too_large:
-    scale = max_image_side / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-  buffer = io.BytesIO()
-  rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-  return buffer.getvalue()
-
-
-def _encode_images(task: tuple[tuple[str, ...], int]) -> list[bytes | str]:
-  """Worker: (paths, max side) -> per path its JPEG bytes or the error message."""
-  paths, max_image_side = task
-  results: list[bytes | str] = []
-  for path in paths:
-    try:
-      results.append(encode_image(path, max_image_side))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      results.append(f"{type(e).__name__}: {e}")
-  return results
-
-
-# --- writing -----------------------------------------------------------------------
-
-def shard_name(domain: str, index: int, count: int) -> str:
-  return f"{domain}-{index:05d}-of-{count:05d}.array_record"
-
-
-class _ShardWriter:
-  """Writes records into numbered ArrayRecord files of at most `shard_size` records."""
-
-  def __init__(self, directory: str, shard_size: int):
-    self._directory = directory
-    self._shard_size = shard_size
-    self._writer = None
-    self._in_shard = 0
-    self.paths: list[str] = []
-
-  def write(self, record: bytes) -> None:
-    if self._writer is None or self._in_shard == self._shard_size:
-      self._close_shard()
-      path = os.path.join(self._directory, f"part-{len(self.paths):05d}")
-      self._writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
-      self.paths.append(path)
-    self._writer.write(record)
-    self._in_shard += 1
-
-  def _close_shard(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-    self._writer, self._in_shard = None, 0
-
-  def close(self) -> list[str]:
-    """Closes the last shard; returns the shard paths (one empty shard if no records)."""
-    if not self.paths:
-      self.write_empty()
-    self._close_shard()
-    return self.paths
-
-  def write_empty(self) -> None:
-    path = os.path.join(self._directory, f"part-{len(self.paths):05d}")
-    array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS).close()
-    self.paths.append(path)
+POINTER_NAME = "dataset.json"
+TFDS_SUBDIR = "tfds"
+POINTER_FORMAT = 2  # 1: the msgpack shards of earlier versions (no dataset.json)
 
 
 def _write_json(path: str, value) -> None:
-  """Writes JSON atomically (temporary file, then rename)."""
+  """Writes strict JSON atomically (temporary file, then rename)."""
   tmp_path = path + ".tmp"
   with open(tmp_path, "w", encoding="utf-8") as f:
-    json.dump(value, f, ensure_ascii=False, indent=1)
+    json.dump(value, f, ensure_ascii=False, indent=1, allow_nan=False)
   os.replace(tmp_path, path)
 
 
@@ -165,255 +76,206 @@ def _read_json(path: str):
     return None
 
 
-def input_fingerprint(rope_dir: str, split: str, options: dict) -> str:
-  """sha256 over the split's nine txt files and the options that shape the records."""
-  digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **options},
-                                     sort_keys=True).encode())
-  for name in rope_format.split_file_names(split):
-    digest.update(name.encode())
-    with open(os.path.join(rope_dir, name), "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-  return digest.hexdigest()
+def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
+  """Beam PipelineOptions from the flags, or None for the single-process generator.
+
+  `pipeline_options` is TFDS's `--beam_pipeline_options` format: comma-separated
+  `key=value` (e.g. `runner=FlinkRunner,flink_master=host:8081`). `workers` > 1 without
+  a runner means the DirectRunner in multi-processing mode.
+  """
+  flags = [f"--{item.strip().lstrip('-')}" for item in pipeline_options.split(",")
+           if item.strip()]
+  if beam_runner is None and not flags and workers == 1:
+    return None
+  try:
+    from apache_beam.options import pipeline_options as beam_pipeline_options  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError("preparing with Apache Beam needs apache-beam: "
+                       "pip install -r requirements-beam.txt") from e
+  runner = beam_runner
+  if runner is None and not any(f.startswith("--runner=") for f in flags):
+    runner = "DirectRunner"
+  if runner is not None:
+    flags.insert(0, f"--runner={runner}")
+  if runner in ("DirectRunner", "direct") and workers > 1:
+    if not any(f.startswith("--direct_running_mode=") for f in flags):
+      flags.append("--direct_running_mode=multi_processing")
+    flags.append(f"--direct_num_workers={workers}")
+  return beam_pipeline_options.PipelineOptions(flags)
 
 
-class _ImageEncoder:
-  """Maps `_encode_images` over tasks, in a process pool started on first use."""
-
-  def __init__(self, num_workers: int):
-    self._num_workers = num_workers
-    self._pool = None
-
-  def imap(self, tasks) -> Iterator[list[bytes | str]]:
-    if self._num_workers == 1:
-      return map(_encode_images, tasks)
-    if self._pool is None:
-      self._pool = multiprocessing.get_context("spawn").Pool(self._num_workers)
-    return self._pool.imap(_encode_images, tasks, chunksize=8)
-
-  def close(self) -> None:
-    if self._pool is not None:
-      self._pool.close()
-      self._pool.join()
-
-
-def _image_tasks(records: list, domain: str, max_image_side: int
-                 ) -> Iterator[tuple[tuple[str, ...], int]]:
-  for record in records:
-    paths = record.frames if domains.get(domain).is_clip else (record.image,)
-    yield paths, max_image_side
-
-
-def _write_domain(catalog: rope_format.RopeCatalog, domain: str, product_index: dict,
-                  split_dir: str, options: dict, encoder: _ImageEncoder,
-                  progress: bool) -> dict:
-  """Verifies and writes one domain; returns its marker (without the fingerprint)."""
-  tmp_dir = os.path.join(split_dir, f".tmp-{domain}")
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  os.makedirs(tmp_dir)
-  records = list(catalog.domain(domain).values())
-  media_file = catalog.media_file(domain)
-  tasks = _image_tasks(records, domain, options["max_image_side"])
-  results = encoder.imap(tasks)
-  writer = _ShardWriter(tmp_dir, options["shard_size"])
-  problems, record_products, dropped = [], [], 0
-  bar = tqdm.tqdm(zip(records, results), total=len(records), disable=not progress,
-                  desc=f"{catalog.split}/{domain}", unit="rec")
-  is_clip = domains.get(domain).is_clip
-  for record, encoded in bar:
-    lines = record.frame_lines if is_clip else (record.image_line,)
-    kept, kept_keys = [], []
-    for index, result in enumerate(encoded):
-      if isinstance(result, str):
-        problems.append({"file": media_file, "line": lines[index],
-                         "reason": f"image does not decode ({result}); not stored"})
-      else:
-        kept.append(result)
-        kept_keys.append(record.frame_keys[index] if is_clip else 0)
-    if not kept:
-      what = "all its frames" if is_clip else "its image"
-      problems.append({"file": media_file, "line": lines[0],
-                       "reason": f"{domain} {record.id}: {what} failed to decode; dropped"})
-      dropped += 1
+def _remove_stale(out_dir: str, dataset_dir: str, splits: Sequence[str], log) -> None:
+  """Removes what earlier or killed runs left that this run's outputs replace."""
+  config_dir = os.path.dirname(dataset_dir)
+  if os.path.isdir(config_dir):
+    for name in os.listdir(config_dir):
+      if name.startswith("incomplete."):  # TFDS's temporary folder of a killed build
+        log(f"removing the unfinished build {os.path.join(config_dir, name)}")
+        shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)
+  for split in rope_format.SPLITS:
+    split_dir = os.path.join(out_dir, split)
+    if not os.path.isdir(split_dir):
       continue
-    item = {"id": record.id, "product_id": record.product_id,
-            "product_index": product_index[record.product_id], "text": record.text}
-    if is_clip:
-      item["frames"], item["frame_keys"] = kept, kept_keys
-    else:
-      item["image"] = kept[0]
-    writer.write(msgpack.packb(item, use_bin_type=True))
-    record_products.append(item["product_index"])
-  tmp_paths = writer.close()
-
-  # Swap in the new shards: old marker first, so a crash never pairs it with new files.
-  marker_path = os.path.join(split_dir, f"{domain}.complete.json")
-  if os.path.exists(marker_path):
-    os.remove(marker_path)
-  for name in os.listdir(split_dir):
-    if name.startswith(f"{domain}-") and name.endswith(".array_record"):
-      os.remove(os.path.join(split_dir, name))
-  shards = [shard_name(domain, i, len(tmp_paths)) for i in range(len(tmp_paths))]
-  for tmp_path, name in zip(tmp_paths, shards):
-    os.replace(tmp_path, os.path.join(split_dir, name))
-  shutil.rmtree(tmp_dir)
-  return {"shards": shards, "num_records": len(record_products),
-          "record_product_index": record_products, "dropped": dropped,
-          "problems": problems}
+    for name in os.listdir(split_dir):
+      path = os.path.join(split_dir, name)
+      old_layout = (name.endswith((".array_record", ".complete.json"))
+                    or name.startswith(".tmp-"))
+      if old_layout or (split not in splits and name == "products.json"):
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
 
 
-def _prepare_split(rope_dir: str, split: str, out_dir: str, options: dict,
-                   encoder: _ImageEncoder, progress: bool, log) -> dict:
-  """Writes (or skips) the parts of one split; returns its report entry."""
-  split_dir = os.path.join(out_dir, split)
-  os.makedirs(split_dir, exist_ok=True)
-  fingerprint = input_fingerprint(rope_dir, split, options)
-
-  catalog = None
-  catalog_path = os.path.join(split_dir, "catalog.complete.json")
-  catalog_marker = _read_json(catalog_path)
-  if not catalog_marker or catalog_marker.get("fingerprint") != fingerprint:
-    catalog = rope_format.load_rope(rope_dir, split)
-    catalog_marker = {"fingerprint": fingerprint, "product_ids": list(catalog.products),
-                      "catalog_counts": {d: len(catalog.domain(d)) for d in DOMAINS},
-                      "problems": catalog.problems}
-    _write_json(catalog_path, catalog_marker)
-  product_index = {p: i for i, p in enumerate(catalog_marker["product_ids"])}
-
-  markers, status = {}, {}
-  for domain in DOMAINS:
-    marker_path = os.path.join(split_dir, f"{domain}.complete.json")
-    marker = _read_json(marker_path)
-    if marker and marker.get("fingerprint") == fingerprint:
-      log(f"{split}/{domain}: up to date ({marker['num_records']} records), skipped")
-      status[domain] = "skipped (up to date)"
-    else:
-      if catalog is None:
-        catalog = rope_format.load_rope(rope_dir, split)
-      marker = {"fingerprint": fingerprint,
-                **_write_domain(catalog, domain, product_index, split_dir, options, encoder,
-                                progress)}
-      _write_json(marker_path, marker)
-      log(f"{split}/{domain}: wrote {marker['num_records']} records in "
-          f"{len(marker['shards'])} shard(s)")
-      status[domain] = "written"
-    markers[domain] = marker
-
-  products = [{"product_id": p, "product_index": i, **{d: [] for d in DOMAINS}}
-              for p, i in product_index.items()]
-  for domain, marker in markers.items():
-    for record_index, index in enumerate(marker["record_product_index"]):
-      products[index][domain].append(record_index)
-  _write_json(os.path.join(split_dir, "products.json"),
-              {"fingerprint": fingerprint, "products": products})
-
-  problems = [{"split": split, "stage": "read", **p} for p in catalog_marker["problems"]]
-  for domain in DOMAINS:
-    problems += [{"split": split, "stage": "decode", **p} for p in markers[domain]["problems"]]
-  return {
-      "fingerprint": fingerprint,
-      "products": len(products),
-      "products_with_all_domains": sum(all(p[d] for d in DOMAINS) for p in products),
-      "domains": {d: {"records": markers[d]["num_records"],
-                      "products": sum(bool(p[d]) for p in products),
-                      "dropped_at_decode": markers[d]["dropped"],
-                      "shards": len(markers[d]["shards"]),
-                      "status": status[d]} for d in DOMAINS},
-      "problems": problems,
-  }
-
-
-def prepare(rope_dir: str, out_dir: str, *, max_image_side: int = 0,
-            shard_size: int = 1000, num_workers: int = 1, progress: bool = True,
-            log=print) -> dict:
-  """Prepares every split of `rope_dir` into `out_dir`; returns the report it writes.
+def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
+            num_frames: int = 0, max_image_side: int = 0, num_shards: int | None = None,
+            workers: int = 1, beam_runner: str | None = None,
+            beam_pipeline_options: str = "", progress: bool = True, log=print) -> dict:
+  """Prepares `rope_dir` into `out_dir`; returns the report it writes.
 
   Args:
     rope_dir: ROPE-format directory (see `rope_format`).
     out_dir: output directory (created).
+    splits: ROPE splits to prepare (default: every split with any of its files present).
+    num_frames: keep the T segment-middle frames of each clip (0: every frame).
     max_image_side: re-encode images whose longer side exceeds this (0: never resize).
-    shard_size: records per ArrayRecord file.
-    num_workers: processes decoding/re-encoding images (1: in this process).
-    progress: show a tqdm bar per split/domain.
-    log: receives one line per part written or skipped.
+    num_shards: ArrayRecord files per TFDS split (None: TFDS sizes them, 64 MiB-1 GiB).
+    workers: local Beam DirectRunner processes (1 and no runner: a plain generator in
+      this process).
+    beam_runner: Beam runner name (DirectRunner, DataflowRunner, FlinkRunner,
+      SparkRunner); None: plain generator unless `workers` > 1 or options name one.
+    beam_pipeline_options: comma-separated `key=value` Beam pipeline options.
+    progress: show TFDS's progress bars.
+    log: receives one line per step.
 
   Raises:
-    FileNotFoundError: no split in `rope_dir`, or a split lacks one of its nine files.
+    rope_tfds.RopeFilesError (a FileNotFoundError): no split in `rope_dir`, or a
+      requested split lacks some of its nine files (all named); nothing is written then.
+    ValueError: bad option values.
   """
-  if shard_size < 1 or num_workers < 1 or max_image_side < 0:
-    raise ValueError(f"need shard_size >= 1, num_workers >= 1, max_image_side >= 0; got "
-                     f"{shard_size}, {num_workers}, {max_image_side}")
-  splits = [s for s in rope_format.SPLITS if rope_format.has_split(rope_dir, s)]
+  if workers < 1 or num_frames < 0 or max_image_side < 0 or (num_shards or 1) < 1:
+    raise ValueError(f"need workers >= 1, num_frames >= 0, max_image_side >= 0, "
+                     f"num_shards >= 1; got {workers}, {num_frames}, {max_image_side}, "
+                     f"{num_shards}")
+  splits = list(splits) if splits else rope_tfds.present_splits(rope_dir)
   if not splits:
-    raise FileNotFoundError(
-        f"{rope_dir!r} holds no ROPE split (looked for "
-        f"{', '.join(rope_format.file_name(s, domains.DOMAINS[0].files.pair) for s in rope_format.SPLITS)})")
-  options = {"max_image_side": max_image_side, "shard_size": shard_size}
+    raise rope_tfds.RopeFilesError(
+        f"{rope_dir!r} holds no ROPE split (looked for the nine txt files of "
+        f"{' and '.join(rope_format.SPLITS)}, e.g. "
+        f"{rope_format.file_name(rope_format.SPLITS[0], domains.NAMES[0].files.pair)})")
+  rope_tfds.check_split_files(rope_dir, splits)  # before anything is written
+  beam_options = _beam_options(beam_runner, workers, beam_pipeline_options)
+
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = rope_tfds.rope_config(num_frames, max_image_side)
+  fingerprint = rope_tfds.input_fingerprint(rope_dir, splits, config)
+  tfds_dir = os.path.join(out_dir, TFDS_SUBDIR)
+  builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
+                           file_format=rope_tfds.FILE_FORMAT)
+  dataset_dir = os.fspath(builder.data_path)
   os.makedirs(out_dir, exist_ok=True)
-  encoder = _ImageEncoder(num_workers)
-  try:
-    split_reports = {split: _prepare_split(rope_dir, split, out_dir, options, encoder,
-                                           progress, log) for split in splits}
-  finally:
-    encoder.close()
-  problems = [p for report in split_reports.values() for p in report.pop("problems")]
-  report = {"rope_dir": os.path.abspath(rope_dir), "options": options,
-            "splits": split_reports, "num_problems": len(problems), "problems": problems}
+  _remove_stale(out_dir, dataset_dir, splits, log)
+
+  build_info = rope_tfds.read_build_info(dataset_dir)
+  if build_info and build_info.get("fingerprint") == fingerprint:
+    status = "skipped (up to date)"
+    log(f"{config.name}: up to date in {dataset_dir}, skipped")
+  else:
+    changed = os.path.exists(dataset_dir)
+    if changed:  # built from other inputs: stale (TFDS would delete it first too)
+      shutil.rmtree(dataset_dir)
+      builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
+                               file_format=rope_tfds.FILE_FORMAT)
+    runner = "a plain generator" if beam_options is None else "Apache Beam"
+    log(f"{config.name}: building {', '.join(splits)} into {dataset_dir} with {runner}"
+        + (" (inputs or options changed)" if changed else ""))
+    tfds.display_progress_bar(progress)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=rope_dir, beam_options=beam_options, num_shards=num_shards))
+    build_info = rope_tfds.read_build_info(dataset_dir)
+    status = "written"
+    if build_info is None or build_info["fingerprint"] != fingerprint:
+      raise RuntimeError(f"the build of {dataset_dir} left no matching "
+                         f"{rope_tfds.BUILD_INFO_NAME} (did the txt files change during "
+                         "the build?)")
+
+  split_reports = {}
+  for split in splits:
+    products = rope_tfds.read_products(dataset_dir, split)
+    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+    _write_json(os.path.join(out_dir, split, "products.json"),
+                {"fingerprint": fingerprint, "products": products})
+    counts = build_info["splits"][split]["domains"]
+    split_reports[split] = {
+        "fingerprint": fingerprint,
+        "products": len(products),
+        "products_with_all_domains": sum(all(p[d] for d in domains.NAMES) for p in products),
+        "domains": {d: {"records": counts[d]["records"],
+                        "products": sum(bool(p[d]) for p in products),
+                        "dropped_at_decode": counts[d]["dropped_at_decode"],
+                        "shards": counts[d]["shards"], "status": status}
+                    for d in domains.NAMES},
+    }
+  relative_dataset_dir = os.path.relpath(dataset_dir, out_dir)
+  _write_json(os.path.join(out_dir, POINTER_NAME), {
+      "format": POINTER_FORMAT, "name": rope_tfds.DATASET_NAME, "config": config.name,
+      "version": str(builder.version), "data_dir": TFDS_SUBDIR,
+      "dataset_dir": relative_dataset_dir, "splits": splits, "fingerprint": fingerprint,
+      "records": {split: {d: split_reports[split]["domains"][d]["records"] for d in domains.NAMES}
+                  for split in splits}})
+  problems = build_info["problems"]
+  report = {
+      "rope_dir": os.path.abspath(rope_dir),
+      "options": {"splits": splits, "num_frames": num_frames,
+                  "max_image_side": max_image_side, "num_shards": num_shards},
+      "tfds": {"name": rope_tfds.DATASET_NAME, "config": config.name,
+               "version": str(builder.version), "data_dir": os.path.abspath(tfds_dir),
+               "dataset_dir": os.path.abspath(dataset_dir),
+               "generated_with": build_info["generated_with"]},
+      "status": status,
+      "splits": split_reports, "num_problems": len(problems), "problems": problems}
   _write_json(os.path.join(out_dir, REPORT_NAME), report)
   return report
 
 
 # --- reading -----------------------------------------------------------------------
 
-class DomainSource:
-  """Random access to one split/domain's records, decoded to dicts.
-
-  `len(source)`, `source[i]`; usable as `grain.MapDataset.source(source)` and picklable
-  for Grain worker processes.
-  """
-
-  def __init__(self, paths: list[str]):
-    self._paths = list(paths)
-    self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict:
-    if not 0 <= index < len(self._source):
-      raise IndexError(f"record {index} out of range [0, {len(self._source)})")
-    return msgpack.unpackb(self._source[index], raw=False)
-
-  def __iter__(self) -> Iterator[dict]:
-    return (self[i] for i in range(len(self)))
-
-  def __getitems__(self, indices) -> list[dict]:
-    return [msgpack.unpackb(r, raw=False) for r in self._source.__getitems__(indices)]
-
-  def __repr__(self) -> str:
-    return f"DomainSource({len(self._paths)} shard(s), first {self._paths[0]!r})"
-
-
-def _marker(prepared_dir: str, split: str, name: str) -> dict:
-  path = os.path.join(prepared_dir, split, name)
+def _pointer(prepared_dir: str) -> dict:
+  path = os.path.join(prepared_dir, POINTER_NAME)
   value = _read_json(path)
   if value is None:
-    raise FileNotFoundError(f"{path} is missing or unreadable: run "
-                            f"`python -m data_pipelines.prepare --out {prepared_dir}` first")
+    raise FileNotFoundError(f"{path} is missing or unreadable: run `python -m "
+                            f"data_pipelines.prepare --rope_dir ROPE_DIR --out {prepared_dir}` "
+                            "first")
   return value
 
 
-def open_domain(prepared_dir: str, split: str, domain: str) -> DomainSource:
-  """The records of `domain` ("page" | "video" | "live") of a prepared split.
+def _check_split(prepared_dir: str, pointer: dict, split: str) -> None:
+  if split not in pointer["splits"]:
+    raise FileNotFoundError(f"split {split!r} was not prepared in {prepared_dir!r} "
+                            f"(prepared: {', '.join(pointer['splits'])})")
+
+
+def open_domain(prepared_dir: str, split: str, domain: str) -> rope_tfds.RecordSource:
+  """The records of `domain` (a name of `domains.NAMES`) of a prepared split.
 
   Items: pages `{"id", "product_id", "product_index", "text", "image": bytes}`; videos and
   lives `{"id", "product_id", "product_index", "text", "frames": [bytes] (time order),
-  "frame_keys": [int]}`.
+  "frame_keys": [int]}`. Random access (`len`, `[i]`), usable by
+  `grain.MapDataset.source`, picklable.
   """
-  if domain not in DOMAINS:
-    raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-  marker = _marker(prepared_dir, split, f"{domain}.complete.json")
-  return DomainSource([os.path.join(prepared_dir, split, name) for name in marker["shards"]])
+  domains.get(domain)  # ValueError naming the known domains
+  pointer = _pointer(prepared_dir)
+  _check_split(prepared_dir, pointer, split)
+  name = rope_tfds.split_name(split, domain)
+  if pointer["records"][split][domain] == 0:
+    return rope_tfds.RecordSource(None, domain, name)
+  dataset_dir = os.path.join(prepared_dir, pointer["dataset_dir"])
+  try:
+    return rope_tfds.open_split(dataset_dir, name, domain)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}: run `python -m data_pipelines.prepare` again (delete "
+                            f"{dataset_dir} first)") from e
 
 
 def load_products(prepared_dir: str, split: str) -> list[dict]:
@@ -421,25 +283,49 @@ def load_products(prepared_dir: str, split: str) -> list[dict]:
 
   in `product_index` order; indices point into `open_domain(prepared_dir, split, domain)`.
   """
-  return _marker(prepared_dir, split, "products.json")["products"]
+  path = os.path.join(prepared_dir, split, "products.json")
+  value = _read_json(path)
+  if value is None:
+    raise FileNotFoundError(f"{path} is missing or unreadable: run `python -m "
+                            f"data_pipelines.prepare --rope_dir ROPE_DIR --out {prepared_dir}` "
+                            "first")
+  return value["products"]
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rope_dir", required=True, help="ROPE-format input directory")
   parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--splits", default="",
+                      help="comma-separated ROPE splits (default: those present)")
+  parser.add_argument("--num_frames", type=int, default=0,
+                      help="keep the T segment-middle frames of each clip (0: all)")
   parser.add_argument("--max_image_side", type=int, default=0,
                       help="re-encode images whose longer side exceeds this (0: keep)")
-  parser.add_argument("--shard_size", type=int, default=1000, help="records per file")
-  parser.add_argument("--num_workers", type=int, default=2,
-                      help="image decoding processes (1: in the main process)")
+  parser.add_argument("--num_shards", type=int, default=None,
+                      help="ArrayRecord files per split (default: TFDS sizes them)")
+  parser.add_argument("--workers", type=int, default=1,
+                      help="local Beam DirectRunner processes (1: no Beam)")
+  parser.add_argument("--beam_runner", default=None,
+                      help="Beam runner: DirectRunner, DataflowRunner, FlinkRunner, "
+                           "SparkRunner (default: no Beam)")
+  parser.add_argument("--beam_pipeline_options", default="",
+                      help="comma-separated key=value Beam pipeline options")
   args = parser.parse_args(argv)
-  report = prepare(args.rope_dir, args.out, max_image_side=args.max_image_side,
-                   shard_size=args.shard_size, num_workers=args.num_workers)
+  try:
+    report = prepare(args.rope_dir, args.out,
+                     splits=[s for s in args.splits.split(",") if s] or None,
+                     num_frames=args.num_frames, max_image_side=args.max_image_side,
+                     num_shards=args.num_shards, workers=args.workers,
+                     beam_runner=args.beam_runner,
+                     beam_pipeline_options=args.beam_pipeline_options)
+  except (FileNotFoundError, ValueError, RuntimeError) as error:
+    sys.exit(f"prepare: error: {error}")
   for split, entry in report["splits"].items():
     counts = ", ".join(f"{d} {c['records']}" for d, c in entry["domains"].items())
     print(f"{split}: {entry['products']} products ({entry['products_with_all_domains']} with "
           f"all three domains); records: {counts}")
+  print(f"{report['tfds']['config']} ({report['status']}): {report['tfds']['dataset_dir']}")
   print(f"{report['num_problems']} problem(s); report: "
         f"{os.path.join(args.out, REPORT_NAME)}")
 

@@ -5,8 +5,8 @@ Both are session-scoped and built once per test run (about two seconds together)
   tiny_rope_dir      `data_pipelines.synthetic` output (TINY_ROPE): 16 training and 8 test
                      products with about three pages, videos and lives each (some products
                      lack a domain), 4 frames per clip, 32x32 JPEGs, plus vocab.txt.
-  tiny_prepared_dir  `data_pipelines.prepare` output for it, with TINY_SHARD_SIZE records
-                     per ArrayRecord file (so most domains span several shards).
+  tiny_prepared_dir  `data_pipelines.prepare` output for it (the `rope` TFDS dataset), with
+                     TINY_NUM_SHARDS ArrayRecord files per split and domain.
 
 Treat them as read-only: tests that modify data copy it or generate their own.
 """
@@ -26,7 +26,7 @@ from data_pipelines import synthetic
 
 TINY_ROPE = {"products": 16, "test_products": 8, "frames_per_clip": 4, "image_size": 32,
              "seed": 0}
-TINY_SHARD_SIZE = 16
+TINY_NUM_SHARDS = 3
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +39,6 @@ def tiny_rope_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_prepared_dir(tiny_rope_dir, tmp_path_factory) -> str:
   out = tmp_path_factory.mktemp("tiny_prepared")
-  prepare.prepare(tiny_rope_dir, str(out), shard_size=TINY_SHARD_SIZE, num_workers=1,
-                  progress=False, log=lambda line: None)
+  prepare.prepare(tiny_rope_dir, str(out), num_shards=TINY_NUM_SHARDS, progress=False,
+                  log=lambda line: None)
   return str(out)

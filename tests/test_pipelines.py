@@ -332,7 +332,8 @@ def test_eval_on_prepared_data_covers_the_split(tiny_rope_dir, tiny_prepared_dir
 def test_missing_domain_is_a_clear_error(tiny_rope_dir, tiny_prepared_dir, tmp_path):
   prepared_copy = tmp_path / "prepared"
   shutil.copytree(tiny_prepared_dir, prepared_copy)
-  os.remove(prepared_copy / "test" / "live.complete.json")
+  for shard in prepared_copy.glob("tfds/rope/*/*/rope-test_live.array_record-*"):
+    shard.unlink()
   config = _prepared_config(tiny_rope_dir, prepared_copy)
   with pytest.raises(FileNotFoundError, match="live"):
     pipelines.make_eval_dataset(config, "live")

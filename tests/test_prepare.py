@@ -1,4 +1,4 @@
-"""Preparation to ArrayRecord: counts, round trip, resumption, decode failures."""
+"""`data_pipelines.prepare`: counts, round trip, resume, decode failures, input checks."""
 
 import io
 import json
@@ -7,11 +7,14 @@ import shutil
 
 import grain
 from PIL import Image
+import pytest
 
 from data_pipelines import domains
 from data_pipelines import prepare
 from data_pipelines import rope_format
+from data_pipelines import rope_tfds
 from data_pipelines import synthetic
+from data_pipelines import transforms
 
 QUIET = {"progress": False, "log": lambda line: None}
 
@@ -26,9 +29,23 @@ def _report(prepared_dir):
     return json.load(f)
 
 
+def _dataset_dir(prepared_dir):
+  return _report(prepared_dir)["tfds"]["dataset_dir"]
+
+
+def _files(directory):
+  """{relative path: mtime_ns} of every file under `directory`."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      found[os.path.relpath(path, directory)] = os.stat(path).st_mtime_ns
+  return found
+
+
 def test_report_counts_match_the_catalog(tiny_rope_dir, tiny_prepared_dir):
   report = _report(tiny_prepared_dir)
-  assert report["problems"] == []
+  assert report["problems"] == [] and report["tfds"]["generated_with"] == "generator"
   for split in rope_format.SPLITS:
     catalog = rope_format.load_rope(tiny_rope_dir, split)
     entry = report["splits"][split]
@@ -43,7 +60,7 @@ def test_report_counts_match_the_catalog(tiny_rope_dir, tiny_prepared_dir):
           catalog.domain(domain))
 
 
-def test_records_round_trip(tiny_rope_dir, tiny_prepared_dir):
+def test_records_round_trip_in_catalog_order(tiny_rope_dir, tiny_prepared_dir):
   for split in rope_format.SPLITS:
     catalog = rope_format.load_rope(tiny_rope_dir, split)
     products = prepare.load_products(tiny_prepared_dir, split)
@@ -51,6 +68,8 @@ def test_records_round_trip(tiny_rope_dir, tiny_prepared_dir):
     assert [p["product_id"] for p in products] == sorted(catalog.products)
     for domain in domains.NAMES:
       source = prepare.open_domain(tiny_prepared_dir, split, domain)
+      # Record order is the pair file's order (nothing was dropped here).
+      assert [item["id"] for item in source] == list(catalog.domain(domain))
       seen = []
       for product in products:
         for index in product[domain]:
@@ -72,40 +91,47 @@ def test_records_round_trip(tiny_rope_dir, tiny_prepared_dir):
 
 def test_sources_work_in_grain_with_several_shards(tiny_prepared_dir):
   source = prepare.open_domain(tiny_prepared_dir, "training", "video")
-  assert len(os.listdir(os.path.join(tiny_prepared_dir, "training"))) > 8  # several shards
+  assert _report(tiny_prepared_dir)["splits"]["training"]["domains"]["video"]["shards"] == 3
   dataset = grain.MapDataset.source(source).map(lambda item: item["id"])
   ids = list(dataset)
   assert len(ids) == len(source) == len(set(ids))
   assert ids[-1] == source[len(source) - 1]["id"]
+  assert [item["id"] for item in source.__getitems__([2, 0])] == [ids[2], ids[0]]
+  with pytest.raises(IndexError):
+    source[len(source)]
 
 
-def test_rerun_skips_finished_parts_and_redoes_changed_ones(tiny_rope_dir, tmp_path):
+def test_rerun_skips_and_a_changed_input_rebuilds(tiny_rope_dir, tmp_path):
   rope_dir, out = str(tmp_path / "rope"), str(tmp_path / "prepared")
   shutil.copytree(tiny_rope_dir, rope_dir)
-  prepare.prepare(rope_dir, out, shard_size=8, **QUIET)
-  shard = os.path.join(out, "training", "page-00000-of-00006.array_record")
-  before = os.stat(shard).st_mtime_ns
+  prepare.prepare(rope_dir, out, **QUIET)
+  dataset_dir = _dataset_dir(out)
+  before = _files(dataset_dir)
 
   lines = []
-  report = prepare.prepare(rope_dir, out, shard_size=8, progress=False, log=lines.append)
-  assert len(lines) == 6 and all("skipped" in line for line in lines)
-  assert os.stat(shard).st_mtime_ns == before
+  report = prepare.prepare(rope_dir, out, progress=False, log=lines.append)
+  assert report["status"] == "skipped (up to date)" and "skipped" in lines[-1]
+  assert _files(dataset_dir) == before  # nothing rewritten
   assert all(d["status"] == "skipped (up to date)"
              for s in report["splits"].values() for d in s["domains"].values())
 
+  # A killed build leaves TFDS's temporary folder; the rerun removes it.
+  leftover = os.path.join(os.path.dirname(dataset_dir), "incomplete.ABC123_1.0.0")
+  os.makedirs(leftover)
   with open(os.path.join(rope_dir, "test_video_asrs.txt"), "a", encoding="utf-8") as f:
-    f.write("\n")  # any change to a split's txt files invalidates that split
-  os.remove(os.path.join(out, "training", "live.complete.json"))  # as if killed mid-way
-  lines.clear()
-  report = prepare.prepare(rope_dir, out, shard_size=8, progress=False, log=lines.append)
-  status = {(s, d): v["status"] for s, e in report["splits"].items()
-            for d, v in e["domains"].items()}
-  assert status == {("training", "page"): "skipped (up to date)",
-                    ("training", "video"): "skipped (up to date)",
-                    ("training", "live"): "written", ("test", "page"): "written",
-                    ("test", "video"): "written", ("test", "live"): "written"}
-  assert report["problems"] and all(p["file"] == "test_video_asrs.txt"
-                                    for p in report["problems"])  # the blank line
+    f.write("\n")  # any change to a split's txt files invalidates the dataset
+  report = prepare.prepare(rope_dir, out, **QUIET)
+  assert report["status"] == "written" and not os.path.exists(leftover)
+  assert _files(dataset_dir) != before
+  assert [(p["file"], p["stage"]) for p in report["problems"]] == [
+      ("test_video_asrs.txt", "read")]  # the blank line
+
+  # Lost reader files (products table, pointer) are rewritten without a rebuild.
+  os.remove(os.path.join(out, "training", "products.json"))
+  os.remove(os.path.join(out, prepare.POINTER_NAME))
+  report = prepare.prepare(rope_dir, out, **QUIET)
+  assert report["status"] == "skipped (up to date)"
+  assert len(prepare.load_products(out, "training")) == report["splits"]["training"]["products"]
 
 
 def test_undecodable_images_are_reported_and_not_stored(tmp_path):
@@ -114,11 +140,14 @@ def test_undecodable_images_are_reported_and_not_stored(tmp_path):
                      seed=2, inject_faults=True)
   with open(os.path.join(rope_dir, "injected_faults.json"), encoding="utf-8") as f:
     faults = json.load(f)["faults"]
-  report = prepare.prepare(rope_dir, out, num_workers=2, **QUIET)
-  reported = {(p["file"], p["line"]) for p in report["problems"] if p["stage"] == "decode"}
+  report = prepare.prepare(rope_dir, out, **QUIET)
+  decode = [p for p in report["problems"] if p["stage"] == "decode"]
   truncated = [f for f in faults if f["kind"] == "truncated_jpeg"]
   assert len(truncated) == 4
-  assert {(f["file"], f["line"]) for f in truncated} == reported
+  assert {(f["file"], f["line"]) for f in truncated} == {(p["file"], p["line"]) for p in decode}
+  not_decoded = [p["reason"] for p in decode if "does not decode" in p["reason"]]
+  assert len(not_decoded) == 4  # each names its image file, not a BytesIO object
+  assert all(".jpg does not decode" in r and "BytesIO" not in r for r in not_decoded)
   for fault in truncated:
     split = fault["file"].split("_")[0]
     domain = "page" if "page_images" in fault["file"] else "video"
@@ -126,27 +155,103 @@ def test_undecodable_images_are_reported_and_not_stored(tmp_path):
     items = {item["id"]: item for item in prepare.open_domain(out, split, domain)}
     if domain == "page":
       assert fault["id"] not in items
+      assert report["splits"][split]["domains"]["page"]["dropped_at_decode"] >= 1
     else:
       clip = catalog.videos[fault["id"]]
       assert len(items[fault["id"]]["frames"]) == len(clip.frames) - 1
       for frame in items[fault["id"]]["frames"]:
         Image.open(io.BytesIO(frame)).load()
+  # Product table indices still point at the right records after a page was dropped.
+  for split in rope_format.SPLITS:
+    source = prepare.open_domain(out, split, "page")
+    for product in prepare.load_products(out, split):
+      for index in product["page"]:
+        assert source[index]["product_id"] == product["product_id"]
   reader_problems = [p for p in report["problems"] if p["stage"] == "read"]
   assert len(reader_problems) >= sum(f["detected_by"] == "load_rope" for f in faults)
 
 
 def test_large_images_are_reencoded_within_max_side(tiny_rope_dir, tmp_path):
   out = str(tmp_path / "prepared")
-  prepare.prepare(tiny_rope_dir, out, max_image_side=20, **QUIET)
+  report = prepare.prepare(tiny_rope_dir, out, max_image_side=20, splits=["test"], **QUIET)
+  assert report["tfds"]["config"] == "all_frames_side20"
   page = prepare.open_domain(out, "test", "page")[0]
   image = Image.open(io.BytesIO(page["image"]))
   assert image.format == "JPEG" and max(image.size) == 20
 
 
-def test_open_domain_before_prepare_names_the_missing_marker(tmp_path):
-  try:
+def test_num_frames_keeps_the_frames_training_samples(tmp_path):
+  rope_dir, out = str(tmp_path / "rope"), str(tmp_path / "prepared")
+  synthetic.generate(rope_dir, products=3, test_products=2, frames_per_clip=7, image_size=16,
+                     seed=1)
+  report = prepare.prepare(rope_dir, out, num_frames=3, splits=["training"], **QUIET)
+  assert report["tfds"]["config"] == "frames3_original"
+  catalog = rope_format.load_rope(rope_dir, "training")
+  for domain in ("video", "live"):
+    for item in prepare.open_domain(out, "training", domain):
+      clip = catalog.domain(domain)[item["id"]]
+      chosen = transforms.sample_frame_indices(len(clip.frames), 3)
+      assert item["frame_keys"] == [clip.frame_keys[i] for i in chosen]
+      # What the pipeline samples from the stored frames is what it would have sampled.
+      stored = transforms.sample_frame_indices(len(item["frames"]), 3)
+      assert [item["frames"][i] for i in stored] == [_read_bytes(clip.frames[i])
+                                                     for i in chosen]
+  with pytest.raises(FileNotFoundError, match="'test' was not prepared"):
+    prepare.open_domain(out, "test", "page")
+
+
+def test_open_domain_before_prepare_names_the_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match=prepare.POINTER_NAME):
     prepare.open_domain(str(tmp_path), "training", "page")
-  except FileNotFoundError as error:
-    assert "page.complete.json" in str(error)
-  else:
-    raise AssertionError("expected FileNotFoundError")
+  with pytest.raises(FileNotFoundError, match="products.json"):
+    prepare.load_products(str(tmp_path), "training")
+
+
+# ---- every file of every requested split is checked before anything is written ------
+
+def _damaged_copy(tiny_rope_dir, tmp_path):
+  rope_dir = str(tmp_path / "rope")
+  shutil.copytree(tiny_rope_dir, rope_dir)
+  os.remove(os.path.join(rope_dir, "test_video_asrs.txt"))
+  os.remove(os.path.join(rope_dir, "training_product_pages_pair.txt"))
+  os.remove(os.path.join(rope_dir, "training_live_clips.txt"))
+  os.mkdir(os.path.join(rope_dir, "training_live_clips.txt"))
+  return rope_dir
+
+
+def test_missing_files_and_directories_are_named_before_anything_is_written(tiny_rope_dir,
+                                                                            tmp_path):
+  rope_dir, out = _damaged_copy(tiny_rope_dir, tmp_path), str(tmp_path / "prepared")
+  with pytest.raises(rope_tfds.RopeFilesError) as error:
+    prepare.prepare(rope_dir, out, **QUIET)
+  message = str(error.value)
+  assert "test_video_asrs.txt: missing" in message
+  assert "training_product_pages_pair.txt: missing" in message
+  assert "training_live_clips.txt: is a directory, not a file" in message
+  assert not os.path.exists(out)  # nothing written, not even the output folder
+
+
+def test_bad_input_leaves_an_earlier_preparation_untouched(tiny_rope_dir, tmp_path):
+  rope_dir, out = str(tmp_path / "rope"), str(tmp_path / "prepared")
+  shutil.copytree(tiny_rope_dir, rope_dir)
+  prepare.prepare(rope_dir, out, **QUIET)
+  before = _files(out)
+  shutil.rmtree(rope_dir)
+  shutil.copytree(_damaged_copy(tiny_rope_dir, tmp_path / "damaged"), rope_dir)
+  with pytest.raises(SystemExit) as exit_info:
+    prepare.main(["--rope_dir", rope_dir, "--out", out])
+  assert "training_live_clips.txt: is a directory" in str(exit_info.value.code)
+  assert _files(out) == before
+
+
+def test_a_requested_split_must_be_complete(tiny_rope_dir, tmp_path):
+  rope_dir = str(tmp_path / "rope")
+  shutil.copytree(tiny_rope_dir, rope_dir)
+  for name in rope_format.split_file_names("test"):
+    os.remove(os.path.join(rope_dir, name))
+  with pytest.raises(rope_tfds.RopeFilesError, match="test_page_titles.txt: missing"):
+    prepare.prepare(rope_dir, str(tmp_path / "out"), splits=["training", "test"], **QUIET)
+  report = prepare.prepare(rope_dir, str(tmp_path / "out"), **QUIET)  # default: present ones
+  assert list(report["splits"]) == ["training"]
+  with pytest.raises(FileNotFoundError, match="no ROPE split"):
+    prepare.prepare(str(tmp_path / "out"), str(tmp_path / "out2"), **QUIET)
