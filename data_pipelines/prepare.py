@@ -162,7 +162,7 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
     raise rope_tfds.RopeFilesError(
         f"{rope_dir!r} holds no ROPE split (looked for the nine txt files of "
         f"{' and '.join(rope_format.SPLITS)}, e.g. "
-        f"{rope_format.file_name(rope_format.SPLITS[0], domains.NAMES[0].files.pair)})")
+        f"{rope_format.file_name(rope_format.SPLITS[0], domains.DOMAINS[0].files.pair)})")
   rope_tfds.check_split_files(rope_dir, splits)  # before anything is written
   beam_options = _beam_options(beam_runner, workers, beam_pipeline_options)
 

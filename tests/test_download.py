@@ -21,6 +21,7 @@ import time
 from PIL import Image
 import pytest
 
+from data_pipelines import domains
 from data_pipelines import download
 from data_pipelines import rope_format
 from data_pipelines import synthetic
@@ -362,7 +363,7 @@ def test_media_names_reads_what_the_reader_reads(tmp_path):
   synthetic.generate(root, inject_faults=True, **DATA)
   for split in rope_format.SPLITS:
     catalog = rope_format.load_rope(root, split, check_files=False)
-    for domain in rope_format.DOMAINS:
+    for domain in domains.NAMES:
       names, problems = rope_format.media_names(root, split, domain)
       records = catalog.domain(domain)
       media_file = catalog.media_file(domain)
