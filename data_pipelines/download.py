@@ -21,8 +21,9 @@ equal segments of the frames in time order (`transforms.sample_frame_indices`, t
 the release and `data_pipelines.pipelines` apply). Applied again to the frames kept, the
 rule picks all of them, so the pipelines see the same frames with `num_frames` set to
 the same value. `--all_frames` fetches every frame. The files saved are printed and
-recorded (`frames_skipped_by_sampling`). Note that `load_rope` then reports the frames
-left out as missing image files.
+recorded (`frames_skipped_by_sampling`). `load_rope` reads the report's `num_frames` and
+does not count the frames left out as missing (`RopeCatalog.frames_skipped_by_download`);
+a segment-middle frame that is absent is still reported.
 
 Why aiohttp. Downloading ~100M small files is bound by latency, not bandwidth: the
 number of requests in flight sets the rate. aiohttp (asyncio) keeps thousands of
@@ -108,7 +109,7 @@ from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import transforms
 
-REPORT_NAME = "download_report.json"
+REPORT_NAME = rope_format.DOWNLOAD_REPORT
 FAILURES_NAME = "download_failures.jsonl"
 PARTIAL_DIR = ".partial"
 JPEG_QUALITY = 90

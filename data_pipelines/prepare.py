@@ -210,6 +210,8 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
         "fingerprint": fingerprint,
         "products": len(products),
         "products_with_all_domains": sum(all(p[d] for d in domains.NAMES) for p in products),
+        "frames_skipped_by_download": build_info["splits"][split].get(
+            "frames_skipped_by_download", 0),
         "domains": {d: {"records": counts[d]["records"],
                         "products": sum(bool(p[d]) for p in products),
                         "dropped_at_decode": counts[d]["dropped_at_decode"],

@@ -43,14 +43,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Iterator
 
 from data_pipelines import domains
+from data_pipelines import transforms
 
 SPLITS = ("training", "test")
 MISSING_TEXT = "空"
 IMAGE_SUBDIR = "images"
+DOWNLOAD_REPORT = "download_report.json"  # written by data_pipelines.download
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -105,6 +108,8 @@ class RopeCatalog:
   videos: dict[str, ClipRecord]
   lives: dict[str, ClipRecord]
   problems: list[dict]
+  # Clip frames absent on purpose: the download fetched only the segment-middle frames.
+  frames_skipped_by_download: int = 0
 
   def domain(self, domain: str) -> dict:
     """The records of the domain called `domain` (a name of `domains.NAMES`)."""
@@ -134,6 +139,14 @@ class _Problems:
 
   def add(self, line: int, reason: str) -> None:
     self._problems.append({"file": self.name, "line": line, "reason": reason})
+
+  def sort(self) -> None:
+    """Orders this file's problems by line (while the file is read they are the list's
+    tail; the sort is stable, so problems of one line keep their order)."""
+    start = len(self._problems)
+    while start and self._problems[start - 1]["file"] == self.name:
+      start -= 1
+    self._problems[start:] = sorted(self._problems[start:], key=lambda p: p["line"])
 
 
 def _rows(path: str, report: _Problems) -> Iterator[tuple[int, str]]:
@@ -255,11 +268,19 @@ class _NamesAsWritten:
 
 
 def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
-                report: _Problems) -> dict[str, list[tuple[int, str, int]]]:
-  """item id -> [(frame key, image path, line)] (one entry, key 0, for pages)."""
+                report: _Problems, sampled_frames: int | None = None
+                ) -> tuple[dict[str, list[tuple[int, str, int]]], int]:
+  """item id -> [(frame key, image path, line)] (one entry, key 0, for pages), and the
+  number of absent clip frames that a sampled download left out on purpose.
+
+  With `sampled_frames` T (the images were fetched by `data_pipelines.download` with
+  `--num_frames T`), an absent frame of a clip is a problem only when it is one of the T
+  segment-middle frames of the clip's full frame list; the others were never fetched.
+  """
   spec = domains.get(domain)
   columns, is_clip = spec.files.media_columns, spec.is_clip
   media: dict[str, list[tuple[int, str, int]]] = {}
+  absent: dict[str, list[tuple[int, str, int]]] = {}  # clip frames not on disk
   seen: dict[tuple[str, int], tuple[str, int]] = {}  # (id, key) -> (name, line)
   for line, row in _rows(path, report):
     fields = _split_row(row, columns, line, report)
@@ -292,16 +313,30 @@ def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
     seen[(item_id, key)] = (name, line)
     image_path = resolver.resolve(name)
     if image_path is None:
-      report.add(line, f"image file {name} not found (looked in {IMAGE_SUBDIR}/ and "
-                 "the dataset root)")
+      absent.setdefault(item_id, []).append((key, name, line))
       continue
     media.setdefault(item_id, []).append((key, image_path, line))
-  return media
+
+  skipped = 0
+  for item_id, rows in absent.items():
+    expected = {key for key, _, _ in rows}  # every absent frame, unless sampled
+    if is_clip and sampled_frames:
+      keys = sorted([key for key, _, _ in media.get(item_id, ())] + list(expected))
+      expected = {keys[i] for i in transforms.sample_frame_indices(len(keys), sampled_frames)}
+    for key, name, line in rows:
+      if key not in expected:
+        skipped += 1
+        continue
+      report.add(line, f"image file {name} not found (looked in {IMAGE_SUBDIR}/ and "
+                 "the dataset root)")
+  report.sort()  # absent frames were reported last: back into line order
+  return media, skipped
 
 
 def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
-                 problems: list[dict]) -> dict:
-  """Reads one domain's three files into id -> PageRecord / ClipRecord."""
+                 problems: list[dict], sampled_frames: int | None) -> tuple[dict, int]:
+  """Reads one domain's three files into id -> PageRecord / ClipRecord; also returns
+  the number of clip frames a sampled download left out."""
   spec = domains.get(domain)
   kinds = spec.files
   names = {role: file_name(split, getattr(kinds, role)) for role in ("pair", "text", "media")}
@@ -310,7 +345,8 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
 
   paired = _read_pairs(paths["pair"], domain, reports["pair"])
   texts = _read_texts(paths["text"], domain, paired, reports["text"])
-  media = _read_media(paths["media"], domain, paired, resolver, reports["media"])
+  media, skipped = _read_media(paths["media"], domain, paired, resolver, reports["media"],
+                               sampled_frames)
 
   text_kind = spec.text_description
   records = {}
@@ -332,7 +368,7 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
     else:
       keys, frame_paths, lines = zip(*frames)
       records[item_id] = ClipRecord(item_id, product_id, text, frame_paths, keys, lines)
-  return records
+  return records, skipped
 
 
 def media_names(root: str, split: str, domain: str
@@ -351,8 +387,8 @@ def media_names(root: str, split: str, domain: str
   problems: list[dict] = []
   pair_name, media_name = file_name(split, files.pair), file_name(split, files.media)
   paired = _read_pairs(os.path.join(root, pair_name), domain, _Problems(problems, pair_name))
-  media = _read_media(os.path.join(root, media_name), domain, paired, _NamesAsWritten(),
-                      _Problems(problems, media_name))
+  media, _ = _read_media(os.path.join(root, media_name), domain, paired, _NamesAsWritten(),
+                         _Problems(problems, media_name))
   return {item_id: sorted(rows) for item_id, rows in media.items()}, problems
 
 
@@ -379,7 +415,28 @@ def load_rope(root: str, split: str = "training", check_files: bool = True
     raise FileNotFoundError(
         f"ROPE directory {root!r} lacks required {split!r} file(s): {', '.join(missing)}")
   resolver = _ImageResolver(root, check_files)
+  sampled_frames = downloaded_frames_per_clip(root) if check_files else None
   problems: list[dict] = []
-  records = {domain.plural: _load_domain(root, split, domain.name, resolver, problems)
-             for domain in domains.DOMAINS}
-  return RopeCatalog(root=root, split=split, problems=problems, **records)
+  records, skipped = {}, 0
+  for domain in domains.DOMAINS:
+    records[domain.plural], domain_skipped = _load_domain(
+        root, split, domain.name, resolver, problems, sampled_frames)
+    skipped += domain_skipped
+  return RopeCatalog(root=root, split=split, problems=problems,
+                     frames_skipped_by_download=skipped, **records)
+
+
+def downloaded_frames_per_clip(root: str) -> int | None:
+  """T when `root`'s images were fetched by `data_pipelines.download --num_frames T`
+  (its `download_report.json` says so), else None (every frame is expected)."""
+  path = os.path.join(root, DOWNLOAD_REPORT)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      options = json.load(f).get("options", {})
+  except (OSError, ValueError, AttributeError) as error:
+    raise ValueError(f"{path}: not a readable download report ({error})") from error
+  if options.get("all_frames", True):
+    return None
+  return int(options["num_frames"])

@@ -430,6 +430,7 @@ class Rope(tfds.core.GeneratorBasedBuilder):
       product_ids = list(catalog.products)
       product_index = {p: i for i, p in enumerate(product_ids)}
       entry = {"product_ids": product_ids, "read_problems": catalog.problems,
+               "frames_skipped_by_download": catalog.frames_skipped_by_download,
                "rows": {}}
       for domain in domains.NAMES:
         rows = catalog_rows(catalog, domain, product_index, config.num_frames)
@@ -506,8 +507,10 @@ class Rope(tfds.core.GeneratorBasedBuilder):
       _write_json(data_path / f"{PRODUCTS_PREFIX}{rope_split}.json",
                   {"product_ids": entry["product_ids"],
                    "record_product_index": record_product_index})
-      report_splits[rope_split] = {"products": len(entry["product_ids"]),
-                                   "domains": domain_counts}
+      report_splits[rope_split] = {
+          "products": len(entry["product_ids"]), "domains": domain_counts,
+          # clip frames a sampled download never fetched (not problems)
+          "frames_skipped_by_download": entry["frames_skipped_by_download"]}
     config: RopeConfig = self.builder_config
     _write_json(data_path / BUILD_INFO_NAME, {
         "format": FORMAT_VERSION, "fingerprint": self._build["fingerprint"],

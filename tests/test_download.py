@@ -162,7 +162,17 @@ def test_fetches_the_sampled_frames_where_the_reader_finds_them(rope_dir, server
   for clip in list(catalog.videos.values()) + list(catalog.lives.values()):
     assert len(clip.frames) == NUM_FRAMES
     assert transforms.sample_frame_indices(len(clip.frames), NUM_FRAMES) == [0, 1]
-  assert {p["reason"].split()[0] for p in catalog.problems} == {"image"}  # skipped frames
+  # The frames left out on purpose are not problems, only counted (over both splits).
+  test_catalog = rope_format.load_rope(rope_dir, "test")
+  assert catalog.problems == [] and test_catalog.problems == []
+  assert (catalog.frames_skipped_by_download + test_catalog.frames_skipped_by_download
+          == counts["frames_skipped_by_sampling"] > 0)
+  # A segment-middle frame lost after the download is a problem again, on its line.
+  lost_clip = next(iter(catalog.videos.values()))
+  os.remove(lost_clip.frames[0])
+  catalog = rope_format.load_rope(rope_dir, "training")
+  assert [p["line"] for p in catalog.problems] == [lost_clip.frame_lines[0]]
+  assert "not found" in catalog.problems[0]["reason"]
 
 
 def test_all_frames_fetches_every_frame_and_the_reader_reports_nothing(rope_dir, server,
