@@ -87,15 +87,23 @@ def get_config():
   loss.classify_sample_rate = 1.0  # share of negative class centres used per step
 
   # ---- optimiser --------------------------------------------------------------
+  # Schedule: λ(e) of the scheduler step e = update // lr_every; linear warm-up from 0
+  # over warmup_steps, then cosine to 0 at decay_steps (cope_jax/optim.py).
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-3  # base lr; each group multiplies it by its factor
-  optim.lr_factors = ml_collections.ConfigDict(
-      {"text": 1.0, "visual": 1.0, "fusion": 1.0, "classifier": 1.0, "other": 1.0})
+  optim.lr_factors = ml_collections.ConfigDict(  # text/visual encoder, rest of model, classifier
+      {"text": 1.0, "visual": 1.0, "fusion": 1.0, "classifier": 1.0})
   optim.weight_decay = 5e-4
   optim.b1 = 0.9
   optim.b2 = 0.999
-  optim.warmup_steps = 50
+  optim.warmup_steps = 50  # scheduler steps of linear warm-up from lr 0
+  optim.decay_steps = 0  # scheduler step at which the cosine reaches 0 (0: the run's end)
+  optim.lr_every = 1  # optimiser updates per scheduler step (lr constant within a block)
+  # Past decay_steps the lr stays 0: a cosine schedule is meant to end there. False
+  # continues the cosine, so the lr rises again, as the release's unclamped LambdaLR does.
+  optim.clamp_after_decay = True
   optim.grad_clip_norm = 1.0  # 0 disables clipping
+  optim.grad_clip_groups = ("text", "visual", "fusion")  # clipped together; not the classifier
   optim.grad_accum_steps = 1
   optim.frozen = ()  # groups to freeze, e.g. ("text",)
 

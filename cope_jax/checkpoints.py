@@ -7,6 +7,9 @@ Two kinds live on disk:
   `data` (the Grain iterator state, one JSON file per process);
 - parameter checkpoints written by `cope_jax.convert`: a plain Orbax pytree of model
   parameters (`{"model": {...}}`), possibly holding only some towers.
+
+`load_params` reads the model parameters of either kind (a training run starts from a
+converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
 """
 
 from __future__ import annotations
@@ -75,14 +78,58 @@ def save_params(directory: str, params: Mapping[str, Any], metadata: Mapping[str
 
 
 def load_params(directory: str) -> dict:
-  """Reads a parameter-only checkpoint as host NumPy arrays."""
+  """Reads `{"model": ...}` parameters as host NumPy arrays, for `config.train.init_from`.
+
+  `directory` is a parameter checkpoint written by `cope_jax.convert` (it holds `params/`),
+  a training workdir (it holds `checkpoints/`: the model parameters of its latest step,
+  without classifier or optimiser state, as the release's `--pretrained` loads only the
+  model's `state_dict`), or several of these separated by commas, whose parameters must
+  not overlap (e.g. a converted X-CLIP visual encoder and a converted rbt6 text encoder).
+  """
+  if "," in directory:
+    return _merge_disjoint([load_params(part.strip()) for part in directory.split(",")],
+                           directory)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    return {"model": load_training_model_params(directory)}
   path = os.path.abspath(os.path.join(directory, "params"))
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"{directory}: not a parameter checkpoint (expected a 'params' folder written by "
-        "`python -m cope_jax.convert`)")
+        "`python -m cope_jax.convert`) nor a training workdir (a 'checkpoints' folder)")
   restored = ocp.StandardCheckpointer().restore(path)
   return jax.tree.map(np.asarray, restored)
+
+
+def load_training_model_params(workdir: str) -> dict:
+  """The model parameters of the latest checkpoint in `WORKDIR/checkpoints`, as NumPy.
+
+  Only `params["model"]` is read from disk (an Orbax partial restore): the classifier,
+  the optimiser state and the data-iterator state stay where they are.
+  """
+  manager = checkpoint_manager(workdir, read_only=True)
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
+  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree
+  item = {"params": {"model": jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), saved["params"]["model"])}}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  return restored["params"]["model"]
+
+
+def _merge_disjoint(trees: list[Mapping[str, Any]], source: str) -> dict:
+  merged = {}
+  for tree in trees:
+    for key, value in traverse_util.flatten_dict(dict(tree), sep="/").items():
+      if key in merged:
+        raise ValueError(f"{source}: parameter {key} is in more than one of the checkpoints")
+      merged[key] = value
+  return traverse_util.unflatten_dict(merged, sep="/")
 
 
 def merge_params(initial: Mapping[str, Any], loaded: Mapping[str, Any], *,

@@ -1,33 +1,51 @@
-"""The COPE optimiser: AdamW with per-group learning-rate factors.
+"""The COPE optimiser: AdamW per parameter group, the release's stepped schedule, clipping.
 
-Trainable parameters are `{"model": <COPE params>, "classifier": {...}}`; each
-leaf belongs to one group chosen by its path (see `param_group`). Every group
-runs AdamW with learning rate `schedule(step) * lr_factors[group]`, as the
-release's per-parameter-group PyTorch AdamW; frozen groups get zero updates
-and keep no optimiser state.
+Trainable parameters are `{"model": <COPE params>, "classifier": {...}}`; each leaf
+belongs to one group chosen by its path (see `param_group`), as the release builds its
+`torch.optim.AdamW` parameter groups. Every group runs AdamW at its own learning rate
+`learning_rate * lr_factors[group] * λ(e)`; frozen groups get zero updates and keep no
+optimiser state.
 
-Steps: `total_steps` and `step` below count train steps (gradient
-computations). With `grad_accum_steps = k` the optimiser updates once every k
-train steps, the schedule advances once per update and spans `total_steps // k`
-updates; `warmup_steps` counts updates.
+Counting. `total_steps` and `step` count train steps (gradient computations). With
+`grad_accum_steps = k` the optimiser updates once every k train steps. The schedule is a
+function of the scheduler step `e = update // lr_every`: the release calls its `LambdaLR`'s
+`step()` once every `lr_freq` optimiser steps, so the learning rate is constant within
+each block of `lr_every` updates and the first block runs at λ(0) = 0.
+
+Schedule, with W = `warmup_steps` and D = `decay_steps` (both in scheduler steps; D = 0
+means the end of the run):
+
+  λ(e) = e / W                              for e <= W (linear warm-up from 0)
+  λ(e) = (1 + cos(π (e - W) / (D - W))) / 2   for W <= e <= D
+  λ(e) = 0                                   for e > D, or, with `clamp_after_decay`
+                                             False, the same cosine continued: it rises
+                                             again to 1 at e = 2D - W (the release's
+                                             LambdaLR never clamps).
+
+Clipping. The gradients of the groups in `grad_clip_groups` are clipped together to the
+global norm `grad_clip_norm`; the other groups' gradients are left as they are. The
+release clips the model's gradients (`clip_grad_norm_(model.parameters(), 5)`) and not
+the margin classifier's, which is a separate module.
 """
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from data_pipelines import domains
-
-# Parameter groups, and the top-level submodule names that select them.
-GROUPS = ("text", "visual", "fusion", "classifier", "other")
+# Parameter groups. As released: the text encoder, the visual encoder, everything else
+# in the model (the release's test for its fusion group is always true, so its "other"
+# group of model parameters is always empty), and the product classifier.
+GROUPS = ("text", "visual", "fusion", "classifier")
+# Path components that select a group; any other model parameter is "fusion".
 _GROUP_OF_MODULE = {
+    "classifier": "classifier",
     "text_encoder": "text",
     "visual_encoder": "visual",
-    **{domain.head: "fusion" for domain in domains.DOMAINS},
-    "classifier": "classifier",
 }
+_DEFAULT_GROUP = "fusion"
 
 
 def _key_name(key: Any) -> str:
@@ -46,21 +64,45 @@ def param_group(path: Sequence[Any]) -> str:
       or a `jax.tree_util` key path.
 
   Returns:
-    "text" under `text_encoder`, "visual" under `visual_encoder`, "fusion"
-    under a domain's head (`page_head`, ...), "classifier" under
-    `classifier`, else "other". The outermost matching component decides.
+    "classifier" under `classifier`, "text" under `text_encoder`, "visual" under
+    `visual_encoder` (the outermost matching component decides), else "fusion".
   """
   for key in path:
     group = _GROUP_OF_MODULE.get(_key_name(key))
     if group is not None:
       return group
-  return "other"
+  return _DEFAULT_GROUP
 
 
 def param_groups(params: Any) -> Any:
   """A pytree like `params` with each leaf replaced by its group name."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: param_group(path), params)
+
+
+def num_updates(optim_config, total_steps: int) -> int:
+  """Optimiser updates in a run of `total_steps` train steps."""
+  return total_steps // optim_config.grad_accum_steps
+
+
+def num_scheduler_steps(optim_config, total_steps: int) -> int:
+  """Scheduler steps the run's updates fall into (the last block may be partial)."""
+  return -(-num_updates(optim_config, total_steps) // optim_config.lr_every)
+
+
+def decay_end(optim_config, total_steps: int) -> int:
+  """D: the scheduler step at which the cosine reaches 0."""
+  return (optim_config.decay_steps
+          or num_scheduler_steps(optim_config, total_steps))
+
+
+def _check_group_names(field, names, expected):
+  if isinstance(names, str):
+    raise ValueError(f"config.optim.{field}: must be a tuple of group names, got the "
+                     f"string {names!r}")
+  for group in names:
+    if group not in GROUPS:
+      raise ValueError(f"config.optim.{field}: unknown group {group!r}; {expected}")
 
 
 def _check_optim_config(optim_config, total_steps: int) -> None:
@@ -73,46 +115,83 @@ def _check_optim_config(optim_config, total_steps: int) -> None:
       fail(f"lr_factors.{group}", f"unknown group; {expected}")
     if factor < 0:
       fail(f"lr_factors.{group}", f"must be >= 0, got {factor}")
-  frozen = optim_config.frozen
-  if isinstance(frozen, str):
-    fail("frozen", f"must be a tuple of group names, got the string {frozen!r}")
-  for group in frozen:
-    if group not in GROUPS:
-      fail("frozen", f"unknown group {group!r}; {expected}")
+  _check_group_names("frozen", optim_config.frozen, expected)
+  _check_group_names("grad_clip_groups", optim_config.grad_clip_groups, expected)
   for field in ("learning_rate", "weight_decay", "grad_clip_norm",
-                "warmup_steps"):
+                "warmup_steps", "decay_steps"):
     if optim_config[field] < 0:
       fail(field, f"must be >= 0, got {optim_config[field]}")
   for field in ("b1", "b2"):
     if not 0 <= optim_config[field] < 1:
       fail(field, f"must be in [0, 1), got {optim_config[field]}")
-  if optim_config.grad_accum_steps < 1:
-    fail("grad_accum_steps",
-         f"must be >= 1, got {optim_config.grad_accum_steps}")
-  num_updates = total_steps // optim_config.grad_accum_steps
-  if num_updates < 1:
+  for field in ("grad_accum_steps", "lr_every"):
+    if optim_config[field] < 1:
+      fail(field, f"must be >= 1, got {optim_config[field]}")
+  if num_updates(optim_config, total_steps) < 1:
     raise ValueError(
         f"total_steps={total_steps} gives no optimiser update with "
         f"config.optim.grad_accum_steps={optim_config.grad_accum_steps}")
-  if optim_config.warmup_steps > num_updates:
-    fail("warmup_steps", f"{optim_config.warmup_steps} exceeds the "
-         f"{num_updates} optimiser updates of the run")
+  end = decay_end(optim_config, total_steps)
+  if optim_config.warmup_steps >= end:
+    where = (f"config.optim.decay_steps={optim_config.decay_steps}"
+             if optim_config.decay_steps else
+             f"the run's {end} scheduler steps (config.optim.decay_steps=0)")
+    fail("warmup_steps", f"{optim_config.warmup_steps} leaves no cosine: it must be "
+         f"below the decay end, {where}")
+
+
+def _lambda_schedule(peak: float, warmup: int, end: int,
+                     clamp: bool) -> optax.Schedule:
+  """peak * λ(e), e in scheduler steps (see the module docstring)."""
+  clamped = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=end,
+      end_value=0.0)
+  if clamp:
+    return clamped
+
+  def unclamped(step):
+    past_end = peak * (0.5 * (1 + jnp.cos(jnp.pi * (step - warmup) / (end - warmup))))
+    return jnp.where(step <= end, clamped(step), past_end)
+
+  return unclamped
+
+
+def _stepped(schedule: optax.Schedule, every: int) -> optax.Schedule:
+  """schedule(update // every): constant over each block of `every` updates."""
+  if every == 1:
+    return schedule
+  return lambda update: schedule(update // every)
+
+
+def group_schedules(optim_config, total_steps: int) -> dict[str, optax.Schedule]:
+  """Each group's learning rate as a function of the optimiser update count.
+
+  The group's peak `learning_rate * lr_factors[group]` is computed in double precision
+  before it enters the schedule, as PyTorch's per-group `lr`. Frozen groups: 0.
+  """
+  _check_optim_config(optim_config, total_steps)
+  warmup = optim_config.warmup_steps
+  end = decay_end(optim_config, total_steps)
+  schedules = {}
+  for group in GROUPS:
+    if group in optim_config.frozen:
+      schedules[group] = optax.constant_schedule(0.0)
+      continue
+    peak = float(optim_config.learning_rate) * _lr_factor(optim_config, group)
+    schedules[group] = _stepped(
+        _lambda_schedule(peak, warmup, end, optim_config.clamp_after_decay),
+        optim_config.lr_every)
+  return schedules
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Base learning rate per optimiser update.
-
-  Linear warm-up from 0 to `optim_config.learning_rate` over `warmup_steps`
-  updates, then cosine decay to 0 at `total_steps // grad_accum_steps`.
-  """
+  """The base learning rate (`learning_rate * λ`) per optimiser update."""
   _check_optim_config(optim_config, total_steps)
-  num_updates = total_steps // optim_config.grad_accum_steps
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=optim_config.learning_rate,
-      warmup_steps=optim_config.warmup_steps,
-      decay_steps=num_updates,
-      end_value=0.0)
+  return _stepped(
+      _lambda_schedule(float(optim_config.learning_rate), optim_config.warmup_steps,
+                       decay_end(optim_config, total_steps),
+                       optim_config.clamp_after_decay),
+      optim_config.lr_every)
 
 
 def _lr_factor(optim_config, group: str) -> float:
@@ -122,12 +201,15 @@ def _lr_factor(optim_config, group: str) -> float:
 def _group_transform(optim_config, schedule, group):
   if group in optim_config.frozen:
     return optax.set_to_zero()
-  factor = _lr_factor(optim_config, group)
   return optax.adamw(
-      learning_rate=lambda count: factor * schedule(count),
+      learning_rate=schedule,
       b1=optim_config.b1,
       b2=optim_config.b2,
       weight_decay=optim_config.weight_decay)
+
+
+def _clip_label(group: str, clipped: Sequence[str]) -> str:
+  return "clipped" if group in clipped else "unclipped"
 
 
 def make_optimizer(optim_config,
@@ -135,10 +217,10 @@ def make_optimizer(optim_config,
   """The training optimiser.
 
   Frozen groups' gradients are zeroed first (so they do not count towards the
-  clipping norm, as parameters without gradients in PyTorch), then the
-  gradients are clipped to global norm `grad_clip_norm` (0: no clipping), then
-  each group runs its own AdamW. With `grad_accum_steps` > 1 the whole chain
-  runs on the mean gradient of every k consecutive calls (`optax.MultiSteps`);
+  clipping norm, as parameters without gradients in PyTorch), then the gradients of
+  `grad_clip_groups` are clipped together to global norm `grad_clip_norm` (0: no
+  clipping), then each group runs its own AdamW. With `grad_accum_steps` > 1 the whole
+  chain runs on the mean gradient of every k consecutive calls (`optax.MultiSteps`);
   the calls in between return zero updates.
 
   Args:
@@ -148,7 +230,7 @@ def make_optimizer(optim_config,
   Returns:
     An optax GradientTransformation over the `{"model", "classifier"}` params.
   """
-  schedule = learning_rate_schedule(optim_config, total_steps)
+  schedules = group_schedules(optim_config, total_steps)
   steps = []
   if optim_config.frozen:
     steps.append(optax.partition(
@@ -156,9 +238,14 @@ def make_optimizer(optim_config,
                  else optax.identity()) for group in GROUPS},
         param_groups))
   if optim_config.grad_clip_norm:
-    steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+    clipped = tuple(optim_config.grad_clip_groups)
+    steps.append(optax.partition(
+        {"clipped": optax.clip_by_global_norm(optim_config.grad_clip_norm),
+         "unclipped": optax.identity()},
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: _clip_label(param_group(path), clipped), params)))
   steps.append(optax.partition(
-      {group: _group_transform(optim_config, schedule, group)
+      {group: _group_transform(optim_config, schedules[group], group)
        for group in GROUPS},
       param_groups))
   optimizer = optax.chain(*steps)
@@ -175,8 +262,6 @@ def current_learning_rates(optim_config, total_steps: int,
 
   Frozen groups report 0.
   """
-  schedule = learning_rate_schedule(optim_config, total_steps)
-  base = float(schedule(step // optim_config.grad_accum_steps))
-  return {group: (0.0 if group in optim_config.frozen
-                  else base * _lr_factor(optim_config, group))
-          for group in GROUPS}
+  update = step // optim_config.grad_accum_steps
+  return {group: float(schedule(update))
+          for group, schedule in group_schedules(optim_config, total_steps).items()}

@@ -4,9 +4,13 @@ Written from the model description (X-CLIP visual encoder with cross-frame messa
 a multi-frame integration transformer, HF `BertModel` text encoder, three fusion heads),
 with the released parameter names so that its `state_dict()` looks like a checkpoint's.
 Layouts are PyTorch's: images [batch, 3, size, size], sequence-first attention.
+
+After the model: the release's optimiser set-up (margin classifier, parameter groups,
+AdamW, clipping of the model's gradients, the LambdaLR stepped every `lr_freq` steps).
 """
 
 import collections
+import math
 
 import numpy as np
 import torch
@@ -256,3 +260,103 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
         fan_in = param[0].numel() if param.ndim > 1 else 25
         param.copy_(noise * fan_in ** -0.5 * (1.0 if param.ndim > 1 else 0.5))
   return model
+
+
+# ---- the release's optimiser set-up (its train.py: build_model, build_optimizer, --------
+# ---- train_one_epoch), written from cope_reference.md "Training recipe" ----------------
+
+
+class MarginClassifier(nn.Module):
+  """The product classifier at sample rate 1: cosine logits with an additive margin.
+
+  A module of its own beside the model, as the release's `PartialFC_V2` (whose parameter
+  is not among the model's, so the model's gradient clipping does not touch it).
+  """
+
+  def __init__(self, num_classes, emb_dim, scale=64.0, margin=0.4):
+    super().__init__()
+    self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, emb_dim)))
+    self.scale, self.margin = scale, margin
+
+  def forward(self, embeddings, labels):
+    """embeddings [batch, emb_dim], labels [batch] -> mean cross-entropy."""
+    cosine = F.normalize(embeddings, dim=-1) @ F.normalize(self.weight, dim=-1).T
+    margin = self.margin * F.one_hot(labels, cosine.shape[1]).to(cosine.dtype)
+    return F.cross_entropy(self.scale * (cosine - margin), labels)
+
+
+def release_lr_lambda(warm_up_iters, max_iters):
+  """The release's λ(e): linear warm-up, then a cosine that is never clamped."""
+
+  def lr_lambda(epoch):
+    if warm_up_iters and epoch <= warm_up_iters:
+      return epoch / warm_up_iters
+    return 0.5 * (math.cos((epoch - warm_up_iters) / (max_iters - warm_up_iters) * math.pi)
+                  + 1)
+
+  return lr_lambda
+
+
+def release_param_groups(model, classifier, lr, text_factor, visual_factor, fusion_factor,
+                         other_factor):
+  """AdamW groups as the release builds them, in its order: text, visual, fusion, other,
+  classifier. Its fusion test holds a bare string inside the `or` chain (kept below), so
+  it is always true: every parameter outside the two encoders lands in the fusion group
+  and the "other" group stays empty."""
+  text, visual, fusion, other = [], [], [], []
+  for name, param in model.named_parameters():
+    if "text_encoder" in name:
+      text.append(param)
+    elif "visual_encoder" in name:
+      visual.append(param)
+    # pylint: disable-next=using-constant-test
+    elif ("fusion_model" in name or "visual_proj_layer" in name or "fusion_proj_layer"
+          or "text_proj_layer" in name or "query_tokens" in name):
+      fusion.append(param)
+    else:
+      other.append(param)
+  return [{"params": text, "lr": lr * text_factor},
+          {"params": visual, "lr": lr * visual_factor},
+          {"params": fusion, "lr": lr * fusion_factor},
+          {"params": other, "lr": lr * other_factor},
+          {"params": list(classifier.parameters()), "lr": lr * other_factor}]
+
+
+class ReleaseOptimizer:
+  """The release's float32 optimiser step: backward, clip the model's gradients only,
+  AdamW step (PyTorch's default weight decay, 0.01: the release passes none), and its
+  LambdaLR stepped once every `lr_freq` optimiser steps."""
+
+  GROUP_NAMES = ("text", "visual", "fusion", "other", "classifier")
+
+  def __init__(self, model, classifier, *, lr, text_factor, visual_factor, fusion_factor,
+               other_factor, warm_up_iters, max_iters, lr_freq, max_norm=5.0):
+    self.model, self.max_norm, self.lr_freq = model, max_norm, lr_freq
+    self.optimizer = torch.optim.AdamW(
+        release_param_groups(model, classifier, lr, text_factor, visual_factor,
+                             fusion_factor, other_factor), lr=lr)
+    self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.optimizer, lr_lambda=release_lr_lambda(warm_up_iters, max_iters))
+    self.global_step = 0
+
+  def group_lrs(self):
+    """{group name: the lr the next step runs at} (Python floats, double precision)."""
+    return {name: group["lr"]
+            for name, group in zip(self.GROUP_NAMES, self.optimizer.param_groups)}
+
+  def step(self, loss, inspect_gradients=None):
+    """One training step on `loss`; returns the model's gradient norm before clipping.
+
+    `inspect_gradients()`, if given, runs after the backward pass, before clipping.
+    """
+    self.global_step += 1
+    loss.backward()
+    if inspect_gradients is not None:
+      inspect_gradients()
+    model_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                max_norm=self.max_norm, norm_type=2)
+    self.optimizer.step()
+    self.optimizer.zero_grad()
+    if self.global_step % self.lr_freq == 0:
+      self.scheduler.step()
+    return float(model_norm)
