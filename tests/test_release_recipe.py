@@ -71,6 +71,7 @@ STEPS = 30
 LR = 5e-3  # the release's lr and factors (scripts/train.sh)
 FACTORS = {"text": 1e-3, "visual": 2e-3, "fusion": 1.0, "classifier": 1.0}
 MAX_NORM = 5.0
+WEIGHT_DECAY = 0.01  # PyTorch's AdamW default, as the release runs it
 WARMUP, COSINE, LR_EVERY = 1, 3, 10  # scheduler steps; the cosine ends at WARMUP + COSINE
 NOISE_TO_SIGNAL = 1e-3  # above it an element is noise-dominated (module docstring)
 REGULAR_RTOL = 3e-3  # tolerance per unit of summed lr for the other elements
@@ -101,7 +102,7 @@ def parity_config(grad_clip_groups=("text", "visual", "fusion")):
   optim_config.learning_rate = LR
   for group, factor in FACTORS.items():
     optim_config.lr_factors[group] = factor
-  optim_config.weight_decay = 0.01  # PyTorch's AdamW default, as the release runs it
+  optim_config.weight_decay = WEIGHT_DECAY
   optim_config.warmup_steps = WARMUP
   optim_config.decay_steps = WARMUP + COSINE
   optim_config.lr_every = LR_EVERY
@@ -153,18 +154,25 @@ def flat(tree):
 
 
 def torch_tree(model, classifier, config, shapes, values):
-  """The reference's parameters (or gradients, `values="grad"`) in the Flax layout.
+  """The reference's parameters (or gradients, `values="grad"`; or, `values="no_grad"`,
+  1 where a parameter got no gradient at all, 0 elsewhere) in the Flax layout.
 
   `shapes`: `weight_mapping.expected_param_shapes(config.model)`, computed once (it
   traces the model).
   """
   state = {}
   for name, param in model.named_parameters():
+    if values == "no_grad":
+      state[name] = np.full(param.shape, float(param.grad is None), np.float32)
+      continue
     value = param if values == "param" else param.grad
     state[name] = (np.zeros(param.shape, np.float32) if value is None
                    else value.detach().numpy().copy())
   with mock.patch.object(weight_mapping, "expected_param_shapes", lambda _: shapes):
     tree = {"model": weight_mapping.torch_state_dict_to_flax(state, config.model)}
+  if values == "no_grad":
+    tree["classifier"] = {"centers": np.zeros(classifier.weight.shape, np.float32)}
+    return flat(tree)
   value = classifier.weight if values == "param" else classifier.weight.grad
   tree["classifier"] = {"centers": value.detach().numpy().copy()}
   return flat(tree)
@@ -205,6 +213,7 @@ class Run:
 
     def loss_fn(params, batch):
       embeddings = model.apply({"params": params["model"]}, batch, train=True,
+                               outputs=losses.needed_embeddings(config.loss),
                                rngs={"dropout": jax.random.PRNGKey(0)})
       return losses.cope_loss(embeddings, batch["product_index"],
                               params["classifier"]["centers"], config.loss, None)[0]
@@ -220,11 +229,15 @@ class Run:
     jax_grads = (flat(jax.device_get(self.jax_gradients(self.state.params, batch)))
                  if self.jax_gradients else None)
     self.state, _ = self.train_step(self.state, batch)
-    embeddings = self.reference(torch_batch(batch))
+    embeddings = self.reference(torch_batch(batch), clip_text=False)  # as released
     labels = torch.from_numpy(batch["product_index"].astype(np.int64))
     grads = {}
 
     def keep_gradients():
+      # The parameters the release's forward never used get no gradient at all.
+      self.unused = {path for path, flags in torch_tree(
+          self.reference, self.classifier, self.config, self.shapes, "no_grad").items()
+                     if flags.all()}
       if self.jax_gradients:
         grads.update(torch_tree(self.reference, self.classifier, self.config, self.shapes,
                                 "grad"))
@@ -295,6 +308,7 @@ def parity_run(tmp_path_factory):
     got, want = run.parameters()
     records.append({"jax_lrs": jax_lrs, "torch_lrs": torch_lrs, "model_norm": model_norm,
                     "jax_params": got, "torch_params": want,
+                    "unused": run.unused,
                     "cumulative_lr": dict(cumulative_lr), "steps_with_lr": steps_with_lr,
                     "noisy": {path: mask.copy() for path, mask in noisy.items()}})
   return records
@@ -326,7 +340,22 @@ def test_parameters_agree_after_every_step(parity_run):
     assert set(got) == set(want)
     regular_total = noisy_total = 0
     worst = 0.0
+    initial = parity_run[0]["torch_params"]  # step 1 ran at lr 0
+    assert record["unused"] == {f"model/{head}/fc0/{leaf}" for head in ("video_head",
+                                                                      "live_head")
+                                for leaf in ("kernel", "bias")}
+    for path in record["unused"]:
+      # PyTorch's AdamW skips a parameter without a gradient entirely; optax sees a zero
+      # gradient, so only the decoupled decay moves it: p * Π(1 - lr * wd). The forward
+      # never reads these (the clips' unfused text projections), so no embedding differs.
+      np.testing.assert_array_equal(want[path], initial[path], err_msg=path)
+      decay = np.prod([1.0 - float(r["torch_lrs"][group_of(path)]) * WEIGHT_DECAY
+                       for r in parity_run[:step]])
+      np.testing.assert_allclose(got[path], initial[path] * decay, rtol=1e-5, atol=1e-7,
+                                 err_msg=path)
     for path, expected in want.items():
+      if path in record["unused"]:
+        continue
       difference = np.abs(got[path] - expected)
       if record["steps_with_lr"] == 0:
         assert not difference.any(), (step, path)  # lr 0: nothing moves, on both sides
@@ -421,7 +450,7 @@ def test_stage2_config_starts_from_a_training_workdir(tiny_prepared_dir, tiny_ro
   metrics = train.train_and_evaluate(second, str(tmp_path / "second"))
   assert np.isfinite(metrics["loss"])
   for term, weight in rope_vitb16.CROSS_DOMAIN_WEIGHTS.items():
-    assert (term in metrics) == (weight > 0), term
+    assert (f"loss/{term}" in metrics) == (weight > 0), term
   # Its first update runs at λ(0) = 0, so its step-1 model is the model it started from.
   started = model_params_at(tmp_path / "second", 1)
   assert started.keys() == trained.keys()
