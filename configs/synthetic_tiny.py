@@ -115,7 +115,7 @@ def get_config():
   train.checkpoint_every = 200
   train.keep_checkpoints = 2
   train.eval_every = 0  # 0: evaluate only at the end (from the evaluate entry point)
-  train.init_from = ""  # Orbax checkpoint dir written by cope_jax.convert
+  train.init_from = ""  # converted checkpoint(s) (cope_jax.convert; comma-separated) or a training workdir
   train.init_allow_missing = False
 
   # ---- device mesh ------------------------------------------------------------
