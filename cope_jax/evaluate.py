@@ -26,8 +26,8 @@ from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import report
-from cope_jax import retrieval
 from cope_jax import sharding
+from cope_jax.search import directions
 from cope_jax import train
 from data_pipelines import prepare
 
@@ -82,9 +82,7 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
                     mesh: jax.sharding.Mesh, source: str = "") -> dict:
   """Embeds the eval split, computes the metrics and writes metrics.json + report."""
   embeddings = embed_eval_split(config, model_params, mesh)
-  metrics = retrieval.evaluate_directions(
-      {domain: (e.ids, e.product_ids, e.embeddings) for domain, e in embeddings.items()},
-      config.eval)
+  metrics = directions.evaluate_directions(embeddings, config.eval)
   metrics["checkpoint_step"] = int(step)
   metrics["checkpoint"] = source
   metrics["split"] = config.data.eval_split

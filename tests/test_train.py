@@ -15,8 +15,8 @@ import pytest
 from cope_jax import checkpoints
 from cope_jax import config_checks
 from cope_jax import evaluate
-from cope_jax import retrieval
 from cope_jax import train
+from data_pipelines import domains
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,8 +153,7 @@ def test_evaluation_hook_and_entry_point_write_metrics(tiny_prepared_dir, tiny_r
   metrics = evaluate.run(config, str(tmp_path))  # the entry point: latest checkpoint (4)
   on_disk = json.load(open(tmp_path / "eval" / "metrics.json"))
   assert on_disk["checkpoint_step"] == metrics["checkpoint_step"] == 4
-  for query_domain, gallery_domain in retrieval.DIRECTIONS:
-    name = retrieval.direction_name(query_domain, gallery_domain)
+  for name in domains.DIRECTION_NAMES:
     for key in ("R@1", "R@5", "R@10", "median_rank", "one_shot_accuracy"):
       assert key in on_disk[name], (name, key)
   assert on_disk["search"] == "exact"
