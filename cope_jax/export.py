@@ -322,7 +322,6 @@ def _export_domain(config, model, model_params, mesh, domain: str, split: str, o
   index_dir = os.path.join(out_dir, INDEX_DIR, domain)
   all_complete = all(_parquet_complete(out_dir, previous_entry, name) for name in names)
   index_complete = (all_complete and previous_entry.get("index_complete", False)
-                    and previous_entry.get("index_kind") == config.eval.index
                     and os.path.isfile(os.path.join(index_dir, search_index.INDEX_FILE)))
   if index_complete:
     logging.info("export %s: complete in the manifest, kept", domain)

@@ -153,43 +153,51 @@ def build_index(kind: str, gallery, eval_config, k: int,
       held-out queries, each with its own row left out of its neighbours.
 
   Returns:
-    The index, and {'kind', 'parameters', 'target_recall', 'recall_k' (the k used),
-    'query_source', 'tuned': whether the settings were tuned; when tuned
-    'tuning_recall' (on the tuning queries), 'reached_target', 'tuning_queries',
-    'tuning_trials'; 'recall_vs_exact' (recall@k of the chosen settings on other
-    held-out queries) and 'recall_queries'}.
+    The index and what `tune_index` reports.
   """
   cls = index_class(kind)
   gallery = check_embeddings("gallery", gallery)
   if gallery.shape[0] == 0:
     raise ValueError("gallery: cannot build an index over an empty gallery")
   parameters, free = cls.parameters_from_config(eval_config, gallery.shape[0])
-  index = cls.build(gallery, parameters)
+  return tune_index(cls.build(gallery, parameters), free, gallery, eval_config, k, queries)
+
+
+def tune_index(index: Index, free: frozenset[str], gallery: np.ndarray, eval_config, k: int,
+               queries=None) -> tuple[Index, dict[str, Any]]:
+  """Tunes the `free` search settings of a built index to `eval_config.target_recall`
+  on `eval_config.tune_queries` held-out queries, then measures the recall of the
+  result on `eval_config.recall_check_queries` other ones (arguments: `build_index`).
+
+  Returns:
+    The tuned index, and {'kind', 'parameters', 'target_recall', 'recall_k' (the k
+    used), 'query_source', 'tuned': whether settings were tuned; when tuned
+    'tuning_recall' (on the tuning queries), 'reached_target', 'tuning_queries',
+    'tuning_trials'; 'recall_vs_exact' (recall@k of the chosen settings on the other
+    held-out queries) and 'recall_queries'}.
+  """
   from_gallery = queries is None
   source = gallery if from_gallery else check_embeddings("queries", queries,
                                                          dim=gallery.shape[1])
   k = min(k, gallery.shape[0] - 1 if from_gallery else gallery.shape[0])
   info = {**describe(index), "target_recall": float(eval_config.target_recall),
           "recall_k": int(k),
-          "query_source": "gallery rows (own row left out)" if from_gallery else "queries"}
+          "query_source": "gallery rows (own row left out)" if from_gallery else "queries",
+          "tuned": False}
   if k < 1 or source.shape[0] == 0:
-    return index, {**info, "tuned": False}
+    return index, info
   tune_rows, check_rows = _held_out_samples(
       source.shape[0], int(eval_config.tune_queries), int(eval_config.recall_check_queries))
-
   if free and tune_rows.size:
-    exact_indices = _exact_neighbours(gallery, source[tune_rows], k,
-                                      tune_rows if from_gallery else None)
+    own_rows = tune_rows if from_gallery else None
     index, result = tuning.tune_to_recall(
-        index, source[tune_rows], exact_indices, float(eval_config.target_recall), k, free,
-        own_rows=tune_rows if from_gallery else None)
-    logging.info("%s over %d items: %s (recall@%d %.4f, %d settings measured)", kind,
+        index, source[tune_rows], _exact_neighbours(gallery, source[tune_rows], k, own_rows),
+        float(eval_config.target_recall), k, free, own_rows=own_rows)
+    logging.info("%s over %d items: %s (recall@%d %.4f, %d settings measured)", index.kind,
                  gallery.shape[0], result.settings, k, result.recall, len(result.trials))
     info.update({"parameters": describe(index)["parameters"], "tuned": True,
                  "tuning_recall": result.recall, "reached_target": result.reached,
                  "tuning_queries": int(tune_rows.size), "tuning_trials": len(result.trials)})
-  else:
-    info["tuned"] = False
   if check_rows.size:
     own_rows = check_rows if from_gallery else None
     recall = metrics.recall_against(
