@@ -50,8 +50,9 @@ from cope_jax.search import metrics
 
 K = 10
 DATA = {  # product_embeddings parameters, recorded in the JSON
-    "items_per_product": 16, "products_per_category": 40, "product_spread": 0.8,
-    "item_spread": 1.2, "query_spread": 1.4, "spectrum_decay": 32.0, "popularity_sigma": 1.0}
+    "items_per_product": 16, "products_per_category": 40, "product_spread": 0.6,
+    "item_spread": 0.8, "query_spread": 1.0, "spectrum_decay": 8.0, "spectrum_power": 1.0,
+    "popularity_sigma": 1.0}
 SCANN_SWEEP_REORDERS = (20, 40, 80, 160, 320)
 SCANN_SWEEP_MAX_LEAVES_FRACTION = 0.25  # sweep leaves to search up to this share of leaves
 HNSW_SWEEP_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -61,16 +62,17 @@ HNSW_EF_CONSTRUCTION = 200
 
 def product_embeddings(rng, num_items, num_queries, dim, items_per_product,
                        products_per_category, product_spread, item_spread, query_spread,
-                       spectrum_decay, popularity_sigma):
+                       spectrum_decay, spectrum_power, popularity_sigma):
   """Gallery [num_items, dim], queries [num_queries, dim] (unit rows) and the product of
   each row ([num_items], [num_queries] int).
 
-  Noise is Gaussian with per-dimension scale 1/sqrt(1 + i/spectrum_decay) in a random
-  rotation (normalised to unit expected norm): category centres are noise; a product
+  Noise is Gaussian with per-dimension scale (1 + i/spectrum_decay)^-spectrum_power in a
+  random rotation (normalised to unit expected norm; learned embeddings vary in few
+  directions): category centres are noise; a product
   is its category centre plus product_spread x noise; an item its product plus
   item_spread x noise (queries: query_spread); every vector is L2-normalised.
   """
-  scale = 1.0 / np.sqrt(1.0 + np.arange(dim) / spectrum_decay)
+  scale = (1.0 + np.arange(dim) / spectrum_decay) ** -spectrum_power
   scale = (scale / np.sqrt(np.sum(scale ** 2))).astype(np.float32)
   rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
 

@@ -93,7 +93,8 @@ def test_load_index_errors_name_the_folder(tmp_path):
     search_index.load_index(str(tmp_path))
   (tmp_path / search_index.INDEX_FILE).write_text(json.dumps(
       {"kind": "scann", "parameters": {"num_leaves": 0, "leaves_to_search": 0, "reorder": 0,
-                                       "training_sample_size": 0}, "size": 1, "dim": 2}))
+                                       "training_sample_size": 0, "soar_lambda": 0.0},
+       "size": 1, "dim": 2}))
   with pytest.raises(FileNotFoundError, match="no ScaNN index"):
     search_index.load_index(str(tmp_path))
 
@@ -161,6 +162,19 @@ def test_unreachable_target_keeps_the_most_thorough_setting():
   assert info["tuned"] and not info["reached_target"] and info["tuning_recall"] < 0.98
   assert index.parameters.leaves_to_search == 1
   assert index.parameters.reorder == 10 * 64  # the most thorough reorder of the grid
+
+
+def test_soar_index_reaches_the_target_and_round_trips(tmp_path):
+  queries, gallery = clustered_search_data(num_gallery=3000, num_queries=100)
+  index, info = search_index.build_index("scann", gallery, eval_config(scann_soar_lambda=1.5),
+                                         10, queries=queries)
+  assert info["parameters"]["soar_lambda"] == 1.5 and info["reached_target"]
+  assert numpy_recall(numpy_top_k(queries, gallery, 10),
+                      index.search(queries, 10)[1]) >= 0.98 - GENERALISATION_SLACK
+  search_index.save_index(index, str(tmp_path / "soar"))
+  loaded = search_index.load_index(str(tmp_path / "soar"))
+  assert loaded.parameters == index.parameters
+  np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
 
 
 def test_hand_set_parameters_skip_tuning():

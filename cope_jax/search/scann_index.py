@@ -38,6 +38,7 @@ class ScannParameters:
   leaves_to_search: int
   reorder: int  # candidates re-scored exactly (at least the k searched for)
   training_sample_size: int
+  soar_lambda: float  # > 0: SOAR, each item also in a second leaf (0: off)
 
 
 def _leaves_grid(num_leaves: int) -> list[int]:
@@ -76,12 +77,13 @@ class ScannIndex:
                              ) -> tuple[ScannParameters, frozenset[str]]:
     """The parameters for `num_gallery` items and the search settings left to tune.
 
-    Reads `eval_config.scann_num_leaves` (0: about sqrt(G)) and the hand-set
+    Reads `eval_config.scann_num_leaves` (0: about sqrt(G)), `scann_soar_lambda`
+    (SOAR spilling, 0: off) and the hand-set
     overrides `scann_num_leaves_to_search` and `scann_reorder` (0: tuned to
     `target_recall`; until then the most thorough value of the tuning grid).
     """
     if num_gallery < TREE_MIN_GALLERY:
-      return ScannParameters(0, 0, 0, 0), frozenset()
+      return ScannParameters(0, 0, 0, 0, 0.0), frozenset()
     num_leaves = int(eval_config.scann_num_leaves) or round(math.sqrt(num_gallery))
     num_leaves = max(1, min(num_leaves, num_gallery))
     leaves_to_search = min(int(eval_config.scann_num_leaves_to_search), num_leaves)
@@ -92,7 +94,8 @@ class ScannIndex:
         num_leaves=num_leaves,
         leaves_to_search=leaves_to_search if leaves_to_search > 0 else num_leaves,
         reorder=reorder if reorder > 0 else _reorder_grid(DEFAULT_NUM_NEIGHBORS)[0],
-        training_sample_size=min(num_gallery, TRAINING_SAMPLE_SIZE)), free
+        training_sample_size=min(num_gallery, TRAINING_SAMPLE_SIZE),
+        soar_lambda=float(eval_config.scann_soar_lambda)), free
 
   @classmethod
   def build(cls, gallery, parameters: ScannParameters) -> ScannIndex:
@@ -109,7 +112,8 @@ class ScannIndex:
     else:
       builder = builder.tree(num_leaves=parameters.num_leaves,
                              num_leaves_to_search=parameters.leaves_to_search,
-                             training_sample_size=parameters.training_sample_size)
+                             training_sample_size=parameters.training_sample_size,
+                             soar_lambda=parameters.soar_lambda or None)
       builder = builder.score_ah(AH_DIMENSIONS_PER_BLOCK,
                                  anisotropic_quantization_threshold=AH_ANISOTROPIC_THRESHOLD)
       builder = builder.reorder(parameters.reorder)
@@ -169,7 +173,9 @@ class ScannIndex:
     4-bit AH codes of the searched leaves' items plus the float32 rows re-scored."""
     if self.is_exact:
       return float(self.size * self.dim * 4)
-    items_scored = self.size * self.parameters.leaves_to_search / self.parameters.num_leaves
+    copies = 2 if self.parameters.soar_lambda > 0 else 1  # SOAR: each item in two leaves
+    items_scored = (copies * self.size * self.parameters.leaves_to_search
+                    / self.parameters.num_leaves)
     ah_bytes = math.ceil(self.dim / AH_DIMENSIONS_PER_BLOCK) / 2
     return float(items_scored * ah_bytes + self.parameters.reorder * self.dim * 4)
 
