@@ -132,7 +132,7 @@ def get_config():
   evaluation.target_recall = 0.98
   evaluation.tune_queries = 1000
   evaluation.recall_check_queries = 1000
-  evaluation.scann_num_leaves = 0  # tree leaves; 0: about sqrt(gallery size)
+  evaluation.scann_num_leaves = 0  # tree leaves; 0: about 2 sqrt(gallery size)
   evaluation.scann_soar_lambda = 0.0  # > 0: SOAR spilling (each item in a second leaf)
   evaluation.scann_num_leaves_to_search = 0  # > 0: hand-set instead of tuned
   evaluation.scann_reorder = 0  # candidates re-scored exactly; > 0: hand-set instead of tuned

@@ -162,3 +162,10 @@ def test_retrieval_metrics_with_many_items_per_product_uses_small_blocks(monkeyp
   expected = reference_metrics(queries, query_products, gallery, gallery_products, (1, 5, 10))
   for key in ("R@1", "R@10", "median_rank", "mAP"):
     assert metrics[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_recall_per_query_and_recall_against():
+  reference = np.array([[1, 2, 3], [4, 5, -1], [7, 8, 9]])
+  found = np.array([[3, 2, 0], [5, 6, 4], [0, 0, 0]])
+  np.testing.assert_allclose(search_metrics.recall_per_query(reference, found), [2 / 3, 1, 0])
+  assert search_metrics.recall_against(reference, found) == pytest.approx((2 / 3 + 1) / 3)

@@ -27,6 +27,16 @@ DEFAULT_KS = (1, 5, 10)  # the K of the R@K columns of metrics.json
 _MAX_COMPARISONS = 1 << 27
 
 
+def recall_per_query(reference_indices: np.ndarray, indices: np.ndarray) -> np.ndarray:
+  """[Q] share of each reference top-k row (entries >= 0) found in the same row of
+  `indices`; 1.0 for a row without reference entries."""
+  reference_indices = np.asarray(reference_indices)
+  indices = np.asarray(indices)
+  valid = reference_indices >= 0
+  found = (reference_indices[:, :, None] == indices[:, None, :]).any(axis=2) & valid
+  return found.sum(axis=1) / np.maximum(valid.sum(axis=1), 1) + (valid.sum(axis=1) == 0)
+
+
 def recall_against(reference_indices: np.ndarray, indices: np.ndarray) -> float:
   """Mean share of each reference top-k row found in the same row of `indices`."""
   reference_indices = np.asarray(reference_indices)

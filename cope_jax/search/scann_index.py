@@ -6,6 +6,9 @@ training sample); a query scores the items of its `leaves_to_search` nearest lea
 AH (4-bit codes, two dimensions per block) and re-scores the best `reorder` of them
 exactly. `leaves_to_search` and `reorder` are search-time settings: one built tree
 serves every value, which is what the recall tuning (`cope_jax.search.tuning`) sweeps.
+With SOAR (`soar_lambda` > 0) every item is also stored in a second leaf, chosen so
+that the two leaves' errors are near orthogonal: more recall per leaf searched, for
+about twice the codes and a longer build.
 
 ScaNN itself is imported only when an index is built or loaded.
 """
@@ -24,6 +27,10 @@ from cope_jax.search.embeddings import check_embeddings
 KIND = "scann"
 # Below this many gallery items the index scores every item (brute force, exact).
 TREE_MIN_GALLERY = 2048
+# Leaves of a tree: this many times sqrt(G) unless the config sets them (at 1M x 128,
+# 2000 leaves reached recall@10 0.98 about a quarter faster than 1000 or 4000:
+# benchmarks/search.py).
+LEAVES_PER_SQRT_GALLERY = 2
 TRAINING_SAMPLE_SIZE = 250_000  # most items the tree and the AH codebooks train on
 AH_DIMENSIONS_PER_BLOCK = 2
 AH_ANISOTROPIC_THRESHOLD = 0.2
@@ -42,9 +49,9 @@ class ScannParameters:
 
 
 def _leaves_grid(num_leaves: int) -> list[int]:
-  """Ascending leaves-to-search values, about sqrt(2) apart, ending at num_leaves."""
-  values = sorted({min(num_leaves, round(2 ** (step / 2)))
-                   for step in range(2 * max(1, math.ceil(math.log2(num_leaves))) + 1)})
+  """Ascending leaves-to-search values, about 2^(1/4) apart, ending at num_leaves."""
+  values = sorted({min(num_leaves, round(2 ** (step / 4)))
+                   for step in range(4 * max(1, math.ceil(math.log2(num_leaves))) + 1)})
   return values if values[-1] == num_leaves else values + [num_leaves]
 
 
@@ -77,14 +84,15 @@ class ScannIndex:
                              ) -> tuple[ScannParameters, frozenset[str]]:
     """The parameters for `num_gallery` items and the search settings left to tune.
 
-    Reads `eval_config.scann_num_leaves` (0: about sqrt(G)), `scann_soar_lambda`
+    Reads `eval_config.scann_num_leaves` (0: about 2 sqrt(G)), `scann_soar_lambda`
     (SOAR spilling, 0: off) and the hand-set
     overrides `scann_num_leaves_to_search` and `scann_reorder` (0: tuned to
     `target_recall`; until then the most thorough value of the tuning grid).
     """
     if num_gallery < TREE_MIN_GALLERY:
       return ScannParameters(0, 0, 0, 0, 0.0), frozenset()
-    num_leaves = int(eval_config.scann_num_leaves) or round(math.sqrt(num_gallery))
+    num_leaves = (int(eval_config.scann_num_leaves)
+                  or round(LEAVES_PER_SQRT_GALLERY * math.sqrt(num_gallery)))
     num_leaves = max(1, min(num_leaves, num_gallery))
     leaves_to_search = min(int(eval_config.scann_num_leaves_to_search), num_leaves)
     reorder = int(eval_config.scann_reorder)

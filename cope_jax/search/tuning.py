@@ -10,6 +10,11 @@ beyond the one of the row before: a staircase walk measures about rows + columns
 settings, not their product. Of the settings found on that frontier the cheapest by the
 index's cost model (`Index.search_cost`) is chosen. ScaNN's own autopilot picks a tree
 from the gallery's shape alone, not from a recall target, so the sweep does the choosing.
+
+A setting reaches the target when its mean recall on the tuning queries minus one
+standard error of that mean is at least the target: picking the cheapest of many
+noisy estimates would otherwise favour settings whose recall was overestimated, and
+fall short of the target on other queries.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ from cope_jax.search import metrics
 @dataclasses.dataclass(frozen=True)
 class Trial:
   settings: dict[str, int]
-  recall: float
+  recall: float  # mean recall@k over the tuning queries
+  standard_error: float  # of that mean
   cost: float
+
+  def reaches(self, target_recall: float) -> bool:
+    return self.recall - self.standard_error >= target_recall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +86,9 @@ def tune_to_recall(index, queries: np.ndarray, exact_indices: np.ndarray,
         found = candidate.search(queries, k)[1]
       else:
         found = drop_own_rows(candidate.search(queries, k + 1)[1], own_rows, k)
-      trial = Trial(dict(settings), metrics.recall_against(exact_indices, found),
-                    candidate.search_cost())
+      recalls = metrics.recall_per_query(exact_indices, found)
+      trial = Trial(dict(settings), float(np.mean(recalls)),
+                    float(np.std(recalls) / np.sqrt(len(recalls))), candidate.search_cost())
       trials.append(trial)
       cache[key] = candidate, trial
     return cache[key]
@@ -89,7 +99,7 @@ def tune_to_recall(index, queries: np.ndarray, exact_indices: np.ndarray,
   for row in grid:
     while position < len(row):
       candidate, trial = measure(row[position])
-      if trial.recall >= target_recall:
+      if trial.reaches(target_recall):
         frontier.append((trial.cost, candidate, trial))
         break
       position += 1
