@@ -1,27 +1,42 @@
-"""Exact (blocked JAX) vs ScaNN nearest-neighbour search, and embedding throughput.
+"""Search benchmark: recall@10 against queries/s of exact search, ScaNN and faiss HNSW.
 
-  python -m benchmarks.search                       # galleries of 100k and 1M
-  python -m benchmarks.search --gallery_sizes 100000
-  python -m benchmarks.search --only_embedding      # export's embedding speed only
+  python -m benchmarks.search --embed_test_products 0   # search only: 100k and 1M galleries
+  python -m benchmarks.search --gallery_sizes 100000 --embed_test_products 0
+  python -m benchmarks.search --only_embedding          # export's embedding speed only
 
-faiss HNSW (M=32) joins the comparison when faiss-cpu is installed (it is not a
-dependency of the project: `pip install faiss-cpu==1.15.1`).
+For each gallery size (d=128, 10k queries), in the same run:
+
+* exact: the project's blocked JAX exact search (`cope_jax.search.exact`), the
+  baseline of every speed-up and the true top-10 of every recall;
+* ScaNN: one tree built as `config.eval` says (about sqrt(G) leaves), swept over its
+  search-time settings, leaves to search x reorder size; and the setting
+  `cope_jax.search` tunes to `config.eval.target_recall` on separate held-out queries
+  (the normal way settings are chosen), measured on the benchmark queries;
+* faiss HNSW (M=32, efConstruction=200) swept over efSearch, and its tuned efSearch,
+  when faiss-cpu is installed (requirements-search.txt) and G <= --hnsw_max_gallery.
+
+Prints the Pareto table (no other point is both faster and of higher recall) and the
+tuned settings; writes JSON (default benchmarks/results/search.json) and a PNG of
+recall@10 against queries/s (benchmarks/results/search.png). Timings: best of
+--repeats runs for exact search and the tuned settings, one run per sweep point; every
+method uses all cores. Each point is timed by the wall clock and by the CPU time of
+the process (all threads): when other work shares the machine the CPU-time figures
+(`--clock cpu` for the table and plot) still compare the methods on equal terms.
+
+Data (`product_embeddings`): unit vectors shaped like product embeddings, not uniform
+random (which has no neighbourhood structure). Categories of about 40 products, products
+of about 16 items (lognormal popularity), with an anisotropic spectrum; queries are new
+items of gallery products drawn farther from their product (as queries from another
+domain are). The JSON records the parameters and how hard the data is (the product
+R@1 of exact search, the cosine of the 1st and 10th neighbours).
 
 Embedding: items/s of the streaming embedding that export runs, per domain, on a
 synthetic test split with the tiny config, at eval batch 32 against batch 1 (the
 in-run baseline); written to benchmarks/results/embedding.json.
-
-For each gallery size: build time, queries/s and recall@10 of ScaNN (default
-parameters of `cope_jax.retrieval.scann_parameters`) against exact search on
-the same queries. Prints a table and writes JSON (default
-benchmarks/results/search.json).
-
-Data: unit vectors around random centres (100 vectors per centre on average,
-noise norm 0.6 before normalisation), queries drawn the same way: a stand-in
-for product embeddings where each product has a tight group of items.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,124 +45,342 @@ import time
 import jax
 import numpy as np
 
-from cope_jax import retrieval
-from data_pipelines import domains
+from configs import synthetic_tiny
+from cope_jax.search import exact
+from cope_jax.search import index as search_index
+from cope_jax.search import metrics
 
 K = 10
+DATA = {  # product_embeddings parameters, recorded in the JSON
+    "items_per_product": 16, "products_per_category": 40, "product_spread": 0.6,
+    "item_spread": 0.8, "query_spread": 1.0, "spectrum_decay": 8.0, "spectrum_power": 1.0,
+    "popularity_sigma": 1.0}
+SCANN_SWEEP_REORDERS = (20, 40, 80, 160, 320)
+SCANN_SWEEP_MAX_LEAVES_FRACTION = 0.25  # sweep leaves to search up to this share of leaves
+HNSW_SWEEP_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
 
 
-def clustered_unit_vectors(rng, centers, num, noise, chunk=100_000):
-  """[num, D] float32 unit vectors around `centers` (generated in chunks)."""
-  dim = centers.shape[1]
-  out = np.empty((num, dim), np.float32)
-  for start in range(0, num, chunk):
-    stop = min(start + chunk, num)
-    x = centers[rng.integers(0, len(centers), stop - start)]
-    x = x + rng.standard_normal((stop - start, dim), dtype=np.float32) * (noise / np.sqrt(dim))
-    out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
-  return out
+def product_embeddings(rng, num_items, num_queries, dim, items_per_product,
+                       products_per_category, product_spread, item_spread, query_spread,
+                       spectrum_decay, spectrum_power, popularity_sigma):
+  """Gallery [num_items, dim], queries [num_queries, dim] (unit rows) and the product of
+  each row ([num_items], [num_queries] int).
+
+  Noise is Gaussian with per-dimension scale (1 + i/spectrum_decay)^-spectrum_power in a
+  random rotation (normalised to unit expected norm; learned embeddings vary in few
+  directions): category centres are noise; a product
+  is its category centre plus product_spread x noise; an item its product plus
+  item_spread x noise (queries: query_spread); every vector is L2-normalised.
+  """
+  scale = (1.0 + np.arange(dim) / spectrum_decay) ** -spectrum_power
+  scale = (scale / np.sqrt(np.sum(scale ** 2))).astype(np.float32)
+  rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
+
+  def noise(num):
+    return (rng.standard_normal((num, dim), dtype=np.float32) * scale) @ rotation
+
+  def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+  def items(products, num, spread, chunk=200_000):
+    product_of_item = rng.choice(len(products), size=num, p=popularity)
+    out = np.empty((num, dim), np.float32)
+    for start in range(0, num, chunk):
+      stop = min(start + chunk, num)
+      out[start:stop] = unit(products[product_of_item[start:stop]]
+                             + spread * noise(stop - start))
+    return out, product_of_item
+
+  num_products = max(1, num_items // items_per_product)
+  categories = unit(noise(max(1, num_products // products_per_category)))
+  products = unit(categories[rng.integers(0, len(categories), num_products)]
+                  + product_spread * noise(num_products))
+  popularity = rng.lognormal(0.0, popularity_sigma, num_products)
+  popularity /= popularity.sum()
+  gallery, gallery_products = items(products, num_items, item_spread)
+  queries, query_products = items(products, num_queries, query_spread)
+  return gallery, queries, gallery_products, query_products
 
 
-def make_data(gallery_size, num_queries, dim, seed):
-  rng = np.random.default_rng(seed)
-  centers = rng.standard_normal((max(gallery_size // 100, 1), dim), dtype=np.float32)
-  centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-  gallery = clustered_unit_vectors(rng, centers, gallery_size, noise=0.6)
-  queries = clustered_unit_vectors(rng, centers, num_queries, noise=0.6)
-  return queries, gallery
+# ----------------------------------------------------------------------------
+# Timing.
 
 
-def time_exact(queries, gallery, chunk, query_block, gallery_block):
-  """Exact top-K in fixed-size query chunks (one compilation); -> indices, s, compile s."""
+def _clocks():
+  return time.perf_counter(), time.process_time()
+
+
+def _since(start):
+  """(wall seconds, CPU seconds of this process, all threads) since `start`."""
+  wall, cpu = _clocks()
+  return wall - start[0], cpu - start[1]
+
+
+def _best(timings):
+  return min(t[0] for t in timings), min(t[1] for t in timings)
+
+
+def time_exact(queries, gallery, k, chunk, query_block, gallery_block, repeats):
+  """Exact top-k in fixed-size query chunks (one compilation).
+
+  Returns (indices [Q, k], best (wall, CPU) seconds over `repeats`, compile + first
+  chunk wall seconds).
+  """
   def run(chunk_queries):
-    return retrieval.exact_search(chunk_queries, gallery, K, query_block=query_block,
-                                  gallery_block=gallery_block)
+    return exact.exact_search(chunk_queries, gallery, k, query_block=query_block,
+                              gallery_block=gallery_block)[1]
 
   padded = np.pad(queries, ((0, -len(queries) % chunk), (0, 0)))
   start = time.perf_counter()
   run(padded[:chunk])  # compile (and one chunk of work)
   compile_and_first = time.perf_counter() - start
-  start = time.perf_counter()
-  indices = np.concatenate([run(padded[i:i + chunk])[1] for i in range(0, len(padded), chunk)])
-  return indices[:len(queries)], time.perf_counter() - start, compile_and_first
+  timings = []
+  for _ in range(repeats):
+    start = _clocks()
+    indices = np.concatenate([run(padded[i:i + chunk]) for i in range(0, len(padded), chunk)])
+    timings.append(_since(start))
+  return indices[:len(queries)], _best(timings), compile_and_first
 
 
-def time_scann(queries, gallery, eval_config):
-  start = time.perf_counter()
-  searcher = retrieval.build_scann_index(gallery, eval_config, k=K)
-  build_seconds = time.perf_counter() - start
-  retrieval.scann_search(searcher, queries[:100], K)  # warm-up
-  start = time.perf_counter()
-  _, indices = retrieval.scann_search(searcher, queries, K)
-  return indices, time.perf_counter() - start, build_seconds
+def time_index(index, queries, k, repeats=1):
+  """(indices [Q, k], best (wall, CPU) seconds over `repeats`) of `index.search`,
+  after a warm-up."""
+  index.search(queries[:256], k)
+  timings, indices = [], None
+  for _ in range(repeats):
+    start = _clocks()
+    _, indices = index.search(queries, k)
+    timings.append(_since(start))
+  return indices, _best(timings)
 
 
-def time_faiss_hnsw(queries, gallery, m=32, ef_construction=200, ef_search=128):
-  """faiss HNSW (inner product) if faiss-cpu is installed, else None.
-
-  faiss is not a dependency of the project: `pip install faiss-cpu` to include it.
-  """
-  try:
-    import faiss  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  start = time.perf_counter()
-  index = faiss.IndexHNSWFlat(gallery.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-  index.hnsw.efConstruction = ef_construction
-  index.add(np.ascontiguousarray(gallery, np.float32))
-  build_seconds = time.perf_counter() - start
-  index.hnsw.efSearch = ef_search
-  start = time.perf_counter()
-  _, indices = index.search(np.ascontiguousarray(queries, np.float32), K)
-  return indices, time.perf_counter() - start, build_seconds, {
-      "M": m, "efConstruction": ef_construction, "efSearch": ef_search,
-      "faiss_version": faiss.__version__}
-
-
-def benchmark(gallery_size, args, eval_config):
-  queries, gallery = make_data(gallery_size, args.num_queries, args.dim, args.seed)
-  exact_indices, exact_seconds, exact_compile = time_exact(
-      queries, gallery, args.query_chunk, args.query_block, args.gallery_block)
-  scann_indices, scann_seconds, build_seconds = time_scann(queries, gallery, eval_config)
-  row = {
-      "gallery_size": gallery_size,
-      "num_queries": len(queries),
-      "dim": args.dim,
-      "exact_seconds": exact_seconds,
-      "exact_queries_per_second": len(queries) / exact_seconds,
-      "exact_compile_and_first_chunk_seconds": exact_compile,
-      "scann_build_seconds": build_seconds,
-      "scann_seconds": scann_seconds,
-      "scann_queries_per_second": len(queries) / scann_seconds,
-      "scann_recall@10_vs_exact": retrieval.recall_against(exact_indices, scann_indices),
-      "scann_parameters": retrieval.scann_parameters(gallery_size, K, eval_config),
-  }
-  hnsw = None if args.skip_faiss else time_faiss_hnsw(queries, gallery)
-  if hnsw is not None:
-    hnsw_indices, hnsw_seconds, hnsw_build, hnsw_parameters = hnsw
-    row.update({"hnsw_build_seconds": hnsw_build, "hnsw_seconds": hnsw_seconds,
-                "hnsw_queries_per_second": len(queries) / hnsw_seconds,
-                "hnsw_recall@10_vs_exact": retrieval.recall_against(exact_indices, hnsw_indices),
-                "hnsw_parameters": hnsw_parameters})
+def point(method, settings, recall, timing, num_queries, exact_timing, cost=None):
+  """One measured setting. Throughput by the wall clock (queries_per_second) and per
+  CPU-second of this process (queries_per_cpu_second: robust to other load on the
+  machine), each also as a ratio to exact search."""
+  wall, cpu = timing
+  row = {"method": method, "settings": settings, "recall@10": recall,
+         "wall_seconds": wall, "cpu_seconds": cpu,
+         "queries_per_second": num_queries / wall,
+         "queries_per_cpu_second": num_queries / cpu,
+         "speedup_vs_exact": exact_timing[0] / wall,
+         "cpu_speedup_vs_exact": exact_timing[1] / cpu}
+  if cost is not None:
+    row["modelled_bytes_per_query"] = cost
   return row
 
 
-def print_table(rows):
-  header = (f"{'gallery':>9} {'exact q/s':>10} {'scann q/s':>10} {'speed-up':>9} "
-            f"{'scann build s':>14} {'recall@10':>10}")
+# ----------------------------------------------------------------------------
+# One gallery size.
+
+
+def benchmark_scann(gallery, queries, tuning_queries, exact_indices, exact_timing,
+                    eval_config, repeats):
+  cls = search_index.index_class("scann")
+  parameters, free = cls.parameters_from_config(eval_config, len(gallery))
+  start = time.perf_counter()
+  index = cls.build(gallery, parameters)
+  build_seconds = time.perf_counter() - start
+  sweep = []
+  max_leaves = max(1, round(parameters.num_leaves * SCANN_SWEEP_MAX_LEAVES_FRACTION))
+  leaves_values = [row["leaves_to_search"] for row in index.tuning_grid(K, free)[0]][::2]
+  for reorder in SCANN_SWEEP_REORDERS:
+    for leaves in (v for v in leaves_values if v <= max_leaves):
+      candidate = index.with_search_parameters(leaves_to_search=leaves, reorder=reorder)
+      found, timing = time_index(candidate, queries, K)
+      sweep.append(point("scann", {"leaves_to_search": leaves, "reorder": reorder},
+                         metrics.recall_against(exact_indices, found), timing, len(queries),
+                         exact_timing, candidate.search_cost()))
+  start = time.perf_counter()
+  tuned, info = search_index.tune_index(index, free, gallery, eval_config, K,
+                                        queries=tuning_queries)
+  tuning_seconds = time.perf_counter() - start
+  found, timing = time_index(tuned, queries, K, repeats)
+  tuned_point = point("scann (tuned)", {key: info["parameters"][key] for key in
+                                        ("leaves_to_search", "reorder")},
+                      metrics.recall_against(exact_indices, found), timing, len(queries),
+                      exact_timing, tuned.search_cost())
+  return {"build_seconds": build_seconds, "num_leaves": parameters.num_leaves,
+          "training_sample_size": parameters.training_sample_size,
+          "tuning_seconds": tuning_seconds, "tuning": info, "tuned": tuned_point,
+          "sweep": sweep}
+
+
+def benchmark_hnsw(gallery, queries, tuning_queries, exact_indices, exact_timing,
+                   eval_config, repeats):
+  cls = search_index.index_class("faiss_hnsw")
+  config = eval_config.copy_and_resolve_references()
+  config.hnsw_m, config.hnsw_ef_construction = HNSW_M, HNSW_EF_CONSTRUCTION
+  parameters, free = cls.parameters_from_config(config, len(gallery))
+  start = time.perf_counter()
+  index = cls.build(gallery, parameters)
+  build_seconds = time.perf_counter() - start
+  sweep = []
+  for ef_search in HNSW_SWEEP_EF_SEARCH:
+    candidate = index.with_search_parameters(ef_search=ef_search)
+    found, timing = time_index(candidate, queries, K)
+    sweep.append(point("faiss_hnsw", {"ef_search": ef_search},
+                       metrics.recall_against(exact_indices, found), timing, len(queries),
+                       exact_timing, candidate.search_cost()))
+  tuned, info = search_index.tune_index(index, free, gallery, config, K, queries=tuning_queries)
+  found, timing = time_index(tuned, queries, K, repeats)
+  tuned_point = point("faiss_hnsw (tuned)", {"ef_search": info["parameters"]["ef_search"]},
+                      metrics.recall_against(exact_indices, found), timing, len(queries),
+                      exact_timing, tuned.search_cost())
+  return {"build_seconds": build_seconds, "parameters": dataclasses.asdict(parameters),
+          "tuning": info, "tuned": tuned_point, "sweep": sweep}
+
+
+def data_difficulty(gallery, queries, gallery_products, query_products, exact_indices):
+  """How hard the data is: product R@1 / R@10 of exact search, neighbour cosines."""
+  sample = slice(0, min(1000, len(queries)))
+  neighbours = gallery[exact_indices[sample]]  # [q, K, D]
+  scores = np.einsum("qd,qkd->qk", queries[sample], neighbours)
+  hits = gallery_products[exact_indices] == query_products[:, None]
+  return {"product_R@1": float(hits[:, 0].mean()), "product_R@10": float(hits.any(1).mean()),
+          "mean_cosine_1st_neighbour": float(scores[:, 0].mean()),
+          "mean_cosine_10th_neighbour": float(scores[:, -1].mean())}
+
+
+def benchmark(gallery_size, args, eval_config, faiss_available):
+  rng = np.random.default_rng(args.seed)
+  num_tuning = int(eval_config.tune_queries + eval_config.recall_check_queries)
+  gallery, all_queries, gallery_products, all_query_products = product_embeddings(
+      rng, gallery_size, args.num_queries + num_tuning, args.dim, **DATA)
+  # Tuning uses its own held-out queries, never the benchmark's.
+  queries, tuning_queries = all_queries[:args.num_queries], all_queries[args.num_queries:]
+  query_products = all_query_products[:args.num_queries]
+  exact_indices, exact_timing, exact_compile = time_exact(
+      queries, gallery, K, args.query_chunk, args.query_block, args.gallery_block, args.repeats)
+  exact_point = point("exact", {}, 1.0, exact_timing, len(queries), exact_timing)
+  print(f"[{gallery_size:,}] exact: {exact_point['queries_per_second']:,.0f} q/s, "
+        f"{exact_point['queries_per_cpu_second']:,.0f} q/CPU-s", flush=True)
+  result = {
+      "gallery_size": gallery_size, "num_queries": len(queries), "dim": args.dim,
+      "data": data_difficulty(gallery, queries, gallery_products, query_products,
+                              exact_indices),
+      "exact": exact_point,
+      "exact_compile_and_first_chunk_seconds": exact_compile,
+  }
+  result["scann"] = benchmark_scann(gallery, queries, tuning_queries, exact_indices,
+                                    exact_timing, eval_config, args.repeats)
+  tuned = result["scann"]["tuned"]
+  print(f"[{gallery_size:,}] scann tuned {tuned['settings']}: recall@10 "
+        f"{tuned['recall@10']:.4f}, {tuned['queries_per_second']:,.0f} q/s "
+        f"({tuned['speedup_vs_exact']:.1f}x exact; per CPU-second "
+        f"{tuned['cpu_speedup_vs_exact']:.1f}x)", flush=True)
+  if not faiss_available:
+    result["faiss_hnsw"] = {"skipped": "faiss-cpu not installed (requirements-search.txt)"}
+  elif gallery_size > args.hnsw_max_gallery:
+    result["faiss_hnsw"] = {"skipped": f"gallery above --hnsw_max_gallery "
+                                       f"{args.hnsw_max_gallery:,} (build time on this machine)"}
+  else:
+    result["faiss_hnsw"] = benchmark_hnsw(gallery, queries, tuning_queries, exact_indices,
+                                          exact_timing, eval_config, args.repeats)
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def all_points(result):
+  points = [result["exact"], *result["scann"]["sweep"], result["scann"]["tuned"]]
+  if "sweep" in result["faiss_hnsw"]:
+    points += [*result["faiss_hnsw"]["sweep"], result["faiss_hnsw"]["tuned"]]
+  return points
+
+
+THROUGHPUT = {"wall": ("queries_per_second", "speedup_vs_exact", "queries / s (wall clock)"),
+              "cpu": ("queries_per_cpu_second", "cpu_speedup_vs_exact",
+                      "queries per CPU-second of the process")}
+
+
+def pareto(points, clock):
+  """Points no other point beats on both recall@10 and throughput, by descending recall."""
+  key = THROUGHPUT[clock][0]
+  front = [p for p in points if not any(
+      q["recall@10"] >= p["recall@10"] and q[key] > p[key]
+      or q["recall@10"] > p["recall@10"] and q[key] >= p[key]
+      for q in points)]
+  return sorted(front, key=lambda p: (-p["recall@10"], -p[key]))
+
+
+def _settings_text(settings):
+  return ", ".join(f"{key}={value}" for key, value in settings.items()) or "-"
+
+
+def print_tables(results, target_recall, clock):
+  print(f"\nPareto front by {THROUGHPUT[clock][2]}, and the tuned settings "
+        f"(target recall@10 {target_recall}); speed-ups against exact search by the wall "
+        "clock and per CPU-second:")
+  header = (f"{'gallery':>9} {'method':<19} {'settings':<34} {'recall@10':>9} {'q/s':>9} "
+            f"{'vs exact':>8} {'q/CPU-s':>9} {'vs exact':>8}")
   print(header)
   print("-" * len(header))
-  for row in rows:
-    print(f"{row['gallery_size']:>9,d} {row['exact_queries_per_second']:>10,.0f} "
-          f"{row['scann_queries_per_second']:>10,.0f} "
-          f"{row['scann_queries_per_second'] / row['exact_queries_per_second']:>8.1f}x "
-          f"{row['scann_build_seconds']:>14.1f} {row['scann_recall@10_vs_exact']:>10.4f}")
-  hnsw_rows = [row for row in rows if "hnsw_queries_per_second" in row]
-  if hnsw_rows:
-    print(f"\n{'gallery':>9} {'HNSW q/s':>10} {'HNSW build s':>13} {'recall@10':>10}  (faiss)")
-    for row in hnsw_rows:
-      print(f"{row['gallery_size']:>9,d} {row['hnsw_queries_per_second']:>10,.0f} "
-            f"{row['hnsw_build_seconds']:>13.1f} {row['hnsw_recall@10_vs_exact']:>10.4f}")
+  for result in results:
+    tuned = [result["scann"]["tuned"]]
+    if "tuned" in result["faiss_hnsw"]:
+      tuned.append(result["faiss_hnsw"]["tuned"])
+    rows = pareto(all_points(result), clock)
+    rows += [p for p in tuned if p not in rows]
+    for p in rows:
+      print(f"{result['gallery_size']:>9,d} {p['method']:<19} {_settings_text(p['settings']):<34} "
+            f"{p['recall@10']:>9.4f} {p['queries_per_second']:>9,.0f} "
+            f"{p['speedup_vs_exact']:>7.1f}x {p['queries_per_cpu_second']:>9,.0f} "
+            f"{p['cpu_speedup_vs_exact']:>7.1f}x")
+    print()
+  for result in results:
+    scann, hnsw = result["scann"], result["faiss_hnsw"]
+    line = (f"{result['gallery_size']:>9,d}: ScaNN build {scann['build_seconds']:.1f} s "
+            f"({scann['num_leaves']} leaves), tuning {scann['tuning_seconds']:.1f} s")
+    line += (f"; HNSW build {hnsw['build_seconds']:.1f} s" if "build_seconds" in hnsw
+             else f"; HNSW {hnsw['skipped']}")
+    print(line)
+
+
+def plot(results, path, target_recall, clock):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  key, _, label = THROUGHPUT[clock]
+  figure, axes_row = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5),
+                                  squeeze=False)
+  for axes, result in zip(axes_row[0], results):
+    sweep = result["scann"]["sweep"]
+    for reorder in SCANN_SWEEP_REORDERS:
+      line = [p for p in sweep if p["settings"]["reorder"] == reorder]
+      axes.plot([p["recall@10"] for p in line], [p[key] for p in line],
+                marker=".", linewidth=1, label=f"ScaNN reorder {reorder}")
+    if "sweep" in result["faiss_hnsw"]:
+      line = result["faiss_hnsw"]["sweep"]
+      axes.plot([p["recall@10"] for p in line], [p[key] for p in line],
+                marker="s", markersize=3, color="black", linewidth=1,
+                label="faiss HNSW (efSearch)")
+      tuned = result["faiss_hnsw"]["tuned"]
+      axes.plot(tuned["recall@10"], tuned[key], marker="*", markersize=14,
+                color="grey", linestyle="none", label="HNSW tuned")
+    tuned = result["scann"]["tuned"]
+    axes.plot(tuned["recall@10"], tuned[key], marker="*", markersize=16,
+              color="red", linestyle="none", label="ScaNN tuned")
+    exact_throughput = result["exact"][key]
+    axes.axhline(exact_throughput, color="grey", linestyle="--", label="exact (JAX)")
+    axes.axhline(50 * exact_throughput, color="grey", linestyle=":", label="50x exact")
+    axes.axvline(target_recall, color="red", linestyle=":", linewidth=1)
+    axes.set_xlim(max(0.5, min(p["recall@10"] for p in all_points(result)) - 0.02), 1.002)
+    axes.set_yscale("log")
+    axes.set_xlabel("recall@10 against exact search")
+    axes.set_ylabel(label)
+    axes.set_title(f"{result['gallery_size']:,} x {result['dim']} gallery, "
+                   f"{result['num_queries']:,} queries")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left")
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
 
 
 def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
@@ -158,9 +391,9 @@ def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
   batch size 1 is the in-run baseline.
   """
   import tempfile  # pylint: disable=g-import-not-at-top
-  from configs import synthetic_tiny  # pylint: disable=g-import-not-at-top
-  from cope_jax import config_checks, embed, sharding, train  # pylint: disable=g-import-not-at-top
-  from data_pipelines import prepare, synthetic  # pylint: disable=g-import-not-at-top
+  from cope_jax import config_checks, embed, sharding  # pylint: disable=g-import-not-at-top
+  from cope_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from data_pipelines import domains, prepare, synthetic  # pylint: disable=g-import-not-at-top
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -199,13 +432,26 @@ def main():
   parser.add_argument("--num_queries", type=int, default=10_000)
   parser.add_argument("--dim", type=int, default=128)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--repeats", type=int, default=2,
+                      help="timed runs of exact search and of the tuned settings (best kept)")
   parser.add_argument("--query_chunk", type=int, default=1024,
                       help="queries per exact_search call (one compiled shape)")
   parser.add_argument("--query_block", type=int, default=256)
   parser.add_argument("--gallery_block", type=int, default=8192)
-  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "search.json"))
+  parser.add_argument("--hnsw_max_gallery", type=int, default=100_000,
+                      help="largest gallery faiss HNSW is built for (its build is slow on "
+                      "few cores)")
+  parser.add_argument("--clock", choices=sorted(THROUGHPUT), default="wall",
+                      help="throughput of the Pareto table and plot: wall clock, or per "
+                      "CPU-second of the process (when other work shares the machine)")
+  parser.add_argument("--scann_num_leaves", type=int, default=None,
+                      help="override config.eval.scann_num_leaves")
+  parser.add_argument("--scann_soar_lambda", type=float, default=None,
+                      help="override config.eval.scann_soar_lambda")
   parser.add_argument("--skip_faiss", action="store_true",
                       help="leave out faiss HNSW even when faiss-cpu is installed")
+  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "search.json"))
+  parser.add_argument("--plot", default=os.path.join("benchmarks", "results", "search.png"))
   parser.add_argument("--embed_test_products", type=int, default=60,
                       help="test products of the synthetic split embedded (0: skip)")
   parser.add_argument("--only_embedding", action="store_true",
@@ -229,24 +475,66 @@ def main():
   if args.only_embedding:
     return
 
-  from configs.synthetic_tiny import get_config  # pylint: disable=g-import-not-at-top
-  eval_config = get_config().eval
-  rows = []
+  faiss_available = False
+  if not args.skip_faiss:
+    try:
+      import faiss  # pylint: disable=g-import-not-at-top,unused-import
+      faiss_available = True
+    except ImportError:
+      print("faiss-cpu is not installed: HNSW left out (pip install -r requirements-search.txt)")
+  eval_config = synthetic_tiny.get_config().eval
+  if args.scann_num_leaves is not None:
+    eval_config.scann_num_leaves = args.scann_num_leaves
+  if args.scann_soar_lambda is not None:
+    eval_config.scann_soar_lambda = args.scann_soar_lambda
+  load_before = os.getloadavg()
+  results = []
   for gallery_size in (int(size) for size in args.gallery_sizes.split(",")):
-    rows.append(benchmark(gallery_size, args, eval_config))
-    print(json.dumps(rows[-1]), flush=True)
-  print_table(rows)
+    results.append(benchmark(gallery_size, args, eval_config, faiss_available))
+  print_tables(results, eval_config.target_recall, args.clock)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  plot(results, args.plot, eval_config.target_recall, args.clock)
+  versions = {"jax": jax.__version__}
+  import scann  # pylint: disable=g-import-not-at-top
+  versions["scann"] = getattr(scann, "__version__", "see requirements.txt")
+  if faiss_available:
+    import faiss  # pylint: disable=g-import-not-at-top
+    versions["faiss"] = faiss.__version__
   with open(args.out, "w") as f:
-    json.dump({"machine": {"jax_backend": jax.default_backend(),
-                           "devices": [str(d) for d in jax.devices()],
-                           "cpu_count": os.cpu_count(),
-                           "platform": platform.platform()},
-               "settings": {"k": K, "query_chunk": args.query_chunk,
-                            "query_block": args.query_block,
-                            "gallery_block": args.gallery_block},
-               "results": rows}, f, indent=2)
-  print(f"wrote {args.out}")
+    json.dump({
+        "machine": {"jax_backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()],
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1_5_15_min": {"start": load_before,
+                                                "end": os.getloadavg()}},
+        "versions": versions,
+        "data": {"generator": "benchmarks/search.py product_embeddings", "parameters": DATA,
+                 "description": (
+                     "unit vectors: categories of ~40 products, products of ~16 items "
+                     "(lognormal popularity); Gaussian noise whose per-dimension scale "
+                     f"decays as (1 + i/{DATA['spectrum_decay']})^-{DATA['spectrum_power']} "
+                     "in a random rotation (participation ratio about 20 of 128 dimensions "
+                     "for 8 and 1: learned embeddings vary in few directions); queries "
+                     "are new items of gallery products, drawn "
+                     "farther from their product (query_spread > item_spread)"),
+                 "seed": args.seed},
+        "settings": {"k": K, "repeats": args.repeats, "clock": args.clock,
+                     "scann_num_leaves": eval_config.scann_num_leaves,
+                     "scann_soar_lambda": eval_config.scann_soar_lambda,
+                     "query_chunk": args.query_chunk,
+                     "query_block": args.query_block, "gallery_block": args.gallery_block,
+                     "target_recall": eval_config.target_recall,
+                     "tune_queries": eval_config.tune_queries,
+                     "recall_check_queries": eval_config.recall_check_queries,
+                     "scann_sweep_reorders": SCANN_SWEEP_REORDERS,
+                     "scann_sweep_max_leaves_fraction": SCANN_SWEEP_MAX_LEAVES_FRACTION,
+                     "hnsw": {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION,
+                              "efSearch_sweep": HNSW_SWEEP_EF_SEARCH}},
+        "results": results,
+        "pareto": {str(r["gallery_size"]): pareto(all_points(r), args.clock)
+                   for r in results},
+    }, f, indent=2)
+  print(f"wrote {args.out} and {args.plot}")
 
 
 if __name__ == "__main__":

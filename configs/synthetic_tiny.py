@@ -142,12 +142,23 @@ def get_config():
   # ---- evaluation -------------------------------------------------------------
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.batch_size = 32
-  evaluation.search = "auto"  # auto | exact | scann (auto: exact below scann_min_gallery)
-  evaluation.scann_min_gallery = 20000
-  evaluation.scann_num_leaves = 0  # 0: chosen from the gallery size
-  evaluation.scann_num_leaves_to_search = 0
-  evaluation.scann_reorder = 100
-  evaluation.recall_check_queries = 1000  # queries used to measure ScaNN recall vs exact
+  # Search: exact ranking, or an index returning the top-10 (R@K from its list).
+  evaluation.search = "auto"  # auto | exact | scann | faiss_hnsw (auto: see next two)
+  evaluation.index = "scann"  # index kind of auto search and of export: scann | faiss_hnsw
+  evaluation.index_min_gallery = 20000  # auto search: exact below this many gallery items
+  # An index's search settings are tuned to reach this recall@10 against exact search
+  # on `tune_queries` held-out queries; its recall is then measured on
+  # `recall_check_queries` other ones (reported in metrics.json and the export manifest).
+  evaluation.target_recall = 0.98
+  evaluation.tune_queries = 1000
+  evaluation.recall_check_queries = 1000
+  evaluation.scann_num_leaves = 0  # tree leaves; 0: about 2 sqrt(gallery size)
+  evaluation.scann_soar_lambda = 0.0  # > 0: SOAR spilling (each item in a second leaf)
+  evaluation.scann_num_leaves_to_search = 0  # > 0: hand-set instead of tuned
+  evaluation.scann_reorder = 0  # candidates re-scored exactly; > 0: hand-set instead of tuned
+  evaluation.hnsw_m = 32  # faiss_hnsw: graph links per node
+  evaluation.hnsw_ef_construction = 200
+  evaluation.hnsw_ef_search = 0  # > 0: hand-set instead of tuned
   evaluation.one_shot_draws = 5
   evaluation.checkpoint_step = -1  # -1: latest
   evaluation.report_examples = 8  # example queries in the HTML report

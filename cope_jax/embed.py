@@ -7,7 +7,6 @@ only the [N, D] embeddings accumulate. Each process embeds its own part of the s
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
 from flax import linen as nn
@@ -18,20 +17,9 @@ import tqdm
 
 from cope_jax import sharding
 from cope_jax.models import cope
+from cope_jax.search.embeddings import DomainEmbeddings
 from data_pipelines import domains
 from data_pipelines import pipelines
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainEmbeddings:
-  """One domain's records: ids [N] str, product_ids [N] str, embeddings [N, D] float32."""
-  domain: str
-  ids: np.ndarray
-  product_ids: np.ndarray
-  embeddings: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.ids)
 
 
 def make_embed_fn(model: nn.Module, domain: str, mesh: jax.sharding.Mesh):

@@ -25,9 +25,9 @@ from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import report
-from cope_jax import retrieval
 from cope_jax import sharding
 from cope_jax import state as state_lib
+from cope_jax.search import directions
 from data_pipelines import domains
 from data_pipelines import prepare
 
@@ -57,9 +57,7 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
                     mesh: jax.sharding.Mesh, source: str = "") -> dict:
   """Embeds the eval split, computes the metrics and writes metrics.json + report."""
   embeddings = embed_eval_split(config, model_params, mesh)
-  metrics = retrieval.evaluate_directions(
-      {domain: (e.ids, e.product_ids, e.embeddings) for domain, e in embeddings.items()},
-      config.eval)
+  metrics = directions.evaluate_directions(embeddings, config.eval)
   metrics["checkpoint_step"] = int(step)
   metrics["checkpoint"] = source
   metrics["split"] = config.data.eval_split

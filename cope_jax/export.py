@@ -1,4 +1,4 @@
-r"""Exports embeddings and ScaNN indices: `python -m cope_jax.export`.
+r"""Exports embeddings and search indices: `python -m cope_jax.export`.
 
   python -m cope_jax.export --config configs/synthetic_tiny.py --workdir DIR --out OUT \
       [--split test] [--rope_dir ROPE_DIR] [--resume]
@@ -9,11 +9,14 @@ DIR (its latest checkpoint, as `cope_jax.evaluate` picks it) and writes
   OUT/<domain>-<p>-of-<n>.parquet   columns id, product_id, domain (string) and
                                     embedding (list<float32>, L2-normalised); one
                                     file per domain and JAX process
-  OUT/index/<domain>/               a ScaNN dot-product index over all processes' rows
-                                    of the domain: its rows are the rows of the files
-                                    the manifest lists for the domain, in that order
+  OUT/index/<domain>/               a dot-product index (kind `config.eval.index`, search
+                                    tuned to `config.eval.target_recall`) over all
+                                    processes' rows of the domain: its rows are the rows
+                                    of the files the manifest lists for the domain, in
+                                    that order; `index.json` names its kind
   OUT/manifest.json                 checkpoint, config hash, embedding dimension,
-                                    counts and files per domain
+                                    counts and files per domain, and per domain the
+                                    index kind, its parameters and measured recall
 
 With --rope_dir a ROPE-format directory is prepared into OUT/prepared first and read
 from there. Parquet files are written under a temporary name and renamed when
@@ -43,14 +46,15 @@ from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import sharding
 from cope_jax import state
+from cope_jax.search import index as search_index
 from data_pipelines import domains
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: index folders hold index.json (kind, parameters)
 INDEX_DIR = "index"
 PREPARED_DIR = "prepared"
 ROW_GROUP_ROWS = 8192  # rows per Parquet row group (batches are buffered up to this)
-INDEX_DEFAULT_K = 10  # default neighbour count stored in the ScaNN searcher
+INDEX_RECALL_K = 10  # the index is tuned to and checked at recall@10 against exact search
 
 PARQUET_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -310,7 +314,7 @@ def _export_domain(config, model, model_params, mesh, domain: str, split: str, o
   index_dir = os.path.join(out_dir, INDEX_DIR, domain)
   all_complete = all(_parquet_complete(out_dir, previous_entry, name) for name in names)
   index_complete = (all_complete and previous_entry.get("index_complete", False)
-                    and os.path.isfile(os.path.join(index_dir, "scann_assets.pbtxt")))
+                    and os.path.isfile(os.path.join(index_dir, search_index.INDEX_FILE)))
   if index_complete:
     logging.info("export %s: complete in the manifest, kept", domain)
     return dict(previous_entry)
@@ -327,7 +331,7 @@ def _export_domain(config, model, model_params, mesh, domain: str, split: str, o
            "files": [{"file": name, "rows": rows} for name, rows in zip(names, counts)],
            "index": f"{INDEX_DIR}/{domain}", "index_complete": False}
   if process_index == 0 and len(gathered):
-    _write_index(gathered.embeddings, index_dir, config.eval)
+    entry.update(_write_index(gathered.embeddings, index_dir, config.eval))
     entry["index_complete"] = True
   return entry
 
@@ -341,17 +345,24 @@ def _gather_counts(local_count: int) -> list[int]:
   return [int(c) for c in np.asarray(counts).reshape(-1)]
 
 
-def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> None:
-  """Builds the ScaNN index and saves it into `index_dir`, replacing an old one.
+def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> dict[str, Any]:
+  """Builds the index of kind `eval_config.index`, tuned to `eval_config.target_recall`
+  with held-out rows of the gallery as queries, and saves it into `index_dir`,
+  replacing an old one. Returns the manifest fields describing it.
 
-  Saved in place (not renamed from a temporary folder): ScaNN records the absolute
-  paths of its assets. The manifest marks the index complete only after this returns.
+  Written into a temporary folder, then renamed (index folders are relocatable). The
+  manifest marks the index complete only after this returns.
   """
-  from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
-
-  searcher = retrieval.build_scann_index(embeddings, eval_config, k=INDEX_DEFAULT_K)
+  index, info = search_index.build_index(eval_config.index, embeddings, eval_config,
+                                         INDEX_RECALL_K)
+  temporary = index_dir + ".tmp"
+  shutil.rmtree(temporary, ignore_errors=True)
+  search_index.save_index(index, temporary)
   shutil.rmtree(index_dir, ignore_errors=True)
-  retrieval.save_scann_index(searcher, index_dir)
+  os.replace(temporary, index_dir)
+  tuning = {key: value for key, value in info.items() if key not in ("kind", "parameters")}
+  return {"index_kind": info["kind"], "index_parameters": info["parameters"],
+          "index_tuning": tuning}
 
 
 # ----------------------------------------------------------------------------
@@ -360,17 +371,17 @@ def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ExportedIndex:
-  """A loaded ScaNN index; row i of it is `ids[i]` / `product_ids[i]`."""
+  """A loaded index (`cope_jax.search.index.Index`); row i of it is `ids[i]` /
+  `product_ids[i]`."""
   domain: str
-  searcher: Any
+  index: Any
   ids: np.ndarray  # [N] str
   product_ids: np.ndarray  # [N] str
   manifest: dict[str, Any]
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """queries [Q, D] -> scores [Q, k] float32, indices [Q, k] int32 (-1: none)."""
-    from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
-    return retrieval.scann_search(self.searcher, queries, k)
+    return self.index.search(queries, k)
 
 
 def load_exported_index(out_dir: str, domain: str, config_hash: str | None = None,
@@ -388,8 +399,6 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
     FileNotFoundError: no manifest, or no complete index for the domain.
     ExportMismatchError: the config hash or the dimension differs.
   """
-  from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
-
   manifest_path = os.path.join(out_dir, MANIFEST_FILE)
   manifest = read_manifest(out_dir)
   if manifest is None:
@@ -412,8 +421,8 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
   if len(rows) != entry["count"]:
     raise ValueError(f"{manifest_path}: {domain} lists {entry['count']} rows but its "
                      f"Parquet files hold {len(rows)}")
-  searcher = retrieval.load_scann_index(os.path.join(out_dir, entry["index"]))
-  return ExportedIndex(domain=domain, searcher=searcher, ids=rows.ids,
+  index = search_index.load_index(os.path.join(out_dir, entry["index"]))
+  return ExportedIndex(domain=domain, index=index, ids=rows.ids,
                        product_ids=rows.product_ids, manifest=manifest)
 
 

@@ -28,7 +28,9 @@ import numpy as np
 
 from cope_jax import embed
 from cope_jax import metrics_writer
-from cope_jax import retrieval
+from cope_jax.search import exact
+from cope_jax.search import metrics as search_metrics
+from data_pipelines import domains
 
 REPORT_FILE = "report.md"
 RECALL_CURVES_FILE = "recall_curves.png"
@@ -60,7 +62,7 @@ _MISSING = "–"
 
 def _direction_names() -> list[tuple[str, str, str]]:
   """[(name, query domain, gallery domain)] in the paper's order."""
-  return [(retrieval.direction_name(q, g), q, g) for q, g in retrieval.DIRECTIONS]
+  return [(domains.direction_name(q, g), q, g) for q, g in domains.DIRECTIONS]
 
 
 def _direction_label(query_domain: str, gallery_domain: str) -> str:
@@ -136,8 +138,8 @@ def recall_curve(query: embed.DomainEmbeddings, gallery: embed.DomainEmbeddings,
   if selected.size == 0 or len(gallery) == 0:
     return np.full(max_k, np.nan)
   k = min(max_k, len(gallery))
-  _, indices = retrieval.exact_search(query.embeddings[selected], gallery.embeddings, k)
-  recall = retrieval.recall_at_k_from_topk(indices, query.product_ids[selected],
+  _, indices = exact.exact_search(query.embeddings[selected], gallery.embeddings, k)
+  recall = search_metrics.recall_at_k_from_topk(indices, query.product_ids[selected],
                                            gallery.product_ids, ks=range(1, max_k + 1))
   return np.array([recall[f"R@{i}"] for i in range(1, max_k + 1)], np.float64)
 
@@ -316,7 +318,7 @@ def examples_html(embeddings: Mapping[str, embed.DomainEmbeddings],
       continue
     chosen = select_examples(len(query), num_examples, seed + direction_index)
     k = min(top_k, len(gallery))
-    scores, indices = retrieval.exact_search(query.embeddings[chosen], gallery.embeddings, k)
+    scores, indices = exact.exact_search(query.embeddings[chosen], gallery.embeddings, k)
     rows = []
     for query_row, row_scores, row_indices in zip(chosen, scores, indices):
       query_product = str(query.product_ids[query_row])

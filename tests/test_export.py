@@ -1,4 +1,4 @@
-"""Embedding export: Parquet layout and values, resumption, the ScaNN index and its checks."""
+"""Embedding export: Parquet layout and values, resumption, the search index and its checks."""
 
 import json
 import os
@@ -16,11 +16,12 @@ from cope_jax import checkpoints
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import export
-from cope_jax import retrieval
 from cope_jax import sharding
 from cope_jax import state as state_lib
-from data_pipelines import prepare
+from cope_jax.search import exact
+from cope_jax.search import index as search_index
 from data_pipelines import domains
+from data_pipelines import prepare
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +119,9 @@ def test_manifest_names_the_model_and_dimension(exported, weights):
   assert manifest["checkpoint_step"] == 0  # converted weights, no training checkpoint
   assert manifest["checkpoint"] == weights[0]
   assert manifest["split"] == "test"
+  for entry in manifest["domains"].values():  # small galleries: brute force, nothing tuned
+    assert entry["index_kind"] == "scann" and entry["index_parameters"]["num_leaves"] == 0
+    assert entry["index_tuning"]["recall_vs_exact"] == 1.0
 
 
 def test_config_hash_changes_with_any_field(exported):
@@ -146,13 +150,14 @@ def test_exported_index_finds_the_in_process_neighbours(exported, in_process):
     loaded = export.load_exported_index(out_dir, domain, config_hash=config_checks.config_hash(config),
                                         dim=config.model.emb_dim)
     assert list(loaded.ids) == list(in_process[domain].ids)
-    searcher = retrieval.build_scann_index(in_process[domain].embeddings, config.eval)
+    built, _ = search_index.build_index("scann", in_process[domain].embeddings, config.eval,
+                                        k=10)
     k = 5
-    _, expected_indices = retrieval.scann_search(searcher, queries, k)
+    _, expected_indices = built.search(queries, k)
     scores, indices = loaded.search(queries, k)
     np.testing.assert_array_equal(indices, expected_indices)
     # And both agree with exact search on this small gallery.
-    _, exact_indices = retrieval.exact_search(queries, in_process[domain].embeddings, k)
+    _, exact_indices = exact.exact_search(queries, in_process[domain].embeddings, k)
     np.testing.assert_array_equal(indices, exact_indices)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
 

@@ -12,7 +12,7 @@ import pytest
 
 from cope_jax import embed
 from cope_jax import report
-from cope_jax import retrieval
+from cope_jax.search import metrics as search_metrics
 from data_pipelines import domains
 from data_pipelines import prepare
 from tests import tiny_configs
@@ -111,8 +111,8 @@ def test_recall_curve_matches_a_numpy_reference(tiny_embeddings):
   # The gallery has fewer than 50 items: the tail repeats R@G.
   np.testing.assert_allclose(curve, _numpy_recall_curve(query, gallery, 50), atol=1e-12)
   # Continuous random embeddings have no ties, so R@1/5/10 equal the exact metrics.
-  exact = retrieval.retrieval_metrics(query.embeddings, query.product_ids, gallery.embeddings,
-                                      gallery.product_ids)
+  exact = search_metrics.retrieval_metrics(query.embeddings, query.product_ids,
+                                           gallery.embeddings, gallery.product_ids)
   np.testing.assert_allclose(curve[[0, 4, 9]], [exact["R@1"], exact["R@5"], exact["R@10"]])
 
 
