@@ -110,7 +110,7 @@ def evaluate_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], ev
     eval_config: `config.eval`.
 
   Returns:
-    {direction name ('page_to_video', ...): metrics (see `evaluate_direction`) or
+    {direction name (domains.DIRECTION_NAMES): metrics (see `evaluate_direction`) or
      {'skipped': reason}, 'chance_R@1': mean over evaluated directions,
      'search': an index kind if any direction used one, else 'exact', and with an
      index of kind KIND 'KIND_recall@10_vs_exact' (mean over its directions)}.
