@@ -46,7 +46,7 @@ def test_training_reduces_the_loss_and_logs(tiny_prepared_dir, tiny_rope_dir, tm
   assert len(records) == 3
   first, last = json.loads(records[0]), json.loads(records[-1])
   assert last["loss"] < first["loss"]
-  for key in ("examples_per_second", "grad_norm", "lr/visual", "page_visual_video"):
+  for key in ("examples_per_second", "grad_norm", "lr/visual", "loss/page_visual_video"):
     assert key in last
   assert os.listdir(tmp_path / "tensorboard")
   assert checkpoints.checkpoint_manager(str(tmp_path), read_only=True).latest_step() == 12
