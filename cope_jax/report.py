@@ -390,10 +390,11 @@ def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDi
   if num_items:
     lines.append("- items: " + ", ".join(f"{count} {domain}s"
                                          for domain, count in num_items.items()))
-  search_line = f"- search: {metrics.get('search', 'exact')}"
-  scann_recall = metrics.get("scann_recall@10_vs_exact")
-  if scann_recall is not None:
-    search_line += f" (ScaNN recall@10 against exact search: {100.0 * scann_recall:.1f}%)"
+  search = metrics.get("search", "exact")
+  search_line = f"- search: {search}"
+  index_recall = metrics.get(f"{search}_recall@10_vs_exact")  # any index kind
+  if index_recall is not None:
+    search_line += f" (recall@10 against exact search: {100.0 * index_recall:.1f}%)"
   lines += [search_line, "", "## Results (%)", "", summary_table(metrics), ""]
   lines.append("R@K, mAP and accuracies in percent; chance R@1: the R@1 of a random "
                "ranking of the same gallery.")

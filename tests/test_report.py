@@ -229,3 +229,12 @@ def test_training_curves_plot_every_logged_loss_term(tmp_path):
   assert keys["terms"] == ["loss/a_term_the_report_never_heard_of", "loss/page_video",
                            "loss/video_live"]
   assert keys["lr"] == ["lr/text", "lr/visual"]
+
+
+@pytest.mark.parametrize("kind", ["scann", "faiss_hnsw"])
+def test_report_states_the_index_recall_of_any_index_kind(kind, tiny_prepared_dir,
+                                                          tiny_rope_dir):
+  metrics = dict(_hand_made_metrics(), search=kind, **{f"{kind}_recall@10_vs_exact": 0.983})
+  text = report._markdown_report(metrics, _report_config(tiny_prepared_dir, tiny_rope_dir),
+                                 artefacts={}, notes=[], problems=[])
+  assert f"- search: {kind} (recall@10 against exact search: 98.3%)" in text
