@@ -13,7 +13,6 @@ The same `evaluate_params` runs as the periodic evaluation hook of training.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,6 +24,7 @@ from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
+from cope_jax import outputs
 from cope_jax import report
 from cope_jax import retrieval
 from cope_jax import sharding
@@ -35,18 +35,13 @@ from data_pipelines import prepare
 def load_model_params(config: ml_collections.ConfigDict, workdir: str,
                       mesh: jax.sharding.Mesh) -> tuple[Any, int, str]:
   """(model params, step, description of the source) for evaluation or export."""
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True) if os.path.isdir(
-      os.path.join(workdir, "checkpoints")) else None
-  step = None
-  if manager is not None:
-    step = manager.latest_step() if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
-    if step is not None and step not in manager.all_steps():
-      raise ValueError(f"config.eval.checkpoint_step: no checkpoint {step} in "
-                       f"{workdir}/checkpoints (have {sorted(manager.all_steps())})")
+  requested = None if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+  abstract = train.abstract_train_state(config, mesh, train.classifier_size(config))
+  state, step = checkpoints.restore_verified(
+      workdir, {"params": {"model": abstract.params["model"]}}, requested, partial=True,
+      config=config)
   if step is not None:
-    state = checkpoints.restore_state_only(
-        manager, step, train.abstract_train_state(config, mesh, train.classifier_size(config)))
-    return state.params["model"], int(step), f"{workdir}/checkpoints/{step}"
+    return state["params"]["model"], int(step), f"{workdir}/checkpoints/{step}"
   if config.train.init_from:
     state, shardings = train.create_train_state(config, mesh, train.classifier_size(config))
     state = train.load_converted_weights(state, shardings, config)
@@ -81,6 +76,8 @@ def embed_eval_split(config: ml_collections.ConfigDict, model_params, mesh: jax.
 def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_params, step: int,
                     mesh: jax.sharding.Mesh, source: str = "") -> dict:
   """Embeds the eval split, computes the metrics and writes metrics.json + report."""
+  config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
+                            "config.data.eval_split", min_domains=2)
   embeddings = embed_eval_split(config, model_params, mesh)
   metrics = retrieval.evaluate_directions(
       {domain: (e.ids, e.product_ids, e.embeddings) for domain, e in embeddings.items()},
@@ -91,17 +88,17 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   metrics["num_items"] = {domain: len(e) for domain, e in embeddings.items()}
   if jax.process_index() == 0:
     eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
-    with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2, sort_keys=True)
-    with open(os.path.join(eval_dir, "history.jsonl"), "a") as f:
-      f.write(json.dumps(metrics, sort_keys=True) + "\n")
-    report.write_report(eval_dir, metrics, embeddings, config, workdir)
+    with outputs.staged_directory(eval_dir) as staging:  # swapped in once all are written
+      outputs.write_json(os.path.join(staging, "metrics.json"), metrics)
+      report.write_report(staging, metrics, embeddings, config, workdir)
+    outputs.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
   return metrics
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.check_config(config)
+  config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
+                            "config.data.eval_split", min_domains=2)
   config = config_checks.resolve_vocab_size(config)
   mesh = sharding.make_mesh(config.mesh)
   params, step, source = load_model_params(config, workdir, mesh)

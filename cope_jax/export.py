@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ import pyarrow.parquet as pq
 
 from cope_jax import cli
 from cope_jax import embed
+from cope_jax import outputs
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -181,10 +181,7 @@ def read_manifest(out_dir: str) -> dict[str, Any] | None:
 
 def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
   """Writes the manifest atomically (temporary file, then rename)."""
-  path = os.path.join(out_dir, MANIFEST_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  outputs.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
 
 
 def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) -> bool:
@@ -200,12 +197,17 @@ def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) 
 
 
 def _check_resumable(manifest: Mapping[str, Any], out_dir: str, expected: Mapping[str, Any]):
+  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+
   for key, value in expected.items():
-    if manifest.get(key) != value:
+    if key != "config" and manifest.get(key) != value:
+      detail = f"manifest: {manifest.get(key)!r}, this run: {value!r}"
+      if key == "config_hash" and "config" in manifest and "config" in expected:
+        detail = "fields that differ, manifest -> this run: " + "; ".join(
+            config_checks.config_differences(manifest["config"], expected["config"]))
       raise ExportMismatchError(
           f"{os.path.join(out_dir, MANIFEST_FILE)}: --resume with a different {key} "
-          f"(manifest: {manifest.get(key)!r}, this run: {value!r}); use a new --out "
-          "folder or remove the old export")
+          f"({detail}); use a new --out folder or remove the old export")
 
 
 # ----------------------------------------------------------------------------
@@ -238,16 +240,18 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
 
   config_checks.check_config(config, need_data=not rope_dir)
   model_hash = config_hash(config)
+  split_field = "--split" if split else "config.data.eval_split"
   split = split or config.data.eval_split
   process_index, process_count = jax.process_index(), jax.process_count()
   os.makedirs(out_dir, exist_ok=True)
   if rope_dir:
     config = _with_prepared_data(config, rope_dir, out_dir)
     config_checks.check_config(config)
+  config_checks.check_split(config.data.prepared_dir, split, split_field)  # before any output
   config = config_checks.resolve_vocab_size(config)
 
   identity = {"config_hash": model_hash, "embedding_dim": int(config.model.emb_dim),
-              "split": split}
+              "split": split, "config": json.loads(config.to_json(sort_keys=True))}
   previous = read_manifest(out_dir) if resume else None
   if previous is not None:
     _check_resumable(previous, out_dir, identity)  # before the (slow) model load
@@ -352,14 +356,15 @@ def _gather_counts(local_count: int) -> list[int]:
 def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> None:
   """Builds the ScaNN index and saves it into `index_dir`, replacing an old one.
 
-  Saved in place (not renamed from a temporary folder): ScaNN records the absolute
-  paths of its assets. The manifest marks the index complete only after this returns.
+  Written into a staging folder that replaces `index_dir` once complete (the absolute
+  asset paths ScaNN records are repointed when loading). The manifest marks the index
+  complete only after this returns.
   """
   from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
 
   searcher = retrieval.build_scann_index(embeddings, eval_config, k=INDEX_DEFAULT_K)
-  shutil.rmtree(index_dir, ignore_errors=True)
-  retrieval.save_scann_index(searcher, index_dir)
+  with outputs.replaced_directory(index_dir) as staging:
+    retrieval.save_scann_index(searcher, staging)
 
 
 # ----------------------------------------------------------------------------

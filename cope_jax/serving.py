@@ -37,6 +37,8 @@ import jax
 from jax import export as jax_export
 import numpy as np
 
+from cope_jax import outputs
+
 DOMAINS = ("page", "video", "live")
 MANIFEST = "serving_manifest.json"
 PARAMS_FILE = "params.npz"
@@ -161,8 +163,7 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
 
   np.savez(os.path.join(out_dir, PARAMS_FILE),
            **{path: _storable(value) for path, value in _flatten(params).items()})
-  with open(os.path.join(out_dir, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2)
+  outputs.write_json(os.path.join(out_dir, MANIFEST), manifest, sort_keys=False)
   return manifest
 
 

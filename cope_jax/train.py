@@ -12,7 +12,6 @@ around it (data, checkpoints, logging, evaluation hook).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -33,6 +32,7 @@ from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
+from cope_jax import outputs
 from cope_jax import sharding
 from cope_jax.models import cope as cope_model
 from data_pipelines import pipelines
@@ -160,6 +160,9 @@ def load_converted_weights(state: TrainState, shardings: TrainState,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming if a checkpoint exists) and returns the last logged metrics."""
   config_checks.check_config(config)
+  if config.train.eval_every:
+    config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
+                              "config.data.eval_split", min_domains=2)
   config = config_checks.resolve_vocab_size(config)
   os.makedirs(workdir, exist_ok=True)
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -187,10 +190,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = pipelines.make_train_dataset(config, process_index, process_count)
   data_iterator = iter(dataset)
   manager = checkpoints.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
-  start_step = manager.latest_step()
+  restored, start_step = checkpoints.restore_latest_intact(
+      manager, _abstract_like(state), data_iterator, config=config)
   if start_step is not None:
-    state = checkpoints.restore_training_state(
-        manager, start_step, _abstract_like(state), data_iterator)
+    state = restored
     if process_index == 0:
       print(f"resumed from {workdir}/checkpoints/{start_step}")
   elif config.train.init_from:
@@ -270,8 +273,8 @@ def _stop_if_not_finite(unchecked: list[dict[str, jax.Array]], step: int, last_g
   raise NonFiniteLossError(
       f"non-finite loss at step {bad_step}: "
       + ", ".join(f"{k}={float(v):.4g}" for k, v in bad.items() if k != "finite")
-      + f". Stopped without saving; the last good checkpoint is step {last_good_step} in "
-      f"{workdir}/checkpoints. Lower config.optim.learning_rate or check the data.")
+      + f". Stopped without saving; {checkpoints.last_good_description(manager)}. "
+      "Lower config.optim.learning_rate or check the data.")
 
 
 def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -282,8 +285,8 @@ def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
   metrics = train_and_evaluate(config, workdir)
-  print(json.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
-                   sort_keys=True))
+  print(outputs.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
+                     sort_keys=True))
 
 
 if __name__ == "__main__":
