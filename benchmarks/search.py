@@ -30,6 +30,7 @@ import time
 import jax
 import numpy as np
 
+from cope_jax import outputs
 from cope_jax import retrieval
 
 K = 10
@@ -221,9 +222,10 @@ def main():
             f"{row['speedup_vs_batch_1']:>10.2f}")
     os.makedirs(os.path.dirname(args.embed_out) or ".", exist_ok=True)
     with open(args.embed_out, "w") as f:
-      json.dump({"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-                 "config": "configs/synthetic_tiny.py (random weights)",
-                 "results": embedding_rows}, f, indent=2)
+      json.dump(outputs.strict(
+          {"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+           "config": "configs/synthetic_tiny.py (random weights)",
+           "results": embedding_rows}), f, indent=2, allow_nan=False)
     print(f"wrote {args.embed_out}")
   if args.only_embedding:
     return
@@ -237,14 +239,15 @@ def main():
   print_table(rows)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"machine": {"jax_backend": jax.default_backend(),
-                           "devices": [str(d) for d in jax.devices()],
-                           "cpu_count": os.cpu_count(),
-                           "platform": platform.platform()},
-               "settings": {"k": K, "query_chunk": args.query_chunk,
-                            "query_block": args.query_block,
-                            "gallery_block": args.gallery_block},
-               "results": rows}, f, indent=2)
+    json.dump(outputs.strict(
+        {"machine": {"jax_backend": jax.default_backend(),
+                     "devices": [str(d) for d in jax.devices()],
+                     "cpu_count": os.cpu_count(),
+                     "platform": platform.platform()},
+         "settings": {"k": K, "query_chunk": args.query_chunk,
+                      "query_block": args.query_block,
+                      "gallery_block": args.gallery_block},
+         "results": rows}), f, indent=2, allow_nan=False)
   print(f"wrote {args.out}")
 
 

@@ -230,12 +230,15 @@ def save_training_state(manager: ocp.CheckpointManager, step: int, state: Any,
 # Restoring.
 
 
-def _first_line(text: str, limit: int = 240) -> str:
+def _first_line(text: str, limit: int = 300) -> str:
+  """The first non-empty line; a long one keeps its start and its end (the reason)."""
   line = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-  return line if len(line) <= limit else line[:limit - 3] + "..."
+  if len(line) <= limit:
+    return line
+  return line[:limit // 3].rstrip() + " ... " + line[-(2 * limit // 3):].lstrip()
 
 
-def short_error(error: BaseException, limit: int = 240) -> str:
+def short_error(error: BaseException, limit: int = 300) -> str:
   """`Type: first line` of the error's innermost cause (where the useful line usually is)."""
   innermost = error
   seen = {id(error)}

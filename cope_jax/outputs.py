@@ -25,13 +25,15 @@ import numpy as np
 
 
 def strict(value: Any) -> Any:
-  """`value` with NaN/Inf as None, NumPy scalars/arrays as numbers/lists, tuples as lists."""
+  """`value` with NaN/Inf as None, NumPy/JAX scalars and arrays as numbers and lists."""
   if isinstance(value, Mapping):
     return {str(key): strict(item) for key, item in value.items()}
   if isinstance(value, (list, tuple)):
     return [strict(item) for item in value]
   if isinstance(value, np.ndarray):
     return strict(value.tolist())
+  if hasattr(value, "__array__") and not isinstance(value, (str, bytes)):  # jax.Array
+    return strict(np.asarray(value))
   if isinstance(value, np.generic):
     return strict(value.item())
   if isinstance(value, float) and not math.isfinite(value):
