@@ -256,6 +256,17 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
+def _written_before_integrity_records(manager: ocp.CheckpointManager) -> bool:
+  """Whether no step has an integrity record: checkpoints older than the records.
+
+  Damage does not remove the record of every step at once, so such a directory is read
+  unverified (finiteness is still checked) rather than refused.
+  """
+  steps = manager.all_steps()
+  return bool(steps) and not any(
+      os.path.isdir(os.path.join(_step_dir(manager, step), INTEGRITY_ITEM)) for step in steps)
+
+
 def _read_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   if not os.path.isdir(os.path.join(_step_dir(manager, step), INTEGRITY_ITEM)):
     raise _Damaged("no-integrity-record", f"its {INTEGRITY_ITEM}/ record is missing")
@@ -287,10 +298,13 @@ def _check_files(step_dir: str) -> None:
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
                   data_iterator: Any | None, partial: bool, config: Any) -> Any:
   """The verified state of one step; _Damaged or CheckpointMismatchError otherwise."""
-  record = _read_record(manager, step)
+  legacy = _written_before_integrity_records(manager)
+  record = None if legacy else _read_record(manager, step)
   _check_files(_step_dir(manager, step))
-  check_fits(record, abstract_state, where=f"checkpoint step {step} ({_step_dir(manager, step)})",
-             partial=partial, config=config)
+  if record is not None:
+    check_fits(record, abstract_state,
+               where=f"checkpoint step {step} ({_step_dir(manager, step)})", partial=partial,
+               config=config)
   if partial:
     state_args = ocp.args.PyTreeRestore(
         item=abstract_state,
@@ -307,6 +321,9 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   except Exception as error:  # pylint: disable=broad-except
     raise _Damaged("unreadable", f"Orbax cannot read it: {short_error(error)}") from error
   state = restored[STATE_ITEM]
+  if record is None:  # unverified: at least refuse values a training run never saves
+    record = integrity_record(state)
+    record["leaves"] = {path: dict(leaf, non_finite=0) for path, leaf in record["leaves"].items()}
   problem = verify_integrity(state, record)
   if problem:
     raise _Damaged("non-finite" if problem.startswith("non-finite") else "checksum", problem)

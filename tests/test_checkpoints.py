@@ -219,3 +219,21 @@ def test_matching_shapes_pass_and_partial_ignores_other_leaves():
                          partial=True)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="only in the checkpoint"):
     checkpoints.check_fits(_record_of_shapes(stored), _abstract_of_shapes(shapes), where="x")
+
+
+def test_checkpoints_older_than_integrity_records_are_read_with_finiteness_checked(tmp_path):
+  manager = checkpoints.checkpoint_manager(str(tmp_path), keep=3)
+  good, newer = _state(1), _state(2)
+  newer["params"]["model"]["dense"]["bias"] = newer["params"]["model"]["dense"]["bias"].at[
+      1].set(jnp.nan)
+  for step, state in ((1, good), (2, newer)):  # saved as before the records existed
+    manager.save(step, args=ocp.args.Composite(
+        **{checkpoints.STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
+  manager.wait_until_finished()
+  messages = []
+  restored, step = checkpoints.restore_latest_intact(manager, _abstract(good), None,
+                                                     log=messages.append)
+  assert step == 1 and "non-finite values" in messages[0]
+  np.testing.assert_array_equal(np.asarray(restored["params"]["model"]["dense"]["kernel"]),
+                                np.asarray(good["params"]["model"]["dense"]["kernel"]))
+  manager.close()
