@@ -418,4 +418,7 @@ def test_kill9_soak_resumes_to_identical_parameters(tiny_prepared_dir, tiny_rope
                          num_steps=4 * SOAK_KILLS, cache_dir=compile_cache, seed=1)
   assert result["kills"] >= min(SOAK_KILLS, 3), result["lives"]
   assert result["kills_during_checkpoint_write"] >= 1, result["lives"]
+  resumed = [step for step in result["resumed_from"] if step is not None]
+  assert len(set(resumed)) >= 2, result["lives"]  # killed lives made progress in between
+  assert result["damaged_reports"] == []  # a kill never leaves a committed step damaged
   assert result["identical"], result["max_abs_param_difference"]
