@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 
 from configs import synthetic_tiny
-from cope_jax import outputs
+from cope_jax import result_files
 from data_pipelines import pipelines
 from data_pipelines import prepare
 from data_pipelines import synthetic
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(outputs.strict(report), f, indent=1, allow_nan=False)
+    json.dump(result_files.strict(report), f, indent=1, allow_nan=False)
   print(f"dataset set-up {setup_seconds:.0f} s; wrote {args.out}")
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
 from configs import synthetic_tiny
-from cope_jax import outputs
+from cope_jax import result_files
 from cope_jax import weight_mapping
 from cope_jax.models import vision
 
@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
                                  f"encoder_forward_{backend}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
-    json.dump(outputs.strict(result), f, indent=2, allow_nan=False)
+    json.dump(result_files.strict(result), f, indent=2, allow_nan=False)
   print(f"wrote {out}")
   return result
 

@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from cope_jax import outputs
+from cope_jax import result_files
 from cope_jax import retrieval
 
 K = 10
@@ -222,7 +222,7 @@ def main():
             f"{row['speedup_vs_batch_1']:>10.2f}")
     os.makedirs(os.path.dirname(args.embed_out) or ".", exist_ok=True)
     with open(args.embed_out, "w") as f:
-      json.dump(outputs.strict(
+      json.dump(result_files.strict(
           {"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
            "config": "configs/synthetic_tiny.py (random weights)",
            "results": embedding_rows}), f, indent=2, allow_nan=False)
@@ -239,7 +239,7 @@ def main():
   print_table(rows)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump(outputs.strict(
+    json.dump(result_files.strict(
         {"machine": {"jax_backend": jax.default_backend(),
                      "devices": [str(d) for d in jax.devices()],
                      "cpu_count": os.cpu_count(),

@@ -271,9 +271,9 @@ def main() -> None:
                     platform=args.platform)
   print_table(result)
   result["machine"] = {"cpu_count": os.cpu_count(), "platform": args.platform}
-  from cope_jax import outputs  # pylint: disable=g-import-not-at-top
+  from cope_jax import result_files  # pylint: disable=g-import-not-at-top
 
-  outputs.write_json(args.out, result, indent=1, sort_keys=False)
+  result_files.write_json(args.out, result, indent=1, sort_keys=False)
   print(f"wrote {args.out} (logs of each run under {root}/logs)")
   if not result["identical"]:
     sys.exit(1)

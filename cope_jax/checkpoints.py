@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from cope_jax import outputs
+from cope_jax import result_files
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -648,7 +648,7 @@ def save_params(directory: str, params: Mapping[str, Any], metadata: Mapping[str
   checkpointer.save(os.path.join(directory, "params"), params, force=True)
   checkpointer.wait_until_finished()
   if metadata is not None and jax.process_index() == 0:
-    outputs.write_json(os.path.join(directory, "conversion.json"), metadata)
+    result_files.write_json(os.path.join(directory, "conversion.json"), metadata)
 
 
 def load_params(directory: str) -> dict:

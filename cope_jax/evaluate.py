@@ -24,8 +24,8 @@ from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
-from cope_jax import outputs
 from cope_jax import report
+from cope_jax import result_files
 from cope_jax import retrieval
 from cope_jax import sharding
 from cope_jax import train
@@ -88,10 +88,10 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   metrics["num_items"] = {domain: len(e) for domain, e in embeddings.items()}
   if jax.process_index() == 0:
     eval_dir = os.path.join(workdir, "eval")
-    with outputs.staged_directory(eval_dir) as staging:  # swapped in once all are written
-      outputs.write_json(os.path.join(staging, "metrics.json"), metrics)
+    with result_files.staged_directory(eval_dir) as staging:  # swapped in once all are written
+      result_files.write_json(os.path.join(staging, "metrics.json"), metrics)
       report.write_report(staging, metrics, embeddings, config, workdir)
-    outputs.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
+    result_files.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
   return metrics
 
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from cope_jax import cli
 from cope_jax import embed
-from cope_jax import outputs
+from cope_jax import result_files
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -181,7 +181,7 @@ def read_manifest(out_dir: str) -> dict[str, Any] | None:
 
 def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
   """Writes the manifest atomically (temporary file, then rename)."""
-  outputs.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+  result_files.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
 
 
 def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) -> bool:
@@ -363,7 +363,7 @@ def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> None:
   from cope_jax import retrieval  # pylint: disable=g-import-not-at-top
 
   searcher = retrieval.build_scann_index(embeddings, eval_config, k=INDEX_DEFAULT_K)
-  with outputs.replaced_directory(index_dir) as staging:
+  with result_files.replaced_directory(index_dir) as staging:
     retrieval.save_scann_index(searcher, staging)
 
 

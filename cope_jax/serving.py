@@ -37,8 +37,6 @@ import jax
 from jax import export as jax_export
 import numpy as np
 
-from cope_jax import outputs
-
 DOMAINS = ("page", "video", "live")
 MANIFEST = "serving_manifest.json"
 PARAMS_FILE = "params.npz"
@@ -163,7 +161,8 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
 
   np.savez(os.path.join(out_dir, PARAMS_FILE),
            **{path: _storable(value) for path, value in _flatten(params).items()})
-  outputs.write_json(os.path.join(out_dir, MANIFEST), manifest, sort_keys=False)
+  with open(os.path.join(out_dir, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2, allow_nan=False)  # shapes and names only: no NaN
   return manifest
 
 

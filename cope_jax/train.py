@@ -32,7 +32,7 @@ from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
-from cope_jax import outputs
+from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax.models import cope as cope_model
 from data_pipelines import pipelines
@@ -285,7 +285,7 @@ def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
   metrics = train_and_evaluate(config, workdir)
-  print(outputs.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
+  print(result_files.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
                      sort_keys=True))
 
 

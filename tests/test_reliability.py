@@ -346,10 +346,10 @@ def test_refused_export_resume_names_the_fields_that_differ(exported, trained,
 
 
 def test_json_outputs_write_null_for_nan_and_inf(tmp_path):
-  from cope_jax import outputs  # pylint: disable=g-import-not-at-top
+  from cope_jax import result_files  # pylint: disable=g-import-not-at-top
 
   path = tmp_path / "out.json"
-  outputs.write_json(str(path), {"nan": float("nan"), "inf": np.float32(np.inf),
+  result_files.write_json(str(path), {"nan": float("nan"), "inf": np.float32(np.inf),
                                  "values": np.array([1.0, np.nan]), "ok": 0.5})
   assert _strict_json(path.read_text()) == {"nan": None, "inf": None, "values": [1.0, None],
                                             "ok": 0.5}
@@ -383,6 +383,7 @@ def test_keep_checkpoints_below_two_is_refused(tiny_prepared_dir, tiny_rope_dir)
     config_checks.check_config(config)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_on_a_fresh_run_says_there_is_no_checkpoint(tiny_prepared_dir,
                                                                     tiny_rope_dir, tmp_path):
   config = _config(tiny_prepared_dir, tiny_rope_dir)
