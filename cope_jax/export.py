@@ -240,6 +240,7 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
 
   config_checks.check_config(config, need_data=not rope_dir)
   model_hash = config_hash(config)
+  model_config = json.loads(config.to_json(sort_keys=True))  # kept to name differences
   split_field = "--split" if split else "config.data.eval_split"
   split = split or config.data.eval_split
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -251,7 +252,7 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   config = config_checks.resolve_vocab_size(config)
 
   identity = {"config_hash": model_hash, "embedding_dim": int(config.model.emb_dim),
-              "split": split, "config": json.loads(config.to_json(sort_keys=True))}
+              "split": split, "config": model_config}
   previous = read_manifest(out_dir) if resume else None
   if previous is not None:
     _check_resumable(previous, out_dir, identity)  # before the (slow) model load
