@@ -480,21 +480,6 @@ def restore_verified(workdir: str, abstract_tree: Any, step: int | None = None, 
     manager.close()
 
 
-def restore_training_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                           data_iterator: Any | None) -> Any:
-  """Restores (verified) `state` of one step; resets the iterator in place."""
-  state, _, damaged = _restore_newest_intact(manager, [step], abstract_state, data_iterator,
-                                             False, None, lambda message: None)
-  if damaged:
-    raise _no_intact_error(manager, damaged)
-  return state
-
-
-def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-  """Restores (verified) `state` of one step, without the data iterator."""
-  return restore_training_state(manager, step, abstract_state, None)
-
-
 def last_good_description(manager: ocp.CheckpointManager) -> str:
   """'the last good checkpoint is step N in DIR' or 'no checkpoint yet in DIR'.
 
