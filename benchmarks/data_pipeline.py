@@ -44,6 +44,7 @@ import numpy as np
 import PIL.Image
 
 from configs import synthetic_tiny
+from cope_jax import result_files
 from data_pipelines import domains
 from data_pipelines import pipelines
 from data_pipelines import prepare
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> None:
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  print(f"dataset generation {setup_seconds:.0f} s; wrote {args.out}")
+    json.dump(result_files.strict(report), f, indent=1, allow_nan=False)
+  print(f"dataset set-up {setup_seconds:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
 from configs import synthetic_tiny
+from cope_jax import result_files
 from cope_jax import weight_mapping
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
                                  f"encoder_forward_{backend}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
-    json.dump(result, f, indent=2)
+    json.dump(result_files.strict(result), f, indent=2, allow_nan=False)
   print(f"wrote {out}")
   return result
 

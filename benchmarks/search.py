@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from configs import synthetic_tiny
+from cope_jax import result_files
 from cope_jax.search import exact
 from cope_jax.search import index as search_index
 from cope_jax.search import metrics
@@ -469,9 +470,10 @@ def main():
             f"{row['speedup_vs_batch_1']:>10.2f}")
     os.makedirs(os.path.dirname(args.embed_out) or ".", exist_ok=True)
     with open(args.embed_out, "w") as f:
-      json.dump({"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-                 "config": "configs/synthetic_tiny.py (random weights)",
-                 "results": embedding_rows}, f, indent=2)
+      json.dump(result_files.strict(
+          {"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+           "config": "configs/synthetic_tiny.py (random weights)",
+           "results": embedding_rows}), f, indent=2, allow_nan=False)
     print(f"wrote {args.embed_out}")
   if args.only_embedding:
     return
@@ -502,7 +504,7 @@ def main():
     import faiss  # pylint: disable=g-import-not-at-top
     versions["faiss"] = faiss.__version__
   with open(args.out, "w") as f:
-    json.dump({
+    json.dump(result_files.strict({
         "machine": {"jax_backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()],
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -534,7 +536,7 @@ def main():
         "results": results,
         "pareto": {str(r["gallery_size"]): pareto(all_points(r), args.clock)
                    for r in results},
-    }, f, indent=2)
+    }), f, indent=2, allow_nan=False)
   print(f"wrote {args.out} and {args.plot}")
 
 

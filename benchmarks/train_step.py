@@ -32,6 +32,7 @@ from configs import synthetic_tiny
 from cope_jax import flops as model_flops
 from cope_jax import losses
 from cope_jax import optim
+from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
@@ -211,8 +212,10 @@ def main():
                                  f"train_step_{backend}_{'_'.join(args.shapes.split(','))}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
-    json.dump({"device": device, "backend": backend, "jax_version": jax.__version__,
-               "steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=2)
+    json.dump(result_files.strict({"device": device, "backend": backend,
+                              "jax_version": jax.__version__, "steps": args.steps,
+                              "warmup": args.warmup, "rows": rows}),
+              f, indent=2, allow_nan=False)
   print(f"wrote {out}")
 
 

@@ -7,9 +7,15 @@ Each error names the config field (`config.train.batch_size: ...`) so that a typ
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
+
+from data_pipelines import domains
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _SEARCH_KINDS = ("auto", "exact", "scann")
@@ -42,8 +48,29 @@ def read_vocab_size(vocab_path: str) -> int:
     return sum(1 for _ in f)
 
 
+def _leaves(value: Any, prefix: str):
+  """(dotted field, value) of every leaf of a nested dict (tuples and lists entered)."""
+  if isinstance(value, Mapping):
+    for key, item in value.items():
+      yield from _leaves(item, f"{prefix}.{key}" if prefix else str(key))
+  elif isinstance(value, (list, tuple)):
+    for index, item in enumerate(value):
+      yield from _leaves(item, f"{prefix}[{index}]")
+  else:
+    yield prefix, value
+
+
+def check_finite_numbers(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for any field holding NaN or +-Inf (`--config.x=inf` parses)."""
+  resolved = config.copy_and_resolve_references().to_dict()
+  for field, value in _leaves(resolved, ""):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{field}: must be a finite number, got {value!r}")
+
+
 def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -> None:
   """Raises ConfigError naming the first field with an unusable value."""
+  check_finite_numbers(config)
   for field in ("train.batch_size", "train.num_steps", "train.log_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size",
                 "data.image_size", "data.num_frames", "data.title_max_length",
@@ -72,6 +99,9 @@ def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -
   _require(config.data.num_frames <= config.model.vision.num_frames, "data.num_frames",
            "more frames than the MIT positional embedding holds (model.vision.num_frames)")
   _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+  _require(config.train.keep_checkpoints >= 2, "train.keep_checkpoints",
+           f"must be at least 2 (got {config.train.keep_checkpoints}), so that a damaged "
+           "latest checkpoint can fall back to the one before it")
   _require(config.loss.temperature > 0, "loss.temperature", "must be positive")
   _require(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
   _require(config.eval.search in _SEARCH_KINDS, "eval.search",
@@ -101,3 +131,74 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   """sha256 (hex) of the config's JSON with sorted keys: identifies the model run."""
   text = config.to_json(sort_keys=True)
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def known_splits(prepared_dir: str) -> list[str]:
+  """The prepared splits of `prepared_dir`: its folders holding a products.json."""
+  if not os.path.isdir(prepared_dir):
+    return []
+  return sorted(name for name in os.listdir(prepared_dir)
+                if os.path.isfile(os.path.join(prepared_dir, name, "products.json")))
+
+
+def split_record_counts(prepared_dir: str, split: str) -> dict[str, int]:
+  """domain -> number of prepared records of `split` (0 when the domain is absent)."""
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+
+  counts = {}
+  for name in domains.NAMES:
+    try:
+      counts[name] = len(prepare.open_domain(prepared_dir, split, name))
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+      counts[name] = 0
+  return counts
+
+
+def check_split(prepared_dir: str, split: str, field: str, min_domains: int = 1) -> dict[str, int]:
+  """Raises ConfigError unless `split` is prepared with records in >= `min_domains` domains.
+
+  Args:
+    prepared_dir: the prepared data folder.
+    split: the split's name.
+    field: what set the split, named in the error ("config.data.eval_split", "--split").
+    min_domains: 2 for a retrieval evaluation (a direction needs two domains), 1 for an
+      export.
+
+  Returns:
+    The record count of each domain.
+  """
+  known = known_splits(prepared_dir)
+  if split not in known:
+    raise ConfigError(
+        f"{field}: no split {split!r} in {prepared_dir} (known splits: "
+        f"{', '.join(known) if known else 'none; run python -m data_pipelines.prepare'})")
+  counts = split_record_counts(prepared_dir, split)
+  present = [name for name, count in counts.items() if count > 0]
+  if len(present) < min_domains:
+    what = ("no retrieval direction can be evaluated" if min_domains > 1
+            else "there is nothing to export")
+    raise ConfigError(
+        f"{field}: split {split!r} of {prepared_dir} holds "
+        + ", ".join(f"{count} {name}" for name, count in counts.items())
+        + f" records; {what} (known splits: {', '.join(known)})")
+  return counts
+
+
+def _flat_fields(value: Any) -> dict[str, Any]:
+  return dict(_leaves(value, ""))
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
+                       limit: int = 10) -> list[str]:
+  """['model.emb_dim: 16 -> 32', ...]: fields whose values differ between two config dicts.
+
+  Both are plain dicts (`json.loads(config.to_json())`); fields only in one are listed
+  with `(absent)` on the other side.
+  """
+  before, after = _flat_fields(stored), _flat_fields(current)
+  differences = []
+  for field in sorted(set(before) | set(after)):
+    old, new = before.get(field, "(absent)"), after.get(field, "(absent)")
+    if old != new:
+      differences.append(f"{field}: {old!r} -> {new!r}")
+  if len(differences) > limit:
+    differences = differences[:limit] + [f"... and {len(differences) - limit} more"]
+  return differences

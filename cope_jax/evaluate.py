@@ -13,7 +13,6 @@ The same `evaluate_params` runs as the periodic evaluation hook of training.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import logging
@@ -25,6 +24,7 @@ from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import report
+from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax.search import directions
@@ -56,6 +56,8 @@ def embed_eval_split(config: ml_collections.ConfigDict, model_params, mesh: jax.
 def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_params, step: int,
                     mesh: jax.sharding.Mesh, source: str = "") -> dict:
   """Embeds the eval split, computes the metrics and writes metrics.json + report."""
+  config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
+                            "config.data.eval_split", min_domains=2)
   embeddings = embed_eval_split(config, model_params, mesh)
   metrics = directions.evaluate_directions(embeddings, config.eval)
   metrics["checkpoint_step"] = int(step)
@@ -64,17 +66,17 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   metrics["num_items"] = {domain: len(e) for domain, e in embeddings.items()}
   if jax.process_index() == 0:
     eval_dir = os.path.join(workdir, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
-    with open(os.path.join(eval_dir, "metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2, sort_keys=True)
-    with open(os.path.join(eval_dir, "history.jsonl"), "a") as f:
-      f.write(json.dumps(metrics, sort_keys=True) + "\n")
-    report.write_report(eval_dir, metrics, embeddings, config, workdir)
+    with result_files.staged_directory(eval_dir) as staging:  # swapped in once all are written
+      result_files.write_json(os.path.join(staging, "metrics.json"), metrics)
+      report.write_report(staging, metrics, embeddings, config, workdir)
+    result_files.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
   return metrics
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.check_config(config)
+  config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
+                            "config.data.eval_split", min_domains=2)
   config = config_checks.resolve_vocab_size(config)
   mesh = sharding.make_mesh(config.mesh)
   params, step, source = state_lib.load_model_params(config, workdir, mesh)

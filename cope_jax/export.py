@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ import pyarrow.parquet as pq
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
+from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state
 from cope_jax.search import index as search_index
@@ -182,10 +182,7 @@ def read_manifest(out_dir: str) -> dict[str, Any] | None:
 
 def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
   """Writes the manifest atomically (temporary file, then rename)."""
-  path = os.path.join(out_dir, MANIFEST_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  result_files.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
 
 
 def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) -> bool:
@@ -201,12 +198,17 @@ def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) 
 
 
 def _check_resumable(manifest: Mapping[str, Any], out_dir: str, expected: Mapping[str, Any]):
+  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+
   for key, value in expected.items():
-    if manifest.get(key) != value:
+    if key != "config" and manifest.get(key) != value:
+      detail = f"manifest: {manifest.get(key)!r}, this run: {value!r}"
+      if key == "config_hash" and "config" in manifest and "config" in expected:
+        detail = "fields that differ, manifest -> this run: " + "; ".join(
+            config_checks.config_differences(manifest["config"], expected["config"]))
       raise ExportMismatchError(
           f"{os.path.join(out_dir, MANIFEST_FILE)}: --resume with a different {key} "
-          f"(manifest: {manifest.get(key)!r}, this run: {value!r}); use a new --out "
-          "folder or remove the old export")
+          f"({detail}); use a new --out folder or remove the old export")
 
 
 # ----------------------------------------------------------------------------
@@ -234,16 +236,19 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   """
   config_checks.check_config(config, need_data=not rope_dir)
   model_hash = config_checks.config_hash(config)
+  model_config = json.loads(config.to_json(sort_keys=True))  # kept to name differences
+  split_field = "--split" if split else "config.data.eval_split"
   split = split or config.data.eval_split
   process_index, process_count = jax.process_index(), jax.process_count()
   os.makedirs(out_dir, exist_ok=True)
   if rope_dir:
     config = _with_prepared_data(config, rope_dir, out_dir)
     config_checks.check_config(config)
+  config_checks.check_split(config.data.prepared_dir, split, split_field)  # before any output
   config = config_checks.resolve_vocab_size(config)
 
   identity = {"config_hash": model_hash, "embedding_dim": int(config.model.emb_dim),
-              "split": split}
+              "split": split, "config": model_config}
   previous = read_manifest(out_dir) if resume else None
   if previous is not None:
     _check_resumable(previous, out_dir, identity)  # before the (slow) model load
@@ -350,16 +355,13 @@ def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> dict[st
   with held-out rows of the gallery as queries, and saves it into `index_dir`,
   replacing an old one. Returns the manifest fields describing it.
 
-  Written into a temporary folder, then renamed (index folders are relocatable). The
-  manifest marks the index complete only after this returns.
+  Written into a staging folder that replaces `index_dir` once complete (index folders
+  are relocatable). The manifest marks the index complete only after this returns.
   """
   index, info = search_index.build_index(eval_config.index, embeddings, eval_config,
                                          INDEX_RECALL_K)
-  temporary = index_dir + ".tmp"
-  shutil.rmtree(temporary, ignore_errors=True)
-  search_index.save_index(index, temporary)
-  shutil.rmtree(index_dir, ignore_errors=True)
-  os.replace(temporary, index_dir)
+  with result_files.replaced_directory(index_dir) as staging:
+    search_index.save_index(index, staging)
   tuning = {key: value for key, value in info.items() if key not in ("kind", "parameters")}
   return {"index_kind": info["kind"], "index_parameters": info["parameters"],
           "index_tuning": tuning}

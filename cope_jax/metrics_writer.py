@@ -9,6 +9,8 @@ import json
 import os
 import time
 
+from cope_jax import result_files
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
@@ -28,7 +30,7 @@ class MetricsWriter:
     if not self._enabled:
       return
     record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+    self._jsonl.write(result_files.dumps(record, sort_keys=True) + "\n")
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, float(value), int(step))

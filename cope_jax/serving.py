@@ -175,7 +175,7 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
   np.savez(os.path.join(out_dir, PARAMS_FILE),
            **{path: _storable(value) for path, value in _flatten(params).items()})
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2)
+    json.dump(manifest, f, indent=2, allow_nan=False)  # shapes and names only: no NaN
   return manifest
 
 

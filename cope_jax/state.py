@@ -17,7 +17,6 @@ optimiser moments nor the training split's product table are read.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax
@@ -173,18 +172,13 @@ def load_model_params(config: ml_collections.ConfigDict, workdir: str,
   one, the converted weights of `config.train.init_from`. Only the model parameters are
   read from a training checkpoint.
   """
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True) if os.path.isdir(
-      os.path.join(workdir, "checkpoints")) else None
-  step = None
-  if manager is not None:
-    step = manager.latest_step() if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
-    if step is not None and step not in manager.all_steps():
-      raise ValueError(f"config.eval.checkpoint_step: no checkpoint {step} in "
-                       f"{workdir}/checkpoints (have {sorted(manager.all_steps())})")
+  requested = None if config.eval.checkpoint_step < 0 else config.eval.checkpoint_step
+  # The newest intact step (or the requested one), verified against its checksums.
+  restored, step = checkpoints.restore_verified(
+      workdir, {"params": {"model": abstract_model_params(config, mesh)}}, requested,
+      partial=True, config=config)
   if step is not None:
-    params = checkpoints.restore_model_params(manager, step,
-                                              abstract_model_params(config, mesh))
-    return params, int(step), f"{workdir}/checkpoints/{step}"
+    return restored["params"]["model"], int(step), f"{workdir}/checkpoints/{step}"
   if config.train.init_from:
     params, shardings = init_model_params(config, mesh)
     params = load_converted_weights(params, shardings, config)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
+from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from data_pipelines import pipelines
@@ -114,6 +114,9 @@ def _check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.shard
 def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
   """Checks the config, builds mesh, state and data, resumes from the last checkpoint."""
   config_checks.check_config(config)
+  if config.train.eval_every:
+    config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
+                              "config.data.eval_split", min_domains=2)
   config = config_checks.resolve_vocab_size(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
@@ -131,10 +134,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
   data_iterator = iter(pipelines.make_train_dataset(config, jax.process_index(),
                                                     jax.process_count()))
   manager = checkpoints.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
-  latest = manager.latest_step()
+  # The newest intact step (a damaged newer one is reported, set aside, never deleted).
+  restored, latest = checkpoints.restore_latest_intact(
+      manager, state_lib.abstract_like(state), data_iterator, config=config)
   if latest is not None:
-    state = checkpoints.restore_training_state(
-        manager, latest, state_lib.abstract_like(state), data_iterator)
+    state = restored
     if jax.process_index() == 0:
       print(f"resumed from {workdir}/checkpoints/{latest}")
   elif config.train.init_from:
@@ -179,7 +183,6 @@ class FiniteCheck:
   def __init__(self, run: TrainingRun):
     self._run = run
     self._unchecked: list[dict[str, jax.Array]] = []
-    self._last_good_step = run.start_step
 
   def __call__(self, step, state, metrics):
     train = self._run.config.train
@@ -190,8 +193,6 @@ class FiniteCheck:
     finite = [bool(m["finite"]) for m in jax.device_get(self._unchecked)]
     unchecked, self._unchecked = self._unchecked, []
     if all(finite):
-      if _is_boundary(step, train.checkpoint_every, train.num_steps):
-        self._last_good_step = step
       return
     bad_step = step - len(unchecked) + finite.index(False) + 1
     bad = jax.device_get(unchecked[finite.index(False)])
@@ -199,9 +200,8 @@ class FiniteCheck:
     raise NonFiniteLossError(
         f"non-finite loss at step {bad_step}: "
         + ", ".join(f"{k}={float(v):.4g}" for k, v in bad.items() if k != "finite")
-        + f". Stopped without saving; the last good checkpoint is step {self._last_good_step} "
-        f"in {self._run.workdir}/checkpoints. Lower config.optim.learning_rate or check "
-        "the data.")
+        + f". Stopped without saving; {checkpoints.last_good_description(self._run.manager)}. "
+        "Lower config.optim.learning_rate or check the data.")
 
   def close(self):
     pass
@@ -338,8 +338,8 @@ def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
   metrics = train_and_evaluate(config, workdir, evaluate_fn=evaluate.evaluate_params)
-  print(json.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
-                   sort_keys=True))
+  print(result_files.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
+                           sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ plus a random horizontal flip, shared by every frame of a clip. Eval: resize to
 
 import io
 import math
+import re
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -47,9 +48,22 @@ def decode_jpeg(data: bytes, name: str = "", min_side: int | None = None) -> np.
         image.draft("RGB", (min_side, min_side))
       return np.asarray(image.convert("RGB"))
   except (PIL.UnidentifiedImageError, OSError, ValueError) as error:
-    where = f" ({name})" if name else ""
+    where = f" {name}" if name else ""
     raise ValueError(
-        f"cannot decode image{where}: {len(data)} bytes, {error}") from error
+        f"cannot decode image{where}: {len(data)} bytes, {decode_error_text(error)}"
+    ) from error
+
+
+def decode_error_text(error: BaseException) -> str:
+  """PIL's message without the in-memory buffer it names ('<_io.BytesIO object at 0x..>').
+
+  PIL says `cannot identify image file <_io.BytesIO object at 0x7f...>` for bytes it
+  cannot read; the caller names the image instead.
+  """
+  text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)).strip()
+  if isinstance(error, PIL.UnidentifiedImageError) or text == "cannot identify image file":
+    return "not a readable image (PIL cannot identify its format)"
+  return text or type(error).__name__
 
 
 def sample_frame_indices(num_frames_available: int, num_frames: int) -> list[int]:
