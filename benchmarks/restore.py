@@ -40,16 +40,14 @@ def _measure(method: str, config_path: str, workdir: str) -> dict:
   spec.loader.exec_module(module)
   config = config_checks.resolve_vocab_size(module.get_config())
   mesh = sharding.make_mesh(config.mesh)
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
-  step = manager.latest_step()
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   start = time.perf_counter()
   if method == "train_state":
     abstract = state_lib.abstract_train_state(config, mesh, state_lib.classifier_size(config))
-    restored = checkpoints.restore_training_state(manager, step, abstract, None)
+    restored, step = checkpoints.restore_verified(workdir, abstract)
   else:
-    abstract = state_lib.abstract_model_params(config, mesh)
-    restored = checkpoints.restore_model_params(manager, step, abstract)
+    abstract = {"params": {"model": state_lib.abstract_model_params(config, mesh)}}
+    restored, step = checkpoints.restore_verified(workdir, abstract, partial=True)
   jax.block_until_ready(restored)
   seconds = time.perf_counter() - start
   return {"method": method, "step": int(step), "seconds": seconds,

@@ -34,9 +34,10 @@ from cope_jax import evaluate
 from cope_jax import export
 from cope_jax import metrics_writer
 from cope_jax import report
-from cope_jax import retrieval
 from cope_jax import sharding
+from cope_jax import state as state_lib
 from cope_jax import train
+from cope_jax.search import directions
 from data_pipelines import transforms
 from tests import tiny_configs
 
@@ -121,7 +122,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(
   config = config_checks.resolve_vocab_size(_config(tiny_prepared_dir, tiny_rope_dir))
   mesh = sharding.make_mesh(config.mesh)
   capsys.readouterr()
-  params, step, source = evaluate.load_model_params(config, workdir, mesh)
+  params, step, source = state_lib.load_model_params(config, workdir, mesh)
   printed = capsys.readouterr().out
   if kind != "flipped_bytes":
     assert step == 2
@@ -210,7 +211,7 @@ def test_evaluate_with_another_vocabulary_names_the_vocab(trained, tiny_prepared
   config.data.vocab_path = str(vocab)
   config = config_checks.resolve_vocab_size(config)
   with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-    evaluate.load_model_params(config, trained, sharding.make_mesh(config.mesh))
+    state_lib.load_model_params(config, trained, sharding.make_mesh(config.mesh))
   message = str(error.value)
   words = "params/model/text_encoder/bert_model/embeddings/word_embeddings/embedding"
   assert (f"{words}: checkpoint ({len(lines)}, 32) vs model ({len(lines) + 22}, 32)"
@@ -282,14 +283,14 @@ def test_evaluation_results_are_replaced_only_when_complete_and_are_strict_json(
   monkeypatch.undo()
 
   # A metric that is not a number (an empty direction, say) is written as null.
-  evaluate_directions = retrieval.evaluate_directions
+  evaluate_directions = directions.evaluate_directions
 
   def with_a_nan(*args, **kwargs):
     metrics = evaluate_directions(*args, **kwargs)
     metrics["page_to_video"] = dict(metrics.get("page_to_video", {}), mAP=float("nan"))
     return metrics
 
-  monkeypatch.setattr(retrieval, "evaluate_directions", with_a_nan)
+  monkeypatch.setattr(directions, "evaluate_directions", with_a_nan)
   evaluate.run(config, workdir)
   with open(os.path.join(workdir, "eval", "metrics.json"), encoding="utf-8") as f:
     written = _strict_json(f.read())

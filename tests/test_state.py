@@ -51,10 +51,9 @@ def test_evaluation_restores_only_the_trained_model_params(classifier_run):
   params, step, source = state_lib.load_model_params(config, workdir, mesh)
   assert step == 2 and source.endswith("checkpoints/2")
 
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
-  full = checkpoints.restore_training_state(
-      manager, 2, state_lib.abstract_train_state(
-          config, mesh, state_lib.classifier_size(config)), None)
+  full, _ = checkpoints.restore_verified(
+      workdir, state_lib.abstract_train_state(
+          config, mesh, state_lib.classifier_size(config)), 2)
   assert "classifier" in full.params  # the checkpoint holds more than the model
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                jax.device_get(full.params["model"]))
