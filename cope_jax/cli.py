@@ -12,6 +12,7 @@ exception in a background thread (an asynchronous checkpoint write, say) is one 
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
 import sys
 import threading
@@ -131,6 +132,11 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str)
     if not traceback_requested():
       threading.excepthook = _quiet_thread_excepthook
       sys.unraisablehook = _drop_closed_event_loop_reports(sys.unraisablehook)
+      # The entry points run no asyncio code of their own: asyncio's reports come from
+      # Orbax's reads, whose failures checkpoints.py turns into one line. An unretrieved
+      # task of a failed read is reported when it is garbage-collected, at any moment
+      # later, with a full traceback: silence them for the whole run.
+      python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL + 1)
     try:
       distributed.maybe_initialize(config_flag.value)
       job(config_flag.value, workdir_flag.value)
