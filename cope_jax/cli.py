@@ -82,19 +82,20 @@ def _quiet_thread_excepthook(args: threading.ExceptHookArgs) -> None:
         f"{_first_line(args.exc_value)}", file=sys.stderr, flush=True)
 
 
-def _drop_closed_event_loop_reports(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-  """An unraisable-exception hook that drops `RuntimeError: Event loop is closed`.
+def _quiet_unraisable_reports(unraisable) -> None:
+  """An unraisable-exception hook: one line, or nothing for `Event loop is closed`.
 
   When one read of an Orbax restore fails, Orbax closes its asyncio loop while
   TensorStore still completes the other reads; each completion then fails to reach the
-  closed loop and Python prints a traceback for it (dozens, burying the real error).
+  closed loop, and the coroutines of the failed reads raise again when they are
+  garbage-collected, at any moment later. Python would print a traceback for each
+  (dozens, burying the real error, which checkpoints.py reports in one line).
   """
-  def hook(unraisable) -> None:
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return
-    previous(unraisable)
-  return hook
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  print(f"ignored error in a background task: {type(error).__name__}: "
+        f"{_first_line(error)}", file=sys.stderr, flush=True)
 
 
 def exit_with_error(error: BaseException, status: int = 1) -> None:
@@ -131,7 +132,7 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str)
       logging.set_verbosity(logging.WARNING)
     if not traceback_requested():
       threading.excepthook = _quiet_thread_excepthook
-      sys.unraisablehook = _drop_closed_event_loop_reports(sys.unraisablehook)
+      sys.unraisablehook = _quiet_unraisable_reports
       # The entry points run no asyncio code of their own: asyncio's reports come from
       # Orbax's reads, whose failures checkpoints.py turns into one line. An unretrieved
       # task of a failed read is reported when it is garbage-collected, at any moment
