@@ -185,12 +185,16 @@ def _read_export(folder: str) -> dict[str, _RawRows]:
       part = _read_parquet_file(path, dim, dim_source)
       if dim is None and len(part.ids):
         dim, dim_source = part.values.shape[1], f"{path}, row 1"
-      parts.append(part)
-    result[domain] = _RawRows(
-        ids=np.concatenate([p.ids for p in parts]),
-        values=np.concatenate([p.values for p in parts]).reshape(-1, dim or 0),
-        extras=None, product_ids=np.concatenate([p.product_ids for p in parts]),
-        where=np.concatenate([p.where for p in parts]))
+      if len(part.ids):
+        parts.append(part)
+    if parts:
+      result[domain] = _RawRows(
+          ids=np.concatenate([p.ids for p in parts]),
+          values=np.concatenate([p.values for p in parts]), extras=None,
+          product_ids=np.concatenate([p.product_ids for p in parts]),
+          where=np.concatenate([p.where for p in parts]))
+  if not result:
+    raise CompareInputError(f"{folder}: its export files hold no embedding")
   return result
 
 

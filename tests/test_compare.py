@@ -416,6 +416,23 @@ def test_the_same_embeddings_sharded_differently_compare_identical(tmp_path):
   assert "1.000000 | 1.000000 | 1.000000 |" in report
 
 
+def test_sides_of_different_dimensions_are_scored_without_cosine(tmp_path):
+  data = make_dataset()
+  rope_dir = write_pairs(tmp_path / "rope", data)
+  reference = write_release_folder(tmp_path / "reference", data, world_size=2)
+  wider = {d: dict(e, embeddings=unit(np.concatenate([e["embeddings"], e["embeddings"]], 1)))
+           for d, e in data.items()}
+  candidate = write_release_folder(tmp_path / "candidate", wider, world_size=1)
+  result = compare.compare(reference, rope_dir, SPLIT, candidate, str(tmp_path / "out"))
+  assert result["sides"]["candidate"]["dim"] == 2 * DIM
+  assert result["cosine"] == {"skipped": f"embedding dimensions differ: reference {DIM}, "
+                                         f"candidate {2 * DIM}"}
+  # [v, v] / sqrt(2) ranks as v does: the same metrics and neighbours.
+  assert_metrics_match(result["metrics"]["candidate"], numpy_metrics(data))
+  assert all(o["mean"] == 1.0 for o in result["top10_overlap"].values())
+  assert "Not computed: embedding dimensions differ" in (tmp_path / "out" / "compare.md").read_text()
+
+
 def test_undefined_metrics_are_null_in_strict_json(tmp_path):
   data = make_dataset()
   # Lives of products that have no page: page -> live has no includable query.
@@ -520,12 +537,12 @@ def test_bad_export_rows_and_missing_files_are_named(tmp_path):
   rope_dir = write_pairs(tmp_path / "rope", data)
   folder = write_export_folder(tmp_path / "export", data)
   os.remove(os.path.join(folder, "video-0-of-1.parquet"))
+  assert compare.MANIFEST_FILE == export.MANIFEST_FILE
   with pytest.raises(FileNotFoundError, match=r"video-0-of-1.parquet: missing \(listed for "
                                               r"video in .*manifest.json\)"):
     compare.compare(folder, rope_dir, SPLIT, out_dir=str(tmp_path / "out"))
 
-  short = {d: dict(e) for d, e in data.items()}
-  folder = write_export_folder(tmp_path / "export_short", short)
+  folder = write_export_folder(tmp_path / "export_short", data)
   page = data["page"]
   table = export.embeddings_table("page", page["ids"][:3], page["product_ids"][:3],
                                   page["embeddings"][:3, :12])
