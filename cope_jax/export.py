@@ -1,7 +1,7 @@
 r"""Exports embeddings and search indices: `python -m cope_jax.export`.
 
   python -m cope_jax.export --config configs/synthetic_tiny.py --workdir DIR --out OUT \
-      [--split test] [--rope_dir ROPE_DIR] [--resume]
+      [--split test] [--rope_dir ROPE_DIR] [--resume] [--format parquet|release]
 
 Embeds every record of a split (default `config.data.eval_split`) with the model of
 DIR (its latest checkpoint, as `cope_jax.evaluate` picks it) and writes
@@ -17,6 +17,17 @@ DIR (its latest checkpoint, as `cope_jax.evaluate` picks it) and writes
   OUT/manifest.json                 checkpoint, config hash, embedding dimension,
                                     counts and files per domain, and per domain the
                                     index kind, its parameters and measured recall
+
+With `--format release` it writes the PyTorch release's embedding files instead, exactly
+as its `infer.py` does, for downstream jobs that read them (`cope_jax.release_format`):
+
+  OUT/{p}_item, OUT/{p}_photo, OUT/{p}_live   one text file per domain and JAX process p;
+                                    lines `id<TAB>v1,...,vD` (L2-normalised float32
+                                    values), live lines `id<TAB>start<TAB>end<TAB>v1,...`
+                                    with the first and last frame timestamps (epoch ms)
+                                    of the clip's prepared record
+
+and no Parquet, index or manifest (--resume applies to the Parquet format only).
 
 With --rope_dir a ROPE-format directory is prepared into OUT/prepared first and read
 from there. Parquet files are written under a temporary name and renamed when
@@ -43,6 +54,7 @@ import pyarrow.parquet as pq
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
+from cope_jax import release_format
 from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state
@@ -55,6 +67,7 @@ INDEX_DIR = "index"
 PREPARED_DIR = "prepared"
 ROW_GROUP_ROWS = 8192  # rows per Parquet row group (batches are buffered up to this)
 INDEX_RECALL_K = 10  # the index is tuned to and checked at recall@10 against exact search
+FORMATS = ("parquet", "release")  # --format: this project's Parquet + index, or the release's
 
 PARQUET_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -217,7 +230,7 @@ def _check_resumable(manifest: Mapping[str, Any], out_dir: str, expected: Mappin
 
 def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                       split: str | None = None, rope_dir: str | None = None,
-                      resume: bool = False) -> dict[str, Any]:
+                      resume: bool = False, output_format: str = "parquet") -> dict[str, Any]:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
   Args:
@@ -230,10 +243,18 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
       instead of `config.data.prepared_dir`.
     resume: keep domains whose Parquet files and index are complete and listed in
       an existing manifest of the same model.
+    output_format: "parquet" (Parquet, index, manifest) or "release" (the release's
+      `{rank}_{item,photo,live}` files only; see the module docstring).
 
   Returns:
-    The manifest written to `out_dir/manifest.json`.
+    The manifest written to `out_dir/manifest.json` (for "release", the same fields
+    without index entries, not written).
   """
+  if output_format not in FORMATS:
+    raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+  if resume and output_format != "parquet":
+    raise ValueError("--resume keeps Parquet files listed in a manifest: it applies to "
+                     "--format parquet only")
   config_checks.check_config(config, need_data=not rope_dir)
   model_hash = config_checks.config_hash(config)
   model_config = json.loads(config.to_json(sort_keys=True))  # kept to name differences
@@ -256,6 +277,11 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   mesh = sharding.make_mesh(config.mesh)
   model_params, step, source = state.load_model_params(config, workdir, mesh)
   identity["checkpoint_step"] = int(step)
+  if output_format == "release":
+    return _export_release(config, model_params, mesh, split, out_dir,
+                           {"format": "release", **identity, "checkpoint": source,
+                            "prepared_dir": config.data.prepared_dir,
+                            "process_count": process_count, "domains": {}})
   if previous is not None:
     _check_resumable(previous, out_dir, identity)
   elif process_index == 0 and os.path.exists(os.path.join(out_dir, MANIFEST_FILE)):
@@ -281,6 +307,42 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   if process_index == 0:
     write_manifest(out_dir, manifest)
   return manifest
+
+
+def _export_release(config, model_params, mesh, split: str, out_dir: str,
+                    summary: dict[str, Any]) -> dict[str, Any]:
+  """Writes this process's `{rank}_{release name}` file of every domain with records."""
+  from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if process_index == 0:
+    for name in release_format.remove_other_ranks(out_dir, process_count):
+      logging.warning("removed %s, left by an export with more processes", name)
+    if os.path.exists(os.path.join(out_dir, MANIFEST_FILE)):
+      logging.warning("%s also holds a Parquet export (%s): cope_jax.compare will refuse "
+                      "the folder until one of the two is moved", out_dir, MANIFEST_FILE)
+  model = state.build_model(config)
+  for domain in domains.NAMES:
+    if not _has_records(config.data.prepared_dir, split, domain):
+      logging.warning("split %r has no %s records: nothing exported for it", split, domain)
+      continue
+    times = None
+    if domains.get(domain).release_times:
+      record_range = pipelines.make_eval_dataset(config, domain, split, process_index,
+                                                 process_count).record_range
+      times = release_format.clip_times(
+          prepare.open_domain(config.data.prepared_dir, split, domain), record_range)
+    batches = ((ids, product_ids, normalise_rows(embeddings, f"{domain} embeddings"))
+               for ids, product_ids, embeddings in embed.iter_embedding_batches(
+                   config, model, model_params, domain, mesh, split))
+    rows = release_format.write_embeddings(out_dir, domain, process_index, batches, times)
+    counts = _gather_counts(rows)
+    summary["domains"][domain] = {
+        "count": sum(counts),
+        "files": [{"file": release_format.file_name(p, domain), "rows": count}
+                  for p, count in enumerate(counts)]}
+  return summary
 
 
 def _has_records(prepared_dir: str, split: str, domain: str) -> bool:
@@ -437,11 +499,13 @@ def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   flag_values = flags.FLAGS
   manifest = export_embeddings(config, workdir, flag_values.out, split=flag_values.split or None,
-                               rope_dir=flag_values.rope_dir or None, resume=flag_values.resume)
+                               rope_dir=flag_values.rope_dir or None, resume=flag_values.resume,
+                               output_format=flag_values.format)
   if jax.process_index() == 0:
     counts = ", ".join(f"{d}: {e['count']}" for d, e in manifest["domains"].items())
+    layout = " in the release's format" if flag_values.format == "release" else ""
     print(f"exported checkpoint step {manifest['checkpoint_step']} ({counts}) to "
-          f"{flag_values.out}")
+          f"{flag_values.out}{layout}")
 
 
 def _define_flags() -> None:
@@ -452,6 +516,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("rope_dir", "", "A ROPE-format folder to prepare into OUT/prepared "
                       "and export instead of config.data.prepared_dir.")
   flags.DEFINE_bool("resume", False, "Keep domains already complete in OUT/manifest.json.")
+  flags.DEFINE_enum("format", "parquet", FORMATS, "parquet: Parquet files, search index and "
+                    "manifest; release: the PyTorch release's {rank}_item/_photo/_live files.")
   flags.mark_flag_as_required("out")
 
 

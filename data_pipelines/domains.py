@@ -9,6 +9,8 @@ branching on names:
   kind           IMAGE (one image + a title) or CLIP (frames in time order + ASR text)
   release_name   the PyTorch release's name ("item", "photo", "live"): its head
                  (`<release_name>_fusion_model`) and its embedding files (`{rank}_item`)
+  release_times  whether the release's embedding lines carry the clip's start and end
+                 times before the embedding (live: `id<TAB>start<TAB>end<TAB>v1,...`)
   files          its three ROPE txt files (pair, text, media) and the media file's
                  columns
   text           what its text is ("title" or "asr"); batch keys are
@@ -48,6 +50,7 @@ class Domain:
   files: RopeFiles
   text: str
   text_length_field: str
+  release_times: bool = False
 
   @property
   def head(self) -> str:
@@ -111,7 +114,7 @@ DOMAINS = (
     Domain("live", "lives", CLIP, "live",
            RopeFiles("product_lives_pair", "live_asrs", "live_clips",
                      ("live_id", "timestamp_ms", "image file name")),
-           text="asr", text_length_field="asr_max_length"),
+           text="asr", text_length_field="asr_max_length", release_times=True),
 )
 
 NAMES = tuple(domain.name for domain in DOMAINS)

@@ -371,6 +371,27 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
   return records, skipped
 
 
+def read_pairs(root: str, split: str, domain: str) -> tuple[dict[str, str], list[dict]]:
+  """One domain's pair file alone: item id -> product id, with `load_rope`'s rules.
+
+  Reads no other file and no image (for mapping embedding ids to products).
+
+  Returns:
+    (item id -> product id in pair-file order, the problems found in the file).
+
+  Raises:
+    FileNotFoundError: the pair file is missing (the message names it).
+  """
+  name = file_name(split, domains.get(domain).files.pair)
+  path = os.path.join(root, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"ROPE directory {root!r} lacks the {split!r} pair file {name} "
+                            f"of the {domain} domain")
+  problems: list[dict] = []
+  paired = _read_pairs(path, domain, _Problems(problems, name))
+  return {item_id: product_id for item_id, (product_id, _) in paired.items()}, problems
+
+
 def media_names(root: str, split: str, domain: str
                 ) -> tuple[dict[str, list[tuple[int, str, int]]], list[dict]]:
   """The image file names that `load_rope` would use for one domain, without the files.

@@ -1,4 +1,5 @@
-"""Embedding export: Parquet layout and values, resumption, the search index and its checks."""
+"""Embedding export: Parquet layout and values, resumption, the search index and its checks;
+the release's format and its round trip through `cope_jax.compare`; two processes."""
 
 import json
 import os
@@ -7,15 +8,18 @@ import sys
 
 import jax
 import numpy as np
+import portpicker
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from configs import synthetic_tiny
 from cope_jax import checkpoints
+from cope_jax import compare
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import export
+from cope_jax import release_format
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax.search import exact
@@ -27,6 +31,7 @@ from tests import tiny_configs
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORM_TOLERANCE = 1e-5  # float32 rows: |norm - 1|
 EMBEDDING_TOLERANCE = 1e-5  # export vs in-process embeddings (same model, same inputs)
+MULTI_PROCESS_TOLERANCE = 1e-6  # two-process vs one-process export of the same records
 CONVERTED_SEED = 7  # the saved weights come from another seed than the export config's
 
 
@@ -206,3 +211,148 @@ def test_resume_with_another_model_is_refused(exported, tiny_rope_dir):
   with pytest.raises(export.ExportMismatchError, match="config_hash"):
     export.export_embeddings(other, workdir, out_dir, rope_dir=tiny_rope_dir, split="test",
                              resume=True)
+
+
+# ----------------------------------------------------------------------------
+# The release's format, and several processes.
+
+
+def _export_command(exported, weights, out_dir, workdir, *extra):
+  config, export_dir = exported[0], exported[1]
+  return [sys.executable, "-m", "cope_jax.export", "--config",
+          os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"),
+          *tiny_configs.command_line_overrides(os.path.join(export_dir, "prepared"),
+                                               config.data.rope_dir),
+          f"--config.train.init_from={weights[0]}", f"--workdir={workdir}",
+          f"--out={out_dir}", "--split=test", *extra]
+
+
+@pytest.fixture(scope="module")
+def exported_release(exported, tmp_path_factory):
+  """The same model and split exported in the release's format (in this process; the
+  command line's --format=release runs in the two-process test)."""
+  out_dir = str(tmp_path_factory.mktemp("export_release") / "out")
+  summary = export.export_embeddings(_prepared_config(exported), exported[2], out_dir,
+                                     split="test", output_format="release")
+  assert summary["format"] == "release" and set(summary["domains"]) == set(domains.NAMES)
+  return out_dir
+
+
+def test_release_format_export_writes_the_release_files(exported, exported_release):
+  prepared_dir = os.path.join(exported[1], "prepared")
+  assert sorted(os.listdir(exported_release)) == sorted(
+      release_format.file_name(0, domain) for domain in domains.NAMES)
+  for domain in domains.NAMES:
+    parquet = export.read_parquet([os.path.join(exported[1], f"{domain}-0-of-1.parquet")],
+                                  domain)
+    rows = release_format.read_file(
+        os.path.join(exported_release, release_format.file_name(0, domain)), domain)
+    assert list(rows.ids) == list(parquet.ids)
+    # The decimals read back as the very float32 values of the Parquet export.
+    np.testing.assert_array_equal(rows.embeddings.astype(np.float32), parquet.embeddings)
+    if domains.get(domain).release_times:
+      records = prepare.open_domain(prepared_dir, "test", domain)
+      expected = [[str(r["frame_keys"][0]), str(r["frame_keys"][-1])] for r in records]
+      assert rows.times.tolist() == expected
+      assert all(int(start) <= int(end) for start, end in expected)
+    else:
+      assert rows.times is None
+
+
+def test_round_trip_through_the_release_format_compares_identical(exported, exported_release,
+                                                                  tmp_path):
+  result = compare.compare(exported[1], exported[0].data.rope_dir, "test",
+                           candidate_dir=exported_release, out_dir=str(tmp_path))
+  assert result["sides"]["reference"]["format"] == "export"
+  assert result["sides"]["candidate"]["format"] == "release"
+  assert result["metrics"]["reference"] == result["metrics"]["candidate"]
+  evaluated = [name for name in domains.DIRECTION_NAMES
+               if "skipped" not in result["metrics"]["reference"][name]]
+  assert evaluated == list(domains.DIRECTION_NAMES)
+  assert all(value == 0.0 for entry in result["differences"].values()
+             for value in entry.values() if value is not None)
+  for domain in domains.NAMES:
+    cosine = result["cosine"][domain]
+    assert cosine["identical"] == cosine["count"] == result["ids"][domain]["both"] > 0
+    assert cosine["min"] == 1.0
+    assert result["ids"][domain]["reference_only"] == result["ids"][domain]["candidate_only"] == 0
+  assert all(o["mean"] == 1.0 for o in result["top10_overlap"].values())
+
+
+def test_release_format_refuses_resume(exported):
+  config, out_dir, workdir, _ = exported
+  with pytest.raises(ValueError, match="--format parquet only"):
+    export.export_embeddings(config, workdir, out_dir, split="test", resume=True,
+                             output_format="release")
+
+
+def _run_two_processes(command):
+  """Runs `command` as two JAX processes on localhost with 4 fake CPU devices each."""
+  port = portpicker.pick_unused_port()
+  processes = []
+  for process_id in range(2):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               COPE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", COPE_NUM_PROCESSES="2",
+               COPE_PROCESS_ID=str(process_id))
+    processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+  for process in processes:
+    _, stderr = process.communicate(timeout=420)
+    assert process.returncode == 0, stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_export_the_rows_of_one(exported, weights, tmp_path):
+  """Two JAX processes (one 8-device mesh) each write their part; together the files
+  hold the one-process export's rows in order."""
+  out_dir = tmp_path / "out"
+  _run_two_processes(_export_command(exported, weights, str(out_dir), str(tmp_path / "workdir")))
+
+  with open(out_dir / "manifest.json") as f:
+    manifest = json.load(f)
+  one_process = exported[3]
+  assert manifest["process_count"] == 2
+  assert manifest["checkpoint"] == one_process["checkpoint"] == weights[0]
+  for domain in domains.NAMES:
+    entry = manifest["domains"][domain]
+    names = [export.parquet_name(domain, p, 2) for p in range(2)]
+    assert [f["file"] for f in entry["files"]] == names
+    parts = [export.read_parquet([str(out_dir / name)], domain) for name in names]
+    assert [f["rows"] for f in entry["files"]] == [len(p) for p in parts]
+    assert all(len(p) > 0 for p in parts)  # both processes wrote rows
+    expected = export.read_parquet([os.path.join(exported[1], f"{domain}-0-of-1.parquet")],
+                                   domain)
+    assert entry["count"] == len(expected)
+    assert [i for p in parts for i in p.ids] == list(expected.ids)
+    assert [i for p in parts for i in p.product_ids] == list(expected.product_ids)
+    # Each process batches its own part of the records, so a record meets other batch
+    # neighbours and devices than in the one-process run: float32 rounding differs (by
+    # about 5e-8 here), the values do not.
+    np.testing.assert_allclose(np.concatenate([p.embeddings for p in parts]),
+                               expected.embeddings, atol=MULTI_PROCESS_TOLERANCE)
+    loaded = export.load_exported_index(str(out_dir), domain)
+    assert list(loaded.ids) == list(expected.ids)  # the index covers both processes' rows
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_release_files_of_one(exported, weights, exported_release,
+                                                      tmp_path):
+  """With --format release each process writes its `{rank}_*` files: rank 0's then rank
+  1's lines are the one-process files' lines (ids, live times; values within rounding)."""
+  out_dir = tmp_path / "out"
+  _run_two_processes(_export_command(exported, weights, str(out_dir), str(tmp_path / "workdir"),
+                                     "--format=release"))
+  assert sorted(os.listdir(out_dir)) == sorted(
+      release_format.file_name(rank, domain) for rank in range(2) for domain in domains.NAMES)
+  for domain in domains.NAMES:
+    parts = [release_format.read_file(str(out_dir / release_format.file_name(rank, domain)),
+                                      domain) for rank in range(2)]
+    expected = release_format.read_file(
+        os.path.join(exported_release, release_format.file_name(0, domain)), domain)
+    assert all(len(part) > 0 for part in parts)
+    assert [i for part in parts for i in part.ids] == list(expected.ids)
+    if expected.times is not None:
+      assert np.concatenate([part.times for part in parts]).tolist() == expected.times.tolist()
+    np.testing.assert_allclose(np.concatenate([part.embeddings for part in parts]),
+                               expected.embeddings, atol=MULTI_PROCESS_TOLERANCE)

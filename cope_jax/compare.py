@@ -1,0 +1,713 @@
+r"""Compares the embeddings of two runs, or evaluates one: `python -m cope_jax.compare`.
+
+  python -m cope_jax.compare --reference DIR --rope_dir ROPE_DIR --split test \
+      [--candidate DIR] [--out OUT] [--one_shot_draws 5]
+
+Each side is a folder in either format, detected from its files:
+
+  release   the PyTorch release's `infer.py` output: `{rank}_item`, `{rank}_photo`,
+            `{rank}_live` text files (`cope_jax.release_format`), or this project's
+            `cope_jax.export --format release`
+  export    this project's `cope_jax.export` folder: `manifest.json` + Parquet files
+
+Ids are mapped to products through the pair files of `--split` in ROPE_DIR (nothing
+else there is read). Copies of one id with the same embedding (the release's
+`DistributedSampler` pads by repeating items, across rank files or within one) are
+dropped; copies that differ stop the comparison with an error listing them. Ids that
+no pair file names are left out and counted.
+
+Both sides are evaluated on the ids they both embed (per domain, in id order; ids on
+one side only are counted and listed), with the project's own search code (`cope_jax.search`):
+exact ranking with pessimistic ties, the six directions' R@K, median rank, mAP and
+one-shot accuracy. With the same ids on both sides, the two runs are also compared item
+by item: the cosine between the two embeddings of each id, and the overlap of the two
+sides' top-10 lists per direction. With only --reference, that side alone is
+evaluated on all its ids. Written into OUT (default `./compare`):
+
+  compare.json      inputs, id counts, both sides' metrics, differences (candidate -
+                    reference), cosine distribution, top-10 overlap, R@K curves
+                    (strict JSON: an undefined value is null)
+  compare.md        the same as tables
+  recall_at_k.png   R@K for K = 1..50, one panel per direction, both sides
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cope_jax import release_format
+from cope_jax.search import directions
+from cope_jax.search import exact
+from cope_jax.search import metrics as search_metrics
+from cope_jax.search.embeddings import DomainEmbeddings
+from data_pipelines import domains
+from data_pipelines import rope_format
+
+REFERENCE, CANDIDATE = "reference", "candidate"
+RELEASE, EXPORT = "release", "export"
+MANIFEST_FILE = "manifest.json"  # cope_jax.export's manifest
+JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "compare.json", "compare.md", "recall_at_k.png"
+DEFAULT_OUT = "compare"
+CURVE_MAX_K = 50  # the R@K curves run over K = 1..CURVE_MAX_K
+OVERLAP_K = 10  # top-k lists compared between the sides
+EXAMPLES = 5  # ids named in errors and reports
+TABLE_KS = search_metrics.DEFAULT_KS
+# metric key -> (column title, percentage?) of the side-by-side table.
+TABLE_METRICS = (("R@1", "R@1", True), ("R@5", "R@5", True), ("R@10", "R@10", True),
+                 ("median_rank", "median rank", False), ("mAP", "mAP", True),
+                 ("one_shot_accuracy", "one-shot acc.", True))
+
+
+class CompareInputError(ValueError):
+  """An input folder that cannot be compared (the message names the file and the cause)."""
+
+
+# ----------------------------------------------------------------------------
+# Reading a side.
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainRows:
+  """One domain of one side, each id once: ids [N] str, embeddings [N, D] float32 as
+  read, product_ids [N] str (through the pair files)."""
+  ids: np.ndarray
+  embeddings: np.ndarray
+  product_ids: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def select(self, ids: Sequence[str]) -> DomainRows:
+    """The rows of `ids` (all present), in that order."""
+    position = {item_id: i for i, item_id in enumerate(self.ids)}
+    rows = np.fromiter((position[i] for i in ids), np.int64, count=len(ids))
+    return DomainRows(self.ids[rows], self.embeddings[rows], self.product_ids[rows])
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+  """One side: its folder, detected format, rows per domain and what reading found."""
+  label: str
+  path: str
+  format: str
+  dim: int
+  domains: dict[str, DomainRows]
+  summary: dict[str, Any]  # per domain: rows read, duplicates dropped, unpaired ids
+
+
+def detect_format(folder: str) -> str:
+  """RELEASE or EXPORT, from the folder's files; CompareInputError naming what was found."""
+  if not os.path.exists(folder):
+    raise FileNotFoundError(f"{folder}: no such folder")
+  if not os.path.isdir(folder):
+    raise CompareInputError(f"{folder}: a file, expected a folder of embeddings")
+  names = sorted(os.listdir(folder))
+  expected = ("expected the release's embedding files ({rank}_item, {rank}_photo, "
+              "{rank}_live) or a cope_jax.export folder (manifest.json + Parquet files)")
+  if not names:
+    raise CompareInputError(f"{folder}: empty folder; {expected}")
+  has_release = bool(release_format.release_files(folder))
+  has_export = MANIFEST_FILE in names
+  if has_release and has_export:
+    raise CompareInputError(
+        f"{folder}: holds both release embedding files and an export manifest.json; "
+        "pass a folder holding one of them")
+  if has_release:
+    return RELEASE
+  if has_export:
+    return EXPORT
+  parquet = [name for name in names if name.endswith(".parquet")]
+  hint = (f" ({len(parquet)} Parquet files but no {MANIFEST_FILE}: an unfinished export?)"
+          if parquet else "")
+  shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+  raise CompareInputError(f"{folder}: found {shown}{hint}; {expected}")
+
+
+@dataclasses.dataclass
+class _RawRows:
+  """One domain's rows as read, duplicates included: ids [N], values [N, D] (float64
+  for release files: the written decimals), extras [N, E] compared with the values
+  (release times), product ids [N] or None, where [N] ('file, line n')."""
+  ids: np.ndarray
+  values: np.ndarray
+  extras: np.ndarray | None
+  product_ids: np.ndarray | None
+  where: np.ndarray
+
+
+def _read_release(folder: str) -> dict[str, _RawRows]:
+  rows = release_format.read_folder(folder)
+  return {domain: _RawRows(r.ids, r.embeddings, r.times, None,
+                           np.array([f"{f}, line {n}" for f, n in zip(r.files, r.lines)],
+                                    object))
+          for domain, r in rows.items()}
+
+
+def _read_export(folder: str) -> dict[str, _RawRows]:
+  """The Parquet files an export's manifest lists, checked row by row."""
+  manifest_path = os.path.join(folder, MANIFEST_FILE)
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    entries = manifest["domains"]
+    files = {domain: [entry["file"] for entry in value["files"]]
+             for domain, value in entries.items()}
+  except (ValueError, KeyError, TypeError) as error:
+    raise CompareInputError(f"{manifest_path}: not an export manifest with "
+                            f"domains -> files ({type(error).__name__}: {error})") from None
+  unknown = sorted(set(files) - set(domains.NAMES))
+  if unknown:
+    raise CompareInputError(f"{manifest_path}: unknown domains {unknown}; expected some of "
+                            f"{', '.join(domains.NAMES)}")
+  if not files:
+    raise CompareInputError(f"{manifest_path}: lists no domain (an empty export)")
+  dim, dim_source = manifest.get("embedding_dim"), manifest_path
+  result = {}
+  for domain in (d for d in domains.NAMES if d in files):
+    parts = []
+    for name in files[domain]:
+      path = os.path.join(folder, name)
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (listed for {domain} in {manifest_path})")
+      part = _read_parquet_file(path, dim, dim_source)
+      if dim is None and len(part.ids):
+        dim, dim_source = part.values.shape[1], f"{path}, row 1"
+      if len(part.ids):
+        parts.append(part)
+    if parts:
+      result[domain] = _RawRows(
+          ids=np.concatenate([p.ids for p in parts]),
+          values=np.concatenate([p.values for p in parts]), extras=None,
+          product_ids=np.concatenate([p.product_ids for p in parts]),
+          where=np.concatenate([p.where for p in parts]))
+  if not result:
+    raise CompareInputError(f"{folder}: its export files hold no embedding")
+  return result
+
+
+def _read_parquet_file(path: str, dim: int | None, dim_source: str) -> _RawRows:
+  try:
+    table = pq.read_table(path, columns=["id", "product_id", "embedding"])
+  except (OSError, pa.ArrowInvalid, KeyError) as error:
+    raise CompareInputError(f"{path}: not an export Parquet file with columns id, "
+                            f"product_id, embedding ({error})") from None
+  ids = np.asarray(table.column("id").to_pylist(), object)
+  product_ids = np.asarray(table.column("product_id").to_pylist(), object)
+  column = table.column("embedding").combine_chunks()
+  lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+  where = np.array([f"{path}, row {i + 1}" for i in range(len(ids))], object)
+  for name, values in (("id", ids), ("product_id", product_ids)):
+    empty = [i for i, value in enumerate(values) if not value]
+    if empty:
+      raise CompareInputError(f"{where[empty[0]]}: empty or null {name}")
+  missing = np.flatnonzero(np.isnan(lengths.astype(np.float64)))
+  if missing.size:
+    raise CompareInputError(f"{where[missing[0]]} (id {ids[missing[0]]}): null embedding")
+  expected = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
+  wrong = np.flatnonzero(lengths != expected)
+  if wrong.size:
+    row = wrong[0]
+    raise CompareInputError(
+        f"{where[row]} (id {ids[row]}): {int(lengths[row])} embedding values, expected "
+        f"{expected} (as on {dim_source if dim is not None else where[0]})")
+  flat = column.flatten()
+  if flat.null_count:
+    raise CompareInputError(f"{path}: {flat.null_count} null embedding values")
+  values = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), expected)
+  bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+  if bad.size:
+    raise CompareInputError(f"{where[bad[0]]} (id {ids[bad[0]]}): an embedding value is "
+                            "not a finite number")
+  return _RawRows(ids, values, None, product_ids, where)
+
+
+def _deduplicate(domain: str, raw: _RawRows) -> tuple[np.ndarray, int, list[str]]:
+  """Rows to keep (first copy of each id), identical copies dropped, conflicts described."""
+  first: dict[str, int] = {}
+  keep, dropped, conflicts = [], 0, []
+  for row, item_id in enumerate(raw.ids):
+    original = first.setdefault(item_id, row)
+    if original == row:
+      keep.append(row)
+      continue
+    same = np.array_equal(raw.values[row], raw.values[original]) and (
+        raw.extras is None or np.array_equal(raw.extras[row], raw.extras[original]))
+    if same:
+      dropped += 1
+    else:
+      what = ("start/end times" if np.array_equal(raw.values[row], raw.values[original])
+              else "embeddings")
+      conflicts.append(f"{domain} {item_id} ({raw.where[original]} vs {raw.where[row]}: "
+                       f"different {what})")
+  return np.asarray(keep, np.int64), dropped, conflicts
+
+
+def read_side(label: str, folder: str, pairs: Mapping[str, Mapping[str, str]]) -> Side:
+  """Reads, deduplicates and maps to products one side (see the module docstring).
+
+  Args:
+    label: REFERENCE or CANDIDATE (for messages).
+    folder: the side's folder.
+    pairs: domain -> (item id -> product id) from the ROPE pair files.
+
+  Raises:
+    FileNotFoundError, CompareInputError, release_format.ReleaseFormatError, naming
+    the file (and line) at fault.
+  """
+  kind = detect_format(folder)
+  raw_by_domain = _read_release(folder) if kind == RELEASE else _read_export(folder)
+  dims = {raw.values.shape[1] for raw in raw_by_domain.values() if len(raw.ids)}
+  if not dims:
+    raise CompareInputError(f"{folder}: its {kind} files hold no embedding")
+  dim = dims.pop()
+
+  conflicts, summary, rows_by_domain = [], {}, {}
+  for domain, raw in raw_by_domain.items():
+    keep, dropped, domain_conflicts = _deduplicate(domain, raw)
+    conflicts += domain_conflicts
+    ids = raw.ids[keep]
+    products = np.array([pairs[domain].get(item_id) for item_id in ids], object)
+    paired = np.array([p is not None for p in products], bool)
+    if raw.product_ids is not None:
+      stated = raw.product_ids[keep]
+      differs = np.flatnonzero(paired & (stated != products))
+      if differs.size:
+        row = keep[differs[0]]
+        raise CompareInputError(
+            f"{raw.where[row]}: {domain} {ids[differs[0]]} belongs to product "
+            f"{stated[differs[0]]} in the export but to {products[differs[0]]} in the "
+            f"ROPE pair file ({differs.size} such ids): another dataset or split?")
+    unpaired = ids[~paired]
+    summary[domain] = {"rows_read": int(len(raw.ids)), "duplicates_dropped": dropped,
+                       "unique_ids": int(len(ids)), "unpaired_ids": int(unpaired.size),
+                       "unpaired_examples": [str(i) for i in unpaired[:EXAMPLES]]}
+    if paired.any():  # in id order: the metrics do not depend on how files were sharded
+      order = np.argsort(ids[paired], kind="stable")
+      rows_by_domain[domain] = DomainRows(
+          ids[paired][order], raw.values[keep][paired][order].astype(np.float32),
+          products[paired][order])
+  if conflicts:
+    raise CompareInputError(
+        f"{folder}: {len(conflicts)} {'id has' if len(conflicts) == 1 else 'ids have'} "
+        "copies that differ (the release's padded "
+        f"repeats are identical copies): " + "; ".join(conflicts[:EXAMPLES])
+        + ("; ..." if len(conflicts) > EXAMPLES else ""))
+  if not rows_by_domain:
+    total = sum(s["unique_ids"] for s in summary.values())
+    examples = [e for s in summary.values() for e in s["unpaired_examples"]][:EXAMPLES]
+    raise CompareInputError(
+        f"{folder}: none of its {total} ids is named by the ROPE pair files of this split "
+        f"(e.g. {', '.join(examples)}): another --split or --rope_dir?")
+  return Side(label, folder, kind, dim, rows_by_domain, summary)
+
+
+def read_pairs(rope_dir: str, split: str) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+  """domain -> (item id -> product id) of `split`; problems found per pair file."""
+  pairs, problems = {}, {}
+  for domain in domains.NAMES:
+    pairs[domain], found = rope_format.read_pairs(rope_dir, split, domain)
+    problems[domain] = len(found)
+  return pairs, problems
+
+
+# ----------------------------------------------------------------------------
+# Evaluating and comparing.
+
+
+def _eval_config(one_shot_draws: int) -> ml_collections.ConfigDict:
+  """`config.eval` for exact search (both sides ranked without an index's error)."""
+  return ml_collections.ConfigDict({
+      "search": "exact", "index": "scann", "index_min_gallery": 0,
+      "one_shot_draws": int(one_shot_draws)})
+
+
+def normalised(embeddings: np.ndarray, label: str, domain: str, ids: np.ndarray) -> np.ndarray:
+  """[N, D] -> float32 rows of unit L2 norm (computed in float64)."""
+  values = np.asarray(embeddings, np.float64)
+  norms = np.linalg.norm(values, axis=1, keepdims=True)
+  zero = np.flatnonzero(norms[:, 0] == 0)
+  if zero.size:
+    raise CompareInputError(f"{label}: {domain} {ids[zero[0]]} has an all-zero embedding")
+  return (values / norms).astype(np.float32)
+
+
+def _domain_embeddings(label: str, rows: Mapping[str, DomainRows]) -> dict[str, DomainEmbeddings]:
+  return {domain: DomainEmbeddings(domain, r.ids, r.product_ids,
+                                   normalised(r.embeddings, label, domain, r.ids))
+          for domain, r in rows.items()}
+
+
+def evaluate(embeddings: Mapping[str, DomainEmbeddings], one_shot_draws: int
+             ) -> tuple[dict[str, Any], dict[str, list[float]]]:
+  """The six directions' metrics (`directions.evaluate_directions`, exact) and the R@K
+  curve of each evaluated direction (K = 1..CURVE_MAX_K)."""
+  ks = tuple(range(1, CURVE_MAX_K + 1))
+  results = directions.evaluate_directions(embeddings, _eval_config(one_shot_draws), ks)
+  curves = {}
+  for name in domains.DIRECTION_NAMES:
+    entry = results[name]
+    if "skipped" in entry:
+      continue
+    curves[name] = [entry[f"R@{k}"] for k in ks]
+    for k in ks:
+      if k not in TABLE_KS:
+        del entry[f"R@{k}"]
+  return results, curves
+
+
+def differences(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict:
+  """direction -> metric -> candidate - reference (None where either is undefined)."""
+  result = {}
+  for name in domains.DIRECTION_NAMES:
+    ref, cand = reference.get(name, {}), candidate.get(name, {})
+    if "skipped" in ref or "skipped" in cand:
+      continue
+    result[name] = {key: (None if _undefined(ref.get(key)) or _undefined(cand.get(key))
+                          else float(cand[key]) - float(ref[key]))
+                    for key, _, _ in TABLE_METRICS}
+  return result
+
+
+def _undefined(value) -> bool:
+  return value is None or not math.isfinite(float(value))
+
+
+def cosine_statistics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+  """Per-row cosine of two [N, D] arrays (float64): count, rows identical bit for bit,
+  min, 1st percentile, median, mean."""
+  a = np.asarray(reference, np.float64)
+  b = np.asarray(candidate, np.float64)
+  cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+  identical = np.all(np.asarray(reference) == np.asarray(candidate), axis=1)
+  cosine = np.where(identical, 1.0, cosine)  # the same vector: 1 exactly, not 1 - 1 ulp
+  return {"count": int(cosine.size), "identical": int(identical.sum()),
+          "min": float(cosine.min()), "p1": float(np.percentile(cosine, 1)),
+          "median": float(np.median(cosine)), "mean": float(cosine.mean())}
+
+
+def topk_overlap(reference: Mapping[str, DomainEmbeddings],
+                 candidate: Mapping[str, DomainEmbeddings], k: int = OVERLAP_K) -> dict:
+  """direction -> overlap of the two sides' exact top-k gallery lists per query.
+
+  Both sides hold the same ids in the same order. Per query the overlap is
+  |top-k(reference) ∩ top-k(candidate)| / k' (k' = min(k, gallery size)); reported
+  as mean, min and the share of queries whose two lists hold the same items.
+  """
+  result = {}
+  for (query, gallery), name in zip(domains.DIRECTIONS, domains.DIRECTION_NAMES):
+    if query not in reference or gallery not in reference:
+      continue
+    width = min(k, len(reference[gallery]))
+    _, ref_top = exact.exact_search(reference[query].embeddings,
+                                    reference[gallery].embeddings, width)
+    _, cand_top = exact.exact_search(candidate[query].embeddings,
+                                     candidate[gallery].embeddings, width)
+    shared = (ref_top[:, :, None] == cand_top[:, None, :]).any(axis=2).sum(axis=1) / width
+    result[name] = {"k": width, "queries": int(shared.size), "mean": float(shared.mean()),
+                    "min": float(shared.min()), "same_items": float(np.mean(shared == 1.0))}
+  return result
+
+
+def compare(reference_dir: str, rope_dir: str, split: str, candidate_dir: str | None = None,
+            out_dir: str = DEFAULT_OUT, one_shot_draws: int = 5) -> dict[str, Any]:
+  """Reads, evaluates and compares; writes compare.json, compare.md and the plot.
+
+  Returns:
+    The dict written to compare.json (NaN and Inf written as null).
+  """
+  pairs, pair_problems = read_pairs(rope_dir, split)
+  sides = [read_side(REFERENCE, reference_dir, pairs)]
+  if candidate_dir:
+    sides.append(read_side(CANDIDATE, candidate_dir, pairs))
+
+  ids_report, evaluated = {}, {side.label: {} for side in sides}
+  for domain in domains.NAMES:
+    present = [side for side in sides if domain in side.domains]
+    if not present:
+      continue
+    if len(sides) == 1:
+      evaluated[REFERENCE][domain] = sides[0].domains[domain]
+      continue
+    reference_ids = sides[0].domains[domain].ids if domain in sides[0].domains else []
+    candidate_ids = sides[1].domains[domain].ids if domain in sides[1].domains else []
+    candidate_set, reference_set = set(candidate_ids), set(reference_ids)
+    both = [i for i in reference_ids if i in candidate_set]
+    only_reference = [i for i in reference_ids if i not in candidate_set]
+    only_candidate = [i for i in candidate_ids if i not in reference_set]
+    ids_report[domain] = {
+        REFERENCE: len(reference_ids), CANDIDATE: len(candidate_ids), "both": len(both),
+        "reference_only": len(only_reference), "candidate_only": len(only_candidate),
+        "reference_only_examples": [str(i) for i in only_reference[:EXAMPLES]],
+        "candidate_only_examples": [str(i) for i in only_candidate[:EXAMPLES]]}
+    if both:
+      for side in sides:
+        evaluated[side.label][domain] = side.domains[domain].select(both)
+
+  embeddings = {label: _domain_embeddings(label, rows) for label, rows in evaluated.items()}
+  metrics, curves = {}, {}
+  for label in embeddings:
+    metrics[label], curves[label] = evaluate(embeddings[label], one_shot_draws)
+
+  result: dict[str, Any] = {
+      "split": split, "rope_dir": rope_dir, "search": "exact",
+      "one_shot_draws": int(one_shot_draws),
+      "pair_file_problems": pair_problems,
+      "sides": {side.label: {"path": side.path, "format": side.format, "dim": side.dim,
+                             "domains": side.summary} for side in sides},
+      "evaluated_ids": {domain: len(rows) for domain, rows in evaluated[REFERENCE].items()},
+      "metrics": metrics,
+      "recall_at_k": {"ks": list(range(1, CURVE_MAX_K + 1)), **curves},
+  }
+  if candidate_dir:
+    reference, candidate = sides
+    result["ids"] = ids_report
+    result["differences"] = differences(metrics[REFERENCE], metrics[CANDIDATE])
+    if reference.dim != candidate.dim:
+      result["cosine"] = {"skipped": f"embedding dimensions differ: reference "
+                                     f"{reference.dim}, candidate {candidate.dim}"}
+    else:
+      cosine = {domain: cosine_statistics(evaluated[REFERENCE][domain].embeddings,
+                                          evaluated[CANDIDATE][domain].embeddings)
+                for domain in evaluated[REFERENCE]}
+      if cosine:
+        cosine["all"] = cosine_statistics(
+            np.concatenate([evaluated[REFERENCE][d].embeddings for d in cosine]),
+            np.concatenate([evaluated[CANDIDATE][d].embeddings for d in cosine]))
+      result["cosine"] = cosine
+    result["top10_overlap"] = topk_overlap(embeddings[REFERENCE], embeddings[CANDIDATE])
+
+  os.makedirs(out_dir, exist_ok=True)
+  result["files"] = {"json": JSON_FILE, "markdown": MARKDOWN_FILE, "plot": PLOT_FILE}
+  result = json_safe(result)
+  plot_recall_curves(result["recall_at_k"], os.path.join(out_dir, PLOT_FILE))
+  _write_text(os.path.join(out_dir, MARKDOWN_FILE), markdown(result))
+  _write_text(os.path.join(out_dir, JSON_FILE),
+              json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n")
+  return result
+
+
+def json_safe(value):
+  """`value` with NaN/Inf floats as None and NumPy scalars and arrays as Python values."""
+  if isinstance(value, Mapping):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  return value
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def _label(name: str) -> str:
+  return name.replace("_to_", " → ")
+
+
+def _value(value, percent: bool) -> str:
+  if _undefined(value):
+    return "–"
+  return f"{100 * value:.1f}" if percent else f"{value:g}"
+
+
+def _difference(value, percent: bool) -> str:
+  if _undefined(value):
+    return "–"
+  return f"{100 * value:+.1f}" if percent else f"{value:+g}"
+
+
+def _cell(text: str) -> str:
+  return str(text).replace("|", "\\|")
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+  """compare.md from the compare.json dict."""
+  sides = result["sides"]
+  has_candidate = CANDIDATE in sides
+  title = "reference vs candidate" if has_candidate else "reference"
+  out = [f"# Embedding comparison: {title}", "",
+         f"Split `{result['split']}` of `{result['rope_dir']}` (ids mapped to products by its "
+         f"pair files); exact search, pessimistic ties; one-shot accuracy over "
+         f"{result['one_shot_draws']} draws. Percentages; a difference is candidate minus "
+         "reference, in points.", "", "## Inputs", "",
+         "| side | folder | format | dim | " + " | ".join(domains.NAMES) + " |",
+         "|---|---|---|---:|" + "---:|" * len(domains.NAMES)]
+  for label, side in sides.items():
+    cells = []
+    for domain in domains.NAMES:
+      entry = side["domains"].get(domain)
+      cells.append("–" if entry is None else
+                   f"{entry['unique_ids']} ids ({entry['duplicates_dropped']} repeats dropped, "
+                   f"{entry['unpaired_ids']} unpaired)")
+    out.append(f"| {label} | `{_cell(side['path'])}` | {side['format']} | {side['dim']} | "
+               + " | ".join(cells) + " |")
+  unpaired = [f"{label} {domain}: {', '.join(entry['unpaired_examples'])}"
+              for label, side in sides.items() for domain, entry in side["domains"].items()
+              if entry["unpaired_examples"]]
+  if unpaired:
+    out += ["", "Ids no pair file names (left out), e.g. " + "; ".join(unpaired) + "."]
+
+  if has_candidate:
+    out += ["", "## Ids", "", "Both sides are evaluated on the ids they both embed.", "",
+            "| domain | reference | candidate | both | reference only | candidate only |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for domain, entry in result["ids"].items():
+      out.append(f"| {domain} | {entry[REFERENCE]} | {entry[CANDIDATE]} | {entry['both']} | "
+                 f"{entry['reference_only']} | {entry['candidate_only']} |")
+    for domain, entry in result["ids"].items():
+      for label in (REFERENCE, CANDIDATE):
+        if entry[f"{label}_only_examples"]:
+          out.append(f"\nOnly in the {label}, {domain}: "
+                     f"{', '.join(entry[f'{label}_only_examples'])}"
+                     + (", ..." if entry[f"{label}_only"] > EXAMPLES else ""))
+
+  out += ["", "## Retrieval metrics", ""]
+  metrics = result["metrics"]
+  if has_candidate:
+    out += ["Each cell: reference / candidate (difference).", "",
+            "| direction | " + " | ".join(t for _, t, _ in TABLE_METRICS) + " |",
+            "|---|" + "---:|" * len(TABLE_METRICS)]
+  else:
+    out += ["| direction | " + " | ".join(t for _, t, _ in TABLE_METRICS) + " |",
+            "|---|" + "---:|" * len(TABLE_METRICS)]
+  for name in domains.DIRECTION_NAMES:
+    reference = metrics[REFERENCE].get(name, {})
+    if "skipped" in reference:
+      out.append(f"| {_label(name)} | skipped: {_cell(reference['skipped'])} |"
+                 + " |" * (len(TABLE_METRICS) - 1))
+      continue
+    cells = []
+    for key, _, percent in TABLE_METRICS:
+      if has_candidate:
+        candidate = metrics[CANDIDATE][name]
+        difference = result["differences"][name][key]
+        cells.append(f"{_value(reference.get(key), percent)} / "
+                     f"{_value(candidate.get(key), percent)} "
+                     f"({_difference(difference, percent)})")
+      else:
+        cells.append(_value(reference.get(key), percent))
+    out.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+
+  if has_candidate:
+    out += ["", "## Agreement item by item", "", "### Cosine between the two embeddings of "
+            "each id", ""]
+    cosine = result["cosine"]
+    if "skipped" in cosine:
+      out.append(f"Not computed: {cosine['skipped']}.")
+    else:
+      out += ["| domain | ids | identical bit for bit | min | 1st percentile | median |",
+              "|---|---:|---:|---:|---:|---:|"]
+      for domain, entry in cosine.items():
+        out.append(f"| {domain} | {entry['count']} | {entry['identical']} | "
+                   f"{entry['min']:.6f} | {entry['p1']:.6f} | {entry['median']:.6f} |")
+    out += ["", f"### Top-{OVERLAP_K} overlap", "",
+            f"Per query, the share of the reference's top-{OVERLAP_K} gallery items that "
+            f"the candidate's top-{OVERLAP_K} also holds (exact search).", "",
+            "| direction | queries | mean | min | queries with the same items |",
+            "|---|---:|---:|---:|---:|"]
+    for name, entry in result["top10_overlap"].items():
+      out.append(f"| {_label(name)} | {entry['queries']} | {entry['mean']:.3f} | "
+                 f"{entry['min']:.3f} | {100 * entry['same_items']:.1f}% |")
+  out += ["", f"![R@K per direction]({PLOT_FILE})", ""]
+  return "\n".join(out)
+
+
+def plot_recall_curves(curves: Mapping[str, Any], path: str) -> None:
+  """One panel per direction: R@K (%) against K, a line per side."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  ks = np.asarray(curves["ks"])
+  columns = 3
+  rows = -(-len(domains.DIRECTION_NAMES) // columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+  styles = {REFERENCE: {"color": "tab:blue", "linestyle": "-"},
+            CANDIDATE: {"color": "tab:orange", "linestyle": "--"}}
+  try:
+    for panel, name in zip(axes.flat, domains.DIRECTION_NAMES):
+      plotted = False
+      for label in (REFERENCE, CANDIDATE):
+        values = curves.get(label, {}).get(name)
+        if values is None:
+          continue
+        panel.plot(ks, [np.nan if v is None else 100 * v for v in values], label=label,
+                   **styles[label])
+        plotted = True
+      panel.set_title(_label(name))
+      panel.set_xlabel("K")
+      panel.set_ylabel("R@K (%)")
+      panel.set_ylim(0, 100)
+      panel.grid(alpha=0.3)
+      if plotted:
+        panel.legend(loc="lower right", fontsize="small")
+      else:
+        panel.text(0.5, 0.5, "not evaluated", ha="center", va="center",
+                   transform=panel.transAxes)
+    figure.suptitle("Recall at K, exact search")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+  finally:
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m cope_jax.compare",
+      description="Evaluate one run's embeddings, or compare two runs' (the release's "
+                  "infer.py output or a cope_jax.export folder), on one ROPE split.")
+  parser.add_argument("--reference", required=True,
+                      help="folder of the reference embeddings (release format or export)")
+  parser.add_argument("--candidate", default=None,
+                      help="folder of the embeddings compared with the reference")
+  parser.add_argument("--rope_dir", required=True,
+                      help="ROPE folder whose pair files map ids to products")
+  parser.add_argument("--split", default="test", help="ROPE split of the ids (default test)")
+  parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default ./compare)")
+  parser.add_argument("--one_shot_draws", type=int, default=5,
+                      help="prototype draws of the one-shot accuracy (default 5)")
+  args = parser.parse_args(argv)
+  try:
+    result = compare(args.reference, args.rope_dir, args.split, args.candidate, args.out,
+                     args.one_shot_draws)
+  except (CompareInputError, release_format.ReleaseFormatError, FileNotFoundError) as error:
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 1
+  report = markdown(result)
+  start = report.index("## Retrieval metrics")
+  end = report.find("\n## ", start + 1)
+  print(report[start:end if end >= 0 else None].strip())
+  print(f"\nwrote {os.path.join(args.out, JSON_FILE)}, {MARKDOWN_FILE} and {PLOT_FILE}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
