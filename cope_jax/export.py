@@ -62,7 +62,7 @@ from cope_jax.search import index as search_index
 from data_pipelines import domains
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT_VERSION = 2  # 2: index folders hold index.json (kind, parameters)
+MANIFEST_FORMAT_VERSION = 3  # 2: index folders hold index.json; 3: the config itself
 INDEX_DIR = "index"
 PREPARED_DIR = "prepared"
 ROW_GROUP_ROWS = 8192  # rows per Parquet row group (batches are buffered up to this)
@@ -182,43 +182,92 @@ def read_parquet(paths: Sequence[str], domain: str,
 # Manifest.
 
 
-def read_manifest(out_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(out_dir, MANIFEST_FILE)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: not a valid export manifest ({error})") from error
+@dataclasses.dataclass
+class DomainExport:
+  """One domain of an export: its Parquet files, in row order, and its index."""
+  count: int  # rows over all files
+  files: list[dict[str, Any]]  # [{"file": name, "rows": n}], one per process, in order
+  index: str = ""  # the index folder, relative to the export ("" for --format release)
+  index_complete: bool = False
+  index_kind: str | None = None
+  index_parameters: dict[str, Any] | None = None
+  index_tuning: dict[str, Any] | None = None
+
+  def file_complete(self, out_dir: str, name: str) -> bool:
+    """Whether file `name` is listed here and holds the listed number of rows."""
+    listed = {f["file"]: f["rows"] for f in self.files}
+    path = os.path.join(out_dir, name)
+    if name not in listed or not os.path.exists(path):
+      return False
+    try:
+      return pq.ParquetFile(path).metadata.num_rows == listed[name]
+    except (OSError, pa.ArrowInvalid):
+      return False
 
 
-def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
-  """Writes the manifest atomically (temporary file, then rename)."""
-  result_files.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+@dataclasses.dataclass
+class Manifest:
+  """`OUT/manifest.json`: what an export holds and which model made it."""
+  config_hash: str
+  embedding_dim: int
+  split: str
+  config: dict[str, Any]  # the config as given (the one hashed), to name differences
+  checkpoint_step: int | None = None
+  checkpoint: str = ""
+  prepared_dir: str = ""
+  process_count: int = 1
+  columns: list[str] = dataclasses.field(default_factory=lambda: list(PARQUET_SCHEMA.names))
+  domains: dict[str, DomainExport] = dataclasses.field(default_factory=dict)
+  format_version: int = MANIFEST_FORMAT_VERSION
 
+  # Fields that must agree for --resume to keep an earlier export's files.
+  IDENTITY = ("config_hash", "embedding_dim", "split", "checkpoint_step")
 
-def _parquet_complete(out_dir: str, entry: Mapping[str, Any] | None, name: str) -> bool:
-  """Whether file `name` is listed in the domain's manifest entry with its row count."""
-  listed = {f["file"]: f["rows"] for f in (entry or {}).get("files", [])}
-  path = os.path.join(out_dir, name)
-  if name not in listed or not os.path.exists(path):
-    return False
-  try:
-    return pq.ParquetFile(path).metadata.num_rows == listed[name]
-  except (OSError, pa.ArrowInvalid):
-    return False
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
+  @classmethod
+  def from_json(cls, fields: Mapping[str, Any], path: str) -> Manifest:
+    try:
+      fields = dict(fields)
+      domain_entries = {name: DomainExport(**entry)
+                        for name, entry in fields.pop("domains", {}).items()}
+      return cls(**fields, domains=domain_entries)
+    except TypeError as error:
+      raise ValueError(f"{path}: not an export manifest of this version ({error}); "
+                       "re-export") from error
 
-def _check_resumable(manifest: Mapping[str, Any], out_dir: str, expected: Mapping[str, Any]):
-  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+  def write(self, out_dir: str) -> None:
+    """Writes `OUT/manifest.json` atomically (strict JSON)."""
+    result_files.write_json(os.path.join(out_dir, MANIFEST_FILE), self.to_json())
 
-  for key, value in expected.items():
-    if key != "config" and manifest.get(key) != value:
-      detail = f"manifest: {manifest.get(key)!r}, this run: {value!r}"
-      if key == "config_hash" and "config" in manifest and "config" in expected:
+  @classmethod
+  def read(cls, out_dir: str) -> Manifest | None:
+    """The manifest of `out_dir`, or None when there is none."""
+    path = os.path.join(out_dir, MANIFEST_FILE)
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path, encoding="utf-8") as f:
+        fields = json.load(f)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{path}: not a valid export manifest ({error})") from error
+    if fields.get("format_version") != MANIFEST_FORMAT_VERSION:
+      raise ValueError(f"{path}: manifest format {fields.get('format_version')}, this code "
+                       f"reads {MANIFEST_FORMAT_VERSION}; re-export")
+    return cls.from_json(fields, path)
+
+  def check_same_run(self, other: Manifest, out_dir: str) -> None:
+    """ExportMismatchError naming the first identity field where `other` differs (and,
+    for the config, which fields differ)."""
+    for key in self.IDENTITY:
+      mine, theirs = getattr(self, key), getattr(other, key)
+      if mine is None or theirs is None or mine == theirs:
+        continue
+      detail = f"manifest: {mine!r}, this run: {theirs!r}"
+      if key == "config_hash":
         detail = "fields that differ, manifest -> this run: " + "; ".join(
-            config_checks.config_differences(manifest["config"], expected["config"]))
+            config_checks.config_differences(self.config, other.config))
       raise ExportMismatchError(
           f"{os.path.join(out_dir, MANIFEST_FILE)}: --resume with a different {key} "
           f"({detail}); use a new --out folder or remove the old export")
@@ -230,7 +279,7 @@ def _check_resumable(manifest: Mapping[str, Any], out_dir: str, expected: Mappin
 
 def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                       split: str | None = None, rope_dir: str | None = None,
-                      resume: bool = False, output_format: str = "parquet") -> dict[str, Any]:
+                      resume: bool = False, output_format: str = "parquet") -> Manifest:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
   Args:
@@ -268,49 +317,42 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   config_checks.check_split(config.data.prepared_dir, split, split_field)  # before any output
   config = config_checks.resolve_vocab_size(config)
 
-  identity = {"config_hash": model_hash, "embedding_dim": int(config.model.emb_dim),
-              "split": split, "config": model_config}
-  previous = read_manifest(out_dir) if resume else None
+  manifest = Manifest(config_hash=model_hash, embedding_dim=int(config.model.emb_dim),
+                      split=split, config=model_config,
+                      prepared_dir=config.data.prepared_dir, process_count=process_count)
+  previous = Manifest.read(out_dir) if resume else None
   if previous is not None:
-    _check_resumable(previous, out_dir, identity)  # before the (slow) model load
+    previous.check_same_run(manifest, out_dir)  # before the (slow) model load
 
   mesh = sharding.make_mesh(config.mesh)
   model_params, step, source = state.load_model_params(config, workdir, mesh)
-  identity["checkpoint_step"] = int(step)
+  manifest.checkpoint_step, manifest.checkpoint = int(step), source
   if output_format == "release":
-    return _export_release(config, model_params, mesh, split, out_dir,
-                           {"format": "release", **identity, "checkpoint": source,
-                            "prepared_dir": config.data.prepared_dir,
-                            "process_count": process_count, "domains": {}})
+    return _export_release(config, model_params, mesh, split, out_dir, manifest)
   if previous is not None:
-    _check_resumable(previous, out_dir, identity)
+    previous.check_same_run(manifest, out_dir)
+    manifest.domains = dict(previous.domains)
   elif process_index == 0 and os.path.exists(os.path.join(out_dir, MANIFEST_FILE)):
     os.remove(os.path.join(out_dir, MANIFEST_FILE))  # it would describe files replaced now
-  manifest: dict[str, Any] = {
-      "format_version": MANIFEST_FORMAT_VERSION, **identity, "checkpoint": source,
-      "prepared_dir": config.data.prepared_dir, "process_count": process_count,
-      "columns": PARQUET_SCHEMA.names, "domains": {}}
-  if previous is not None:
-    manifest["domains"] = dict(previous.get("domains", {}))
 
   model = state.build_model(config)
   for domain in domains.NAMES:
     if not _has_records(config.data.prepared_dir, split, domain):
       logging.warning("split %r has no %s records: nothing exported for it", split, domain)
-      manifest["domains"].pop(domain, None)
+      manifest.domains.pop(domain, None)
       continue
-    manifest["domains"][domain] = _export_domain(
+    manifest.domains[domain] = _export_domain(
         config, model, model_params, mesh, domain, split, out_dir,
-        manifest["domains"].get(domain) if resume else None)
+        manifest.domains.get(domain) if resume else None)
     if process_index == 0:
-      write_manifest(out_dir, manifest)
+      manifest.write(out_dir)
   if process_index == 0:
-    write_manifest(out_dir, manifest)
+    manifest.write(out_dir)
   return manifest
 
 
 def _export_release(config, model_params, mesh, split: str, out_dir: str,
-                    summary: dict[str, Any]) -> dict[str, Any]:
+                    summary: Manifest) -> Manifest:
   """Writes this process's `{rank}_{release name}` file of every domain with records."""
   from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top
   from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
@@ -338,10 +380,10 @@ def _export_release(config, model_params, mesh, split: str, out_dir: str,
                    config, model, model_params, domain, mesh, split))
     rows = release_format.write_embeddings(out_dir, domain, process_index, batches, times)
     counts = _gather_counts(rows)
-    summary["domains"][domain] = {
-        "count": sum(counts),
-        "files": [{"file": release_format.file_name(p, domain), "rows": count}
-                  for p, count in enumerate(counts)]}
+    summary.domains[domain] = DomainExport(
+        count=sum(counts),
+        files=[{"file": release_format.file_name(p, domain), "rows": count}
+               for p, count in enumerate(counts)])
   return summary
 
 
@@ -372,21 +414,21 @@ def _with_prepared_data(config: ml_collections.ConfigDict, rope_dir: str,
 
 
 def _export_domain(config, model, model_params, mesh, domain: str, split: str, out_dir: str,
-                   previous_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+                   previous_entry: DomainExport | None) -> DomainExport:
   """Writes this process's Parquet file and (process 0) the index of one domain."""
   process_index, process_count = jax.process_index(), jax.process_count()
   names = [parquet_name(domain, p, process_count) for p in range(process_count)]
   own_name = names[process_index]
   own_path = os.path.join(out_dir, own_name)
   index_dir = os.path.join(out_dir, INDEX_DIR, domain)
-  all_complete = all(_parquet_complete(out_dir, previous_entry, name) for name in names)
-  index_complete = (all_complete and previous_entry.get("index_complete", False)
-                    and os.path.isfile(os.path.join(index_dir, search_index.INDEX_FILE)))
-  if index_complete:
+  all_complete = previous_entry is not None and all(
+      previous_entry.file_complete(out_dir, name) for name in names)
+  if (all_complete and previous_entry.index_complete
+      and os.path.isfile(os.path.join(index_dir, search_index.INDEX_FILE))):
     logging.info("export %s: complete in the manifest, kept", domain)
-    return dict(previous_entry)
+    return previous_entry
 
-  if _parquet_complete(out_dir, previous_entry, own_name):
+  if previous_entry is not None and previous_entry.file_complete(out_dir, own_name):
     logging.info("export %s: %s complete, read back", domain, own_name)
     local = read_parquet([own_path], domain)
   else:
@@ -394,12 +436,12 @@ def _export_domain(config, model, model_params, mesh, domain: str, split: str, o
     local = write_parquet(own_path, domain, batches, int(config.model.emb_dim))
   gathered = embed.gather_to_all(local)
   counts = _gather_counts(len(local))
-  entry = {"count": len(gathered),
-           "files": [{"file": name, "rows": rows} for name, rows in zip(names, counts)],
-           "index": f"{INDEX_DIR}/{domain}", "index_complete": False}
+  entry = DomainExport(count=len(gathered),
+                       files=[{"file": name, "rows": rows} for name, rows in zip(names, counts)],
+                       index=f"{INDEX_DIR}/{domain}")
   if process_index == 0 and len(gathered):
-    entry.update(_write_index(gathered.embeddings, index_dir, config.eval))
-    entry["index_complete"] = True
+    entry = dataclasses.replace(entry, index_complete=True,
+                                **_write_index(gathered.embeddings, index_dir, config.eval))
   return entry
 
 
@@ -441,7 +483,7 @@ class ExportedIndex:
   index: Any
   ids: np.ndarray  # [N] str
   product_ids: np.ndarray  # [N] str
-  manifest: dict[str, Any]
+  manifest: Manifest
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """queries [Q, D] -> scores [Q, k] float32, indices [Q, k] int32 (-1: none)."""
@@ -464,28 +506,28 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
     ExportMismatchError: the config hash or the dimension differs.
   """
   manifest_path = os.path.join(out_dir, MANIFEST_FILE)
-  manifest = read_manifest(out_dir)
+  manifest = Manifest.read(out_dir)
   if manifest is None:
     raise FileNotFoundError(f"{manifest_path}: no export manifest (run cope_jax.export)")
-  if config_hash is not None and manifest.get("config_hash") != config_hash:
+  if config_hash is not None and manifest.config_hash != config_hash:
     raise ExportMismatchError(
         f"{manifest_path}: the index was exported from another model (config hash "
-        f"{manifest.get('config_hash')}, expected {config_hash}); re-export with this "
+        f"{manifest.config_hash}, expected {config_hash}); re-export with this "
         "model's config")
-  if dim is not None and manifest.get("embedding_dim") != dim:
+  if dim is not None and manifest.embedding_dim != dim:
     raise ExportMismatchError(
-        f"{manifest_path}: the index holds {manifest.get('embedding_dim')}-dimensional "
+        f"{manifest_path}: the index holds {manifest.embedding_dim}-dimensional "
         f"embeddings, expected {dim}")
-  entry = manifest.get("domains", {}).get(domain)
-  if not entry or not entry.get("index_complete"):
+  entry = manifest.domains.get(domain)
+  if entry is None or not entry.index_complete:
     raise FileNotFoundError(f"{manifest_path}: no complete {domain!r} index in this export "
-                            f"(domains: {sorted(manifest.get('domains', {}))})")
-  rows = read_parquet([os.path.join(out_dir, f["file"]) for f in entry["files"]], domain,
+                            f"(domains: {sorted(manifest.domains)})")
+  rows = read_parquet([os.path.join(out_dir, f["file"]) for f in entry.files], domain,
                       with_embeddings=False)
-  if len(rows) != entry["count"]:
-    raise ValueError(f"{manifest_path}: {domain} lists {entry['count']} rows but its "
+  if len(rows) != entry.count:
+    raise ValueError(f"{manifest_path}: {domain} lists {entry.count} rows but its "
                      f"Parquet files hold {len(rows)}")
-  index = search_index.load_index(os.path.join(out_dir, entry["index"]))
+  index = search_index.load_index(os.path.join(out_dir, entry.index))
   return ExportedIndex(domain=domain, index=index, ids=rows.ids,
                        product_ids=rows.product_ids, manifest=manifest)
 
@@ -502,9 +544,9 @@ def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
                                rope_dir=flag_values.rope_dir or None, resume=flag_values.resume,
                                output_format=flag_values.format)
   if jax.process_index() == 0:
-    counts = ", ".join(f"{d}: {e['count']}" for d, e in manifest["domains"].items())
+    counts = ", ".join(f"{d}: {e.count}" for d, e in manifest.domains.items())
     layout = " in the release's format" if flag_values.format == "release" else ""
-    print(f"exported checkpoint step {manifest['checkpoint_step']} ({counts}) to "
+    print(f"exported checkpoint step {manifest.checkpoint_step} ({counts}) to "
           f"{flag_values.out}{layout}")
 
 

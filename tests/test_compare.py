@@ -21,6 +21,7 @@ import pytest
 
 from cope_jax import compare
 from cope_jax import export
+from cope_jax import result_files
 from cope_jax import release_format
 from cope_jax.search import metrics as search_metrics
 from data_pipelines import domains
@@ -130,7 +131,7 @@ def write_export_folder(folder, data):
     pq.write_table(table, os.path.join(folder, name))
     manifest["domains"][domain] = {"count": len(entry["ids"]),
                                    "files": [{"file": name, "rows": len(entry["ids"])}]}
-  export.write_manifest(str(folder), manifest)
+  result_files.write_json(os.path.join(folder, export.MANIFEST_FILE), manifest)
   return str(folder)
 
 

@@ -193,7 +193,7 @@ def test_resume_keeps_complete_files_and_redoes_missing_ones(exported, tiny_rope
 
   resumed = export.export_embeddings(config, workdir, out_dir, rope_dir=tiny_rope_dir,
                                      split="test", resume=True)
-  assert resumed["domains"] == manifest["domains"]
+  assert resumed.to_json()["domains"] == manifest["domains"]
   for name, before in kept.items():
     assert stamp(name) == before, f"{name} was rewritten"
   for domain, before in kept_indices.items():
@@ -234,7 +234,9 @@ def exported_release(exported, tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("export_release") / "out")
   summary = export.export_embeddings(_prepared_config(exported), exported[2], out_dir,
                                      split="test", output_format="release")
-  assert summary["format"] == "release" and set(summary["domains"]) == set(domains.NAMES)
+  assert set(summary.domains) == set(domains.NAMES)
+  assert not any(entry.index for entry in summary.domains.values())  # no index, no manifest
+  assert not os.path.exists(os.path.join(out_dir, export.MANIFEST_FILE))
   return out_dir
 
 

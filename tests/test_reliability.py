@@ -309,7 +309,7 @@ def exported(trained, tiny_prepared_dir, tiny_rope_dir, tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("export") / "out")
   config = _config(tiny_prepared_dir, tiny_rope_dir)
   manifest = export.export_embeddings(config, trained, out_dir, split="test")
-  assert manifest["domains"]
+  assert manifest.domains
   return out_dir
 
 
