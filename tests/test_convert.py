@@ -61,6 +61,9 @@ def make_batch(config, seed=0):
   for domain in ("video", "live"):
     batch[f"{domain}_frames"] = rng.integers(0, 256, (BATCH, frames, side, side, 3),
                                              dtype=np.uint8)
+    # ASR tokens too: the converted clip heads' text projections are checked as well.
+    batch[f"{domain}_asr_ids"] = batch["page_title_ids"][::-1].copy()
+    batch[f"{domain}_asr_mask"] = mask[::-1].copy()
   return batch
 
 
