@@ -43,6 +43,12 @@ def get_config():
   model.dtype = "float32"  # compute dtype: float32 | bfloat16
   model.param_dtype = "float32"
   model.remat = False  # rematerialise each transformer block in the backward pass
+  # What a rematerialised block keeps from its forward pass: a jax.checkpoint_policies
+  # name (nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable | ...).
+  model.remat_policy = "nothing_saveable"
+  # Attention kernel: "xla" (any backend), "cudnn" (flash attention; NVIDIA GPU with
+  # bfloat16/float16 compute) or "auto" (cudnn where it can run, else xla).
+  model.attention = "xla"
   model.use_asr_text = False  # extension: fuse ASR text into the video/live heads
   model.vision = vision = ml_collections.ConfigDict()
   vision.image_size = data.get_ref("image_size")
