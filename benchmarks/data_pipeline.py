@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
   if measurements:
     print()
     _print_table(measurements, speedups)
-    if gpu:
+    if gpu and "paper" in shapes:
       frames_needed = gpu["examples_per_second_per_device"] * 17
       for m in measurements:
         if m.shape == "paper":

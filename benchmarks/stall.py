@@ -38,7 +38,8 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from configs import rope_vitb16  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import data_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import rope_vitb16
 from configs import synthetic_tiny
 from cope_jax import sharding
 from cope_jax import train
@@ -47,7 +48,7 @@ from data_pipelines import synthetic
 
 
 def make_config(shape: str, data_dir: str, prepared_dir: str, steps: int, log_every: int,
-                augment_on: str, canvas_size: int, batch_size: int):
+                augment_on: str, canvas_size: int, batch_size: int, attention: str = ""):
   if shape == "demo":
     config = synthetic_tiny.get_config()
   else:
@@ -61,9 +62,13 @@ def make_config(shape: str, data_dir: str, prepared_dir: str, steps: int, log_ev
   config.data.prepared_dir = prepared_dir
   config.data.vocab_path = os.path.join(data_dir, "vocab.txt")
   config.data.augment_on = augment_on
+  if attention:
+    config.model.attention = attention
   if canvas_size:
     config.data.canvas_size = canvas_size
   config.train.num_steps = steps
+  if not config.optim.decay_steps:  # the cosine ends with the run: keep a warm-up below it
+    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 2)
   config.train.log_every = log_every
   config.train.checkpoint_every = 10 ** 9
   config.train.eval_every = 0
@@ -109,12 +114,19 @@ def in_memory_loop(run, state, steps: int) -> dict:
           "examples_per_second": steps * run.config.train.batch_size / seconds}
 
 
-def _data(root: str, shape: str, jpeg_side: int, products: int) -> tuple[str, str]:
+def _data(root: str, shape: str, jpeg_side: int, products: int | None, realistic: bool,
+          max_image_side: int) -> tuple[str, str]:
+  """Generates (and prepares) the synthetic data; `realistic`: real ROPE image sizes."""
   rope_dir, prepared_dir = os.path.join(root, "rope"), os.path.join(root, "prepared")
-  kwargs = {} if shape == "demo" else {"products": products, "test_products": 4,
-                                       "frames_per_clip": 8, "image_size": jpeg_side}
+  kwargs = {} if shape == "demo" else {"test_products": 4, "frames_per_clip": 8,
+                                       "image_size": jpeg_side}
+  if products:
+    kwargs["products"] = products
   synthetic.generate(rope_dir, seed=0, **kwargs)
-  prepare.prepare(rope_dir, prepared_dir, progress=False, log=lambda line: None)
+  if realistic:
+    data_pipeline.make_realistic(rope_dir)
+  prepare.prepare(rope_dir, prepared_dir, progress=False, log=lambda line: None,
+                  max_image_side=max_image_side)
   return rope_dir, prepared_dir
 
 
@@ -127,11 +139,19 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--log_every", type=int, default=50)
   parser.add_argument("--batch_size", type=int, default=0, help="0: the config's")
+  parser.add_argument("--attention", default="", help="config.model.attention (default: "
+                      "the config's)")
   parser.add_argument("--rope_dir", default="")
   parser.add_argument("--prepared_dir", default="")
   parser.add_argument("--jpeg_side", type=int, default=256,
                       help="side of the generated JPEGs for --shape paper")
-  parser.add_argument("--products", type=int, default=60)
+  parser.add_argument("--products", type=int, default=0,
+                      help="training products (0: 240 for demo, the generator's default)")
+  parser.add_argument("--realistic", action="store_true",
+                      help="re-encode the images at real ROPE sizes (720 x 1280 frames, "
+                           "800 x 800 pages; benchmarks/data_pipeline.py)")
+  parser.add_argument("--max_image_side", type=int, default=0,
+                      help="prepare --max_image_side (frames stored pre-resized; 0: no)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   os.environ.setdefault("TQDM_DISABLE", "1")  # the Logger's progress bar
@@ -141,10 +161,11 @@ def main(argv=None):
     if args.prepared_dir:
       rope_dir, prepared_dir = args.rope_dir, args.prepared_dir
     else:
-      rope_dir, prepared_dir = _data(root, args.shape, args.jpeg_side, args.products)
+      rope_dir, prepared_dir = _data(root, args.shape, args.jpeg_side, args.products,
+                                     args.realistic, args.max_image_side)
     for augment_on in args.augment_on.split(","):
       config = make_config(args.shape, rope_dir, prepared_dir, args.steps, args.log_every,
-                           augment_on, args.canvas_size, args.batch_size)
+                           augment_on, args.canvas_size, args.batch_size, args.attention)
       workdir = os.path.join(root, f"run_{augment_on}")
       real, run, state = real_loop(config, workdir)
       memory = in_memory_loop(run, state, args.steps)
@@ -177,6 +198,8 @@ def main(argv=None):
                "cpus": os.cpu_count(), "platform": platform.platform(),
                "load_average_1min_at_end": round(os.getloadavg()[0], 2),
                "shape": args.shape, "steps": args.steps, "log_every": args.log_every,
+               "data": {"realistic": args.realistic, "max_image_side": args.max_image_side,
+                        "jpeg_side": args.jpeg_side, "products": args.products},
                "rows": rows}, f, indent=1)
   print(f"wrote {out}")
 

@@ -316,6 +316,16 @@ def main(argv=None):
 
   backend = jax.default_backend()
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
+  device = jax.devices()[0].device_kind
+  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
+                                 f"train_step_{backend}_{'_'.join(args.shapes.split(','))}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+
+  def write(rows):  # after every row, so that a run stopped part-way keeps its rows
+    with open(out, "w") as f:
+      json.dump({"device": device, "backend": backend, "jax_version": jax.__version__,
+                 "steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=2)
+
   settings = [(remat, attention, augment_on) for attention in args.attention.split(",")
               for remat in args.remat.split(",") for augment_on in args.augment_on.split(",")]
   rows = []
@@ -348,6 +358,7 @@ def main(argv=None):
             row["jax_over_torch"] = (row["jax"]["examples_per_second"]
                                      / torch_result["examples_per_second"])
         rows.append(row)
+        write(rows)
         print(json.dumps(row), flush=True)
       batch_size = max(sizes) if sizes else 8
       while find_max and largest == batch_size and batch_size * 2 <= args.max_batch_limit:
@@ -363,9 +374,9 @@ def main(argv=None):
         largest = batch_size
         row["largest_batch_search"] = True
         rows.append(row)
+        write(rows)
         print(json.dumps(row), flush=True)
 
-  device = jax.devices()[0].device_kind
   print(f"\ntrain step on {device} ({backend}), {args.steps} timed steps after {args.warmup}")
   print(f"{'shape':6} {'batch':>5} {'attention':>9} {'remat':>17} {'augment':>7} "
         f"{'JAX ex/s':>9} {'MFU':>6} {'torch ex/s':>10} {'ratio':>6}")
@@ -381,12 +392,7 @@ def main(argv=None):
           f"{f'{ratio:.2f}' if ratio else '-':>6}")
     for part in jax_result.get("profile_top_ops", {}).get("by_model_part", [])[:8]:
       print(f"    {part['share']:6.1%}  {part['part'][:100]}")
-  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
-                                 f"train_step_{backend}_{'_'.join(args.shapes.split(','))}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"device": device, "backend": backend, "jax_version": jax.__version__,
-               "steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=2)
+  write(rows)
   print(f"wrote {out}")
 
 
