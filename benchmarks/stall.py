@@ -37,6 +37,7 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+os.environ.setdefault("TQDM_DISABLE", "1")  # the Logger's progress bar (read at import)
 
 from benchmarks import data_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import rope_vitb16
@@ -154,7 +155,6 @@ def main(argv=None):
                       help="prepare --max_image_side (frames stored pre-resized; 0: no)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
-  os.environ.setdefault("TQDM_DISABLE", "1")  # the Logger's progress bar
 
   rows = []
   with tempfile.TemporaryDirectory(prefix="cope_stall_") as root:
