@@ -4,17 +4,19 @@
 #   bash benchmarks/accelerator.sh             # on a machine with one NVIDIA GPU
 #   bash benchmarks/accelerator.sh --dry-run   # anywhere (CPU): tiny shapes, a step or two
 #
-# Parts, each under its own time limit inside the total (ACCELERATOR_SECONDS, default
-# 450), each guarded so that a failure or a timeout loses only its own figures:
+# Parts, in this order, each under its own time limit inside the total
+# (ACCELERATOR_SECONDS, default 465 s), each guarded so that a failure or a timeout
+# loses only its own figures (the train-step benchmark writes its JSON after each row):
 #   1. attention   cuDNN flash attention vs XLA in bfloat16, to 2e-2 (tests/test_models.py)
 #   2. step_b8     train step at the paper's shape, batch 8 per device: JAX (XLA and
 #                  cuDNN attention) vs the PyTorch reference with fp16 AMP, same run
-#   3. step_best   cuDNN attention, remat none vs dots_saveable, batch 32 and the
-#                  largest batch that fits (doubling); torch at batch 32
-#   4. pipeline    the input pipeline at the paper's shape on realistic JPEGs (720 x 1280
+#   3. pipeline    the input pipeline at the paper's shape on realistic JPEGs (720 x 1280
 #                  frames, 800 x 800 pages, q90), as released and stored pre-resized
-#   5. stall       the real training loop (realistic JPEGs stored pre-resized, host and
+#   4. stall       the real training loop (realistic JPEGs stored pre-resized, host and
 #                  device augmentation) vs the same step on one in-memory batch
+#   5. step_best   the time left: cuDNN attention at batch 32 with remat dots_saveable
+#                  and none, the largest batch that fits (doubling, first policy), and
+#                  PyTorch AMP at batch 32
 # Results: benchmarks/results/accelerator/<device>_*.json, a summary
 # (<device>_summary.json: each part's status, seconds and the device), and the logs;
 # the JSON files are also copied to $OUT when that is set.
@@ -27,7 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
-total_seconds="${ACCELERATOR_SECONDS:-450}"
+total_seconds="${ACCELERATOR_SECONDS:-465}"
 start_time=$(date +%s)
 python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -76,27 +78,30 @@ if [ "$dry_run" = 1 ]; then
   part attention 300 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
   part step_b8 300 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 4 \
     --attention xla --out "$results/${slug}_step_b8.json"
-  part step_best 300 "$python" -m benchmarks.train_step "${step_args[@]}" --skip_torch \
-    --batch_sizes 4,max --max_batch_limit 8 --remat none,dots_saveable \
-    --out "$results/${slug}_step_best.json"
   part pipeline 300 "$python" -m benchmarks.data_pipeline --shapes tiny --sources realistic \
     --products 4 --batches 1 --workers 0 --out "$results/${slug}_pipeline.json"
   part stall 300 "$python" -m benchmarks.stall --products 4 --steps 4 --log_every 2 \
-    --batch_size 8 --out "$results/${slug}_stall.json"
+    --batch_size 8 --realistic --max_image_side 576 --attention xla \
+    --out "$results/${slug}_stall.json"
+  part step_best 300 "$python" -m benchmarks.train_step "${step_args[@]}" --skip_torch \
+    --batch_sizes 4,max --max_batch_limit 8 --remat dots_saveable,none \
+    --out "$results/${slug}_step_best.json"
 else
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
   step_args=(--shapes paper --steps 8 --warmup 3)
   part attention 60 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
-  part step_b8 120 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 8 \
+  part step_b8 95 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 8 \
     --attention xla,cudnn --out "$results/${slug}_step_b8.json"
-  part step_best 130 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 32,max \
-    --attention cudnn --remat none,dots_saveable --max_batch_limit 256 \
-    --out "$results/${slug}_step_best.json"
-  part pipeline 60 "$python" -m benchmarks.data_pipeline --sources realistic --products 16 \
-    --batches 8 --workers 0,8 --out "$results/${slug}_pipeline.json"
-  part stall 90 "$python" -m benchmarks.stall --shape paper --realistic --max_image_side 576 \
-    --products 16 --steps 60 --log_every 20 --attention cudnn \
+  part pipeline 50 "$python" -m benchmarks.data_pipeline --sources realistic --products 12 \
+    --batches 6 --workers 0,8 --out "$results/${slug}_pipeline.json"
+  part stall 110 "$python" -m benchmarks.stall --shape paper --realistic --max_image_side 576 \
+    --products 12 --steps 30 --log_every 10 --attention cudnn \
     --out "$results/${slug}_stall.json"
+  # Whatever time is left: remat policy at batch 32 (and the largest batch that fits
+  # with the first policy), PyTorch AMP at batch 32.
+  part step_best 300 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 32,max \
+    --attention cudnn --remat dots_saveable,none --max_batch_limit 128 \
+    --out "$results/${slug}_step_best.json"
 fi
 
 "$python" - "$summary" "$device" "$results/${slug}_summary.json" <<'EOF'

@@ -156,6 +156,22 @@ def main(argv=None):
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
 
+  device = jax.devices()[0].device_kind
+  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
+                                 f"stall_{jax.default_backend()}_{args.shape}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+
+  def write(rows):  # after every row, so that a run stopped part-way keeps its rows
+    with open(out, "w", encoding="utf-8") as f:
+      json.dump({"device": device, "backend": jax.default_backend(),
+                 "device_count": jax.device_count(), "jax_version": jax.__version__,
+                 "cpus": os.cpu_count(), "platform": platform.platform(),
+                 "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+                 "shape": args.shape, "steps": args.steps, "log_every": args.log_every,
+                 "data": {"realistic": args.realistic, "max_image_side": args.max_image_side,
+                          "jpeg_side": args.jpeg_side, "products": args.products},
+                 "rows": rows}, f, indent=1)
+
   rows = []
   with tempfile.TemporaryDirectory(prefix="cope_stall_") as root:
     if args.prepared_dir:
@@ -176,9 +192,9 @@ def main(argv=None):
              "real_over_in_memory": real["examples_per_second"]
                                     / memory["examples_per_second"]}
       rows.append(row)
+      write(rows)
       print(json.dumps({k: v for k, v in row.items() if k != "real_pipeline"}), flush=True)
 
-  device = jax.devices()[0].device_kind
   print(f"\ndata stall, {args.shape} shape on {device}; {args.steps} steps, windows of "
         f"{args.log_every} (first left out); load average {os.getloadavg()[0]:.1f}")
   print(f"{'augment_on':10} {'batch':>5} {'real ex/s':>10} {'in-memory ex/s':>15} "
@@ -189,18 +205,7 @@ def main(argv=None):
           f"{row['in_memory_batch']['examples_per_second']:>15.1f} "
           f"{row['real_over_in_memory']:>6.2f} {real['data_stall']:>10.1%} "
           f"{real['data_stall_max']:>6.1%}")
-  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
-                                 f"stall_{jax.default_backend()}_{args.shape}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"device": device, "backend": jax.default_backend(),
-               "device_count": jax.device_count(), "jax_version": jax.__version__,
-               "cpus": os.cpu_count(), "platform": platform.platform(),
-               "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-               "shape": args.shape, "steps": args.steps, "log_every": args.log_every,
-               "data": {"realistic": args.realistic, "max_image_side": args.max_image_side,
-                        "jpeg_side": args.jpeg_side, "products": args.products},
-               "rows": rows}, f, indent=1)
+  write(rows)
   print(f"wrote {out}")
 
 

@@ -12,8 +12,8 @@ size, JAX runs one jit-compiled `train.train_step` (AdamW inside the step, compu
 from --dtype) on a random batch; PyTorch runs the reference model of
 `tests/torch_reference.py` on the same batch (float32 on CPU; fp16 autocast +
 GradScaler on CUDA, as the release trains) at the same batch size. Batch size `max`
-doubles the batch from the largest listed one until the step no longer fits in memory
-(records the largest that fits). `--augment_on device` feeds canvas-sized frames with
+doubles the batch from the largest listed one, for the first setting, until the step no
+longer fits in memory (records the largest that fits). `--augment_on device` feeds canvas-sized frames with
 crop boxes, so the device-side crop is part of the timed step.
 
 `--profile DIR` traces a few steps of the first JAX setting with `jax.profiler` and
@@ -335,7 +335,7 @@ def main(argv=None):
     find_max = sizes[-1] == "max"
     sizes = [int(s) for s in sizes if s != "max"]
     torch_rates = {}
-    for remat, attention, augment_on in settings:
+    for setting_index, (remat, attention, augment_on) in enumerate(settings):
       largest = 0
       for batch_size in sizes:
         profile_dir = args.profile if (args.profile and not rows) else ""
@@ -361,7 +361,9 @@ def main(argv=None):
         write(rows)
         print(json.dumps(row), flush=True)
       batch_size = max(sizes) if sizes else 8
-      while find_max and largest == batch_size and batch_size * 2 <= args.max_batch_limit:
+      # The largest batch that fits: doubled from the largest listed, first setting only.
+      while (find_max and setting_index == 0 and largest == batch_size
+             and batch_size * 2 <= args.max_batch_limit):
         batch_size *= 2
         try:
           row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)
