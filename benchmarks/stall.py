@@ -49,7 +49,8 @@ from data_pipelines import synthetic
 
 
 def make_config(shape: str, data_dir: str, prepared_dir: str, steps: int, log_every: int,
-                augment_on: str, canvas_size: int, batch_size: int, attention: str = ""):
+                augment_on: str, canvas_size: int, batch_size: int, attention: str = "",
+                prefetch_buffer_size: int = 0):
   if shape == "demo":
     config = synthetic_tiny.get_config()
   else:
@@ -65,6 +66,8 @@ def make_config(shape: str, data_dir: str, prepared_dir: str, steps: int, log_ev
   config.data.augment_on = augment_on
   if attention:
     config.model.attention = attention
+  if prefetch_buffer_size:
+    config.data.prefetch_buffer_size = prefetch_buffer_size
   if canvas_size:
     config.data.canvas_size = canvas_size
   config.train.num_steps = steps
@@ -140,6 +143,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--log_every", type=int, default=50)
   parser.add_argument("--batch_size", type=int, default=0, help="0: the config's")
+  parser.add_argument("--prefetch_buffer_size", type=int, default=0,
+                      help="data.prefetch_buffer_size (0: the config's)")
   parser.add_argument("--attention", default="", help="config.model.attention (default: "
                       "the config's)")
   parser.add_argument("--rope_dir", default="")
@@ -181,13 +186,15 @@ def main(argv=None):
                                      args.realistic, args.max_image_side)
     for augment_on in args.augment_on.split(","):
       config = make_config(args.shape, rope_dir, prepared_dir, args.steps, args.log_every,
-                           augment_on, args.canvas_size, args.batch_size, args.attention)
+                           augment_on, args.canvas_size, args.batch_size, args.attention,
+                           args.prefetch_buffer_size)
       workdir = os.path.join(root, f"run_{augment_on}")
       real, run, state = real_loop(config, workdir)
       memory = in_memory_loop(run, state, args.steps)
       row = {"augment_on": augment_on, "batch_size": config.train.batch_size,
              "image_size": config.data.image_size, "num_frames": config.data.num_frames,
              "num_threads": config.data.num_threads, "num_workers": config.data.num_workers,
+             "prefetch_buffer_size": config.data.prefetch_buffer_size,
              "real_pipeline": real, "in_memory_batch": memory,
              "real_over_in_memory": real["examples_per_second"]
                                     / memory["examples_per_second"]}
