@@ -1,30 +1,44 @@
 """Data preparation and training input throughput, each against its baseline.
 
-  python -m benchmarks.data_pipeline [--batches 16] [--products 40] [--workers 0,1,2]
+  python -m benchmarks.data_pipeline [--sources realistic,256] [--batches 16] [--workers 0,2]
   python -m benchmarks.data_pipeline --prepare_only [--products 200]
 
-Generates a synthetic ROPE-format dataset with 256 px JPEGs in a temporary folder, then
+Generates a synthetic ROPE-format dataset in a temporary folder, as `--sources` asks:
 
-1. Preparation (`data_pipelines.prepare`: decode-check every image, write the `rope`
-   TFDS dataset): the single-process generator (the baseline) and the Apache Beam
-   DirectRunner with `--prepare_beam_workers` processes (multi-processing mode), on the
-   same input in the same run. Reported: wall seconds (Beam's start-up included),
-   images/s, and the ratio to the single process. Both must write the same records.
-   Skipped (with a note) when apache-beam is not installed.
+  256        the generator's 256 px JPEGs (8 frames per clip)
+  realistic  the same images re-encoded at the sizes real ROPE images have: 720 x 1280
+             video and live frames, 800 x 800 page images, JPEG quality 90, with fine
+             texture so that they compress like photographs (about 2 bits per pixel)
 
-2. Training input: examples/s and decoded frames/s (1 page image + T video frames + T
-   live frames per example) of `pipelines.make_train_dataset`, reading the single
-   process's output, at two shapes:
+1. Preparation (`--prepare_only`; `data_pipelines.prepare`: decode-check every image,
+   write the `rope` TFDS dataset): the single-process generator (the baseline) and the
+   Apache Beam DirectRunner with `--prepare_beam_workers` processes, same input, same
+   run. Skipped (with a note) when apache-beam is not installed.
 
-     paper  224 px, T = 8 (the released recipe), batch 8 (its per-GPU batch)
-     tiny   configs/synthetic_tiny.py's shape (64 px, T = 4), batch 32
+2. Training input at the paper's shape (224 px, T = 8, batch 8: 17 frames an example)
+   and, with `--shapes paper,tiny`, the demo's (64 px, T = 4, batch 32). Loaders, all
+   in the same run:
 
-   for each worker-process count, and a naive baseline in the same run: a plain Python
-   loop that reads the same records and decodes, crops, resizes and tokenises them one
-   after another with PIL, building batches of the same layout. The first batch of each
-   run (worker start-up) is timed separately; then the batches the pipeline can hold
-   ready in its buffers are taken untimed, and the rate is measured on the next
-   `--batches` batches (steady state).
+     naive loop   the baseline: a plain Python loop that reads the records as released
+                  (prepared without resizing) and decodes (PIL, full size), crops,
+                  resizes and tokenises them one after another
+     host         `pipelines.make_train_dataset` with augment_on="host" (libjpeg-turbo
+                  DCT-scaled decoding in reader threads, crop + resize + flip with PIL)
+     device       augment_on="device": the host's half only (decode, resize to the
+                  canvas, draw the box); the crop runs in the train step
+                  (benchmarks/train_step.py --augment_on device times that)
+
+   each on the records as released ("original") and on records prepared with frames
+   stored pre-resized (`prepare --max_image_side 576`: 720 x 1280 -> 324 x 576, the
+   side a 224 px crop of scale >= 0.64 decodes from, `transforms.min_decode_side`),
+   for each worker-process count. The first batch of each run (worker start-up) is
+   timed separately; then the batches the pipeline can hold ready in its buffers are
+   taken untimed, and the rate is measured on the next `--batches` batches.
+
+   Reported: examples/s, decoded frames/s, frames/s per core (cores = os.cpu_count()),
+   the ratio to the naive loop, and the host cores one accelerator needs at the
+   measured GPU step rate (`--gpu_step_results`, default
+   benchmarks/results/train_step_gpu_paper.json).
 
 Prints the tables and writes JSON (`--out`, default benchmarks/results/data_pipeline.json;
 with --prepare_only benchmarks/results/data_pipeline_prepare.json).
@@ -34,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -48,6 +64,7 @@ from cope_jax import result_files
 from data_pipelines import domains
 from data_pipelines import pipelines
 from data_pipelines import prepare
+from data_pipelines import rope_format
 from data_pipelines import synthetic
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
@@ -56,11 +73,14 @@ SHAPES = {  # name -> (image side, frames per clip, per-process batch)
     "paper": (224, 8, 8),
     "tiny": (64, 4, 32),
 }
+CANVAS = {"paper": 256, "tiny": 64}  # data.canvas_size for augment_on="device"
 
 
 @dataclasses.dataclass
 class Measurement:
   shape: str
+  source: str
+  stored: str
   loader: str
   workers: int
   batch_size: int
@@ -69,6 +89,7 @@ class Measurement:
   seconds: float
   examples_per_s: float
   frames_per_s: float
+  frames_per_s_per_core: float
 
 
 @dataclasses.dataclass
@@ -95,8 +116,58 @@ def _count_images(rope_dir: str) -> int:
 
 
 def _prepared_records(prepared_dir: str) -> list:
-  return [item for split in ("training", "test") for domain in pipelines.DOMAINS
+  return [item for split in ("training", "test") for domain in domains.NAMES
           for item in prepare.open_domain(prepared_dir, split, domain)]
+
+
+REALISTIC_SIZES = {"page": (800, 800), "clip": (720, 1280)}  # (height, width)
+
+
+def _grain_texture(height: int, width: int, seed: int) -> np.ndarray:
+  """Fine luminance texture (float32 [H, W, 1], zero mean) that makes an upscaled
+  image compress like a photograph at quality 90."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (height // 3 + 1, width // 3 + 1), dtype=np.uint8)
+  texture = np.asarray(PIL.Image.fromarray(small).resize((width, height),
+                                                         PIL.Image.Resampling.BILINEAR))
+  return (texture.astype(np.float32)[..., None] - 128.0) * 0.25
+
+
+def make_realistic(rope_dir: str) -> dict:
+  """Re-encodes every image of a synthetic ROPE dir at real ROPE sizes, quality 90.
+
+  Page images become 800 x 800, video and live frames 720 x 1280 (the content scaled,
+  plus fine texture). Returns {"page"/"clip": mean bytes per image}.
+  """
+  kinds = {}
+  for split in ("training", "test"):
+    for domain in domains.DOMAINS:
+      path = os.path.join(rope_dir, rope_format.file_name(split, domain.files.media))
+      if not os.path.exists(path):
+        continue
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          name = line.rsplit(",", 1)[-1].strip()
+          if name:
+            kinds[name] = "clip" if domain.is_clip else "page"
+  textures = {kind: [_grain_texture(*size, seed) for seed in range(4)]
+              for kind, size in REALISTIC_SIZES.items()}
+  sizes = {"page": [], "clip": []}
+  image_dir = os.path.join(rope_dir, "images")
+  for index, (name, kind) in enumerate(sorted(kinds.items())):
+    path = os.path.join(image_dir, name)
+    try:
+      with PIL.Image.open(path) as image:
+        rgb = image.convert("RGB")
+    except (OSError, ValueError):
+      continue  # the generator's injected broken files stay broken
+    height, width = REALISTIC_SIZES[kind]
+    pixels = np.asarray(rgb.resize((width, height), PIL.Image.Resampling.BICUBIC),
+                        np.float32) + textures[kind][index % 4]
+    PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        path, format="JPEG", quality=90)
+    sizes[kind].append(os.path.getsize(path))
+  return {kind: round(float(np.mean(values))) for kind, values in sizes.items() if values}
 
 
 def measure_prepare(rope_dir: str, root: str, beam_workers: int
@@ -143,7 +214,8 @@ def _print_prepare_table(measurements: list[PrepareMeasurement]) -> None:
           f"{m.images_per_s:>9.1f} {ratio:>8.2f}x")
 
 
-def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int):
+def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int,
+            augment_on: str = "host"):
   image_size, num_frames, batch_size = SHAPES[shape]
   config = synthetic_tiny.get_config()
   config.data.rope_dir = rope_dir
@@ -152,6 +224,8 @@ def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int):
   config.data.image_size = image_size
   config.data.num_frames = num_frames
   config.data.num_workers = workers
+  config.data.augment_on = augment_on
+  config.data.canvas_size = CANVAS[shape]
   config.train.batch_size = batch_size
   return config
 
@@ -184,30 +258,39 @@ def _time_batches(batches, num_batches: int, drain: int = 0) -> tuple[float, flo
   return first, time.perf_counter() - start
 
 
-def _measurement(shape, loader, workers, config, num_batches, first, seconds):
+def _measurement(shape, source, stored, loader, workers, config, num_batches, first,
+                 seconds):
   batch_size = config.train.batch_size
   examples = batch_size * num_batches
-  return Measurement(shape, loader, workers, batch_size, num_batches, round(first, 3),
-                     round(seconds, 3), round(examples / seconds, 2),
-                     round(examples * _frames_per_example(config) / seconds, 1))
+  frames_per_s = examples * _frames_per_example(config) / seconds
+  return Measurement(shape, source, stored, loader, workers, batch_size, num_batches,
+                     round(first, 3), round(seconds, 3), round(examples / seconds, 2),
+                     round(frames_per_s, 1), round(frames_per_s / os.cpu_count(), 1))
 
 
-def measure_grain(config, shape: str, num_batches: int) -> Measurement:
+def measure_grain(config, shape: str, source: str, stored: str,
+                  num_batches: int) -> Measurement:
   iterator = iter(pipelines.make_train_dataset(config))
   try:
     first, seconds = _time_batches(iterator, num_batches, _buffered_batches(config))
   finally:
     if hasattr(iterator, "close"):
       iterator.close()
-  return _measurement(shape, "grain", config.data.num_workers, config, num_batches,
-                      first, seconds)
+  return _measurement(shape, source, stored, config.data.augment_on,
+                      config.data.num_workers, config, num_batches, first, seconds)
+
+
+def _pil_decode(data: bytes) -> np.ndarray:
+  """Full-size decode with PIL (the baseline's decoder)."""
+  with PIL.Image.open(io.BytesIO(data)) as image:
+    return np.asarray(image.convert("RGB"))
 
 
 def _naive_clip(frames: list[bytes], num_frames: int, size: int,
                 rng: np.random.Generator) -> np.ndarray:
   """Sequential PIL decode, one random resized crop + flip for the clip, resize."""
   chosen = [frames[i] for i in transforms.sample_frame_indices(len(frames), num_frames)]
-  images = [transforms.decode_jpeg(data) for data in chosen]
+  images = [_pil_decode(data) for data in chosen]
   crop = transforms.random_resized_crop_params(rng, *images[0].shape[:2])
   flip = rng.random() < 0.5
   out = []
@@ -250,26 +333,53 @@ def naive_batches(config, seed: int = 0):
     yield {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def measure_naive(config, shape: str, num_batches: int) -> Measurement:
+def measure_naive(config, shape: str, source: str, num_batches: int) -> Measurement:
   batches = naive_batches(config)
   spec = pipelines.batch_spec(config)
   first_batch = next(batches)
   assert {k: (v.shape, v.dtype) for k, v in first_batch.items()} == spec
   first, seconds = _time_batches(batches, num_batches)
-  return _measurement(shape, "naive loop", 0, config, num_batches, first, seconds)
+  return _measurement(shape, source, "original", "naive loop", 0, config, num_batches,
+                      first, seconds)
 
 
 def _print_table(measurements: list[Measurement], speedups: dict) -> None:
-  header = (f"{'shape':<6} {'loader':<11} {'workers':>7} {'batch':>5} {'first s':>8} "
-            f"{'examples/s':>11} {'frames/s':>9} {'vs naive':>8}")
+  header = (f"{'shape':<6} {'source':<9} {'stored':<10} {'loader':<10} {'workers':>7} "
+            f"{'batch':>5} {'first s':>8} {'examples/s':>11} {'frames/s':>9} "
+            f"{'/core':>6} {'vs naive':>8}")
   print(header)
   print("-" * len(header))
   for m in measurements:
-    ratio = speedups.get((m.shape, m.loader, m.workers))
+    ratio = speedups.get(_row_name(m))
     ratio_text = f"{ratio:.2f}x" if ratio else ""
-    print(f"{m.shape:<6} {m.loader:<11} {m.workers:>7} {m.batch_size:>5} "
-          f"{m.first_batch_s:>8.2f} {m.examples_per_s:>11.1f} {m.frames_per_s:>9.0f} "
-          f"{ratio_text:>8}")
+    print(f"{m.shape:<6} {m.source:<9} {m.stored:<10} {m.loader:<10} {m.workers:>7} "
+          f"{m.batch_size:>5} {m.first_batch_s:>8.2f} {m.examples_per_s:>11.1f} "
+          f"{m.frames_per_s:>9.0f} {m.frames_per_s_per_core:>6.0f} {ratio_text:>8}")
+
+
+def _row_name(m: Measurement) -> str:
+  return f"{m.shape}/{m.source}/{m.stored}/{m.loader}/{m.workers}_workers"
+
+
+def _gpu_step_rate(path: str) -> dict | None:
+  """The best measured examples/s per accelerator at the paper's shape, or None."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  rows = [row for row in results.get("rows", [])
+          if row.get("shape") == "paper" and row.get("jax")]
+  if not rows:
+    return None
+  best = max(rows, key=lambda row: row["jax"]["examples_per_second"])
+  return {"file": path, "device": results.get("device"), "batch_size": best["batch_size"],
+          "examples_per_second_per_device": best["jax"]["examples_per_second"]}
+
+
+def _prepare_quietly(rope_dir: str, out: str, **options) -> str:
+  prepare.prepare(rope_dir, out, progress=False, log=lambda line: None, **options)
+  return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,14 +391,21 @@ def main(argv: list[str] | None = None) -> None:
                       help="timed batches per measurement (after the warm-up ones)")
   parser.add_argument("--products", type=int, default=40,
                       help="training products of the generated dataset")
-  parser.add_argument("--workers", default="0,1,2",
+  parser.add_argument("--workers", default="0,2",
                       help="comma-separated Grain worker-process counts")
-  parser.add_argument("--shapes", default="paper,tiny")
+  parser.add_argument("--loaders", default="host,device",
+                      help="comma-separated: host, device (the naive loop always runs)")
+  parser.add_argument("--stored", default="original,resized",
+                      help="comma-separated: original, resized (--max_image_side 576)")
+  parser.add_argument("--sources", default="realistic,256")
+  parser.add_argument("--shapes", default="paper")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--prepare_beam_workers", type=int, default=2,
                       help="Beam DirectRunner processes in the preparation comparison")
   parser.add_argument("--prepare_only", action="store_true",
                       help="measure only the preparation comparison")
+  parser.add_argument("--gpu_step_results",
+                      default="benchmarks/results/train_step_gpu_paper.json")
   args = parser.parse_args(argv)
   if args.out is None:
     args.out = ("benchmarks/results/data_pipeline_prepare.json" if args.prepare_only
@@ -296,52 +413,89 @@ def main(argv: list[str] | None = None) -> None:
   worker_counts = [int(w) for w in args.workers.split(",")]
   shapes = [] if args.prepare_only else args.shapes.split(",")
 
+  prepare_measurements, prepare_note, image_bytes = [], None, {}
+  measurements, speedups = [], {}
   with tempfile.TemporaryDirectory(prefix="cope_data_bench_") as root:
     start = time.perf_counter()
     rope_dir = _make_rope(root, args.products, args.seed)
     setup_seconds = time.perf_counter() - start
-    prepare_measurements, prepared_dir, prepare_note = measure_prepare(
-        rope_dir, root, args.prepare_beam_workers)
-    measurements, speedups = [], {}
-    for shape in shapes:
-      naive = measure_naive(_config(shape, rope_dir, prepared_dir, 0), shape,
-                            args.batches)
-      measurements.append(naive)
-      for workers in worker_counts:
-        result = measure_grain(_config(shape, rope_dir, prepared_dir, workers), shape,
-                               args.batches)
-        measurements.append(result)
-        speedups[(shape, "grain", workers)] = (
-            result.examples_per_s / naive.examples_per_s)
+    if args.prepare_only:
+      prepare_measurements, _, prepare_note = measure_prepare(
+          rope_dir, root, args.prepare_beam_workers)
+    for source in ([] if args.prepare_only else args.sources.split(",")):
+      source_dir = os.path.join(root, f"rope_{source}")
+      shutil.copytree(rope_dir, source_dir)
+      if source == "realistic":
+        image_bytes = make_realistic(source_dir)
+      prepared = {"original": _prepare_quietly(source_dir, os.path.join(root, f"{source}_o"),
+                                               num_frames=8)}
+      if "resized" in args.stored and source == "realistic":
+        prepared["resized"] = _prepare_quietly(source_dir, os.path.join(root, f"{source}_r"),
+                                               num_frames=8, max_image_side=576)
+      for shape in shapes:
+        naive = measure_naive(_config(shape, source_dir, prepared["original"], 0), shape,
+                              source, args.batches)
+        measurements.append(naive)
+        for stored in args.stored.split(","):
+          if stored not in prepared:
+            continue
+          for loader in args.loaders.split(","):
+            for workers in worker_counts:
+              result = measure_grain(
+                  _config(shape, source_dir, prepared[stored], workers, loader), shape,
+                  source, stored, args.batches)
+              measurements.append(result)
+              speedups[_row_name(result)] = result.examples_per_s / naive.examples_per_s
 
-  _print_prepare_table(prepare_measurements)
-  if prepare_note:
-    print(prepare_note)
+  if prepare_measurements:
+    _print_prepare_table(prepare_measurements)
+    if prepare_note:
+      print(prepare_note)
+  gpu = _gpu_step_rate(args.gpu_step_results)
+  cores_needed = {}
   if measurements:
     print()
     _print_table(measurements, speedups)
+    if gpu and "paper" in shapes:
+      frames_needed = gpu["examples_per_second_per_device"] * 17
+      for m in measurements:
+        if m.shape == "paper":
+          cores_needed[_row_name(m)] = round(frames_needed / m.frames_per_s_per_core, 1)
+      realistic = {k: v for k, v in cores_needed.items() if "/realistic/" in k}
+      best = min((realistic or cores_needed).items(), key=lambda item: item[1])
+      print(f"\nat {gpu['examples_per_second_per_device']:.0f} examples/s per "
+            f"{gpu['device']} ({gpu['file']}), {frames_needed:.0f} frames/s: host cores "
+            f"per accelerator {best[1]} ({best[0]}); naive loop "
+            + ", ".join(f"{v}" for k, v in cores_needed.items() if "naive" in k))
   report = {
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                   "python": platform.python_version(),
                   "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
-      "dataset": {"train_products": args.products, "jpeg_side": 256,
-                  "frames_per_clip": 8, "setup_seconds": round(setup_seconds, 1)},
+      "dataset": {"train_products": args.products, "frames_per_clip": 8,
+                  "sources": {"256": "256 x 256 JPEGs of the generator",
+                              "realistic": "800 x 800 pages, 720 x 1280 frames, quality 90"},
+                  "realistic_mean_bytes": image_bytes,
+                  "resized": "prepare --max_image_side 576 (720 x 1280 -> 324 x 576)",
+                  "setup_seconds": round(setup_seconds, 1)},
       "config": {"num_threads": synthetic_tiny.get_config().data.num_threads,
                  "prefetch_buffer_size":
-                     synthetic_tiny.get_config().data.prefetch_buffer_size},
+                     synthetic_tiny.get_config().data.prefetch_buffer_size,
+                 "canvas_size": CANVAS},
       "shapes": {name: dict(zip(("image_size", "num_frames", "batch_size"), value))
                  for name, value in SHAPES.items() if name in shapes},
-      "prepare": {
-          "measurements": [dataclasses.asdict(m) for m in prepare_measurements],
-          "speedup_vs_single_process": {
-              f"{m.path}/{m.workers}_workers": round(
-                  prepare_measurements[0].seconds / m.seconds, 2)
-              for m in prepare_measurements[1:]},
-          "note": prepare_note},
       "measurements": [dataclasses.asdict(m) for m in measurements],
-      "speedup_vs_naive": {f"{shape}/{loader}/{workers}_workers": round(ratio, 2)
-                           for (shape, loader, workers), ratio in speedups.items()},
+      "speedup_vs_naive": {name: round(ratio, 2) for name, ratio in speedups.items()},
+      "gpu_step_rate": gpu,
+      "host_cores_per_accelerator": cores_needed,
   }
+  if prepare_measurements:
+    report["prepare"] = {
+        "measurements": [dataclasses.asdict(m) for m in prepare_measurements],
+        "speedup_vs_single_process": {
+            f"{m.path}/{m.workers}_workers": round(
+                prepare_measurements[0].seconds / m.seconds, 2)
+            for m in prepare_measurements[1:]},
+        "note": prepare_note}
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result_files.strict(report), f, indent=1, allow_nan=False)

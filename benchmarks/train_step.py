@@ -1,22 +1,38 @@
 r"""Train-step throughput: this implementation vs the PyTorch reference model, same run.
 
   python -m benchmarks.train_step                       # CPU: tiny shapes, both frameworks
+  python -m benchmarks.train_step --shapes tiny --remat none,nothing_saveable,dots_saveable \
+      --skip_torch                                      # remat policies, measured
+  python -m benchmarks.train_step --shapes tiny --profile /tmp/profile --skip_torch
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python -m benchmarks.train_step --shapes paper \
-      --batch_size 16                                 # GPU (leaves memory for PyTorch)
+      --batch_sizes 8,16,max --attention xla,cudnn --remat none,dots_saveable  # GPU
 
-For each shape both frameworks train the same architecture on the same random batch
-with AdamW and the seven contrastive terms: JAX with one jit-compiled `train.train_step`
-(compute dtype from --dtype), PyTorch with the reference model of `tests/torch_reference.py`
-(float32 on CPU; fp16 autocast + GradScaler on CUDA, as the release trains). Prints a table
-and writes JSON with examples/s, the JAX/PyTorch ratio and, on GPU, model FLOPs utilisation.
+For each shape, JAX setting (attention kernel x remat policy x augmentation) and batch
+size, JAX runs one jit-compiled `train.train_step` (AdamW inside the step, compute dtype
+from --dtype) on a random batch; PyTorch runs the reference model of
+`tests/torch_reference.py` on the same batch (float32 on CPU; fp16 autocast +
+GradScaler on CUDA, as the release trains) at the same batch size. Batch size `max`
+doubles the batch from the largest listed one, for the first setting, until the step no
+longer fits in memory (records the largest that fits). `--augment_on device` feeds canvas-sized frames with
+crop boxes, so the device-side crop is part of the timed step.
+
+`--profile DIR` traces a few steps of the first JAX setting with `jax.profiler` and
+prints the ops that took the most device time, named by the model code they come from.
+
+Prints a table and writes JSON with examples/s, the JAX/PyTorch ratio and, on GPU,
+model FLOPs utilisation (analytic FLOPs, cope_jax/flops.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
 import json
 import os
+import re
 import sys
 import time
 
@@ -27,7 +43,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
+from configs import rope_vitb16  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic_tiny
 from cope_jax import flops as model_flops
 from cope_jax import losses
@@ -36,40 +52,56 @@ from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
+from data_pipelines import domains
+from data_pipelines import pipelines
 
 VOCAB_SIZE = {"tiny": 1000, "paper": 21128}
 
 
-def make_config(shape: str, batch_size: int, dtype: str, remat: bool):
+def make_config(shape: str, batch_size: int, dtype: str, remat: str, attention: str = "xla",
+                augment_on: str = "host"):
+  """`remat`: "none" or a `jax.checkpoint_policies` name."""
   config = (synthetic_tiny if shape == "tiny" else rope_vitb16).get_config()
   config.model.text.vocab_size = VOCAB_SIZE[shape]
   config.model.dtype = dtype
   config.train.batch_size = batch_size
   config.train.num_steps = 1000
+  config.train.init_from = ""
   config.optim.warmup_steps = 0
-  config.model.remat = remat
+  config.model.remat = remat != "none"
+  if remat != "none":
+    config.model.remat_policy = remat
+  config.model.attention = attention
+  config.data.augment_on = augment_on
   return config
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A random training batch with the pipeline's layout (`pipeline_batch_spec`)."""
   rng = np.random.default_rng(seed)
-  b, s, t = config.train.batch_size, config.data.image_size, config.data.num_frames
-  batch = {"product_index": np.arange(b, dtype=np.int32),
-           "page_image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)}
-  for domain in ("video", "live"):
-    batch[f"{domain}_frames"] = rng.integers(0, 256, (b, t, s, s, 3), dtype=np.uint8)
-  for key, length in (("page_title", config.data.title_max_length),
-                      ("video_asr", config.data.asr_max_length),
-                      ("live_asr", config.data.asr_max_length)):
+  batch = {}
+  for key, (shape, dtype) in pipelines.pipeline_batch_spec(config).items():
+    if dtype == np.uint8:
+      batch[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif key.endswith("_crop_box"):  # (top, left, height, width) shares: area 0.64-1
+      side = rng.uniform(0.8, 1.0, (shape[0], 2))
+      batch[key] = np.concatenate([(1 - side) * rng.uniform(size=side.shape), side],
+                                  axis=1).astype(np.float32)
+    elif dtype == np.bool_:
+      batch[key] = rng.random(shape) < 0.5
+    elif key == "product_index":
+      batch[key] = np.arange(shape[0], dtype=np.int32)
+  for domain in domains.DOMAINS:  # ids and right-padded masks
+    b, length = pipelines.batch_spec(config)[domain.text_ids_key][0]
     ids = rng.integers(5, config.model.text.vocab_size, (b, length), dtype=np.int32)
     mask = np.ones((b, length), np.int32)
     mask[:, length // 2:] = rng.integers(0, 2, (b, length - length // 2)) == 1
     mask = np.minimum.accumulate(mask, axis=1)
-    batch[f"{key}_ids"], batch[f"{key}_mask"] = ids * mask, mask
+    batch[domain.text_ids_key], batch[domain.text_mask_key] = ids * mask, mask
   return batch
 
 
-def time_jax(config, batch, steps: int, warmup: int) -> dict:
+def _compiled_step(config, batch):
   mesh = sharding.make_mesh(config.mesh)
   state, shardings = state_lib.create_train_state(
       config, mesh, num_classes=batch["product_index"].size)
@@ -82,29 +114,95 @@ def time_jax(config, batch, steps: int, warmup: int) -> dict:
       donate_argnums=(0,))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     device_batch = sharding.host_batch_to_global(batch, mesh)
-    step_fn = step_fn.lower(state, device_batch).compile()
+    compiled = step_fn.lower(state, device_batch).compile()
+  return compiled, state, device_batch, mesh
+
+
+def time_jax(config, batch, steps: int, warmup: int, profile_dir: str = "") -> dict:
+  compiled, state, device_batch, mesh = _compiled_step(config, batch)
+  with jax.set_mesh(mesh):
     for _ in range(warmup):
-      state, metrics = step_fn(state, device_batch)
+      state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics["loss"])
     start = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step_fn(state, device_batch)
+      state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics["loss"])
     elapsed = time.perf_counter() - start
+    top_ops = None
+    if profile_dir:
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          state, metrics = compiled(state, device_batch)
+        jax.block_until_ready(metrics["loss"])
+      all_ops = top_device_ops(profile_dir, compiled.as_text())
+      top_ops = {"ops": all_ops[:15],
+                 "by_model_part": [{"part": part, "share": round(share, 4)}
+                                   for part, share in group_costs(all_ops)[:15]]}
   flops_per_step = model_flops.train_flops_per_example(config) * config.train.batch_size
   result = {"seconds_per_step": elapsed / steps,
             "examples_per_second": steps * config.train.batch_size / elapsed,
             "model_flops_per_step": flops_per_step, "loss": float(metrics["loss"])}
+  memory = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in memory:
+    result["peak_gib"] = memory["peak_bytes_in_use"] / 2 ** 30
   peak = model_flops.peak_flops_per_device()
   if peak:
     result["mfu"] = flops_per_step / result["seconds_per_step"] / (peak * jax.device_count())
+  if top_ops is not None:
+    result["profile_top_ops"] = top_ops
   return result
 
 
+def top_device_ops(profile_dir: str, hlo_text: str, count: int = 0) -> list[dict]:
+  """Device time per XLA op over the traced steps, largest first, with the model code
+  (Flax module path / JAX op) each op comes from (from the HLO's op_name metadata)."""
+  paths = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True))
+  if not paths:
+    return []
+  with gzip.open(paths[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  processes = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  origin = {}
+  for match in re.finditer(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo_text):
+    origin.setdefault(match.group(1), match.group(2))
+  totals = collections.Counter()
+  for event in events:
+    if event.get("ph") != "X":
+      continue
+    thread = threads.get((event.get("pid"), event.get("tid")), "")
+    process = processes.get(event.get("pid"), "")
+    on_device = "/device:" in process or thread.startswith("tf_XLA")
+    if on_device and not event["name"].startswith(("$", "SlinkyThreadPool", "Thunk")):
+      totals[event["name"]] += event.get("dur", 0.0)
+  grand_total = sum(totals.values()) or 1.0
+  return [{"op": name, "share": round(duration / grand_total, 4),
+           "microseconds": round(duration, 1), "from": origin.get(name, "")}
+          for name, duration in totals.most_common(count or None)]
+
+
+def group_costs(top_ops: list[dict], all_ops: bool = False) -> list[tuple[str, float]]:
+  """Op shares summed by the model part they come from: block numbers starred, the
+  JAX primitive dropped, backward ops (transpose of the forward) marked."""
+  groups = collections.Counter()
+  for op in top_ops:
+    origin = op["from"].split(";")[0]
+    backward = "transpose(" in origin
+    path = re.sub(r"jit\(train_step\)/|(transpose\()?jvp\(COPE\)\)?/|COPE\.embed/", "",
+                  origin)
+    path = re.sub(r"(resblocks|layer)_\d+", r"\1_*", path).rsplit("/", 1)[0] or op["op"]
+    groups[("backward " if backward else "") + path] += op["share"]
+  return groups.most_common()
+
+
 def time_torch(config, batch, steps: int, warmup: int) -> dict:
-  import torch
-  import torch.nn.functional as F
-  from tests import torch_reference
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   model = torch_reference.ReferenceCOPE(config.model).to(device)
@@ -114,17 +212,17 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
   mean = torch.tensor(torch_reference.IMAGENET_MEAN, device=device).view(3, 1, 1)
   std = torch.tensor(torch_reference.IMAGENET_STD, device=device).view(3, 1, 1)
-  tensors = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+  tensors = {k: torch.from_numpy(v).to(device) for k, v in batch.items()
+             if k in pipelines.batch_spec(config)}
 
   def to_model_batch():
     model_batch = dict(tensors)
-    for key in ("page_image", "video_frames", "live_frames"):
-      images = tensors[key].float().div_(255.0)
+    for domain in domains.DOMAINS:
+      images = tensors[domain.media_key].float().div_(255.0)
       images = images.movedim(-1, -3)
-      model_batch[key] = (images - mean) / std
-    for key in ("page_title_ids", "page_title_mask", "video_asr_ids", "video_asr_mask",
-                "live_asr_ids", "live_asr_mask"):
-      model_batch[key] = tensors[key].long()
+      model_batch[domain.media_key] = (images - mean) / std
+      for key in (domain.text_ids_key, domain.text_mask_key):
+        model_batch[key] = tensors[key].long()
     return model_batch
 
   labels = torch.arange(config.train.batch_size, device=device)
@@ -160,62 +258,146 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   if device == "cuda":
     torch.cuda.synchronize()
   elapsed = time.perf_counter() - start
-  return {"seconds_per_step": elapsed / steps,
-          "examples_per_second": steps * config.train.batch_size / elapsed,
-          "precision": "fp16 autocast + GradScaler" if use_amp else "float32",
-          "loss": float(loss.detach())}
+  result = {"seconds_per_step": elapsed / steps,
+            "examples_per_second": steps * config.train.batch_size / elapsed,
+            "precision": "fp16 autocast + GradScaler" if use_amp else "float32",
+            "loss": float(loss.detach())}
+  del model, optimizer
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return result
 
 
-def main():
+def _is_out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args,
+             profile_dir="") -> dict:
+  config = make_config(shape, batch_size, dtype, remat, attention, augment_on)
+  row = {"shape": shape, "batch_size": batch_size, "jax_dtype": dtype, "remat": remat,
+         "attention": attention, "augment_on": augment_on,
+         "image_size": config.data.image_size, "frames": config.data.num_frames}
+  row["jax"] = time_jax(config, random_batch(config), args.steps, args.warmup, profile_dir)
+  return row
+
+
+def _torch_result(shape, batch_size, dtype, args) -> dict:
+  """The PyTorch reference at this batch size (or why it did not run)."""
+  config = make_config(shape, batch_size, dtype, "none")
+  try:
+    return time_torch(config, random_batch(config), args.steps, args.warmup)
+  except Exception as error:  # pylint: disable=broad-except
+    if not _is_out_of_memory(error):
+      raise
+    return {"error": "out of memory"}
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--shapes", default="tiny", help="comma-separated: tiny, paper")
-  parser.add_argument("--batch_size", type=int, default=0, help="0: 32 (tiny), 8 (paper)")
+  parser.add_argument("--batch_sizes", "--batch_size", default="",
+                      help="comma-separated per-run batch sizes, or 'max' last (default: "
+                           "32 tiny, 8 paper)")
   parser.add_argument("--dtype", default="", help="JAX compute dtype (default: float32 on "
                       "CPU, bfloat16 on accelerators)")
-  parser.add_argument("--remat", action="store_true", help="rematerialise blocks (JAX)")
+  parser.add_argument("--remat", default="none",
+                      help="comma-separated: none or jax.checkpoint_policies names")
+  parser.add_argument("--attention", default="xla", help="comma-separated: xla, cudnn, auto")
+  parser.add_argument("--augment_on", default="host", help="comma-separated: host, device")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--max_batch_limit", type=int, default=256,
+                      help="largest batch tried by 'max'")
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--profile", default="", help="trace folder (first JAX setting)")
   parser.add_argument("--out", default="")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   backend = jax.default_backend()
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
-  rows = []
-  for shape in args.shapes.split(","):
-    batch_size = args.batch_size or (32 if shape == "tiny" else 8)
-    config = make_config(shape, batch_size, dtype, args.remat)
-    batch = random_batch(config)
-    row = {"shape": shape, "batch_size": batch_size, "jax_dtype": dtype,
-           "image_size": config.data.image_size, "frames": config.data.num_frames,
-           "jax": time_jax(config, batch, args.steps, args.warmup)}
-    if not args.skip_torch:
-      row["torch"] = time_torch(config, batch, args.steps, args.warmup)
-      row["jax_over_torch"] = (row["jax"]["examples_per_second"]
-                               / row["torch"]["examples_per_second"])
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-
   device = jax.devices()[0].device_kind
-  print(f"\ntrain step on {device} ({backend}), {args.steps} timed steps after {args.warmup}")
-  print(f"{'shape':6} {'batch':>5} {'JAX ex/s':>10} {'MFU':>6} {'torch ex/s':>11} {'ratio':>6}")
-  for row in rows:
-    mfu = row["jax"].get("mfu")
-    torch_rate = row.get("torch", {}).get("examples_per_second")
-    ratio = row.get("jax_over_torch")
-    mfu_text = f"{mfu:.1%}" if mfu else "-"
-    torch_text = f"{torch_rate:.2f}" if torch_rate else "-"
-    ratio_text = f"{ratio:.2f}" if ratio else "-"
-    print(f"{row['shape']:6} {row['batch_size']:>5} {row['jax']['examples_per_second']:>10.2f} "
-          f"{mfu_text:>6} {torch_text:>11} {ratio_text:>6}")
   out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
                                  f"train_step_{backend}_{'_'.join(args.shapes.split(','))}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result_files.strict({"device": device, "backend": backend,
-                              "jax_version": jax.__version__, "steps": args.steps,
-                              "warmup": args.warmup, "rows": rows}),
-              f, indent=2, allow_nan=False)
+
+  def write(rows):  # after every row, so that a run stopped part-way keeps its rows
+    with open(out, "w") as f:
+      json.dump(result_files.strict({"device": device, "backend": backend,
+                                     "jax_version": jax.__version__, "steps": args.steps,
+                                     "warmup": args.warmup, "rows": rows}),
+                f, indent=2, allow_nan=False)
+
+  settings = [(remat, attention, augment_on) for attention in args.attention.split(",")
+              for remat in args.remat.split(",") for augment_on in args.augment_on.split(",")]
+  rows = []
+  for shape in args.shapes.split(","):
+    sizes = [s for s in args.batch_sizes.split(",") if s] or [
+        "32" if shape == "tiny" else "8"]
+    find_max = sizes[-1] == "max"
+    sizes = [int(s) for s in sizes if s != "max"]
+    torch_rates = {}
+    for setting_index, (remat, attention, augment_on) in enumerate(settings):
+      largest = 0
+      for batch_size in sizes:
+        profile_dir = args.profile if (args.profile and not rows) else ""
+        try:
+          row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args,
+                         profile_dir)
+        except Exception as error:  # pylint: disable=broad-except
+          if not _is_out_of_memory(error):
+            raise
+          row = {"shape": shape, "batch_size": batch_size, "remat": remat,
+                 "attention": attention, "augment_on": augment_on, "jax": None,
+                 "error": "out of memory"}
+        else:
+          largest = batch_size
+          if not args.skip_torch and batch_size not in torch_rates:
+            torch_rates[batch_size] = _torch_result(shape, batch_size, dtype, args)
+          torch_result = torch_rates.get(batch_size, {})
+          if "examples_per_second" in torch_result:
+            row["torch"] = torch_result
+            row["jax_over_torch"] = (row["jax"]["examples_per_second"]
+                                     / torch_result["examples_per_second"])
+        rows.append(row)
+        write(rows)
+        print(json.dumps(row), flush=True)
+      batch_size = max(sizes) if sizes else 8
+      # The largest batch that fits: doubled from the largest listed, first setting only.
+      while (find_max and setting_index == 0 and largest == batch_size
+             and batch_size * 2 <= args.max_batch_limit):
+        batch_size *= 2
+        try:
+          row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)
+        except Exception as error:  # pylint: disable=broad-except
+          if not _is_out_of_memory(error):
+            raise
+          print(json.dumps({"shape": shape, "batch_size": batch_size, "remat": remat,
+                            "attention": attention, "error": "out of memory"}), flush=True)
+          break
+        largest = batch_size
+        row["largest_batch_search"] = True
+        rows.append(row)
+        write(rows)
+        print(json.dumps(row), flush=True)
+
+  print(f"\ntrain step on {device} ({backend}), {args.steps} timed steps after {args.warmup}")
+  print(f"{'shape':6} {'batch':>5} {'attention':>9} {'remat':>17} {'augment':>7} "
+        f"{'JAX ex/s':>9} {'MFU':>6} {'torch ex/s':>10} {'ratio':>6}")
+  for row in rows:
+    jax_result = row.get("jax") or {}
+    mfu = jax_result.get("mfu")
+    torch_rate = row.get("torch", {}).get("examples_per_second")
+    ratio = row.get("jax_over_torch")
+    rate = jax_result.get("examples_per_second")
+    print(f"{row['shape']:6} {row['batch_size']:>5} {row['attention']:>9} {row['remat']:>17} "
+          f"{row['augment_on']:>7} {f'{rate:.2f}' if rate else 'OOM':>9} "
+          f"{f'{mfu:.1%}' if mfu else '-':>6} {f'{torch_rate:.2f}' if torch_rate else '-':>10} "
+          f"{f'{ratio:.2f}' if ratio else '-':>6}")
+    for part in jax_result.get("profile_top_ops", {}).get("by_model_part", [])[:8]:
+      print(f"    {part['share']:6.1%}  {part['part'][:100]}")
+  write(rows)
   print(f"wrote {out}")
 
 

@@ -51,6 +51,10 @@ def get_config():
   data.title_augment_prob = 0.6  # the release's training data loader
   data.title_augment_char_rate = 0.2  # the release's training data loader
   data.num_workers = 8  # not a recipe field (--workers 20 per GPU process)
+  # Not recipe fields: where the random resized crop runs and the canvas the host
+  # resizes frames to when it runs on the device (benchmarks/data_pipeline.py).
+  data.augment_on = "host"
+  data.canvas_size = 256
 
   model = config.model
   model.emb_dim = 128  # --embedding_size 128
@@ -58,6 +62,8 @@ def get_config():
   # bfloat16 compute with float32 parameters needs no loss scaling.
   model.dtype = "bfloat16"
   model.remat = True  # not a recipe field: memory
+  model.remat_policy = "nothing_saveable"  # not a recipe field (benchmarks/train_step.py)
+  model.attention = "xla"  # not a recipe field: "auto" takes cuDNN flash attention on GPUs
   model.use_asr_text = False  # models/shark_model.py: video and live heads embed frames only
   vision = model.vision  # models/module_xclip.py xclip_vision: X-CLIP ViT-B/16, 8 frames
   vision.patch_size = 16

@@ -27,6 +27,11 @@ def get_config():
   data.crop_scale = (0.64, 1.0)  # random-resized-crop area range (train)
   data.title_augment_prob = 0.6  # chance a title of >= 10 characters is perturbed
   data.title_augment_char_rate = 0.2  # share of its characters doubled/dropped/spaced
+  # Where the training random-resized-crop, resize and flip run: "host" (in the input
+  # pipeline) or "device" (inside the jitted train step; the host then only decodes
+  # frames and resizes them to a canvas_size square). Same crop boxes either way.
+  data.augment_on = "host"
+  data.canvas_size = 0  # side of the frames sent with augment_on="device" (0: image_size)
   data.num_workers = 0  # Grain worker processes (0: in the main process)
   data.num_threads = 2  # Grain reader threads per process (JPEG decoding releases the GIL)
   data.prefetch_buffer_size = 2
@@ -38,6 +43,12 @@ def get_config():
   model.dtype = "float32"  # compute dtype: float32 | bfloat16
   model.param_dtype = "float32"
   model.remat = False  # rematerialise each transformer block in the backward pass
+  # What a rematerialised block keeps from its forward pass: a jax.checkpoint_policies
+  # name (nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable | ...).
+  model.remat_policy = "nothing_saveable"
+  # Attention kernel: "xla" (any backend), "cudnn" (flash attention; NVIDIA GPU with
+  # bfloat16/float16 compute) or "auto" (cudnn where it can run, else xla).
+  model.attention = "xla"
   model.use_asr_text = False  # extension: fuse ASR text into the video/live heads
   model.vision = vision = ml_collections.ConfigDict()
   vision.image_size = data.get_ref("image_size")

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 import tqdm
 
+from cope_jax import augment
 from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
@@ -62,6 +63,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   """One optimisation step on a global batch. Pure: same inputs, same outputs."""
   rng, dropout_rng, loss_rng = jax.random.split(state.rng, 3)
   needed = losses.needed_embeddings(loss_config)
+  # Crop, resize and flip here when the pipeline left them to the device
+  # (config.data.augment_on="device"); a no-op for host-augmented batches.
+  batch = augment.augment_batch(batch, model.config.vision.image_size)
 
   def loss_fn(params):
     embeddings = model.apply({"params": params["model"]}, batch, train=True, outputs=needed,
@@ -209,7 +213,14 @@ class FiniteCheck:
 
 class Logger:
   """Window means of the step metrics, lr, throughput and MFU every `train.log_every`
-  steps to metrics.jsonl / TensorBoard (process 0), and the progress bar."""
+  steps to metrics.jsonl / TensorBoard (process 0), and the progress bar.
+
+  `data_stall` is the share of the window's wall time the loop spent getting its
+  batches (`next` on the data iterator and the transfer to the devices, as `run_steps`
+  reports in each step's `data_wait_seconds`). So that this is time the devices could
+  have been computing, the logger lets at most one step run ahead: after step k is
+  dispatched it waits for step k - 1 (the devices still have step k queued).
+  """
 
   def __init__(self, run: TrainingRun):
     config = run.config
@@ -222,16 +233,23 @@ class Logger:
                                dynamic_ncols=True)
     self._window: list[dict[str, jax.Array]] = []
     self._window_start = time.perf_counter()
+    self._previous_loss = None  # the step before this one, waited for (see above)
     self.last_logged: dict[str, float] = {}
 
   def __call__(self, step, state, metrics):
     config = self._run.config
+    if self._previous_loss is not None:
+      jax.block_until_ready(self._previous_loss)
+    self._previous_loss = metrics["loss"]
     self._window.append(metrics)
     self._progress.update(1)
     if not _is_boundary(step, config.train.log_every, config.train.num_steps):
       return
     elapsed = time.perf_counter() - self._window_start
-    logged = _summarise(self._window)
+    data_wait = sum(m.get("data_wait_seconds", 0.0) for m in self._window)
+    logged = _summarise([{k: v for k, v in m.items() if k != "data_wait_seconds"}
+                         for m in self._window])
+    logged["data_stall"] = data_wait / max(elapsed, 1e-9)
     logged["examples_per_second"] = (
         len(self._window) * config.train.batch_size / max(elapsed, 1e-9))
     for group, lr in optim.current_learning_rates(config.optim, config.train.num_steps,
@@ -307,8 +325,11 @@ def run_steps(run: TrainingRun, hooks: Sequence[Hook]) -> TrainState:
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
       while step < run.config.train.num_steps:
+        fetch_start = time.perf_counter()
         batch = sharding.host_batch_to_global(next(run.data_iterator), run.mesh)
+        data_wait_seconds = time.perf_counter() - fetch_start
         state, step_metrics = run.step_fn(state, batch)
+        step_metrics = dict(step_metrics, data_wait_seconds=data_wait_seconds)
         step += 1
         for hook in hooks:
           hook(step, state, step_metrics)

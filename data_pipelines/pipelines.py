@@ -15,6 +15,15 @@ Pipeline: products -> shuffle -> repeat -> [p::P] -> example -> batch -> threads
 (`data.num_workers`, 0 = in-process). Batching happens before the workers split the
 stream, so each worker builds whole batches.
 
+Where the training crop runs (`data.augment_on`): "host" (default) decodes, crops,
+resizes and flips here, and batches carry uint8 [.., image_size, image_size, 3] pixels.
+"device" decodes and resizes every frame to a fixed square canvas
+(`data.canvas_size`), draws the same crop box and flip with the same generator calls,
+and leaves the crop, resize and flip to the jitted train step (`cope_jax.augment`):
+batches then carry canvas-sized pixels plus, per domain, `<media key>_crop_box`
+float32 [B, 4] (top, left, height, width as shares of the image) and
+`<media key>_flip` bool [B] (`pipeline_batch_spec` gives that layout).
+
 Evaluation (`make_eval_dataset`): every record of one domain of a split, in record
 order, with eval transforms; the last batch is padded to `eval.batch_size` with rows
 whose `valid` is False. Process p takes the p-th contiguous part; all processes yield
@@ -48,12 +57,46 @@ _STRING_KEYS = ("id", "product_id")
 RecordSource = Any
 
 
+AUGMENT_ON = ("host", "device")
+
+
+def crop_box_key(domain: domains.Domain) -> str:
+  """Batch key of a domain's crop boxes (device-side augmentation): float32 [B, 4]."""
+  return f"{domain.media_key}_crop_box"
+
+
+def flip_key(domain: domains.Domain) -> str:
+  """Batch key of a domain's flips (device-side augmentation): bool [B]."""
+  return f"{domain.media_key}_flip"
+
+
 def batch_spec(config, process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shapes and dtypes of a per-process training batch: {key: (shape, dtype)}."""
+  """Shapes and dtypes of a per-process training batch as the model sees it (after
+  augmentation): {key: (shape, dtype)}."""
   batch_size = _per_process_batch_size(config.train.batch_size, process_count)
   spec = {"product_index": ((batch_size,), np.dtype(np.int32))}
   for domain in domains.DOMAINS:
     spec.update(_domain_spec(config.data, domain, batch_size))
+  return spec
+
+
+def pipeline_batch_spec(config, process_count: int = 1
+                        ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of a per-process training batch as the pipeline yields it.
+
+  `batch_spec` with host augmentation; with `data.augment_on="device"` the pixels are
+  canvas-sized and each domain adds its crop boxes and flips.
+  """
+  spec = batch_spec(config, process_count)
+  options = _ExampleOptions.from_config(config.data)
+  if options.augment_on == "host":
+    return spec
+  for domain in domains.DOMAINS:
+    shape, dtype = spec[domain.media_key]
+    side = options.canvas_size
+    spec[domain.media_key] = (shape[:-3] + (side, side, 3), dtype)
+    spec[crop_box_key(domain)] = ((shape[0], 4), np.dtype(np.float32))
+    spec[flip_key(domain)] = ((shape[0],), np.dtype(np.bool_))
   return spec
 
 
@@ -100,16 +143,27 @@ class _ExampleOptions:
   crop_scale: tuple[float, float]
   title_augment_prob: float
   title_augment_char_rate: float
+  augment_on: str = "host"  # where the training crop, resize and flip run
+  canvas_size: int = 0  # square side of the frames sent to the device ("device" only)
 
   @classmethod
   def from_config(cls, data_config) -> _ExampleOptions:
+    augment_on = data_config.get("augment_on", "host")
+    if augment_on not in AUGMENT_ON:
+      raise ValueError(f"config.data.augment_on must be one of {AUGMENT_ON}, got "
+                       f"{augment_on!r}")
+    canvas_size = data_config.get("canvas_size", 0) or data_config.image_size
+    if canvas_size < data_config.image_size:
+      raise ValueError(f"config.data.canvas_size ({canvas_size}) must be at least "
+                       f"data.image_size ({data_config.image_size}), or 0 for equal")
     return cls(
         image_size=data_config.image_size, num_frames=data_config.num_frames,
         title_max_length=data_config.title_max_length,
         asr_max_length=data_config.asr_max_length,
         crop_scale=tuple(data_config.crop_scale),
         title_augment_prob=data_config.title_augment_prob,
-        title_augment_char_rate=data_config.title_augment_char_rate)
+        title_augment_char_rate=data_config.title_augment_char_rate,
+        augment_on=augment_on, canvas_size=canvas_size)
 
 
 def _decode_images(record: Mapping[str, Any], domain: domains.Domain, num_frames: int,
@@ -148,16 +202,25 @@ class _TrainExample:
     epoch, position = divmod(global_index, self._num_products)
     rng = np.random.default_rng((self._seed, epoch, position))
     options = self._options
+    on_device = options.augment_on == "device"
     # Large JPEGs are decoded at a reduced scale that still leaves every crop at
-    # least `image_size` pixels wide (training only; eval decodes at full size).
-    min_side = transforms.min_decode_side(options.image_size, options.crop_scale)
+    # least `image_size` pixels wide (on the device: the canvas at least canvas_size;
+    # training only, eval decodes at full size).
+    min_side = (options.canvas_size if on_device else
+                transforms.min_decode_side(options.image_size, options.crop_scale))
     example = {"product_index": np.int32(product["product_index"])}
     for domain in domains.DOMAINS:
       record = self._record(domain.name, product, rng)
+      images = _decode_images(record, domain, options.num_frames, min_side)
       # One crop and flip for all frames of a clip (an image is a clip of one frame).
-      pixels = transforms.train_transform_clip(
-          _decode_images(record, domain, options.num_frames, min_side), rng,
-          options.image_size, options.crop_scale)
+      if on_device:
+        clip = transforms.canvas_clip(images, rng, options.canvas_size, options.crop_scale)
+        pixels = clip.frames
+        example[crop_box_key(domain)] = clip.crop_box
+        example[flip_key(domain)] = np.bool_(clip.flip)
+      else:
+        pixels = transforms.train_transform_clip(images, rng, options.image_size,
+                                                 options.crop_scale)
       example[domain.media_key] = pixels if domain.is_clip else pixels[0]
       text = record["text"]
       if domain.text == "title":  # the release perturbs titles, not ASR texts
@@ -270,7 +333,7 @@ def train_dataset_from_sources(
     process_index, process_count: this process and the number of processes.
 
   Returns:
-    An infinite `grain.IterDataset` of batches (see `batch_spec`).
+    An infinite `grain.IterDataset` of batches (see `pipeline_batch_spec`).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -371,7 +434,7 @@ def make_train_dataset(config, process_index: int = 0,
   """Infinite training batches of this process from `config.data.prepared_dir`.
 
   Each batch holds `config.train.batch_size // process_count` rows; keys, shapes and
-  dtypes are `batch_spec(config, process_count)`. The iterator is checkpointable
+  dtypes are `pipeline_batch_spec(config, process_count)`. The iterator is checkpointable
   (`get_state` / `set_state`).
   """
   data_config = config.data

@@ -8,6 +8,18 @@ arrays `[height, width, 3]`; ImageNet normalisation happens on device inside the
 Train: random resized crop (scale (0.64, 1), ratio (3/4, 4/3), torchvision's sampling)
 plus a random horizontal flip, shared by every frame of a clip. Eval: resize to
 `size x size` (the released centre crop of `size` after that is the identity).
+
+The crop, resize and flip run either here (`train_transform_clip`: uint8 [T, size, size,
+3] out) or on the device inside the jitted step (`canvas_clip` here: frames resized to a
+fixed square canvas, the crop box in normalised coordinates and the flip; then
+`cope_jax.augment`). Both draw the box and the flip with the same calls in the same
+order, so one generator state gives the same box either way: a box drawn in the
+decoded image's pixels is the same region of the canvas in normalised coordinates,
+because resizing is an axis-wise linear map.
+
+JPEG decoding uses libjpeg-turbo through `simplejpeg`, which decodes straight into a
+NumPy array with the GIL released (so reader threads decode in parallel) and scales
+the DCT (1/8 steps) when a smaller image is enough; other formats go through PIL.
 """
 
 import io
@@ -17,6 +29,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import PIL.Image
+import simplejpeg
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -38,10 +51,16 @@ def decode_jpeg(data: bytes, name: str = "", min_side: int | None = None) -> np.
   Args:
     data: encoded image bytes.
     name: where the bytes came from (record id or file), used in error messages.
-    min_side: if given, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
-      DCT scaling, much faster than a full decode) as long as both sides stay
-      >= min_side. None: full resolution.
+    min_side: if given, a JPEG may be decoded at a reduced scale (libjpeg-turbo's DCT
+      scaling, in 1/8 steps: much faster than a full decode followed by a resize) as
+      long as both sides stay >= min_side. None: full resolution.
   """
+  if data[:2] == b"\xff\xd8":  # JPEG start-of-image marker
+    try:
+      side = min_side or 0
+      return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=side, min_width=side)
+    except ValueError:
+      pass  # CMYK, lossless, damaged...: PIL decodes it or reports why not
   try:
     with PIL.Image.open(io.BytesIO(data)) as image:
       if min_side is not None:
@@ -166,6 +185,50 @@ def train_transform_clip(frames: Sequence[np.ndarray], rng: np.random.Generator,
       apply_crop_resize_flip(
           frame, _rescale_crop(crop, first_shape, frame.shape), flip, size)
       for frame in frames])
+
+
+class CanvasClip(NamedTuple):
+  """A clip for device-side augmentation: fixed-size frames, a box and a flip.
+
+  frames: uint8 [T, canvas, canvas, 3], every frame resized to the square canvas.
+  crop_box: float32 [4], (top, left, height, width) of the crop as shares of the
+    image's height and width (the same region of the original and of the canvas).
+  flip: whether to mirror the crop left-right.
+  """
+  frames: np.ndarray
+  crop_box: np.ndarray
+  flip: bool
+
+
+def normalized_box(crop: Crop, height: int, width: int) -> np.ndarray:
+  """A pixel crop of an H x W image as float32 [top, left, height, width] shares."""
+  return np.array([crop.top / height, crop.left / width, crop.height / height,
+                   crop.width / width], np.float32)
+
+
+def resize_to_canvas(image: np.ndarray, canvas_size: int) -> np.ndarray:
+  """[H, W, 3] -> [canvas, canvas, 3] (bilinear, antialiased); a no-op at that size."""
+  if image.shape[:2] == (canvas_size, canvas_size):
+    return image
+  return np.asarray(PIL.Image.fromarray(image).resize((canvas_size, canvas_size), _RESAMPLE))
+
+
+def canvas_clip(frames: Sequence[np.ndarray], rng: np.random.Generator, canvas_size: int,
+                scale: Sequence[float] = (0.64, 1.0)) -> CanvasClip:
+  """The host's half of device-side training augmentation for one clip.
+
+  Draws the crop and flip exactly as `train_transform_clip` does (same generator
+  calls, so the same box for the same generator state), on the first frame's own
+  pixel size, and resizes every frame to the square canvas; `cope_jax.augment` crops,
+  resizes and flips on the device.
+  """
+  if not frames:
+    raise ValueError("canvas_clip needs at least one frame")
+  height, width = frames[0].shape[:2]
+  crop = random_resized_crop_params(rng, height, width, scale)
+  flip = bool(rng.random() < 0.5)
+  return CanvasClip(np.stack([resize_to_canvas(frame, canvas_size) for frame in frames]),
+                    normalized_box(crop, height, width), flip)
 
 
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:

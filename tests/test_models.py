@@ -459,3 +459,104 @@ def test_params_shard_over_a_mesh_with_the_config_rules():
                           env={**os.environ, "PYTHONPATH": str(root)})
   assert result.returncode == 0, result.stderr[-3000:]
   assert "sharded ok" in result.stdout
+
+
+# ---- attention implementation (config.model.attention) -------------------------------
+
+from cope_jax.models import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _numpy_attention(query, key, value, padding_mask):
+  """softmax(q k^T / sqrt(d)) v over the real keys, in float64. [B, L, H, D] in and out."""
+  q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(padding_mask[:, None, None, :], logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def test_xla_attention_with_padding_matches_numpy():
+  rng = np.random.default_rng(0)
+  query, key, value = (rng.normal(size=(3, 7, 2, 8)).astype(np.float32) for _ in range(3))
+  padding_mask = np.arange(7)[None] < np.array([7, 4, 1])[:, None]
+  got = layers.attention(query, key, value, "xla", padding_mask)
+  np.testing.assert_allclose(got, _numpy_attention(query, key, value, padding_mask),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dtype,backend,expected", [
+    ("xla", jnp.bfloat16, "gpu", "xla"),
+    ("auto", jnp.bfloat16, "gpu", "cudnn"),
+    ("auto", jnp.float32, "gpu", "xla"),
+    ("auto", jnp.bfloat16, "cpu", "xla"),
+    ("cudnn", jnp.float16, "gpu", "cudnn"),
+])
+def test_attention_setting_resolves_per_backend_and_dtype(name, dtype, backend, expected):
+  assert layers.resolve_attention(name, dtype, backend) == expected
+
+
+@pytest.mark.parametrize("name,dtype,backend,message", [
+    ("cudnn", jnp.bfloat16, "cpu", "needs an NVIDIA GPU"),
+    ("cudnn", jnp.float32, "gpu", "computes in bfloat16 or float16"),
+    ("flash", jnp.bfloat16, "gpu", "must be one of"),
+])
+def test_unusable_attention_setting_names_the_field(name, dtype, backend, message):
+  with pytest.raises(ValueError, match=rf"config\.model\.attention.*{message}|{message}"):
+    layers.resolve_attention(name, dtype, backend)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error off GPU")
+def test_cudnn_attention_in_the_config_fails_clearly_off_gpu():
+  model_config = tiny_model_config()
+  model_config.dtype = "bfloat16"
+  model_config.attention = "cudnn"
+  with pytest.raises(ValueError, match=r"config\.model\.attention='cudnn' needs an NVIDIA GPU"):
+    ModelConfig.from_config(model_config)
+
+
+def _attention_inputs(batch, length, heads, head_dim, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.bfloat16)
+          for _ in range(3)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("batch,length,heads,head_dim,padded", [
+    (16, 198, 12, 64, False),  # ViT-B/16 frame tokens + the message token
+    (16, 8, 12, 64, False),  # message attention across 8 frames
+    (16, 8, 8, 64, False),  # MIT over 8 positions
+    (16, 32, 12, 64, True),  # text with right padding
+])
+def test_cudnn_attention_matches_xla_in_bfloat16(batch, length, heads, head_dim, padded):
+  query, key, value = _attention_inputs(batch, length, heads, head_dim)
+  mask = (np.arange(length)[None] < np.linspace(1, length, batch).astype(int)[:, None]
+          if padded else None)
+
+  def loss(q, k, v, implementation):
+    out = layers.attention(q, k, v, implementation, mask)
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  results = {}
+  for implementation in ("xla", "cudnn"):
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                              static_argnums=3)(query, key, value, implementation)
+    results[implementation] = [np.asarray(x, np.float32) for x in (out, *grads)]
+  for name, xla, cudnn in zip(("out", "dq", "dk", "dv"), results["xla"], results["cudnn"]):
+    scale = max(1.0, float(np.abs(xla).max()))
+    assert np.abs(cudnn - xla).max() / scale < 2e-2, name
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_model_embeddings_match_xla_in_bfloat16(params):
+  batch = make_batch()
+  embeddings = {}
+  for implementation in ("xla", "cudnn"):
+    model_config = tiny_model_config()
+    model_config.dtype = "bfloat16"
+    model_config.attention = implementation
+    embeddings[implementation] = jax.jit(build(model_config).apply)({"params": params}, batch)
+  for name, want in embeddings["xla"].items():
+    np.testing.assert_allclose(embeddings["cudnn"][name], want, atol=2e-2, err_msg=name)

@@ -17,6 +17,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from cope_jax.models import layers
+
 Dtype = Any
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,6 +46,8 @@ class VisionConfig:
   mit_heads: int
   drop_path_rate: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a name of jax.checkpoint_policies
+  attention: str = "xla"  # "xla" | "cudnn" (resolved from config.model.attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -61,6 +65,8 @@ class TextConfig:
   layer_norm_eps: float = 1e-12
   dropout_rate: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a name of jax.checkpoint_policies
+  attention: str = "xla"  # "xla" | "cudnn" (resolved from config.model.attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -84,7 +90,11 @@ class ModelConfig:
           "(data.vocab_path) before building the model")
     dtype = canonical_dtype(model_config.dtype)
     param_dtype = canonical_dtype(model_config.param_dtype)
-    shared = dict(remat=bool(model_config.remat), dtype=dtype, param_dtype=param_dtype)
+    remat_policy = model_config.get("remat_policy", "nothing_saveable")
+    layers.remat_policy(remat_policy)  # ValueError naming the field for an unknown name
+    attention = layers.resolve_attention(model_config.get("attention", "xla"), dtype)
+    shared = dict(remat=bool(model_config.remat), remat_policy=remat_policy,
+                  attention=attention, dtype=dtype, param_dtype=param_dtype)
     vision, text = model_config.vision, model_config.text
     return cls(
         emb_dim=int(model_config.emb_dim),

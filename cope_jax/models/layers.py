@@ -118,18 +118,86 @@ class DropPath(nn.Module):
     return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
+# `config.model.attention`: how `jax.nn.dot_product_attention` computes attention.
+#   "xla"    XLA's fused softmax(q k^T / sqrt(d)) v, any backend and dtype;
+#   "cudnn"  cuDNN's flash-attention kernel (NVIDIA GPUs, bfloat16/float16 compute);
+#   "auto"   "cudnn" on a GPU backend with bfloat16/float16 compute, else "xla".
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def resolve_attention(name: str, dtype: Dtype, backend: str | None = None) -> str:
+  """A `config.model.attention` value -> "xla" or "cudnn" for this backend and dtype.
+
+  Raises ValueError naming the field when "cudnn" cannot run here.
+  """
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {name!r}")
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if name == "auto":
+    return "cudnn" if backend in ("gpu", "cuda") and half else "xla"
+  if name == "cudnn" and backend not in ("gpu", "cuda"):
+    raise ValueError(f"config.model.attention='cudnn' needs an NVIDIA GPU (cuDNN flash "
+                     f"attention); this run's backend is {backend!r}: use 'xla' or 'auto'")
+  if name == "cudnn" and not half:
+    raise ValueError("config.model.attention='cudnn' computes in bfloat16 or float16; "
+                     f"config.model.dtype is {jnp.dtype(dtype).name}: use 'xla' or 'auto'")
+  return name
+
+
+def attention(query, key, value, implementation: str = "xla", padding_mask=None):
+  """Softmax attention of [B, L, heads, head_dim] q, k, v -> [B, L, heads, head_dim].
+
+  `padding_mask` [B, L] bool (True: a real token) hides padded keys; padding is at the
+  end of each row (the tokenizer's layout), which the cuDNN kernel takes as per-row key
+  lengths. The softmax is computed in float32 by both implementations.
+  """
+  if padding_mask is None:
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  if implementation == "cudnn":
+    lengths = jnp.sum(padding_mask, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
+  return jax.nn.dot_product_attention(query, key, value, mask=padding_mask[:, None, None, :],
+                                      implementation=implementation)
+
+
+# `config.model.remat_policy`: what a rematerialised block keeps from its forward pass
+# (names of `jax.checkpoint_policies`); the rest is recomputed in the backward pass.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str):
+  """A `config.model.remat_policy` name -> the `jax.checkpoint_policies` function."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got "
+                     f"{name!r}")
+  return getattr(jax.checkpoint_policies, name)
+
+
+def maybe_remat(block_class, remat: bool, policy: str, static_argnums: tuple[int, ...]):
+  """`block_class`, rematerialised with `policy` in the backward pass when `remat`."""
+  if not remat:
+    return block_class
+  return nn.remat(block_class, static_argnums=static_argnums, policy=remat_policy(policy))
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention laid out like PyTorch's `nn.MultiheadAttention`.
 
   q, k and v come from one packed projection `in_proj` (kernel [D, 3, heads, D/heads],
   PyTorch `in_proj_weight` [3D, D]); `out_proj` has kernel [heads, D/heads, D].
-  Attention runs through `jax.nn.dot_product_attention` (softmax in float32).
+  Attention runs through `jax.nn.dot_product_attention` (softmax in float32) with the
+  `implementation` of `attention` ("xla" or "cudnn").
 
   Input [batch, length, D] -> output [batch, length, D].
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -140,7 +208,7 @@ class MultiHeadAttention(nn.Module):
     qkv = dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
                 dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj")(x)
     query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    context = jax.nn.dot_product_attention(query, key, value)  # [B, L, heads, head_dim]
+    context = attention(query, key, value, self.implementation)  # [B, L, heads, head_dim]
     return dense(width, ("heads", "kv", "embed"), axis=(-2, -1), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="out_proj")(context)
 

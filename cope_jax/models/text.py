@@ -55,10 +55,14 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-  """`query`, `key`, `value` and masked attention. [B, L, hidden] -> [B, L, heads, head]."""
+  """`query`, `key`, `value` and masked attention. [B, L, hidden] -> [B, L, heads, head].
+
+  `attention_mask` [B, L] bool: True for real tokens (padding at the end).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention implementation
 
   @nn.compact
   def __call__(self, x, attention_mask):
@@ -69,8 +73,8 @@ class BertSelfAttention(nn.Module):
     project = lambda name: layers.dense(
         (self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)(x)
-    return jax.nn.dot_product_attention(project("query"), project("key"), project("value"),
-                                        mask=attention_mask)
+    return layers.attention(project("query"), project("key"), project("value"),
+                            self.attention, padding_mask=attention_mask)
 
 
 class BertResidualOutput(nn.Module):
@@ -99,11 +103,13 @@ class BertAttention(nn.Module):
   dropout_rate: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool = True):
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    context = BertSelfAttention(self.num_heads, name="self", **kwargs)(x, attention_mask)
+    context = BertSelfAttention(self.num_heads, name="self", attention=self.attention,
+                                **kwargs)(x, attention_mask)
     return BertResidualOutput(x.shape[-1], ("heads", "kv"), self.layer_norm_eps,
                               self.dropout_rate, name="output", **kwargs)(
                                   context, x, deterministic)
@@ -130,12 +136,14 @@ class BertLayer(nn.Module):
   dropout_rate: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool = True):
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = BertAttention(self.num_heads, self.layer_norm_eps, self.dropout_rate,
-                      name="attention", **kwargs)(x, attention_mask, deterministic)
+                      name="attention", attention=self.attention, **kwargs)(
+                          x, attention_mask, deterministic)
     hidden = BertIntermediate(self.intermediate_size, name="intermediate", **kwargs)(x)
     return BertResidualOutput(x.shape[-1], ("mlp",), self.layer_norm_eps,
                               self.dropout_rate, name="output", **kwargs)(
@@ -150,12 +158,14 @@ class BertEncoder(nn.Module):
   def __call__(self, x, attention_mask, deterministic: bool = True):
     config = self.config
     # Argument 0 is the module, 3 is `deterministic` (a Python bool).
-    layer_class = nn.remat(BertLayer, static_argnums=(3,)) if config.remat else BertLayer
+    layer_class = layers.maybe_remat(BertLayer, config.remat, config.remat_policy,
+                                     static_argnums=(3,))
     for i in range(config.layers):
       x = layer_class(num_heads=config.heads, intermediate_size=config.intermediate_size,
                       layer_norm_eps=config.layer_norm_eps, dropout_rate=config.dropout_rate,
                       dtype=config.dtype, param_dtype=config.param_dtype,
-                      name=f"layer_{i}")(x, attention_mask, deterministic)
+                      attention=config.attention, name=f"layer_{i}")(
+                          x, attention_mask, deterministic)
     return x
 
 
@@ -183,7 +193,7 @@ class BertModel(nn.Module):
                        config.type_vocab_size, config.layer_norm_eps, config.dropout_rate,
                        name="embeddings", **kwargs)(
                            token_ids, jnp.zeros_like(token_ids), deterministic)
-    attention_mask = (token_mask > 0)[:, None, None, :]  # [B, 1 (heads), 1 (query), L]
+    attention_mask = token_mask > 0  # [B, L]: True for real tokens
     x = BertEncoder(config, name="encoder")(x, attention_mask, deterministic)
     return BertPooler(name="pooler", **kwargs)(x)
 

@@ -50,11 +50,13 @@ class CrossFrameBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention implementation
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     batch, frames, tokens, width = x.shape
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attention_kwargs = dict(kwargs, implementation=self.attention)
     ln = lambda name: layers.LayerNorm(output_dtype=self.dtype,
                                        param_dtype=self.param_dtype, name=name)
     drop_path = layers.DropPath(self.drop_path_rate)
@@ -62,13 +64,13 @@ class CrossFrameBlock(nn.Module):
     messages = layers.dense(width, ("embed", "mlp"), name="message_fc",
                             **kwargs)(x[:, :, 0, :])  # [B, T, width]
     messages = messages + drop_path(
-        layers.MultiHeadAttention(self.num_heads, name="message_attn", **kwargs)(
+        layers.MultiHeadAttention(self.num_heads, name="message_attn", **attention_kwargs)(
             ln("message_ln")(messages)), deterministic)
 
     sequences = jnp.concatenate([x, messages[:, :, None, :]], axis=2)
     sequences = sequences.reshape(batch * frames, tokens + 1, width)
     sequences = sequences + drop_path(
-        layers.MultiHeadAttention(self.num_heads, name="attn", **kwargs)(
+        layers.MultiHeadAttention(self.num_heads, name="attn", **attention_kwargs)(
             ln("ln_1")(sequences)), deterministic)
     x = sequences[:, :tokens].reshape(batch, frames, tokens, width)
 
@@ -82,6 +84,7 @@ class ResidualAttentionBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention implementation
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -89,14 +92,16 @@ class ResidualAttentionBlock(nn.Module):
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ln = lambda name: layers.LayerNorm(output_dtype=self.dtype,
                                        param_dtype=self.param_dtype, name=name)
-    x = x + layers.MultiHeadAttention(self.num_heads, name="attn", **kwargs)(ln("ln_1")(x))
+    x = x + layers.MultiHeadAttention(self.num_heads, name="attn", implementation=self.attention,
+                                      **kwargs)(ln("ln_1")(x))
     return x + layers.QuickGeluMlp(self.mlp_dim, name="mlp", **kwargs)(ln("ln_2")(x))
 
 
-def _maybe_remat(block_class, remat: bool):
-  """`block_class`, rematerialised in the backward pass when `remat`."""
+def _maybe_remat(block_class, config: VisionConfig):
+  """`block_class`, rematerialised in the backward pass when `config.remat`."""
   # Argument 0 is the module itself, 2 is `deterministic` (a Python bool).
-  return nn.remat(block_class, static_argnums=(2,)) if remat else block_class
+  return layers.maybe_remat(block_class, config.remat, config.remat_policy,
+                            static_argnums=(2,))
 
 
 class CrossFrameTransformer(nn.Module):
@@ -106,13 +111,14 @@ class CrossFrameTransformer(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     config = self.config
-    block_class = _maybe_remat(CrossFrameBlock, config.remat)
+    block_class = _maybe_remat(CrossFrameBlock, config)
     # Stochastic depth grows linearly from 0 in the first block to the rate in the last.
     rates = np.linspace(0.0, config.drop_path_rate, config.layers) if config.layers else []
     for i in range(config.layers):
       x = block_class(num_heads=config.heads, mlp_dim=config.mlp_dim,
                       drop_path_rate=float(rates[i]), dtype=config.dtype,
-                      param_dtype=config.param_dtype, name=f"resblocks_{i}")(x, deterministic)
+                      param_dtype=config.param_dtype, attention=config.attention,
+                      name=f"resblocks_{i}")(x, deterministic)
     return x
 
 
@@ -193,10 +199,11 @@ class MultiFrameIntegration(nn.Module):
                                                    (None, None, "embed")),
         (1, config.num_frames, dim), config.param_dtype)
     x = frame_features + positional_embedding.astype(config.dtype)
-    block_class = _maybe_remat(ResidualAttentionBlock, config.remat)
+    block_class = _maybe_remat(ResidualAttentionBlock, config)
     for i in range(config.mit_layers):
       x = block_class(num_heads=config.mit_heads, mlp_dim=4 * dim, dtype=config.dtype,
-                      param_dtype=config.param_dtype, name=f"resblocks_{i}")(x, deterministic)
+                      param_dtype=config.param_dtype, attention=config.attention,
+                      name=f"resblocks_{i}")(x, deterministic)
     x = x + frame_features
     return jnp.mean(x.astype(jnp.float32), axis=1).astype(config.dtype)
 
