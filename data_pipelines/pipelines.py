@@ -148,11 +148,11 @@ class _ExampleOptions:
 
   @classmethod
   def from_config(cls, data_config) -> _ExampleOptions:
-    augment_on = data_config.get("augment_on", "host")
+    augment_on = data_config.augment_on
     if augment_on not in AUGMENT_ON:
       raise ValueError(f"config.data.augment_on must be one of {AUGMENT_ON}, got "
                        f"{augment_on!r}")
-    canvas_size = data_config.get("canvas_size", 0) or data_config.image_size
+    canvas_size = data_config.canvas_size or data_config.image_size
     if canvas_size < data_config.image_size:
       raise ValueError(f"config.data.canvas_size ({canvas_size}) must be at least "
                        f"data.image_size ({data_config.image_size}), or 0 for equal")

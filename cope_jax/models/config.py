@@ -90,9 +90,9 @@ class ModelConfig:
           "(data.vocab_path) before building the model")
     dtype = canonical_dtype(model_config.dtype)
     param_dtype = canonical_dtype(model_config.param_dtype)
-    remat_policy = model_config.get("remat_policy", "nothing_saveable")
+    remat_policy = model_config.remat_policy
     layers.remat_policy(remat_policy)  # ValueError naming the field for an unknown name
-    attention = layers.resolve_attention(model_config.get("attention", "xla"), dtype)
+    attention = layers.resolve_attention(model_config.attention, dtype)
     shared = dict(remat=bool(model_config.remat), remat_policy=remat_policy,
                   attention=attention, dtype=dtype, param_dtype=param_dtype)
     vision, text = model_config.vision, model_config.text
