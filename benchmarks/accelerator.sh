@@ -8,8 +8,9 @@
 # (ACCELERATOR_SECONDS, default 465 s), each guarded so that a failure or a timeout
 # loses only its own figures (the train-step benchmark writes its JSON after each row):
 #   1. attention   cuDNN flash attention vs XLA in bfloat16, to 2e-2 (tests/test_models.py)
-#   2. step_b8     train step at the paper's shape, batch 8 per device: JAX (XLA and
-#                  cuDNN attention) vs the PyTorch reference with fp16 AMP, same run
+#   2. step_b8     train step at the paper's shape, batch 8 per device: JAX (cuDNN and
+#                  XLA attention) vs the PyTorch reference with fp16 AMP, same run; the
+#                  first setting is traced with jax.profiler (device time per model part)
 #   3. pipeline    the input pipeline at the paper's shape on realistic JPEGs (720 x 1280
 #                  frames, 800 x 800 pages, q90), as released and stored pre-resized
 #   4. stall       the real training loop (realistic JPEGs stored pre-resized, host and
@@ -77,7 +78,7 @@ if [ "$dry_run" = 1 ]; then
   step_args=(--shapes tiny --steps 1 --warmup 1)
   part attention 300 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
   part step_b8 300 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 4 \
-    --attention xla --out "$results/${slug}_step_b8.json"
+    --attention xla --profile /tmp/cope_profile_dryrun --out "$results/${slug}_step_b8.json"
   part pipeline 300 "$python" -m benchmarks.data_pipeline --shapes tiny --sources realistic \
     --products 4 --batches 1 --workers 0 --out "$results/${slug}_pipeline.json"
   part stall 300 "$python" -m benchmarks.stall --products 4 --steps 4 --log_every 2 \
@@ -90,8 +91,8 @@ else
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
   step_args=(--shapes paper --steps 8 --warmup 3)
   part attention 60 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
-  part step_b8 95 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 8 \
-    --attention xla,cudnn --out "$results/${slug}_step_b8.json"
+  part step_b8 120 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 8 \
+    --attention cudnn,xla --profile /tmp/cope_profile_b8 --out "$results/${slug}_step_b8.json"
   part pipeline 50 "$python" -m benchmarks.data_pipeline --sources realistic --products 12 \
     --batches 6 --workers 0,8 --out "$results/${slug}_pipeline.json"
   part stall 110 "$python" -m benchmarks.stall --shape paper --realistic --max_image_side 576 \

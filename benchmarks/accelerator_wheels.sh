@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Downloads, on a machine with package-registry access, the wheels that
-# benchmarks/accelerator.sh installs on an accelerator machine that has JAX, Flax,
-# Optax, Orbax, PyTorch and Pillow but no registry access (CPython 3.12, x86-64).
+# benchmarks/accelerator.sh installs on an accelerator machine that has JAX, PyTorch,
+# Pillow and the dependencies of Flax and Orbax but no registry access (CPython 3.12,
+# x86-64). Flax, Optax and Orbax come at requirements.txt's pins, whatever is there.
 #
 #   bash benchmarks/accelerator_wheels.sh [DIR]     # default DIR: .whl (keep it ignored)
 #
@@ -11,6 +12,7 @@ dir="${1:-.whl}"
 mkdir -p "$dir"
 # Versions: requirements.txt's pins, and for their dependencies those of the CPU venv.
 packages=(
+  flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
   grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 simplejpeg==1.9.0
   tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 importlib_resources==7.1.0
   tensorboardX==2.6.5 immutabledict==4.3.1 portpicker==1.6.0 promise==2.3 toml==0.10.2
