@@ -4,20 +4,22 @@
 #   bash benchmarks/accelerator.sh             # on a machine with one NVIDIA GPU
 #   bash benchmarks/accelerator.sh --dry-run   # anywhere (CPU): tiny shapes, a step or two
 #
-# Parts, in this order, each under its own time limit inside the total
-# (ACCELERATOR_SECONDS, default 465 s), each guarded so that a failure or a timeout
-# loses only its own figures (the train-step benchmark writes its JSON after each row):
+# Parts, in this order, each under its own time limit inside the total (ACCELERATOR_SECONDS,
+# default 465 s; a part gets what is left when that is less), each guarded so that a
+# failure or a timeout loses only its own figures (the train-step benchmark writes its
+# JSON after each row, and each part's JSON goes to $OUT as soon as the part ends):
 #   1. attention   cuDNN flash attention vs XLA in bfloat16, to 2e-2 (tests/test_models.py)
 #   2. step_b8     train step at the paper's shape, batch 8 per device: JAX (cuDNN and
 #                  XLA attention) vs the PyTorch reference with fp16 AMP, same run; the
 #                  first setting is traced with jax.profiler (device time per model part)
-#   3. pipeline    the input pipeline at the paper's shape on realistic JPEGs (720 x 1280
-#                  frames, 800 x 800 pages, q90), as released and stored pre-resized
+#   3. step_best   cuDNN attention at batch 32 with remat none and dots_saveable, the
+#                  largest batch that fits up to 64 (doubling, first policy), and
+#                  PyTorch AMP at batch 32
 #   4. stall       the real training loop (realistic JPEGs stored pre-resized, host and
 #                  device augmentation) vs the same step on one in-memory batch
-#   5. step_best   the time left: cuDNN attention at batch 32 with remat dots_saveable
-#                  and none, the largest batch that fits (doubling, first policy), and
-#                  PyTorch AMP at batch 32
+#   5. pipeline    the time left: the input pipeline at the paper's shape on realistic
+#                  JPEGs (720 x 1280 frames, 800 x 800 pages, q90), as released and
+#                  stored pre-resized, 8 worker processes
 # Results: benchmarks/results/accelerator/<device>_*.json, a summary
 # (<device>_summary.json: each part's status, seconds and the device), and the logs;
 # the JSON files are also copied to $OUT when that is set.
@@ -72,6 +74,8 @@ part() {
   echo "{\"part\": \"$name\", \"status\": \"$outcome\", \"seconds\": $seconds}" >> "$summary"
   tail -n 25 "$results/${slug}_$name.log"
   echo "== $name: $outcome in ${seconds}s"
+  # Each part's figures leave at once, so that a run stopped later keeps them.
+  [ -n "${OUT:-}" ] && cp "$results/${slug}_$name.json" "$OUT"/ 2>/dev/null
 }
 
 if [ "$dry_run" = 1 ]; then
@@ -79,30 +83,30 @@ if [ "$dry_run" = 1 ]; then
   part attention 300 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
   part step_b8 300 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 4 \
     --attention xla --profile /tmp/cope_profile_dryrun --out "$results/${slug}_step_b8.json"
-  part pipeline 300 "$python" -m benchmarks.data_pipeline --shapes tiny --sources realistic \
-    --products 4 --batches 1 --workers 0 --out "$results/${slug}_pipeline.json"
-  part stall 300 "$python" -m benchmarks.stall --products 4 --steps 4 --log_every 2 \
-    --batch_size 8 --realistic --max_image_side 576 --attention xla \
-    --out "$results/${slug}_stall.json"
   part step_best 300 "$python" -m benchmarks.train_step "${step_args[@]}" --skip_torch \
     --batch_sizes 4,max --max_batch_limit 8 --remat dots_saveable,none \
     --out "$results/${slug}_step_best.json"
+  part stall 300 "$python" -m benchmarks.stall --products 4 --steps 4 --log_every 2 \
+    --batch_size 8 --realistic --max_image_side 576 --attention xla \
+    --out "$results/${slug}_stall.json"
+  part pipeline 300 "$python" -m benchmarks.data_pipeline --shapes tiny --sources realistic \
+    --products 4 --batches 1 --workers 0 --out "$results/${slug}_pipeline.json"
 else
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
   step_args=(--shapes paper --steps 8 --warmup 3)
-  part attention 60 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
+  part attention 50 "$python" -m pytest -q -p no:cacheprovider tests/test_models.py -k "cudnn"
   part step_b8 120 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 8 \
     --attention cudnn,xla --profile /tmp/cope_profile_b8 --out "$results/${slug}_step_b8.json"
-  part pipeline 50 "$python" -m benchmarks.data_pipeline --sources realistic --products 12 \
-    --batches 6 --workers 0,8 --out "$results/${slug}_pipeline.json"
-  part stall 110 "$python" -m benchmarks.stall --shape paper --realistic --max_image_side 576 \
-    --products 12 --steps 30 --log_every 10 --attention cudnn \
-    --out "$results/${slug}_stall.json"
-  # Whatever time is left: remat policy at batch 32 (and the largest batch that fits
-  # with the first policy), PyTorch AMP at batch 32.
-  part step_best 300 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 32,max \
-    --attention cudnn --remat dots_saveable,none --max_batch_limit 128 \
+  # Remat policy at batch 32 (and the largest batch that fits with the first policy),
+  # PyTorch AMP at batch 32.
+  part step_best 130 "$python" -m benchmarks.train_step "${step_args[@]}" --batch_sizes 32,max \
+    --attention cudnn --remat none,dots_saveable --max_batch_limit 64 \
     --out "$results/${slug}_step_best.json"
+  part stall 100 "$python" -m benchmarks.stall --shape paper --realistic --max_image_side 576 \
+    --products 8 --steps 20 --log_every 10 --attention cudnn \
+    --out "$results/${slug}_stall.json"
+  part pipeline 90 "$python" -m benchmarks.data_pipeline --sources realistic --products 8 \
+    --batches 4 --workers 8 --out "$results/${slug}_pipeline.json"
 fi
 
 "$python" - "$summary" "$device" "$results/${slug}_summary.json" <<'EOF'

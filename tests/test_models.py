@@ -549,14 +549,41 @@ def test_cudnn_attention_matches_xla_in_bfloat16(batch, length, heads, head_dim,
     assert np.abs(cudnn - xla).max() / scale < 2e-2, name
 
 
+@pytest.mark.parametrize("query_length,key_length,head_dim,takes", [
+    (198, 198, 64, True), (8, 8, 64, True), (32, 32, 8, True),
+    (1, 1, 64, False),  # a page's single frame: the kernel refuses it
+    (8, 8, 12, False), (8, 8, 256, False), (197, 197, 64, False),
+])
+def test_cudnn_takes_only_the_sizes_its_kernel_runs(query_length, key_length, head_dim,
+                                                    takes):
+  assert layers.cudnn_takes(query_length, key_length, head_dim) is takes
+
+
+def test_cudnn_setting_runs_sizes_off_the_kernel_through_xla():
+  # A page's single frame: no cuDNN call at all, so this runs on any backend.
+  rng = np.random.default_rng(0)
+  query, key, value = (rng.normal(size=(3, 1, 2, 64)).astype(np.float32) for _ in range(3))
+  got = layers.attention(query, key, value, "cudnn")
+  everything = np.ones((3, 1), bool)
+  np.testing.assert_allclose(got, _numpy_attention(query, key, value, everything), atol=1e-5)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
-def test_cudnn_model_embeddings_match_xla_in_bfloat16(params):
+def test_cudnn_model_embeddings_match_xla_in_bfloat16():
   batch = make_batch()
   embeddings = {}
+  params = None
   for implementation in ("xla", "cudnn"):
     model_config = tiny_model_config()
+    model_config.vision.output_dim = 32  # integration head dim 16: on the kernel's grid
     model_config.dtype = "bfloat16"
     model_config.attention = implementation
-    embeddings[implementation] = jax.jit(build(model_config).apply)({"params": params}, batch)
+    model = build(model_config)
+    if params is None:
+      params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+    apply = jax.jit(model.apply)
+    if implementation == "cudnn":  # the clips' attention really runs on the cuDNN kernel
+      assert "cudnn" in apply.lower({"params": params}, batch).compile().as_text()
+    embeddings[implementation] = apply({"params": params}, batch)
   for name, want in embeddings["xla"].items():
     np.testing.assert_allclose(embeddings["cudnn"][name], want, atol=2e-2, err_msg=name)

@@ -146,13 +146,27 @@ def resolve_attention(name: str, dtype: Dtype, backend: str | None = None) -> st
   return name
 
 
+def cudnn_takes(query_length: int, key_length: int, head_dim: int) -> bool:
+  """Whether `implementation="cudnn"` runs attention of these sizes on the cuDNN flash
+  kernel: a head dim that is a multiple of 8 up to 128, and even query and key lengths
+  of at least 2. The kernel refuses a length of 1 (message and integration attention
+  over a page's single frame) and head dims off that grid; odd lengths are kept off it
+  too, which keeps every setting on shapes that were checked against XLA."""
+  return (head_dim % 8 == 0 and head_dim <= 128 and query_length >= 2
+          and key_length >= 2 and query_length % 2 == 0 and key_length % 2 == 0)
+
+
 def attention(query, key, value, implementation: str = "xla", padding_mask=None):
   """Softmax attention of [B, L, heads, head_dim] q, k, v -> [B, L, heads, head_dim].
 
   `padding_mask` [B, L] bool (True: a real token) hides padded keys; padding is at the
   end of each row (the tokenizer's layout), which the cuDNN kernel takes as per-row key
-  lengths. The softmax is computed in float32 by both implementations.
+  lengths. The softmax is computed in float32 by both implementations. With "cudnn",
+  sizes the kernel does not take (`cudnn_takes`) run through XLA.
   """
+  if implementation == "cudnn" and not cudnn_takes(query.shape[1], key.shape[1],
+                                                    query.shape[-1]):
+    implementation = "xla"
   if padding_mask is None:
     return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
   if implementation == "cudnn":
