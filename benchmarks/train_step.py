@@ -101,10 +101,19 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   return batch
 
 
+def _progress(stage: str, since: float) -> float:
+  """One line per set-up stage on stderr (where an accelerator run's time goes)."""
+  now = time.perf_counter()
+  print(f"[train_step] {stage}: {now - since:.1f} s", file=sys.stderr, flush=True)
+  return now
+
+
 def _compiled_step(config, batch):
+  since = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh)
   state, shardings = state_lib.create_train_state(
       config, mesh, num_classes=batch["product_index"].size)
+  since = _progress("train state created", since)
   model = state_lib.build_model(config)
   step_fn = jax.jit(
       functools.partial(train.train_step, model=model,
@@ -115,6 +124,8 @@ def _compiled_step(config, batch):
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     device_batch = sharding.host_batch_to_global(batch, mesh)
     compiled = step_fn.lower(state, device_batch).compile()
+  _progress(f"step compiled (attention {config.model.attention}, batch "
+            f"{config.train.batch_size})", since)
   return compiled, state, device_batch, mesh
 
 
@@ -129,6 +140,7 @@ def time_jax(config, batch, steps: int, warmup: int, profile_dir: str = "") -> d
       state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics["loss"])
     elapsed = time.perf_counter() - start
+    since = _progress(f"{steps} timed steps", start)
     top_ops = None
     if profile_dir:
       with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
@@ -139,6 +151,7 @@ def time_jax(config, batch, steps: int, warmup: int, profile_dir: str = "") -> d
       top_ops = {"ops": all_ops[:15],
                  "by_model_part": [{"part": part, "share": round(share, 4)}
                                    for part, share in group_costs(all_ops)[:15]]}
+      _progress("3 steps traced and the trace read", since)
   flops_per_step = model_flops.train_flops_per_example(config) * config.train.batch_size
   result = {"seconds_per_step": elapsed / steps,
             "examples_per_second": steps * config.train.batch_size / elapsed,
@@ -203,6 +216,7 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  since = time.perf_counter()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   model = torch_reference.ReferenceCOPE(config.model).to(device)
@@ -248,10 +262,12 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
     scaler.update()
     return loss
 
+  since = _progress("PyTorch reference built", since)
   for _ in range(warmup):
     loss = step()
   if device == "cuda":
     torch.cuda.synchronize()
+  _progress(f"PyTorch {warmup} warm-up steps", since)
   start = time.perf_counter()
   for _ in range(steps):
     loss = step()
