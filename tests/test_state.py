@@ -99,16 +99,6 @@ def test_asr_fusion_is_one_config_field_that_trains_and_evaluates(tiny_prepared_
   assert not np.allclose(first["video_embedding"], second["video_embedding"])
 
 
-def test_in_domain_alignment_terms_train(tiny_prepared_dir, tiny_rope_dir, tmp_path):
-  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=2)
-  for term in config.loss.weights:
-    config.loss.weights[term] = 1.0 if term.endswith("_text_visual") else 0.0
-  metrics = train.train_and_evaluate(config, str(tmp_path))
-  for domain in domains.NAMES:
-    assert np.isfinite(metrics[f"loss/{domain}_text_visual"])
-  assert "loss/page_video" not in metrics
-
-
 def _resolved(config):
   return config_checks.resolve_vocab_size(config)
 

@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -18,8 +14,6 @@ from cope_jax import evaluate
 from cope_jax import train
 from data_pipelines import domains
 from tests import tiny_configs
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _final_params(workdir, step):
@@ -50,58 +44,6 @@ def test_training_reduces_the_loss_and_logs(tiny_prepared_dir, tiny_rope_dir, tm
     assert key in last
   assert os.listdir(tmp_path / "tensorboard")
   assert checkpoints.checkpoint_manager(str(tmp_path), read_only=True).latest_step() == 12
-
-
-def test_interrupted_run_resumes_to_the_same_parameters(tiny_prepared_dir, tiny_rope_dir,
-                                                        tmp_path, monkeypatch):
-  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=6)
-  config.train.checkpoint_every = 2
-  train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
-  expected = _final_params(str(tmp_path / "uninterrupted"), 6)
-
-  # Interrupt right after the checkpoint of step 4 has been started (as a kill would).
-  save = checkpoints.save_training_state
-
-  class Killed(Exception):
-    pass
-
-  def save_then_die(manager, step, state, data_iterator):
-    save(manager, step, state, data_iterator)
-    if step == 4:
-      manager.wait_until_finished()
-      raise Killed()
-
-  monkeypatch.setattr(checkpoints, "save_training_state", save_then_die)
-  with pytest.raises(Killed):
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(checkpoints, "save_training_state", save)
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  _assert_same_tree(_final_params(str(tmp_path / "resumed"), 6), expected)
-
-
-def test_sigkill_at_any_moment_then_rerun_completes(tiny_prepared_dir, tiny_rope_dir, tmp_path):
-  config_args = tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir)
-  workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "cope_jax.train", "--config",
-             os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"), "--workdir", str(workdir),
-             "--config.train.num_steps=8", "--config.train.checkpoint_every=2", *config_args]
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-  deadline = time.time() + 240
-  while time.time() < deadline and process.poll() is None:
-    steps = [d for d in os.listdir(workdir / "checkpoints")] if (
-        workdir / "checkpoints").exists() else []
-    if any(d.isdigit() for d in steps):
-      break
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  manager = checkpoints.checkpoint_manager(str(workdir), read_only=True)
-  assert manager.latest_step() == 8
 
 
 @pytest.mark.parametrize("field, value, message", [
