@@ -671,12 +671,22 @@ def load_training_model_params(workdir: str) -> dict:
   stay where they are. The shapes come from the checkpoint's own metadata.
   """
   manager = checkpoint_manager(workdir, read_only=True)
-  step = manager.latest_step()
+  steps = sorted(manager.all_steps(), reverse=True)
   manager.close()
-  if step is None:
+  if not steps:
     raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), STATE_ITEM))
-  saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  saved = None
+  for step in steps:  # the shapes of one run's steps agree: the newest readable metadata
+    path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), STATE_ITEM))
+    try:
+      saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    except Exception:  # pylint: disable=broad-except  # damage: restore_verified says which
+      saved = None
+    if saved is not None:
+      break
+  if saved is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint's metadata can be read "
+                            f"(steps {', '.join(map(str, steps))})")
   on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = {"params": {"model": jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_one_device),

@@ -83,6 +83,20 @@ def _staging_name(final_dir: str) -> str:
   return os.path.join(parent, f".{name}.staging-{os.getpid()}")
 
 
+@contextlib.contextmanager
+def _fresh_staging(final_dir: str) -> Iterator[str]:
+  """A new, empty staging folder beside `final_dir` (stale ones removed first), removed
+  again if the body raises."""
+  remove_stale_staging(final_dir)
+  staging = _staging_name(final_dir)
+  os.makedirs(staging)
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
 def remove_stale_staging(final_dir: str) -> None:
   """Removes staging folders of `final_dir` left by an interrupted write."""
   parent, name = os.path.split(os.path.abspath(final_dir))
@@ -101,14 +115,8 @@ def staged_directory(final_dir: str) -> Iterator[str]:
   say). If the body raises, the staging folder is removed and `final_dir` is untouched.
   The move is one `os.replace` per file, after every file has been written.
   """
-  remove_stale_staging(final_dir)
-  staging = _staging_name(final_dir)
-  os.makedirs(staging)
-  try:
+  with _fresh_staging(final_dir) as staging:
     yield staging
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   os.makedirs(final_dir, exist_ok=True)
   for root, _, files in os.walk(staging):
     relative = os.path.relpath(root, staging)
@@ -126,14 +134,8 @@ def replaced_directory(final_dir: str) -> Iterator[str]:
   The old folder is renamed aside, the new one renamed into place, then the old one is
   removed; if the body raises, `final_dir` is untouched.
   """
-  remove_stale_staging(final_dir)
-  staging = _staging_name(final_dir)
-  os.makedirs(staging)
-  try:
+  with _fresh_staging(final_dir) as staging:
     yield staging
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   parent, name = os.path.split(os.path.abspath(final_dir))
   old = os.path.join(parent, f".{name}.old-{os.getpid()}")
   if os.path.exists(final_dir):

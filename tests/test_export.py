@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-import portpicker
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,6 +25,7 @@ from cope_jax.search import exact
 from cope_jax.search import index as search_index
 from data_pipelines import domains
 from data_pipelines import prepare
+from tests import multiprocess
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,28 +288,12 @@ def test_release_format_refuses_resume(exported):
                              output_format="release")
 
 
-def _run_two_processes(command):
-  """Runs `command` as two JAX processes on localhost with 4 fake CPU devices each."""
-  port = portpicker.pick_unused_port()
-  processes = []
-  for process_id in range(2):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               COPE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", COPE_NUM_PROCESSES="2",
-               COPE_PROCESS_ID=str(process_id))
-    processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-  for process in processes:
-    _, stderr = process.communicate(timeout=420)
-    assert process.returncode == 0, stderr[-4000:]
-
-
 @pytest.mark.slow
 def test_two_processes_export_the_rows_of_one(exported, weights, tmp_path):
   """Two JAX processes (one 8-device mesh) each write their part; together the files
   hold the one-process export's rows in order."""
   out_dir = tmp_path / "out"
-  _run_two_processes(_export_command(exported, weights, str(out_dir), str(tmp_path / "workdir")))
+  multiprocess.run_two_processes(_export_command(exported, weights, str(out_dir), str(tmp_path / "workdir")))
 
   with open(out_dir / "manifest.json") as f:
     manifest = json.load(f)
@@ -343,7 +327,7 @@ def test_two_processes_write_the_release_files_of_one(exported, weights, exporte
   """With --format release each process writes its `{rank}_*` files: rank 0's then rank
   1's lines are the one-process files' lines (ids, live times; values within rounding)."""
   out_dir = tmp_path / "out"
-  _run_two_processes(_export_command(exported, weights, str(out_dir), str(tmp_path / "workdir"),
+  multiprocess.run_two_processes(_export_command(exported, weights, str(out_dir), str(tmp_path / "workdir"),
                                      "--format=release"))
   assert sorted(os.listdir(out_dir)) == sorted(
       release_format.file_name(rank, domain) for rank in range(2) for domain in domains.NAMES)

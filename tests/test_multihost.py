@@ -2,37 +2,24 @@
 
 import json
 import os
-import subprocess
 import sys
 
-import portpicker
-
 from cope_jax import checkpoints
+from tests import multiprocess
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_two_processes_train_on_one_mesh_and_agree(tiny_prepared_dir, tiny_rope_dir, tmp_path):
-  port = portpicker.pick_unused_port()
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "cope_jax.train", "--config",
              os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"), "--workdir", str(workdir),
              "--config.train.num_steps=3", "--config.train.log_every=3",
              "--config.train.checkpoint_every=3",
              *tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir)]
-  processes = []
-  for process_id in range(2):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               COPE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", COPE_NUM_PROCESSES="2",
-               COPE_PROCESS_ID=str(process_id))
-    processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
   results = []
-  for process in processes:
-    stdout, stderr = process.communicate(timeout=420)
-    assert process.returncode == 0, stderr[-4000:]
+  for stdout in multiprocess.run_two_processes(command):
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     results.append(json.loads(lines[-1]))
   assert sorted(r["process_index"] for r in results) == [0, 1]

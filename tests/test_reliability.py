@@ -135,6 +135,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(
   for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
     key = "model/" + jax.tree_util.keystr(path, simple=True, separator="/")
     np.testing.assert_array_equal(np.asarray(value), expected[key])
+  # A training workdir given as init_from (stage 2) is read the same way.
+  from_workdir = jax.tree_util.tree_flatten_with_path(
+      checkpoints.load_training_model_params(workdir))[0]
+  assert len(from_workdir) == len(jax.tree.leaves(params))
+  for path, value in from_workdir:
+    key = "model/" + jax.tree_util.keystr(path, simple=True, separator="/")
+    np.testing.assert_array_equal(value, expected[key])
 
   # Training resumes from step 2: one line names step 4 and the reason; the damaged
   # step is moved aside, and the run ends with the uninterrupted run's parameters.
