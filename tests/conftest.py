@@ -11,7 +11,19 @@ Both are session-scoped and built once per test run (about two seconds together)
 Treat them as read-only: tests that modify data copy it or generate their own.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# One persistent XLA compilation cache for the whole run, used in-process and by the
+# subprocesses that tests start (they inherit the environment): many tests train the same
+# tiny model, and a cache hit skips XLA's compilation of a step compiled before. Read by
+# JAX when it initialises, like the flag below.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="cope_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 # Eight fake CPU devices for every in-process test, so that sharding tests never depend on
 # which test file happened to start JAX first. Must be set before JAX initialises.
