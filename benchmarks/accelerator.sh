@@ -7,7 +7,8 @@
 # Parts, in this order, each under its own time limit inside the total (ACCELERATOR_SECONDS,
 # default 465 s; a part gets what is left when that is less), each guarded so that a
 # failure or a timeout loses only its own figures (the train-step benchmark writes its
-# JSON after each row, and each part's JSON goes to $OUT as soon as the part ends):
+# JSON after each row, and each part's JSON is copied to $COPY_RESULTS_TO, when set,
+# as soon as the part ends):
 #   1. attention   cuDNN flash attention vs XLA in bfloat16, to 2e-2 (tests/test_models.py)
 #   2. step_b8     train step at the paper's shape, batch 8 per device: JAX (cuDNN and
 #                  XLA attention) vs the PyTorch reference with fp16 AMP, same run; the
@@ -22,7 +23,8 @@
 #                  stored pre-resized, 8 worker processes
 # Results: benchmarks/results/accelerator/<device>_*.json, a summary
 # (<device>_summary.json: each part's status, seconds and the device), and the logs;
-# the JSON files are also copied to $OUT when that is set.
+# the JSON files and a tarball of the logs are also copied to $COPY_RESULTS_TO when set
+# (a folder that outlives the machine, say).
 #
 # On an H200 with JAX 0.11, the first paper-shape row (state, compilation, 11 steps and
 # the profiled steps) took over 120 s, and generating and preparing the stall
@@ -81,7 +83,7 @@ part() {
   tail -n 25 "$results/${slug}_$name.log"
   echo "== $name: $outcome in ${seconds}s"
   # Each part's figures leave at once, so that a run stopped later keeps them.
-  [ -n "${OUT:-}" ] && cp "$results/${slug}_$name.json" "$OUT"/ 2>/dev/null
+  [ -n "${COPY_RESULTS_TO:-}" ] && cp "$results/${slug}_$name.json" "$COPY_RESULTS_TO"/ 2>/dev/null
 }
 
 if [ "$dry_run" = 1 ]; then
@@ -122,8 +124,8 @@ json.dump({"device": sys.argv[2], "parts": parts}, open(sys.argv[3], "w"), inden
 print(json.dumps({"device": sys.argv[2], "parts": parts}))
 EOF
 rm -f "$summary"
-if [ -n "${OUT:-}" ]; then
-  cp "$results/${slug}"_*.json "$OUT"/ 2>/dev/null
-  tar czf "$OUT/${slug}_logs.tar.gz" "$results/${slug}"_*.log 2>/dev/null
+if [ -n "${COPY_RESULTS_TO:-}" ]; then
+  cp "$results/${slug}"_*.json "$COPY_RESULTS_TO"/ 2>/dev/null
+  tar czf "$COPY_RESULTS_TO/${slug}_logs.tar.gz" "$results/${slug}"_*.log 2>/dev/null
 fi
 echo "total $(( $(date +%s) - start_time ))s; results in $results/${slug}_*"
