@@ -44,6 +44,9 @@ total_seconds="${ACCELERATOR_SECONDS:-465}"
 start_time=$(date +%s)
 python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One XLA compilation cache for all parts: what one part compiled (parameter
+# initialisation, a step of the same configuration), a later part loads.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/cope_accelerator_xla_cache}"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
