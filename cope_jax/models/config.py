@@ -31,8 +31,19 @@ def canonical_dtype(name: str) -> Dtype:
   return _DTYPES[name]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncoderCompute:
+  """How an encoder computes (the same for both, from `config.model`): keyword-only, so
+  the encoders' own fields come first."""
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a name of jax.checkpoint_policies
+  attention: str = "xla"  # "xla" | "cudnn" (resolved from config.model.attention)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(EncoderCompute):
   """The X-CLIP visual encoder (`config.model.vision`)."""
   image_size: int
   patch_size: int
@@ -45,15 +56,10 @@ class VisionConfig:
   mit_layers: int
   mit_heads: int
   drop_path_rate: float = 0.0
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"  # a name of jax.checkpoint_policies
-  attention: str = "xla"  # "xla" | "cudnn" (resolved from config.model.attention)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(EncoderCompute):
   """The BERT-architecture text encoder (`config.model.text`)."""
   vocab_size: int
   hidden_size: int
@@ -64,11 +70,6 @@ class TextConfig:
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   dropout_rate: float = 0.0
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"  # a name of jax.checkpoint_policies
-  attention: str = "xla"  # "xla" | "cudnn" (resolved from config.model.attention)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
