@@ -54,8 +54,9 @@ def _strict_json(text: str):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp("jax_cache"))
+def compile_cache() -> str:
+  """The run's one XLA compilation cache (tests/conftest.py), for the CLI subprocesses."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def _train_cli(workdir, prepared_dir, rope_dir, cache, *extra, num_steps=NUM_STEPS):
