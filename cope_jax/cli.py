@@ -82,8 +82,9 @@ def _quiet_thread_excepthook(args: threading.ExceptHookArgs) -> None:
         f"{_first_line(args.exc_value)}", file=sys.stderr, flush=True)
 
 
-def _quiet_unraisable_reports(unraisable) -> None:
-  """An unraisable-exception hook: one line, or nothing for `Event loop is closed`.
+class _BackgroundErrorReports:
+  """An unraisable-exception hook: the first error of a background task in one line, the
+  later ones counted; nothing for `Event loop is closed`.
 
   When one read of an Orbax restore fails, Orbax closes its asyncio loop while
   TensorStore still completes the other reads; each completion then fails to reach the
@@ -91,14 +92,25 @@ def _quiet_unraisable_reports(unraisable) -> None:
   garbage-collected, at any moment later. Python would print a traceback for each
   (dozens, burying the real error, which checkpoints.py reports in one line).
   """
-  error = unraisable.exc_value
-  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-    return
-  print(f"ignored error in a background task: {type(error).__name__}: "
-        f"{_first_line(error)}", file=sys.stderr, flush=True)
+
+  def __init__(self):
+    self.not_shown = 0
+    self._shown = False
+
+  def __call__(self, unraisable) -> None:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    if self._shown:
+      self.not_shown += 1
+      return
+    self._shown = True
+    print(f"ignored error in a background task: {type(error).__name__}: "
+          f"{_first_line(error)}", file=sys.stderr, flush=True)
 
 
-def exit_with_error(error: BaseException, status: int = 1) -> None:
+def exit_with_error(error: BaseException, status: int = 1,
+                    background_errors_not_shown: int = 0) -> None:
   """Prints `error` (one paragraph, or the traceback if requested) and ends the process.
 
   Ends with `os._exit`: after a fatal error, library threads (asynchronous checkpoint
@@ -107,8 +119,10 @@ def exit_with_error(error: BaseException, status: int = 1) -> None:
   if traceback_requested():
     traceback.print_exception(error, file=sys.stderr)
   else:
-    print(f"error: {error_paragraph(error)}\n(full traceback: {TRACEBACK_ENV}=1 or "
-          "--traceback)", file=sys.stderr)
+    not_shown = (f"{background_errors_not_shown} more errors in background tasks not "
+                 "shown; " if background_errors_not_shown else "")
+    print(f"error: {error_paragraph(error)}\n({not_shown}full traceback: {TRACEBACK_ENV}=1 "
+          "or --traceback)", file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(status)  # pylint: disable=protected-access
@@ -130,9 +144,10 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str)
     if not flags.FLAGS["verbosity"].present:
       # Checkpointing libraries log every save at INFO; `--verbosity=0` shows them again.
       logging.set_verbosity(logging.WARNING)
+    background_errors = _BackgroundErrorReports()
     if not traceback_requested():
       threading.excepthook = _quiet_thread_excepthook
-      sys.unraisablehook = _quiet_unraisable_reports
+      sys.unraisablehook = background_errors
       # The entry points run no asyncio code of their own: asyncio's reports come from
       # Orbax's reads, whose failures checkpoints.py turns into one line. An unretrieved
       # task of a failed read is reported when it is garbage-collected, at any moment
@@ -146,6 +161,6 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str)
       sys.stdout.flush()
       os._exit(130)  # pylint: disable=protected-access
     except Exception as error:  # pylint: disable=broad-except
-      exit_with_error(error)
+      exit_with_error(error, background_errors_not_shown=background_errors.not_shown)
 
   app.run(main)

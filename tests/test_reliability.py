@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -29,6 +30,7 @@ import pytest
 
 from benchmarks import soak
 from cope_jax import checkpoints
+from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import evaluate
 from cope_jax import export
@@ -191,6 +193,20 @@ def test_all_checkpoints_damaged_is_one_short_paragraph(trained, tiny_prepared_d
                                   capture_output=True, text=True, timeout=300)
   assert with_traceback.returncode == 1
   assert "Traceback (most recent call last)" in with_traceback.stderr
+
+
+def test_errors_of_background_tasks_print_one_line_and_a_count(capsys):
+  # A failed Orbax read leaves dozens of such errors, garbage-collected at any moment:
+  # the first gets one line, the others a count in the final error's last line.
+  reports = cli._BackgroundErrorReports()  # pylint: disable=protected-access
+  for error in (RuntimeError("Event loop is closed"),
+                *[Exception(f"Encountered error while reading array index {i}")
+                  for i in range(24)]):
+    reports(types.SimpleNamespace(exc_value=error))
+  printed = capsys.readouterr().err.splitlines()
+  assert printed == ["ignored error in a background task: Exception: Encountered error "
+                     "while reading array index 0"]
+  assert reports.not_shown == 23
 
 
 # ---- 4: shape mismatches -------------------------------------------------------------
