@@ -129,7 +129,10 @@ def _compiled_step(config, batch):
   return compiled, state, device_batch, mesh
 
 
-def time_jax(config, batch, steps: int, warmup: int, profile_dir: str = "") -> dict:
+def time_jax(config, batch, steps: int, warmup: int):
+  """Times the compiled step. Returns (result, profile): `profile(dir)` traces three more
+  steps of the same compiled step and returns its top costs, so that a caller can take
+  the trace after its other figures (a run stopped while tracing keeps those)."""
   compiled, state, device_batch, mesh = _compiled_step(config, batch)
   with jax.set_mesh(mesh):
     for _ in range(warmup):
@@ -140,18 +143,7 @@ def time_jax(config, batch, steps: int, warmup: int, profile_dir: str = "") -> d
       state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics["loss"])
     elapsed = time.perf_counter() - start
-    since = _progress(f"{steps} timed steps", start)
-    top_ops = None
-    if profile_dir:
-      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-        for _ in range(3):
-          state, metrics = compiled(state, device_batch)
-        jax.block_until_ready(metrics["loss"])
-      all_ops = top_device_ops(profile_dir, compiled.as_text())
-      top_ops = {"ops": all_ops[:15],
-                 "by_model_part": [{"part": part, "share": round(share, 4)}
-                                   for part, share in group_costs(all_ops)[:15]]}
-      _progress("3 steps traced and the trace read", since)
+  _progress(f"{steps} timed steps", start)
   flops_per_step = model_flops.train_flops_per_example(config) * config.train.batch_size
   result = {"seconds_per_step": elapsed / steps,
             "examples_per_second": steps * config.train.batch_size / elapsed,
@@ -162,9 +154,21 @@ def time_jax(config, batch, steps: int, warmup: int, profile_dir: str = "") -> d
   peak = model_flops.peak_flops_per_device()
   if peak:
     result["mfu"] = flops_per_step / result["seconds_per_step"] / (peak * jax.device_count())
-  if top_ops is not None:
-    result["profile_top_ops"] = top_ops
-  return result
+
+  def profile(profile_dir: str) -> dict:
+    nonlocal state
+    since = time.perf_counter()
+    with jax.set_mesh(mesh), jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(3):
+        state, metrics = compiled(state, device_batch)
+      jax.block_until_ready(metrics["loss"])
+    all_ops = top_device_ops(profile_dir, compiled.as_text())
+    _progress("3 steps traced and the trace read", since)
+    return {"ops": all_ops[:15],
+            "by_model_part": [{"part": part, "share": round(share, 4)}
+                              for part, share in group_costs(all_ops)[:15]]}
+
+  return result, profile
 
 
 def top_device_ops(profile_dir: str, hlo_text: str, count: int = 0) -> list[dict]:
@@ -289,14 +293,14 @@ def _is_out_of_memory(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args,
-             profile_dir="") -> dict:
+def _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args):
+  """The JAX figures at one setting, and its `profile` (see `time_jax`)."""
   config = make_config(shape, batch_size, dtype, remat, attention, augment_on)
   row = {"shape": shape, "batch_size": batch_size, "jax_dtype": dtype, "remat": remat,
          "attention": attention, "augment_on": augment_on,
          "image_size": config.data.image_size, "frames": config.data.num_frames}
-  row["jax"] = time_jax(config, random_batch(config), args.steps, args.warmup, profile_dir)
-  return row
+  row["jax"], profile = time_jax(config, random_batch(config), args.steps, args.warmup)
+  return row, profile
 
 
 def _torch_result(shape, batch_size, dtype, args) -> dict:
@@ -357,27 +361,37 @@ def main(argv=None):
     for setting_index, (remat, attention, augment_on) in enumerate(settings):
       largest = 0
       for batch_size in sizes:
-        profile_dir = args.profile if (args.profile and not rows) else ""
         try:
-          row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args,
-                         profile_dir)
+          row, profile = _jax_row(shape, batch_size, dtype, remat, attention, augment_on,
+                                  args)
         except Exception as error:  # pylint: disable=broad-except
           if not _is_out_of_memory(error):
             raise
           row = {"shape": shape, "batch_size": batch_size, "remat": remat,
                  "attention": attention, "augment_on": augment_on, "jax": None,
                  "error": "out of memory"}
-        else:
-          largest = batch_size
-          if not args.skip_torch and batch_size not in torch_rates:
-            torch_rates[batch_size] = _torch_result(shape, batch_size, dtype, args)
-          torch_result = torch_rates.get(batch_size, {})
-          if "examples_per_second" in torch_result:
-            row["torch"] = torch_result
-            row["jax_over_torch"] = (row["jax"]["examples_per_second"]
-                                     / torch_result["examples_per_second"])
+          rows.append(row)
+          write(rows)
+          print(json.dumps(row), flush=True)
+          continue
+        # Written at once, then again with PyTorch's figures, then with the profile (the
+        # first setting only): a run stopped part-way keeps what it measured.
+        largest = batch_size
+        first_row = not rows
         rows.append(row)
         write(rows)
+        if not args.skip_torch and batch_size not in torch_rates:
+          torch_rates[batch_size] = _torch_result(shape, batch_size, dtype, args)
+        torch_result = torch_rates.get(batch_size, {})
+        if "examples_per_second" in torch_result:
+          row["torch"] = torch_result
+          row["jax_over_torch"] = (row["jax"]["examples_per_second"]
+                                   / torch_result["examples_per_second"])
+          write(rows)
+        if args.profile and first_row:
+          row["jax"]["profile_top_ops"] = profile(args.profile)
+          write(rows)
+        del profile  # frees the state and the compiled step before the next setting
         print(json.dumps(row), flush=True)
       batch_size = max(sizes) if sizes else 8
       # The largest batch that fits: doubled from the largest listed, first setting only.
@@ -385,7 +399,7 @@ def main(argv=None):
              and batch_size * 2 <= args.max_batch_limit):
         batch_size *= 2
         try:
-          row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)
+          row, _ = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)
         except Exception as error:  # pylint: disable=broad-except
           if not _is_out_of_memory(error):
             raise
