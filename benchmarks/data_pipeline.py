@@ -361,20 +361,24 @@ def _row_name(m: Measurement) -> str:
   return f"{m.shape}/{m.source}/{m.stored}/{m.loader}/{m.workers}_workers"
 
 
-def _gpu_step_rate(path: str) -> dict | None:
-  """The best measured examples/s per accelerator at the paper's shape, or None."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      results = json.load(f)
-  except (OSError, ValueError):
-    return None
-  rows = [row for row in results.get("rows", [])
-          if row.get("shape") == "paper" and row.get("jax")]
-  if not rows:
-    return None
-  best = max(rows, key=lambda row: row["jax"]["examples_per_second"])
-  return {"file": path, "device": results.get("device"), "batch_size": best["batch_size"],
-          "examples_per_second_per_device": best["jax"]["examples_per_second"]}
+def _gpu_step_rate(paths: str) -> dict | None:
+  """The best measured examples/s per accelerator at the paper's shape in the
+  train-step results `paths` (comma-separated; unreadable ones skipped), or None."""
+  best = None
+  for path in paths.split(","):
+    try:
+      with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    except (OSError, ValueError):
+      continue
+    for row in results.get("rows", []):
+      if row.get("shape") != "paper" or not row.get("jax"):
+        continue
+      rate = row["jax"]["examples_per_second"]
+      if best is None or rate > best["examples_per_second_per_device"]:
+        best = {"file": path, "device": results.get("device"),
+                "batch_size": row["batch_size"], "examples_per_second_per_device": rate}
+  return best
 
 
 def _prepare_quietly(rope_dir: str, out: str, **options) -> str:
@@ -405,7 +409,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--prepare_only", action="store_true",
                       help="measure only the preparation comparison")
   parser.add_argument("--gpu_step_results",
-                      default="benchmarks/results/train_step_gpu_paper.json")
+                      default="benchmarks/results/train_step_gpu_paper.json",
+                      help="comma-separated train-step results; the best paper-shape rate "
+                           "gives the host cores an accelerator needs")
   args = parser.parse_args(argv)
   if args.out is None:
     args.out = ("benchmarks/results/data_pipeline_prepare.json" if args.prepare_only

@@ -18,8 +18,10 @@ take cores from the step, which the stall figure does not see).
 
 Without `--prepared_dir` a synthetic ROPE dataset is generated and prepared in a
 temporary folder (the demo's: 240 products, 64 px JPEGs; `--shape paper`: 224 px,
-T = 8, batch 8 per device, `--jpeg_side` px JPEGs). Prints a table, writes JSON
-(default benchmarks/results/stall_<backend>_<shape>.json).
+T = 8, batch 8 per device, `--jpeg_side` px JPEGs). `--prepare_to DIR` only generates
+and prepares it, into DIR/rope and DIR/prepared, for a later run's `--rope_dir` and
+`--prepared_dir` (host work that can run while the accelerator does something else).
+Prints a table, writes JSON (default benchmarks/results/stall_<backend>_<shape>.json).
 """
 
 from __future__ import annotations
@@ -158,8 +160,17 @@ def main(argv=None):
                            "800 x 800 pages; benchmarks/data_pipeline.py)")
   parser.add_argument("--max_image_side", type=int, default=0,
                       help="prepare --max_image_side (frames stored pre-resized; 0: no)")
+  parser.add_argument("--prepare_to", default="",
+                      help="only generate and prepare the data into this folder, then exit")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
+  if args.prepare_to:
+    start = time.perf_counter()
+    rope_dir, prepared_dir = _data(args.prepare_to, args.shape, args.jpeg_side,
+                                   args.products, args.realistic, args.max_image_side)
+    print(f"generated {rope_dir} and prepared {prepared_dir} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return
 
   device = jax.devices()[0].device_kind
   out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
