@@ -399,7 +399,9 @@ def main(argv=None):
              and batch_size * 2 <= args.max_batch_limit):
         batch_size *= 2
         try:
-          row, _ = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)
+          # [0]: the profile, and with it the state and compiled step, go at once, before
+          # the next doubling compiles (else they would take its memory).
+          row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)[0]
         except Exception as error:  # pylint: disable=broad-except
           if not _is_out_of_memory(error):
             raise
