@@ -180,11 +180,13 @@ class AttentionPooling(nn.Module):
 
 
 class FusionHead(nn.Module):
-  """Released head layout: fc0, fc1, fc2, attention_pooling.projection."""
+  """Released head layout: fc0 (only with a text input, `input_dims[0]` not None), fc1,
+  fc2, attention_pooling.projection."""
 
   def __init__(self, text_dim, visual_dim, emb_dim):
     super().__init__()
-    self.fc0 = nn.Linear(text_dim, emb_dim)
+    if text_dim is not None:
+      self.fc0 = nn.Linear(text_dim, emb_dim)
     self.fc1 = nn.Linear(visual_dim, emb_dim)
     self.fc2 = nn.Linear(2 * emb_dim, emb_dim)  # present in checkpoints, never used
     self.attention_pooling = AttentionPooling(emb_dim)
@@ -192,7 +194,7 @@ class FusionHead(nn.Module):
   def forward(self, text, visual):
     """-> (fused or None, text projection or None, visual projection)."""
     visual = self.fc1(visual)
-    if text is None:
+    if text is None or not hasattr(self, "fc0"):
       return None, None, visual
     text = self.fc0(text)
     fused = self.attention_pooling.projection(torch.cat([text, visual], dim=-1))
@@ -200,31 +202,33 @@ class FusionHead(nn.Module):
 
 
 class ReferenceCOPE(nn.Module):
-  """The released model; `use_asr_text` fuses the ASR text into the video/live embedding.
+  """The released model: `item_fusion_model` with `fc0`, `photo_fusion_model` and
+  `live_fusion_model` built with `input_dims=[None, visual_dim]` (no `fc0`).
 
-  Returns every embedding of every domain: the page's fused/text/visual embeddings as
-  released, each clip's retrieval embedding (visual, or fused with `use_asr_text`) and,
-  for the in-domain alignment of the release's training script, each clip's ASR text
-  projection (`fc0`) and visual projection (`fc1`).
+  Project extensions, off by default (the release's structure):
+    `model_config.use_asr_text` fuses the ASR text into the video/live embedding (the
+      clip heads then project and fuse it: `fc0`, `attention_pooling.projection`);
+    `clip_text=True` gives the clip heads an ASR text projection (`fc0`) without fusing,
+      for the in-domain ASR<->frames alignment terms.
+  Returns every embedding the structure defines: the page's fused/text/visual embeddings
+  as released, each clip's retrieval embedding (visual, or fused with `use_asr_text`)
+  and visual projection, and, where the clip head projects text, its ASR projection.
   """
 
-  def __init__(self, model_config):
+  def __init__(self, model_config, clip_text: bool = False):
     super().__init__()
     self.use_asr_text = model_config.use_asr_text
     hidden = model_config.text.hidden_size
+    clip_text_dim = hidden if (clip_text or self.use_asr_text) else None
     output_dim, emb_dim = model_config.vision.output_dim, model_config.emb_dim
     self.visual_encoder = VisualEncoder(model_config.vision)
     self.text_encoder = TextEncoder(model_config.text)
     self.item_fusion_model = FusionHead(hidden, output_dim, emb_dim)
-    self.photo_fusion_model = FusionHead(hidden, output_dim, emb_dim)
-    self.live_fusion_model = FusionHead(hidden, output_dim, emb_dim)
+    self.photo_fusion_model = FusionHead(clip_text_dim, output_dim, emb_dim)
+    self.live_fusion_model = FusionHead(clip_text_dim, output_dim, emb_dim)
 
-  def forward(self, batch, clip_text: bool = True):
-    """batch: the model's batch dict as torch tensors, images normalised NCHW.
-
-    `clip_text=False` skips the clips' ASR text where the retrieval embedding does not
-    fuse it (the released forward pass, which computes no clip text embedding).
-    """
+  def forward(self, batch):
+    """batch: the model's batch dict as torch tensors, images normalised NCHW."""
     title = self.text_encoder(batch["page_title_ids"], batch["page_title_mask"])
     page_visual = self.visual_encoder(batch["page_image"][:, None])
     page, page_text, page_visual = self.item_fusion_model(title, page_visual)
@@ -234,7 +238,7 @@ class ReferenceCOPE(nn.Module):
                          ("live", self.live_fusion_model)):
       visual = self.visual_encoder(batch[f"{domain}_frames"])
       asr = None
-      if clip_text or self.use_asr_text:
+      if hasattr(head, "fc0"):
         asr = self.text_encoder(batch[f"{domain}_asr_ids"], batch[f"{domain}_asr_mask"])
       fused, asr_projection, visual = head(asr, visual)
       outputs[f"{domain}_embedding"] = fused if self.use_asr_text else visual
