@@ -12,6 +12,8 @@ Treat them as read-only: tests that modify data copy it or generate their own.
 """
 
 import atexit
+import glob
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -30,6 +32,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
+
+# libtpu (requirements-tpu.txt) is installed for the TPU compile tests, which compile for
+# TPU topology descriptions on this host. Without TPU chips here, keep JAX from starting
+# a TPU backend in every test process: it would fail (printing errors) and hold libtpu's
+# one-process lock. ALLOW_MULTIPLE_LIBTPU_LOAD lets test processes, their subprocesses
+# and concurrent runs load libtpu for topology descriptions side by side.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# (A host with a GPU plugin keeps JAX's own choice.)
+if ("JAX_PLATFORMS" not in os.environ and importlib.util.find_spec("libtpu") is not None
+    and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")
+    and not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))):
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
