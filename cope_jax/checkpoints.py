@@ -6,20 +6,22 @@ Two kinds live on disk:
   item `state` (the `TrainState` pytree: step, params, optimiser state, RNG), item
   `data` (the Grain iterator state, one JSON file per process) and item `integrity`
   (JSON: per state leaf its path, shape, dtype, a 64-bit checksum of its bytes and its
-  count of non-finite values). The three are committed together (Orbax writes the step
+  count of non-finite values; `cope_jax.checkpoint_integrity`). The three are committed together (Orbax writes the step
   into a temporary folder and renames it), so a step without a readable integrity
   record is damaged, not merely old;
 - parameter checkpoints written by `cope_jax.convert`: a plain Orbax pytree of model
   parameters (`{"model": {...}}`), possibly holding only some towers.
 
 Restoring verifies a step before using it: its integrity record is read, the stored
-shapes are compared with the model's (a mismatch is a config error, reported as a list of
-`path: checkpoint shape vs model shape` with the config field most likely to differ), the
+shapes are compared with the model's (`cope_jax.checkpoint_fit`: a mismatch is a config
+error, reported as a list of `path: checkpoint shape vs model shape` with the config field
+most likely to differ), the
 arrays are read and their checksums and finiteness compared with the record. A damaged
 step (missing, truncated or corrupt files, checksum or finiteness failure, any Orbax
 error) is reported in one line and the next older step is tried. Training moves damaged
-steps newer than the one it resumes from to `checkpoints/damaged/<step>-<reason>/`:
-never deleted, out of the way of the next save of that step and of `max_to_keep`.
+steps newer than the one it resumes from to `checkpoints/damaged/<step>-<reason>/`
+(`checkpoint_integrity.set_aside`): never deleted, out of the way of the next save of that
+step and of `max_to_keep`.
 
 `load_params` reads the model parameters of either kind (a training run starts from a
 converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
@@ -28,33 +30,24 @@ converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging as python_logging
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
-from jax import lax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from cope_jax import checkpoint_fit
+from cope_jax import checkpoint_integrity
 from cope_jax import result_files
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 INTEGRITY_ITEM = "integrity"
-DAMAGED_DIR = "damaged"  # under WORKDIR/checkpoints; not a step name, so Orbax ignores it
-INTEGRITY_FORMAT = 1
-_MAX_LISTED = 12  # leaves listed in an error message
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint holds parameters of other shapes or names than this config's model."""
 
 
 class NoIntactCheckpointError(RuntimeError):
@@ -106,112 +99,6 @@ def quiet_library_logs(level: int = python_logging.CRITICAL + 1) -> Iterator[Non
 
 
 # ----------------------------------------------------------------------------
-# Integrity records.
-
-
-def _leaf_words(value: jax.Array) -> jax.Array:
-  """The leaf's bytes as uint32 words: same shape, or [..., 2] for 64-bit dtypes."""
-  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-    value = jax.random.key_data(value)
-  if value.dtype == jnp.bool_:
-    value = value.astype(jnp.uint8)
-  bits = value.dtype.itemsize * 8
-  if bits == 64:
-    return lax.bitcast_convert_type(value, jnp.uint32)
-  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
-  return lax.bitcast_convert_type(value, unsigned).astype(jnp.uint32)
-
-
-def _row_major_positions(shape: tuple[int, ...]) -> jax.Array:
-  """uint32 [shape]: each element's row-major index (mod 2**32), built without a reshape."""
-  positions = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    positions = positions + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(
-        stride % 2**32)
-    stride *= shape[axis]
-  return positions
-
-
-def _leaf_digest(value: jax.Array) -> jax.Array:
-  """uint32 [3]: two checksums of the leaf's bytes and its number of non-finite values.
-
-  Integer sums wrap mod 2**32 and are independent of the reduction order, so the result
-  does not depend on the sharding or the device count. Any single changed word changes
-  both sums; the second weighs each word by its position, so moved words change it too.
-  """
-  words = _leaf_words(value)
-  mixed = words * jnp.uint32(0x9E3779B1)
-  mixed = mixed ^ (mixed >> 16)
-  weights = _row_major_positions(words.shape) * jnp.uint32(2) + jnp.uint32(1)
-  plain_sum = jnp.sum(mixed, dtype=jnp.uint32)
-  weighted_sum = jnp.sum(mixed * weights, dtype=jnp.uint32)
-  if jnp.issubdtype(value.dtype, jnp.floating):
-    non_finite = jnp.sum(~jnp.isfinite(value), dtype=jnp.uint32)
-  else:
-    non_finite = jnp.zeros((), jnp.uint32)
-  return jnp.stack([plain_sum, weighted_sum, non_finite])
-
-
-# Compiled once per (shape, dtype, sharding): about 30 programs for the paper-size state,
-# where one program over all ~1,200 leaves takes minutes to compile.
-_leaf_digest_compiled = jax.jit(_leaf_digest)
-
-
-def _host_value(array: jax.Array) -> np.ndarray:
-  if isinstance(array, jax.Array) and not array.is_fully_addressable:
-    return np.asarray(array.addressable_data(0))  # replicated: every process holds it all
-  return np.asarray(jax.device_get(array))
-
-
-def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-  """[(path "params/model/...", leaf)] in tree order; the same for a TrainState and a dict."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat]
-
-
-def integrity_record(tree: Any) -> dict[str, Any]:
-  """The integrity record of a tree of arrays (computed on device; a few bytes come back).
-
-  Returns:
-    {"format": 1, "leaves": {path: {"shape": [...], "dtype": str, "checksum": 16 hex
-    digits, "non_finite": int}}}.
-  """
-  named = leaf_paths(tree)
-  computed = [_leaf_digest_compiled(jnp.asarray(leaf)) for _, leaf in named]  # all dispatched
-  digests = [_host_value(digest) for digest in computed]  # then fetched
-  leaves = {}
-  for (path, leaf), digest in zip(named, digests):
-    leaves[path] = {"shape": [int(d) for d in np.shape(leaf)], "dtype": str(leaf.dtype),
-                    "checksum": f"{int(digest[0]):08x}{int(digest[1]):08x}",
-                    "non_finite": int(digest[2])}
-  return {"format": INTEGRITY_FORMAT, "leaves": leaves}
-
-
-def verify_integrity(tree: Any, record: Mapping[str, Any]) -> str | None:
-  """None if every leaf of `tree` matches `record`, else the reason (one line).
-
-  `tree` may hold a subset of the recorded leaves (a partial restore).
-  """
-  actual = integrity_record(tree)["leaves"]
-  expected = record["leaves"]
-  unknown = [path for path in actual if path not in expected]
-  if unknown:
-    return f"the integrity record lacks {len(unknown)} leaves (first: {unknown[0]})"
-  non_finite = [path for path, leaf in actual.items()
-                if leaf["non_finite"] > expected[path]["non_finite"]]
-  if non_finite:
-    return (f"non-finite values in {len(non_finite)} arrays that were finite when saved "
-            f"(first: {non_finite[0]})")
-  changed = [path for path, leaf in actual.items()
-             if leaf["checksum"] != expected[path]["checksum"]]
-  if changed:
-    return (f"checksum mismatch in {len(changed)} of {len(actual)} arrays "
-            f"(first: {changed[0]})")
-  return None
-
-
-# ----------------------------------------------------------------------------
 # Saving.
 
 
@@ -223,7 +110,7 @@ def save_training_state(manager: ocp.CheckpointManager, step: int, state: Any,
   for the state to be ready, which the save would do anyway).
   """
   items = {STATE_ITEM: ocp.args.StandardSave(state),
-           INTEGRITY_ITEM: ocp.args.JsonSave(integrity_record(state))}
+           INTEGRITY_ITEM: ocp.args.JsonSave(checkpoint_integrity.integrity_record(state))}
   if data_iterator is not None:
     items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -255,10 +142,6 @@ def short_error(error: BaseException, limit: int = 300) -> str:
   return f"{type(innermost).__name__}: {text}"
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(manager.directory), str(step))
-
-
 def _written_before_integrity_records(manager: ocp.CheckpointManager) -> bool:
   """Whether no step has an integrity record: checkpoints older than the records.
 
@@ -267,11 +150,13 @@ def _written_before_integrity_records(manager: ocp.CheckpointManager) -> bool:
   """
   steps = manager.all_steps()
   return bool(steps) and not any(
-      os.path.isdir(os.path.join(_step_dir(manager, step), INTEGRITY_ITEM)) for step in steps)
+      os.path.isdir(os.path.join(checkpoint_integrity.step_dir(manager, step), INTEGRITY_ITEM))
+      for step in steps)
 
 
 def _read_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  if not os.path.isdir(os.path.join(_step_dir(manager, step), INTEGRITY_ITEM)):
+  step_dir = checkpoint_integrity.step_dir(manager, step)
+  if not os.path.isdir(os.path.join(step_dir, INTEGRITY_ITEM)):
     raise _Damaged("no-integrity-record", f"its {INTEGRITY_ITEM}/ record is missing")
   try:
     with quiet_library_logs():
@@ -281,7 +166,8 @@ def _read_record(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   except Exception as error:  # pylint: disable=broad-except
     raise _Damaged("unreadable-integrity-record",
                    f"its {INTEGRITY_ITEM}/ record is unreadable ({short_error(error)})") from error
-  if (not isinstance(record, Mapping) or record.get("format") != INTEGRITY_FORMAT
+  if (not isinstance(record, Mapping)
+      or record.get("format") != checkpoint_integrity.INTEGRITY_FORMAT
       or not isinstance(record.get("leaves"), Mapping)):
     raise _Damaged("unreadable-integrity-record", f"its {INTEGRITY_ITEM}/ record is malformed")
   return dict(record)
@@ -303,11 +189,12 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   """The verified state of one step; _Damaged or CheckpointMismatchError otherwise."""
   legacy = _written_before_integrity_records(manager)
   record = None if legacy else _read_record(manager, step)
-  _check_files(_step_dir(manager, step))
+  step_dir = checkpoint_integrity.step_dir(manager, step)
+  _check_files(step_dir)
   if record is not None:
-    check_fits(record, abstract_state,
-               where=f"checkpoint step {step} ({_step_dir(manager, step)})", partial=partial,
-               config=config)
+    checkpoint_fit.check_fits(record, abstract_state,
+                              where=f"checkpoint step {step} ({step_dir})", partial=partial,
+                              config=config)
   if partial:
     state_args = ocp.args.PyTreeRestore(
         item=abstract_state,
@@ -325,9 +212,9 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     raise _Damaged("unreadable", f"Orbax cannot read it: {short_error(error)}") from error
   state = restored[STATE_ITEM]
   if record is None:  # unverified: at least refuse values a training run never saves
-    record = integrity_record(state)
+    record = checkpoint_integrity.integrity_record(state)
     record["leaves"] = {path: dict(leaf, non_finite=0) for path, leaf in record["leaves"].items()}
-  problem = verify_integrity(state, record)
+  problem = checkpoint_integrity.verify_integrity(state, record)
   if problem:
     raise _Damaged("non-finite" if problem.startswith("non-finite") else "checksum", problem)
   return state
@@ -347,18 +234,11 @@ def _print_on_first_process(message: str) -> None:
     print(message, flush=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class DamagedStep:
-  step: int
-  kind: str  # short, for a folder name: "checksum", "unreadable", ...
-  reason: str  # one line
-
-
 def _restore_newest_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
                            abstract_state: Any, data_iterator: Any | None, partial: bool,
                            config: Any, log: Callable[[str], None]
-                           ) -> tuple[Any, int | None, list[DamagedStep]]:
-  damaged: list[DamagedStep] = []
+                           ) -> tuple[Any, int | None, list[checkpoint_integrity.DamagedStep]]:
+  damaged: list[checkpoint_integrity.DamagedStep] = []
   for position, step in enumerate(steps):
     found: _Damaged | None = None
     state = None
@@ -368,7 +248,7 @@ def _restore_newest_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
       found = error
     if _agree_across_processes(found is not None):
       found = found or _Damaged("other-process", "another process could not restore it")
-      damaged.append(DamagedStep(step, found.kind, found.reason))
+      damaged.append(checkpoint_integrity.DamagedStep(step, found.kind, found.reason))
       following = (f"; trying step {steps[position + 1]}" if position + 1 < len(steps)
                    else "")
       log(f"checkpoint step {step} in {manager.directory} is damaged: {found.reason}"
@@ -378,34 +258,14 @@ def _restore_newest_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
   return None, None, damaged
 
 
-def _no_intact_error(manager: ocp.CheckpointManager, damaged: Sequence[DamagedStep]
+def _no_intact_error(manager: ocp.CheckpointManager,
+                     damaged: Sequence[checkpoint_integrity.DamagedStep]
                      ) -> NoIntactCheckpointError:
   listing = "; ".join(f"step {d.step}: {d.reason}" for d in damaged)
   return NoIntactCheckpointError(
       f"no intact checkpoint in {manager.directory} ({listing}). Nothing was deleted. "
       "Move the damaged step folders elsewhere to start training from scratch, or use "
       "another --workdir.")
-
-
-def _set_aside(manager: ocp.CheckpointManager, damaged: Sequence[DamagedStep],
-               log: Callable[[str], None]) -> None:
-  """Moves damaged step folders to checkpoints/damaged/<step>-<kind>[-n]/ (process 0)."""
-  if jax.process_index() == 0:
-    root = os.path.join(str(manager.directory), DAMAGED_DIR)
-    os.makedirs(root, exist_ok=True)
-    for entry in damaged:
-      target = os.path.join(root, f"{entry.step}-{entry.kind}")
-      suffix = 1
-      while os.path.exists(target):
-        suffix += 1
-        target = os.path.join(root, f"{entry.step}-{entry.kind}-{suffix}")
-      os.replace(_step_dir(manager, entry.step), target)
-      log(f"moved the damaged checkpoint step {entry.step} to {target} (kept for "
-          "inspection; the next save of that step writes a new one)")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("cope_jax.checkpoints: damaged steps moved")
-  manager.reload()
 
 
 def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: Any,
@@ -431,7 +291,7 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: Any,
   if step is None:
     raise _no_intact_error(manager, damaged)
   if damaged:
-    _set_aside(manager, damaged, log)
+    checkpoint_integrity.set_aside(manager, damaged, log)
   return state, step
 
 
@@ -494,135 +354,6 @@ def last_good_description(manager: ocp.CheckpointManager) -> str:
   if latest is None:
     return f"there is no checkpoint yet in {manager.directory}"
   return f"the last good checkpoint is step {latest} in {manager.directory}"
-
-
-# ----------------------------------------------------------------------------
-# Shape checks: the checkpoint against the model of this config.
-
-# Parameter paths whose sizes come from a config field no single model value equals.
-_PATH_FIELDS = (
-    (r"word_embeddings", ("data.vocab_path", "model.text.vocab_size")),
-    (r"text_encoder/.*position_embeddings", ("model.text.max_positions",)),
-    (r"visual/positional_embedding", ("data.image_size", "model.vision.patch_size")),
-    (r"visual/conv1/", ("model.vision.patch_size",)),
-    (r"mit/positional_embedding", ("data.num_frames",)),
-    (r"^params/classifier/centers", ("data.prepared_dir", "data.train_split")),
-)
-# Repeated blocks: (path pattern with the block index, config field of the count).
-_LAYER_FIELDS = (
-    (r"text_encoder/.*/layer_(\d+)/", "model.text.layers"),
-    (r"visual/transformer/resblocks_(\d+)/", "model.vision.layers"),
-    (r"mit/resblocks_(\d+)/", "model.vision.mit_layers"),
-)
-# Sub-trees and the config section whose sizes shape them (model.emb_dim: everywhere).
-_TOWER_SECTIONS = (("text_encoder", "model.text."), ("visual_encoder", "model.vision."))
-
-
-def _numeric_fields(config: Any) -> dict[str, int]:
-  """'model.x.y' -> int value, for every integer field under config.model."""
-  if config is None or "model" not in config:
-    return {}
-  model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-  flat = traverse_util.flatten_dict(model, sep=".")
-  return {f"model.{key}": value for key, value in flat.items()
-          if isinstance(value, int) and not isinstance(value, bool)}
-
-
-def _is_optimizer_leaf(path: str) -> bool:
-  return not path.startswith("params/")
-
-
-def _field_votes(mismatched: Sequence[tuple[str, tuple, tuple]], missing: Sequence[str],
-                 unexpected: Sequence[str], config: Any) -> dict[str, tuple[int, str]]:
-  """config field -> (weight, detail) of the evidence that it differs."""
-  numeric = _numeric_fields(config)
-  votes: dict[str, list] = {}
-
-  def vote(field: str, weight: int, detail: str = ""):
-    entry = votes.setdefault(field, [0, ""])
-    entry[0] += weight
-    entry[1] = entry[1] or detail
-
-  for path, stored_shape, model_shape in mismatched:
-    for pattern, fields in _PATH_FIELDS:
-      if re.search(pattern, path):
-        for field in fields:
-          vote(field, 2)
-    if len(stored_shape) != len(model_shape):
-      continue
-    section = next((s for key, s in _TOWER_SECTIONS if key in path), None)
-    for stored_dim, model_dim in zip(stored_shape, model_shape):
-      if stored_dim == model_dim:
-        continue
-      for field, value in numeric.items():
-        in_scope = field == "model.emb_dim" or (section and field.startswith(section))
-        if in_scope and value == model_dim:
-          vote(field, 1, f"checkpoint {stored_dim}, this config {model_dim}")
-  for pattern, field in _LAYER_FIELDS:
-    stored_blocks = {m.group(1) for p in unexpected if (m := re.search(pattern, p))}
-    model_blocks = {m.group(1) for p in missing if (m := re.search(pattern, p))}
-    if stored_blocks or model_blocks:
-      vote(field, 3, "the checkpoint and this config have different block counts")
-  if any(p.startswith("params/classifier/") for p in list(missing) + list(unexpected)):
-    vote("loss.classify_weight", 3, "the product classifier exists in only one of them")
-  return {field: (weight, detail) for field, (weight, detail) in votes.items()}
-
-
-def check_fits(record: Mapping[str, Any], abstract_tree: Any, *, where: str,
-               partial: bool = False, config: Any = None) -> None:
-  """Raises CheckpointMismatchError unless the recorded leaves fit `abstract_tree`.
-
-  Compares paths, shapes and dtypes of the integrity record with the model's before any
-  array is read. With `partial`, recorded leaves outside the restored sub-tree are
-  ignored.
-  """
-  stored = {path: (tuple(leaf["shape"]), leaf["dtype"]) for path, leaf in record["leaves"].items()}
-  expected = {path: (tuple(int(d) for d in np.shape(leaf)), str(leaf.dtype))
-              for path, leaf in leaf_paths(abstract_tree)}
-  if partial and expected:
-    prefix = os.path.commonprefix(list(expected))
-    prefix = prefix[:prefix.rfind("/") + 1]
-    stored = {path: value for path, value in stored.items() if path.startswith(prefix)}
-  missing = sorted(set(expected) - set(stored))
-  unexpected = sorted(set(stored) - set(expected))
-  mismatched = [(path, stored[path][0], expected[path][0]) for path in sorted(stored)
-                if path in expected and stored[path][0] != expected[path][0]]
-  dtypes = [(path, stored[path][1], expected[path][1]) for path in sorted(stored)
-            if path in expected and stored[path][1] != expected[path][1]]
-  if not (missing or unexpected or mismatched or dtypes):
-    return
-
-  lines = []
-  shown = [m for m in mismatched if not _is_optimizer_leaf(m[0])] or mismatched
-  for path, stored_shape, model_shape in shown[:_MAX_LISTED]:
-    lines.append(f"  {path}: checkpoint {stored_shape} vs model {model_shape}")
-  hidden = len(mismatched) - min(len(shown), _MAX_LISTED)
-  if hidden:
-    lines.append(f"  (and {hidden} more, optimiser-state copies included)")
-  for path, stored_dtype, model_dtype in dtypes[:_MAX_LISTED]:
-    lines.append(f"  {path}: checkpoint {stored_dtype} vs model {model_dtype}")
-  for title, paths in (("only in the model", missing), ("only in the checkpoint", unexpected)):
-    if paths:
-      params_first = [p for p in paths if not _is_optimizer_leaf(p)] or list(paths)
-      listed = ", ".join(params_first[:4]) + (", ..." if len(paths) > 4 else "")
-      lines.append(f"  {len(paths)} entries {title}: {listed}")
-
-  votes = _field_votes(mismatched, missing, unexpected, config)
-  if dtypes:
-    votes.setdefault("model.param_dtype", (3, ""))
-  ranked = sorted(votes.items(), key=lambda item: -item[1][0])
-  if ranked:
-    best = ranked[0][1][0]
-    likely = [f"{field} ({detail})" if detail else field
-              for field, (weight, detail) in ranked if weight == best]
-    others = [field for field, (weight, _) in ranked if weight < best][:3]
-    advice = "The config field that most likely differs: " + " or ".join(likely) + (
-        f" (else: {', '.join(others)})" if others else "") + "."
-  else:
-    advice = "The model of this config differs from the one that wrote the checkpoint."
-  raise CheckpointMismatchError(
-      f"{where} does not fit the model of this config:\n" + "\n".join(lines) + "\n"
-      f"{advice} Use the config the checkpoint was trained with, or another --workdir.")
 
 
 # ----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from cope_jax import checkpoint_fit
+from cope_jax import checkpoint_integrity
 from cope_jax import checkpoints
 
 
@@ -41,7 +43,7 @@ def _save_raw(manager, step, stored_state, recorded_state):
   manager.save(step, args=ocp.args.Composite(**{
       checkpoints.STATE_ITEM: ocp.args.StandardSave(stored_state),
       checkpoints.INTEGRITY_ITEM: ocp.args.JsonSave(
-          checkpoints.integrity_record(recorded_state))}), force=True)
+          checkpoint_integrity.integrity_record(recorded_state))}), force=True)
   manager.wait_until_finished()
 
 
@@ -60,8 +62,8 @@ def test_checksums_match_a_numpy_reference_on_any_sharding():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
   values = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
   sharded = jax.device_put(values, NamedSharding(mesh, PartitionSpec("data", None)))
-  single = checkpoints.integrity_record({"w": jnp.asarray(values)})["leaves"]["w"]
-  spread = checkpoints.integrity_record({"w": sharded})["leaves"]["w"]
+  single = checkpoint_integrity.integrity_record({"w": jnp.asarray(values)})["leaves"]["w"]
+  spread = checkpoint_integrity.integrity_record({"w": sharded})["leaves"]["w"]
   assert single == spread
   assert single["checksum"] == _reference_checksum(values)
   assert single["shape"] == [16, 4] and single["dtype"] == "float32"
@@ -70,21 +72,21 @@ def test_checksums_match_a_numpy_reference_on_any_sharding():
   flipped.view(np.uint32)[3, 1] ^= 1
   swapped = values[[1, 0] + list(range(2, 16))]
   for changed in (flipped, swapped):
-    assert (checkpoints.integrity_record({"w": jnp.asarray(changed)})["leaves"]["w"]["checksum"]
-            != single["checksum"])
+    changed_record = checkpoint_integrity.integrity_record({"w": jnp.asarray(changed)})
+    assert changed_record["leaves"]["w"]["checksum"] != single["checksum"]
 
 
 def test_verify_names_checksum_and_non_finite_problems():
   state = _state(0)
-  record = checkpoints.integrity_record(state)
-  assert checkpoints.verify_integrity(state, record) is None
+  record = checkpoint_integrity.integrity_record(state)
+  assert checkpoint_integrity.verify_integrity(state, record) is None
   changed = jax.tree.map(lambda x: x, state)
   changed["params"]["model"]["dense"]["bias"] = state["params"]["model"]["dense"]["bias"] + 1
-  assert "checksum mismatch" in checkpoints.verify_integrity(changed, record)
-  assert "params/model/dense/bias" in checkpoints.verify_integrity(changed, record)
+  assert "checksum mismatch" in checkpoint_integrity.verify_integrity(changed, record)
+  assert "params/model/dense/bias" in checkpoint_integrity.verify_integrity(changed, record)
   changed["params"]["model"]["dense"]["bias"] = state["params"]["model"]["dense"]["bias"].at[
       0].set(jnp.nan)
-  assert checkpoints.verify_integrity(changed, record).startswith("non-finite values")
+  assert checkpoint_integrity.verify_integrity(changed, record).startswith("non-finite values")
 
 
 @pytest.mark.parametrize("corruption", ["changed values", "non-finite values"])
@@ -113,7 +115,7 @@ def test_damaged_latest_step_falls_back_and_is_moved_aside(tmp_path, corruption)
   assert "params/model/dense/kernel" in messages[0]
   assert "trying step 1" in messages[0]
   # Moved aside (not deleted), out of the way of the next save of step 2 and of keep=2.
-  moved = tmp_path / "checkpoints" / checkpoints.DAMAGED_DIR / f"2-{kind}"
+  moved = tmp_path / "checkpoints" / checkpoint_integrity.DAMAGED_DIR / f"2-{kind}"
   assert (moved / checkpoints.STATE_ITEM).is_dir()
   assert manager.all_steps() == [1]
   checkpoints.save_training_state(manager, 2, newer, None)
@@ -168,7 +170,7 @@ def _model_config(emb_dim: int = 16) -> ml_collections.ConfigDict:
 
 
 def _record_of_shapes(shapes: dict) -> dict:
-  return {"format": checkpoints.INTEGRITY_FORMAT,
+  return {"format": checkpoint_integrity.INTEGRITY_FORMAT,
           "leaves": {path: {"shape": list(shape), "dtype": "float32", "checksum": "0" * 16,
                             "non_finite": 0} for path, shape in shapes.items()}}
 
@@ -200,8 +202,8 @@ LAYER = "params/model/text_encoder/bert_model/encoder/layer_{}/output/dense/kern
 ])
 def test_shape_mismatch_lists_parameters_and_the_likely_config_field(stored, model, config,
                                                                      listed, field):
-  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-    checkpoints.check_fits(_record_of_shapes(stored), _abstract_of_shapes(model),
+  with pytest.raises(checkpoint_fit.CheckpointMismatchError) as error:
+    checkpoint_fit.check_fits(_record_of_shapes(stored), _abstract_of_shapes(model),
                            where="checkpoint step 4", config=config)
   message = str(error.value)
   assert message.startswith("checkpoint step 4 does not fit the model of this config")
@@ -213,12 +215,12 @@ def test_shape_mismatch_lists_parameters_and_the_likely_config_field(stored, mod
 
 def test_matching_shapes_pass_and_partial_ignores_other_leaves():
   shapes = {WORDS: (278, 32), HEAD: (16, 16)}
-  checkpoints.check_fits(_record_of_shapes(shapes), _abstract_of_shapes(shapes), where="x")
+  checkpoint_fit.check_fits(_record_of_shapes(shapes), _abstract_of_shapes(shapes), where="x")
   stored = dict(shapes, **{"opt_state/mu/x": (3,)})
-  checkpoints.check_fits(_record_of_shapes(stored), _abstract_of_shapes(shapes), where="x",
+  checkpoint_fit.check_fits(_record_of_shapes(stored), _abstract_of_shapes(shapes), where="x",
                          partial=True)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match="only in the checkpoint"):
-    checkpoints.check_fits(_record_of_shapes(stored), _abstract_of_shapes(shapes), where="x")
+  with pytest.raises(checkpoint_fit.CheckpointMismatchError, match="only in the checkpoint"):
+    checkpoint_fit.check_fits(_record_of_shapes(stored), _abstract_of_shapes(shapes), where="x")
 
 
 def test_checkpoints_older_than_integrity_records_are_read_with_finiteness_checked(tmp_path):

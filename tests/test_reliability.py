@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from benchmarks import soak
+from cope_jax import checkpoint_fit
 from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
@@ -217,7 +218,7 @@ def test_resume_with_another_emb_dim_lists_parameters_and_names_the_field(
   workdir = _copy(trained, tmp_path / "run")
   config = _config(tiny_prepared_dir, tiny_rope_dir)
   config.model.emb_dim = 32
-  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+  with pytest.raises(checkpoint_fit.CheckpointMismatchError) as error:
     train.train_and_evaluate(config, workdir)
   message = str(error.value)
   assert message.startswith(f"checkpoint step 4 ({workdir}/checkpoints/4) does not fit")
@@ -234,7 +235,7 @@ def test_evaluate_with_another_vocabulary_names_the_vocab(trained, tiny_prepared
   config = _config(tiny_prepared_dir, tiny_rope_dir)
   config.data.vocab_path = str(vocab)
   config = config_checks.resolve_vocab_size(config)
-  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+  with pytest.raises(checkpoint_fit.CheckpointMismatchError) as error:
     state_lib.load_model_params(config, trained, sharding.make_mesh(config.mesh))
   message = str(error.value)
   words = "params/model/text_encoder/bert_model/embeddings/word_embeddings/embedding"
