@@ -12,7 +12,14 @@ table of `cope_jax/weight_mapping.py`:
 
   cope      a released COPE training checkpoint: `{'state_dict': ..., 'optimizer': ...}`
             (everything but `state_dict` is ignored), keys possibly prefixed `module.`.
-            -> the whole model.
+            -> the whole model. The release's video and live heads have no `fc0` (text
+            projection); the stage-2 config (`configs/rope_vitb16.py`) has none either, so
+            the release converts as it is. For a config that reads clip text
+            (`model.use_asr_text`, or an in-domain ASR<->frames loss term such as the
+            stage-1 config's), those two layers are initialised on purpose from
+            `config.seed`, written into the checkpoint, and named in one line of the
+            summary and in `conversion.json` ("initialised"). Any other missing key is
+            refused by name.
   xclip     an X-CLIP checkpoint: `{'model': ...}` with `visual.*` (the cross-frame ViT)
             and `mit.*`; its text side (`transformer.*`, `token_embedding`,
             `prompts_*`, `logit_scale`, ...) is not part of COPE and is skipped.
@@ -44,13 +51,20 @@ import os
 import re
 from typing import Any, Mapping
 
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from cope_jax import checkpoints
 from cope_jax import config_checks
+from cope_jax import losses
+from cope_jax import state
 from cope_jax import weight_mapping
+from cope_jax.models import fusion
+from data_pipelines import domains
 
 KINDS = ("cope", "xclip", "clip_vit", "bert")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -88,6 +102,9 @@ class Conversion:
   left_initialised: tuple[str, ...]  # Flax paths the written checkpoint does not hold
   weights_file: str  # the file the tensors came from
   notes: tuple[str, ...] = ()
+  # Flax paths given a fresh initialisation on purpose (written to the checkpoint): the
+  # clip heads' text projections, which the release lacks, for a config that reads them.
+  initialised: tuple[str, ...] = ()
 
 
 # ---- reading ------------------------------------------------------------------------
@@ -316,9 +333,11 @@ def convert(torch_checkpoint: str, kind: str, config: ml_collections.ConfigDict,
   config, vocab_notes = _resolve_vocab_size(config, renamed)
   notes += vocab_notes
 
-  expected = weight_mapping.expected_param_shapes(config.model)
+  clip_text = state.needs_clip_text(config)
+  expected = weight_mapping.expected_param_shapes(config.model, clip_text=clip_text)
   params = weight_mapping.torch_state_dict_to_flax(
-      renamed, config.model, allow_missing=True, ignore_unused=ignore_unused)
+      renamed, config.model, allow_missing=True, ignore_unused=ignore_unused,
+      clip_text=clip_text)
   loaded = sorted(traverse_util.flatten_dict(params, sep="/"))
   if not loaded:
     raise ConversionError(
@@ -326,17 +345,70 @@ def convert(torch_checkpoint: str, kind: str, config: ml_collections.ConfigDict,
         f"{list(state_dict)[:5]}); is --kind right?")
   in_scope = [path for path in expected if re.fullmatch(_KIND_SCOPE[kind], path)]
   missing = sorted(set(in_scope) - set(loaded))
+  initialised: tuple[str, ...] = ()
+  if kind == "cope" and clip_text:
+    params, initialised, note = _initialise_clip_text_projections(
+        params, missing, expected, config)
+    missing = sorted(set(missing) - set(initialised))
+    notes += [note] if note else []
   if missing and not allow_missing:
     raise weight_mapping.WeightMappingError(
         f"{weights_file}: {len(missing)} parameter(s) a {kind!r} checkpoint should hold are "
         f"missing (pass --allow_missing to leave them initialised): " + ", ".join(missing))
   if kind == "clip_vit":
     notes.append("CLIP has no cross-frame message parameters nor MIT: they stay initialised")
-  left = tuple(sorted(set(expected) - set(loaded)))
+  left = tuple(sorted(set(expected) - set(loaded) - set(initialised)))
   conversion = Conversion(params=params, loaded=tuple(loaded), skipped=tuple(skipped),
                           left_initialised=left, weights_file=weights_file,
-                          notes=tuple(notes))
+                          notes=tuple(notes), initialised=initialised)
   return conversion, config
+
+
+def _clip_text_projection_paths(expected) -> list[str]:
+  heads = "|".join(domain.head for domain in domains.DOMAINS if domain.is_clip)
+  return sorted(path for path in expected if re.fullmatch(rf"({heads})/fc0/.*", path))
+
+
+def _initialise_clip_text_projections(params: dict, missing: list[str], expected,
+                                      config: ml_collections.ConfigDict
+                                      ) -> tuple[dict, tuple[str, ...], str]:
+  """Fresh clip-head `fc0`s for a release checkpoint converted for a config that reads
+  clip text (the release's clip heads have none).
+
+  Only when the source holds no clip `fc0` at all (the release's layout); a checkpoint
+  with some of them is treated like any other (its gaps are missing keys). The values are
+  the model's own initialisation of that layer, from `config.seed`.
+
+  Returns (params with them, their paths, the one-line note; empty when nothing was done).
+  """
+  wanted = _clip_text_projection_paths(expected)
+  if not wanted or not set(wanted) <= set(missing):
+    return params, (), ""
+  typed = state.model_config(config)
+  head = fusion.FusionHead(typed.emb_dim, fuse=False, param_dtype=typed.param_dtype)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  rng = jax.random.PRNGKey(config.seed)
+  for index, domain in enumerate(d for d in domains.DOMAINS if d.is_clip):
+    fresh = head.init(jax.random.fold_in(rng, index),
+                      jnp.zeros((1, typed.vision.output_dim), typed.param_dtype),
+                      jnp.zeros((1, typed.text.hidden_size), typed.param_dtype))
+    for leaf, value in traverse_util.flatten_dict(
+        nn.meta.unbox(fresh["params"])["fc0"], sep="/").items():
+      path = f"{domain.head}/fc0/{leaf}"
+      if tuple(value.shape) != tuple(expected[path].shape):
+        raise ConversionError(f"{path}: initialised shape {value.shape}, model expects "
+                              f"{expected[path].shape}")
+      flat[path] = np.asarray(value)
+  heads = sorted({path.rsplit("/", 1)[0] for path in wanted})
+  reasons = (["model.use_asr_text=True"] if config.model.use_asr_text else []) + [
+      f"loss.weights.{term}={weight}" for term, weight in sorted(config.loss.weights.items())
+      if weight and any(name in losses.CONTRASTIVE_TERMS[term]
+                        for name in (d.text_embedding_key for d in domains.DOMAINS
+                                     if d.is_clip))]
+  note = (f"initialised {', '.join(heads)} from config.seed={config.seed}: the release's "
+          f"clip heads have no text projection, and this config reads clip text "
+          f"({', '.join(reasons)})")
+  return traverse_util.unflatten_dict(flat, sep="/"), tuple(wanted), note
 
 
 def _group_counts(names, separator: str) -> dict[str, int]:
@@ -365,6 +437,7 @@ def conversion_metadata(conversion: Conversion, kind: str, source: str,
       "missing_params": len(conversion.left_initialised),
       "missing_by_group": _group_counts(conversion.left_initialised, "/"),
       "left_initialised": list(conversion.left_initialised),
+      "initialised": list(conversion.initialised),
       "partial": bool(conversion.left_initialised),
       "config_hash": config_checks.config_hash(config),
       "model_config_hash": config_checks.config_hash(config.model),

@@ -28,10 +28,12 @@ import numpy as np
 import optax
 
 from cope_jax import checkpoints
+from cope_jax import losses
 from cope_jax import optim
 from cope_jax import sharding
 from cope_jax.models import cope as cope_model
 from cope_jax.models.config import ModelConfig
+from data_pipelines import domains
 from data_pipelines import pipelines
 from data_pipelines import prepare
 
@@ -44,9 +46,24 @@ class TrainState:
   rng: jax.Array  # [2] uint32, a raw PRNG key (checkpointable as a plain array)
 
 
+def needs_clip_text(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run reads a clip's ASR text, so the clip heads need a text projection
+  (fc0, which the release's clip heads lack): `config.model.use_asr_text`, or a weighted
+  loss term on a clip's text embedding (`loss.weights.video_text_visual`, ...)."""
+  clip_text = {domain.text_embedding_key for domain in domains.DOMAINS if domain.is_clip}
+  return bool(config.model.use_asr_text) or bool(
+      clip_text & set(losses.needed_embeddings(config.loss)))
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The typed model hyper-parameters of the run `config`."""
+  return ModelConfig.from_config(config.model, clip_text=needs_clip_text(config))
+
+
 def build_model(config: ml_collections.ConfigDict) -> cope_model.COPE:
-  """COPE with the typed hyper-parameters of `config.model` (vocab size resolved)."""
-  return cope_model.COPE(ModelConfig.from_config(config.model))
+  """COPE with the typed hyper-parameters of `config.model` (vocab size resolved); the
+  clip heads project text only when the run needs it (`needs_clip_text`)."""
+  return cope_model.COPE(model_config(config))
 
 
 def classifier_size(config: ml_collections.ConfigDict) -> int:
@@ -158,10 +175,32 @@ def load_converted_weights(params: Any, shardings: Any,
   if "model" not in loaded:
     raise ValueError(f"config.train.init_from={config.train.init_from!r}: the checkpoint has no "
                      "'model' entry; write it with `python -m cope_jax.convert`")
+  model_params = loaded["model"]
+  if not needs_clip_text(config):
+    model_params = _without_clip_text_projections(model_params, config.train.init_from)
   merged = checkpoints.merge_params(
-      params, loaded["model"], allow_missing=config.train.init_allow_missing,
+      params, model_params, allow_missing=config.train.init_allow_missing,
       source=f"config.train.init_from={config.train.init_from!r}")
   return jax.device_put(merged, shardings)
+
+
+def _without_clip_text_projections(model_params: dict, source: str) -> dict:
+  """The loaded model params less the clip heads' text projections (fc0), which a run
+  that reads no clip text does not have (as released), saying so in one line: a stage-2
+  run started from a stage-1 run, whose in-domain ASR terms trained them."""
+  clip_heads = [domain.head for domain in domains.DOMAINS if domain.is_clip]
+  kept = {name: value for name, value in model_params.items() if name not in clip_heads}
+  dropped = []
+  for head in clip_heads:
+    if head in model_params:
+      kept[head] = {name: value for name, value in model_params[head].items()
+                    if name != "fc0"}
+      if "fc0" in model_params[head]:
+        dropped.append(f"{head}/fc0")
+  if dropped:
+    print(f"init_from {source}: not loading {', '.join(dropped)}: this config reads no "
+          "clip text, so its clip heads have no text projection (as released)")
+  return kept
 
 
 def load_model_params(config: ml_collections.ConfigDict, workdir: str,

@@ -14,9 +14,11 @@ Released keys the Flax model does not create are dropped without complaint:
   - every head's `fc2.*` (never used in the released forward pass);
   - the `attention_pooling.*` of heads that fuse no text: the video and live heads unless
     `config.model.use_asr_text` (the released forward fuses no text for videos/lives);
-  - `text_encoder.bert_model.embeddings.position_ids` (a buffer older HF versions save).
-Every head's `fc0` (its text projection) is kept: the in-domain text<->visual alignment
-terms use it for the clips' ASR text.
+  - `text_encoder.bert_model.embeddings.position_ids` (a buffer older HF versions save);
+  - a clip head's `fc0.*` when the model has no clip text projection (`clip_text=False`).
+The release's clip heads have no `fc0` (`input_dims=[None, visual_dim]`); only the page
+head does. The model has clip `fc0`s only with `clip_text=True` (`ModelConfig.clip_text`:
+the ASR fusion or an in-domain ASR<->frames term), an extension of this project.
 """
 
 import re
@@ -56,11 +58,14 @@ ALWAYS_DROPPED = tuple(rf"{domain.head}\.fc2\..*" for domain in domains.DOMAINS)
     r"text_encoder\.bert_model\.embeddings\.position_ids",)
 
 
-def dropped_patterns(model_config) -> tuple[str, ...]:
+def dropped_patterns(model_config, *, clip_text: bool = False) -> tuple[str, ...]:
   """Renamed released keys the model of `config.model` has no parameter for."""
+  typed = ModelConfig.from_config(model_config, clip_text=clip_text)
   return ALWAYS_DROPPED + tuple(
       rf"{domain.head}\.attention_pooling\..*" for domain in domains.DOMAINS
-      if not domain.fuses_text(model_config.use_asr_text))
+      if not domain.fuses_text(typed.use_asr_text)) + tuple(
+      rf"{domain.head}\.fc0\..*" for domain in domains.DOMAINS
+      if not cope.projects_text(typed, domain))
 
 
 class WeightMappingError(ValueError):
@@ -111,8 +116,12 @@ def flax_path_and_layout(renamed_key: str) -> tuple[str, str] | None:
   return None
 
 
-def expected_param_shapes(model_config) -> dict[str, jax.ShapeDtypeStruct]:
-  """'a/b/c' -> ShapeDtypeStruct of every parameter of `COPE(model_config)` (no compute)."""
+def expected_param_shapes(model_config, *, clip_text: bool = False
+                          ) -> dict[str, jax.ShapeDtypeStruct]:
+  """'a/b/c' -> ShapeDtypeStruct of every parameter of `COPE(model_config)` (no compute).
+
+  `clip_text`: the clip heads have a text projection (`cope_jax.state.needs_clip_text`).
+  """
   side = model_config.vision.image_size
   frames = model_config.vision.num_frames
   batch = {}
@@ -121,7 +130,8 @@ def expected_param_shapes(model_config) -> dict[str, jax.ShapeDtypeStruct]:
     batch[domain.media_key] = jnp.zeros(pixels, jnp.uint8)
     batch[domain.text_ids_key] = jnp.zeros((1, 2), jnp.int32)
     batch[domain.text_mask_key] = jnp.ones((1, 2), jnp.int32)
-  variables = jax.eval_shape(cope.COPE(ModelConfig.from_config(model_config)).init,
+  typed = ModelConfig.from_config(model_config, clip_text=clip_text)
+  variables = jax.eval_shape(cope.COPE(typed).init,
                              jax.random.key(0), batch)
   params = nn.meta.unbox(variables["params"])
   return {"/".join(path): leaf
@@ -130,7 +140,7 @@ def expected_param_shapes(model_config) -> dict[str, jax.ShapeDtypeStruct]:
 
 def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_config, *,
                              allow_missing: bool = False,
-                             ignore_unused: bool = False) -> dict:
+                             ignore_unused: bool = False, clip_text: bool = False) -> dict:
   """Converts a released COPE state_dict to the `params` of `COPE(model_config)`.
 
   Args:
@@ -141,6 +151,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_config, *,
     allow_missing: leave parameters the state_dict lacks out of the result (the caller
       fills them, e.g. from a fresh init) instead of raising.
     ignore_unused: skip keys no rule maps to a model parameter instead of raising.
+    clip_text: the model's clip heads have a text projection (see the module docstring).
 
   Returns:
     Nested dict of numpy arrays (the content of `variables['params']`, unboxed), in
@@ -150,8 +161,8 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_config, *,
     WeightMappingError: listing unknown keys, missing parameters and shape mismatches
       (each mismatch names the key, its shape, the Flax path and the shape expected).
   """
-  expected = expected_param_shapes(model_config)
-  dropped = dropped_patterns(model_config)
+  expected = expected_param_shapes(model_config, clip_text=clip_text)
+  dropped = dropped_patterns(model_config, clip_text=clip_text)
   converted, unknown, mismatched = {}, [], {}
   for key, value in state_dict.items():
     renamed = rename_torch_key(key)

@@ -165,19 +165,35 @@ def test_fusion_heads_match_reference(reference, params, model_config):
   for key, want in (("fused", fused), ("text", text_proj), ("visual", visual_proj)):
     assert max_abs_diff(got[key], want) <= ATOL, key
 
-  video_head = fusion.FusionHead(model_config.emb_dim, fuse=False)
+  # As released, a clip head has fc1 only: no text projection.
+  assert not hasattr(reference.photo_fusion_model, "fc0")
+  assert set(params["video_head"]) == set(params["live_head"]) == {"fc1"}
+  video_head = fusion.FusionHead(model_config.emb_dim, fuse=False, projects_text=False)
   got = video_head.apply({"params": params["video_head"]}, visual)
   with torch.no_grad():
     _, _, want = reference.photo_fusion_model(None, torch.from_numpy(visual))
   assert set(got) == {"visual"}
   assert max_abs_diff(got["visual"], want) <= ATOL
-  # With ASR text the clip head also projects it (fc0), without fusing.
-  got = video_head.apply({"params": params["video_head"]}, visual, title)
+  with pytest.raises(ValueError, match="no text projection"):
+    video_head.apply({"params": params["video_head"]}, visual, title)
+
+
+def test_clip_text_projection_extension_matches_reference(model_config):
+  """`clip_text` (for the in-domain ASR<->frames terms): the clip heads project their ASR
+  text with fc0, without fusing it; checked against the reference's opt-in extension."""
+  reference = torch_reference.randomize_(
+      torch_reference.ReferenceCOPE(model_config, clip_text=True), 4).eval()
+  params = weight_mapping.torch_state_dict_to_flax(numpy_state_dict(reference),
+                                                   model_config, clip_text=True)
+  assert set(params["video_head"]) == set(params["live_head"]) == {"fc0", "fc1"}
+  model = cope.COPE(ModelConfig.from_config(model_config, clip_text=True))
+  batch = make_batch(seed=5)
+  got = model.apply({"params": params}, batch)
   with torch.no_grad():
-    fused, text_proj, _ = reference.photo_fusion_model(torch.from_numpy(title),
-                                                       torch.from_numpy(visual))
-  assert set(got) == {"visual", "text"}
-  assert max_abs_diff(got["text"], text_proj) <= ATOL
+    want = reference(torch_batch(batch))
+  assert set(got) == set(want) == set(cope.ALL_EMBEDDINGS)
+  for name in want:
+    assert max_abs_diff(got[name], want[name]) <= ATOL, name
 
 
 # ---- end to end ---------------------------------------------------------------------
@@ -188,7 +204,13 @@ def test_all_embeddings_match_reference_end_to_end(reference, params, model_conf
   got = jax.jit(build(model_config).apply)({"params": params}, batch)  # uint8 images
   with torch.no_grad():
     want = reference(torch_batch(batch))
-  assert set(got) == set(want) == set(cope.ALL_EMBEDDINGS)
+  # As released: every page embedding, and each clip's retrieval and visual embedding;
+  # a clip's text embedding exists only with its text projection (the extension).
+  released = {"page_embedding", "page_text_embedding", "page_visual_embedding",
+              "video_embedding", "video_visual_embedding", "live_embedding",
+              "live_visual_embedding"}
+  assert set(got) == set(want) == released
+  assert set(cope.defined_embeddings(ModelConfig.from_config(model_config))) == released
   assert len(cope.ALL_EMBEDDINGS) == 9  # three per domain
   for name in want:
     assert got[name].shape == (BATCH, model_config.emb_dim)
@@ -204,7 +226,13 @@ def test_embed_returns_what_is_asked_from_the_domains_keys_only(params, model_co
     eval_batch = {k: v for k, v in batch.items() if k.startswith(domain)}
     got = model.apply({"params": params}, eval_batch, domain, method=cope.COPE.embed)
     assert set(got) == {f"{domain}_embedding"}  # the retrieval embedding by default
-    names = (f"{domain}_embedding", f"{domain}_text_embedding", f"{domain}_visual_embedding")
+    names = (f"{domain}_embedding", f"{domain}_visual_embedding")
+    if domain == "page":
+      names += ("page_text_embedding",)
+    else:  # the release's clip heads have no text projection
+      with pytest.raises(ValueError, match="no text projection"):
+        model.apply({"params": params}, eval_batch, domain,
+                    outputs=(f"{domain}_text_embedding",), method=cope.COPE.embed)
     got = model.apply({"params": params}, eval_batch, domain, outputs=names,
                       method=cope.COPE.embed)
     assert set(got) == set(names)
@@ -214,8 +242,8 @@ def test_embed_returns_what_is_asked_from_the_domains_keys_only(params, model_co
   frames_only = {"video_frames": batch["video_frames"]}
   got = model.apply({"params": params}, frames_only, "video", method=cope.COPE.embed)
   np.testing.assert_allclose(got["video_embedding"], everything["video_embedding"], atol=1e-6)
-  with pytest.raises(KeyError, match="video_asr_ids"):
-    model.apply({"params": params}, frames_only, "video", outputs=("video_text_embedding",),
+  with pytest.raises(KeyError, match="page_title_ids"):
+    model.apply({"params": params}, {"page_image": batch["page_image"]}, "page",
                 method=cope.COPE.embed)
   with pytest.raises(ValueError, match="unknown embeddings"):
     model.apply({"params": params}, batch, outputs=("video_title_embedding",))
@@ -289,9 +317,8 @@ def test_mapping_accepts_module_prefix_and_drops_released_unused_keys(reference,
   jax.tree_util.tree_map(np.testing.assert_array_equal, converted, params)
   for domain in ("page", "video", "live"):
     assert "fc2" not in converted[f"{domain}_head"]
-  # Without ASR fusion a clip head keeps its text projection (for the in-domain
-  # alignment terms) but has no attention pooling.
-  assert set(converted["video_head"]) == {"fc0", "fc1"}
+  # Without ASR fusion a clip head has neither a text projection nor attention pooling.
+  assert set(converted["video_head"]) == {"fc1"}
 
 
 def test_mapping_reports_wrong_shape_with_key_and_both_shapes(reference, model_config):

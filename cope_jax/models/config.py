@@ -74,17 +74,28 @@ class TextConfig(EncoderCompute):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The whole COPE model (`config.model`)."""
+  """The whole COPE model (`config.model`).
+
+  `clip_text`: the clip heads project their ASR text (`fc0`). The release's clip heads
+  have no `fc0` (`input_dims=[None, visual_dim]`), so this is off unless the run reads a
+  clip's text: `use_asr_text` (ASR fused into the clip embedding) or a loss term on a
+  clip's text embedding (`cope_jax.state.needs_clip_text` decides from the whole config).
+  """
   emb_dim: int
   use_asr_text: bool
   vision: VisionConfig
   text: TextConfig
+  clip_text: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, model_config) -> ModelConfig:
-    """Reads `config.model` (an ml_collections ConfigDict); `text.vocab_size` must be set."""
+  def from_config(cls, model_config, *, clip_text: bool = False) -> ModelConfig:
+    """Reads `config.model` (an ml_collections ConfigDict); `text.vocab_size` must be set.
+
+    `clip_text`: the clip heads get a text projection even without `use_asr_text` (for
+    loss terms that read a clip's text embedding); `use_asr_text` implies it.
+    """
     if model_config.text.vocab_size <= 0:
       raise ValueError(
           "config.model.text.vocab_size is 0: set it to the size of the vocabulary "
@@ -100,6 +111,7 @@ class ModelConfig:
     return cls(
         emb_dim=int(model_config.emb_dim),
         use_asr_text=bool(model_config.use_asr_text),
+        clip_text=bool(clip_text or model_config.use_asr_text),
         vision=VisionConfig(
             image_size=vision.image_size, patch_size=vision.patch_size, width=vision.width,
             layers=vision.layers, heads=vision.heads, mlp_dim=vision.mlp_dim,

@@ -12,7 +12,9 @@ already normalised) and the text `<domain>.text_ids_key` / `text_mask_key` [B, L
 
 Each domain defines three embeddings, every one L2-normalised float32 [B, emb_dim]:
   `<domain>_visual_embedding`  fc1 of the visual feature
-  `<domain>_text_embedding`    fc0 of the text feature (title or ASR)
+  `<domain>_text_embedding`    fc0 of the text feature (title or ASR); a clip domain has
+                               it only with `ModelConfig.clip_text` (the release's clip
+                               heads have no fc0)
   `<domain>_embedding`         the retrieval embedding: the fused one where the domain
                                fuses text (pages; clips with `use_asr_text`), else the
                                visual one
@@ -52,12 +54,14 @@ class COPE(nn.Module):
     for domain in domains.DOMAINS:
       # Attribute name = parameter scope name (`page_head`, ...), as the release's heads.
       setattr(self, domain.head, fusion.FusionHead(
-          config.emb_dim, fuse=domain.fuses_text(config.use_asr_text), dtype=config.dtype,
+          config.emb_dim, fuse=domain.fuses_text(config.use_asr_text),
+          projects_text=projects_text(config, domain), dtype=config.dtype,
           param_dtype=config.param_dtype))
 
   def __call__(self, batch: Mapping[str, jax.Array], train: bool = False,
                outputs: Collection[str] | None = None) -> dict[str, jax.Array]:
-    """The embeddings named in `outputs` (default: all of `ALL_EMBEDDINGS`).
+    """The embeddings named in `outputs` (default: every embedding this model defines,
+    `defined_embeddings(config)`).
 
     Returns a dict name -> [B, emb_dim] float32. Domains none of whose embeddings are
     asked for are not computed (their batch keys may be absent).
@@ -65,10 +69,10 @@ class COPE(nn.Module):
     unknown = sorted(set(outputs or ()) - set(ALL_EMBEDDINGS))
     if unknown:
       raise ValueError(f"unknown embeddings {unknown}; the model defines {ALL_EMBEDDINGS}")
+    asked = defined_embeddings(self.config) if outputs is None else outputs
     result = {}
     for domain in domains.DOMAINS:
-      wanted = [name for name in embedding_names(domain)
-                if outputs is None or name in outputs]
+      wanted = [name for name in embedding_names(domain) if name in asked]
       if wanted:
         result.update(self.embed(batch, domain.name, train, wanted))
     return result
@@ -93,6 +97,11 @@ class COPE(nn.Module):
       raise ValueError(f"{domain} defines the embeddings {embedding_names(spec)}, "
                        f"not {sorted(wanted - {retrieval, text_name, visual_name})}")
     fuses = spec.fuses_text(self.config.use_asr_text)
+    if text_name in wanted and not projects_text(self.config, spec):
+      raise ValueError(
+          f"{text_name}: the {domain} head has no text projection (fc0), as released; it "
+          "has one when config.model.use_asr_text is set or a loss term reads it "
+          f"(config.loss.weights.{domain}_text_visual > 0)")
     media = _require(batch, spec.media_key, ndim=5 if spec.is_clip else 4)
     # An image is a clip of one frame: [B, S, S, 3] -> [B, 1, S, S, 3].
     visual = self.visual_encoder(media if spec.is_clip else media[:, None], train)
@@ -105,6 +114,18 @@ class COPE(nn.Module):
                  text_name: projections.get("text"),
                  retrieval: projections["fused"] if fuses else projections["visual"]}
     return {name: layers.l2_normalize(available[name]) for name in sorted(wanted)}
+
+
+def projects_text(config: ModelConfig, domain: domains.Domain) -> bool:
+  """Whether `domain`'s head has a text projection (fc0): pages always; clips with
+  `config.clip_text`."""
+  return not domain.is_clip or config.clip_text
+
+
+def defined_embeddings(config: ModelConfig) -> tuple[str, ...]:
+  """The embeddings `COPE(config)` can compute (a clip's text embedding needs fc0)."""
+  return tuple(name for domain in domains.DOMAINS for name in embedding_names(domain)
+               if name != domain.text_embedding_key or projects_text(config, domain))
 
 
 def _require(batch, key: str, ndim: int):
