@@ -9,13 +9,18 @@ What the release's `scripts/train.sh` runs: only the three in-domain text<->visu
 (its output folder is named for "cross-modal in-domain align" pretraining), from the
 X-CLIP visual encoder and the rbt6 text encoder (converted with `python -m
 cope_jax.convert`, README "Reproducing the release"); the fusion heads start fresh.
-`configs/rope_vitb16.py` (stage 2) continues from this run's model. Every other field is
-stage 2's, with its notes on where the release sets it.
+`configs/rope_vitb16.py` (stage 2) continues from this run's model. The sections both
+stages share (data, model, loss settings, optimiser and schedule, training loop) are the
+ViT-B/16 blocks of `configs/common.py`, with the release's setting next to each field;
+this file sets what is stage 1's: its loss terms and its starting point.
 """
 
-from configs import rope_vitb16
+import ml_collections
 
-# The in-domain terms (`scripts/train.sh` flags, each 1.0).
+from configs import common
+
+# The in-domain terms (`scripts/train.sh` flags, each 1.0). The cross-domain terms are
+# off: `scripts/train.sh` lists their flags commented out.
 IN_DOMAIN_WEIGHTS = {
     "page_text_visual": 1.0,  # page title <-> page image: --use_item_text_item_visual_cross 1.0
     "video_text_visual": 1.0,  # video ASR <-> frames: --use_photo_text_photo_visual_cross 1.0
@@ -27,14 +32,16 @@ CONVERTED_ENCODERS = "runs/converted/xclip_k600_vitb16,runs/converted/rbt6"
 
 
 def get_config():
-  config = rope_vitb16.get_config()
-  weights = config.loss.weights
-  for term in rope_vitb16.CROSS_DOMAIN_WEIGHTS:  # commented out in scripts/train.sh
-    weights[term] = 0.0
-  for term, weight in IN_DOMAIN_WEIGHTS.items():
-    weights[term] = weight
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = common.rope_vitb16_data()
+  config.model = common.vitb16_model(config.data)
+  config.loss = common.release_loss(IN_DOMAIN_WEIGHTS)
+  config.optim = common.release_optim()
   # models/shark_model.py: xclip_vision(pretrained=True) and Roberta('rbt6') load the
   # pretrained encoders; the fusion heads start fresh, hence allow_missing.
-  config.train.init_from = CONVERTED_ENCODERS
-  config.train.init_allow_missing = True
+  config.train = common.release_train(init_from=CONVERTED_ENCODERS, init_allow_missing=True)
+  config.mesh = common.mesh_config()
+  config.distributed = common.distributed_config()
+  config.eval = common.eval_config(batch_size=256)
   return config

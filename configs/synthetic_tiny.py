@@ -2,11 +2,15 @@
 
   python -m cope_jax.train --config configs/synthetic_tiny.py --workdir demo_run
 
-Every field the code reads is declared here; `configs/rope_vitb16.py` derives the
-paper-size recipe from this one by changing fields.
+Every field the code reads is declared here, the sections every config holds alike
+(mesh, distributed, evaluation search settings, the loss-term table) through
+`configs/common.py`. The paper-size recipe (`configs/rope_vitb16_stage1.py`,
+`configs/rope_vitb16.py`) is written on its own, not derived from this one.
 """
 
 import ml_collections
+
+from configs import common
 
 
 def get_config():
@@ -78,8 +82,9 @@ def get_config():
   loss.temperature = 0.05
   loss.label_smoothing = 0.1
   # One weight per term of the loss-term table (cope_jax/losses.py); 0 switches it off.
-  loss.weights = ml_collections.ConfigDict({
-      # the seven cross-domain terms of the released forward pass
+  # The seven cross-domain terms of the released forward pass; the in-domain text <->
+  # visual terms (the release's stage 1) are off.
+  loss.weights = common.loss_weights({
       "page_visual_video": 1.0,
       "page_visual_live": 1.0,
       "video_live": 1.0,
@@ -87,10 +92,6 @@ def get_config():
       "page_live": 1.0,
       "page_text_video": 1.0,
       "page_text_live": 1.0,
-      # in-domain text <-> visual alignment (the release's stage-1 terms)
-      "page_text_visual": 0.0,
-      "video_text_visual": 0.0,
-      "live_text_visual": 0.0,
   })
   loss.classify_weight = 0.0  # `use_spu_classify`: margin classification over products
   loss.classify_scale = 64.0
@@ -129,48 +130,8 @@ def get_config():
   train.init_from = ""  # converted checkpoint(s) (cope_jax.convert; comma-separated) or a training workdir
   train.init_allow_missing = False
 
-  # ---- device mesh ------------------------------------------------------------
-  config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1  # -1: all remaining devices
-  mesh.model = 1
-  # logical axis name -> mesh axis (None: replicated)
-  mesh.rules = (
-      ("batch", "data"),
-      ("classes", ("data", "model")),
-      ("mlp", "model"),
-      ("heads", "model"),
-      ("vocab", None),
-      ("embed", None),
-      ("kv", None),  # per-head width of attention projections
-  )
-
-  config.distributed = distributed = ml_collections.ConfigDict()
-  distributed.enabled = False  # or set COPE_DISTRIBUTED=1 / the JAX_* env variables
-  distributed.coordinator_address = ""
-  distributed.num_processes = 1
-  distributed.process_id = 0
-
-  # ---- evaluation -------------------------------------------------------------
-  config.eval = evaluation = ml_collections.ConfigDict()
-  evaluation.batch_size = 32
-  # Search: exact ranking, or an index returning the top-10 (R@K from its list).
-  evaluation.search = "auto"  # auto | exact | scann | faiss_hnsw (auto: see next two)
-  evaluation.index = "scann"  # index kind of auto search and of export: scann | faiss_hnsw
-  evaluation.index_min_gallery = 20000  # auto search: exact below this many gallery items
-  # An index's search settings are tuned to reach this recall@10 against exact search
-  # on `tune_queries` held-out queries; its recall is then measured on
-  # `recall_check_queries` other ones (reported in metrics.json and the export manifest).
-  evaluation.target_recall = 0.98
-  evaluation.tune_queries = 1000
-  evaluation.recall_check_queries = 1000
-  evaluation.scann_num_leaves = 0  # tree leaves; 0: about 2 sqrt(gallery size)
-  evaluation.scann_soar_lambda = 0.0  # > 0: SOAR spilling (each item in a second leaf)
-  evaluation.scann_num_leaves_to_search = 0  # > 0: hand-set instead of tuned
-  evaluation.scann_reorder = 0  # candidates re-scored exactly; > 0: hand-set instead of tuned
-  evaluation.hnsw_m = 32  # faiss_hnsw: graph links per node
-  evaluation.hnsw_ef_construction = 200
-  evaluation.hnsw_ef_search = 0  # > 0: hand-set instead of tuned
-  evaluation.one_shot_draws = 5
-  evaluation.checkpoint_step = -1  # -1: latest
-  evaluation.report_examples = 8  # example queries in the HTML report
+  # ---- device mesh, multi-host, evaluation (as in every config) --------------
+  config.mesh = common.mesh_config()
+  config.distributed = common.distributed_config()
+  config.eval = common.eval_config(batch_size=32)
   return config
