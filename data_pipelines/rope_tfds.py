@@ -51,8 +51,9 @@ Configs (`BUILDER_CONFIGS`) are the shapes that change what is stored:
     are never read (a broken one among them is not reported; a missing one is, by the
     catalog reader, which also leaves it out before the T frames are chosen). 0: every
     frame.
-  * `max_side` S: re-encode images whose longer side exceeds S (JPEG quality 90); 0:
-    images are stored as released (re-encoded only if not RGB JPEG).
+  * `max_side` S: re-encode images whose longer side exceeds S (`images`: BICUBIC,
+    JPEG quality 90); 0: images are stored as released (re-encoded only if not RGB
+    JPEG).
 Config names say both: `all_frames_original`, `frames8_original`, `frames8_side256`...
 `rope_config(num_frames, max_side)` gives any other shape under the same naming.
 
@@ -69,7 +70,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -77,11 +77,11 @@ from typing import Any
 
 from etils import epath
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines import domains
+from data_pipelines import images
 from data_pipelines import rope_format
 from data_pipelines import transforms
 
@@ -91,7 +91,6 @@ FORMAT_VERSION = 2  # bump when the record layout or the fingerprint changes
 FILE_FORMAT = "array_record"
 BUILD_INFO_NAME = "rope_build.json"
 PRODUCTS_PREFIX = "rope_products-"
-JPEG_QUALITY = 90
 NUM_FRAMES_CHOICES = (0, 4, 8, 16)
 MAX_SIDE_CHOICES = (0, 256, 512)
 DESCRIPTION = """\
@@ -213,40 +212,6 @@ def input_fingerprint(rope_dir: str, splits: Sequence[str], config: RopeConfig) 
   return digest.hexdigest()
 
 
-# --- images ------------------------------------------------------------------------
-
-def encode_image(path: str, max_side: int = 0) -> bytes:
-  """JPEG bytes of the image at `path`, checked to decode fully.
-
-  The file's own bytes are kept when it is an RGB JPEG within `max_side` (0: no
-  limit); otherwise it is re-encoded as RGB JPEG, resized so that its longer side is
-  `max_side`.
-
-  Raises:
-    OSError / ValueError when the file is missing, truncated or not an image; the
-    message names the file.
-  """
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      source_format, source_mode = image.format, image.mode
-      rgb = image.convert("RGB")
-  except Image.UnidentifiedImageError:  # its message shows a BytesIO, not the file
-    raise OSError(f"not an image file ({len(data)} bytes)") from None
-  too_large = max_side > 0 and max(rgb.size) > max_side
-  if source_format == "JPEG" and source_mode == "RGB" and not too_large:
-    return data
-  if too_large:
-    scale = max_side / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-  buffer = io.BytesIO()
-  rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-  return buffer.getvalue()
-
-
 # --- catalog rows and examples -----------------------------------------------------
 
 def kept_frame_positions(num_available: int, num_frames: int) -> list[int]:
@@ -297,9 +262,9 @@ def encode_row(row: dict, max_side: int) -> tuple[dict | None, list[dict]]:
   for position, (path, frame_key, line) in enumerate(
       zip(row["paths"], row["frame_keys"], row["lines"])):
     try:
-      frames.append(encode_image(path, max_side))
+      frames.append(images.read_stored_bytes(path, max_side))
       frame_keys.append(frame_key)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError) as e:
       problems.append({"file": row["media_file"], "line": line,
                        "reason": f"image {os.path.basename(path)} does not decode "
                                  f"({type(e).__name__}: {e}); not stored",

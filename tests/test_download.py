@@ -23,6 +23,8 @@ import pytest
 
 from data_pipelines import domains
 from data_pipelines import download
+from data_pipelines import http_fetch
+from data_pipelines import images
 from data_pipelines import rope_format
 from data_pipelines import synthetic
 from data_pipelines import transforms
@@ -306,6 +308,45 @@ def test_rerun_skips_complete_files_and_refetches_missing_and_broken_ones(
   assert second["counts"]["already_present"] == len(release["expected"]) - 3
 
 
+def test_rerun_checks_files_quickly_and_verify_full_finds_a_damaged_middle(
+    rope_dir, server, release):
+  expected = len(release["expected"])
+  assert _run(rope_dir, server)["counts"]["downloaded"] == expected
+  server.reset()
+  counts = _run(rope_dir, server)["counts"]  # every file decoded when stored: quick
+  assert (counts["already_present"], counts["checked_quickly"],
+          counts["checked_by_decode"]) == (expected, expected, 0)
+  assert not server.requests
+  # Bytes flipped in the middle of one file, its size and modification time kept.
+  victim = _page_names(rope_dir)[1]
+  path = os.path.join(rope_dir, "images", victim)
+  stat = os.stat(path)
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
+  middle = len(data) // 2
+  data[middle - 8:middle + 8] = bytes(b ^ 0xFF for b in data[middle - 8:middle + 8])
+  with open(path, "wb") as f:
+    f.write(data)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  with pytest.raises(ValueError, match="not a decodable image"):
+    images.check(bytes(data))
+  server.reset()
+  assert _run(rope_dir, server)["counts"]["checked_quickly"] == expected
+  assert not server.requests  # the quick check cannot see a damaged middle
+  counts = _run(rope_dir, server, verify="full")["counts"]
+  assert set(server.requests) == {victim} and counts["downloaded"] == 1
+  assert (counts["checked_quickly"], counts["checked_by_decode"]) == (0, expected - 1)
+  check_ledger_agrees_with_disk(rope_dir, expected=release["expected"])
+  with open(path, "rb") as a, open(os.path.join(release["served"], victim), "rb") as b:
+    assert a.read() == b.read()
+  # Files the ledger does not know (put there by hand) are decoded once, then quick.
+  os.remove(os.path.join(rope_dir, download.VERIFIED_NAME))
+  server.reset()
+  assert _run(rope_dir, server)["counts"]["checked_by_decode"] == expected
+  assert _run(rope_dir, server)["counts"]["checked_quickly"] == expected
+  assert not server.requests
+
+
 def test_max_side_re_encodes_large_images(rope_dir, server):
   download.download(rope_dir, server.prefix, split="test", max_side=16,
                     **{**FAST, "num_frames": NUM_FRAMES})
@@ -346,11 +387,11 @@ def test_kill_9_mid_run_loses_nothing_complete(rope_dir, server, release):
 
 def test_retry_after_accepts_seconds_and_http_dates():
   now = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
-  assert download.retry_after_seconds("7", now) == 7.0
-  assert download.retry_after_seconds("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
-  assert download.retry_after_seconds("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0
-  assert download.retry_after_seconds("soon", now) is None
-  assert download.retry_after_seconds(None, now) is None
+  assert http_fetch.retry_after_seconds("7", now) == 7.0
+  assert http_fetch.retry_after_seconds("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
+  assert http_fetch.retry_after_seconds("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0
+  assert http_fetch.retry_after_seconds("soon", now) is None
+  assert http_fetch.retry_after_seconds(None, now) is None
 
 
 def test_bad_options_and_missing_files_give_clear_errors(rope_dir, tmp_path):

@@ -11,6 +11,8 @@ import tokenizers
 from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import synthetic
+from data_pipelines import synthetic_faults
+from data_pipelines import synthetic_world
 
 SMALL = {"products": 4, "test_products": 2, "frames_per_clip": 2, "image_size": 16}
 
@@ -74,7 +76,7 @@ def test_texts_hold_commas_missing_markers_and_attributes(tmp_path):
   assert rope_format.MISSING_TEXT in asrs
   assert any(any(c.isascii() and c.isalpha() for c in t) for t in asrs)
   # A title names its product's colour; products of one family share their title words.
-  assert all(t == rope_format.MISSING_TEXT or any(c in t for c in synthetic.COLOURS)
+  assert all(t == rope_format.MISSING_TEXT or any(c in t for c in synthetic_world.COLOURS)
              for t in titles)
   products = catalog.products
   assert any(not all(entry.values()) for entry in products.values())  # a domain missing
@@ -83,7 +85,7 @@ def test_texts_hold_commas_missing_markers_and_attributes(tmp_path):
 
 def test_products_come_with_hard_negatives():
   rng = np.random.default_rng(0)
-  products = synthetic.plan_products(rng, 60, set(), set())
+  products = synthetic_world.plan_products(rng, 60, set(), set())
   looks = {(p.category, p.colour, p.pattern, p.glyph) for p in products}
   assert len(looks) == 60
   def differ_in_one(a, b):
@@ -131,4 +133,4 @@ def test_url_form_writes_the_same_files_with_images_in_a_separate_folder(tmp_pat
   # Each injector of the table leaves its kind in the fault list.
   faults = json.loads(url_txt["injected_faults.json"])["faults"]
   kinds = {fault["kind"] for fault in faults}
-  assert kinds == {inject.__name__.lstrip("_") for inject in synthetic.FAULT_INJECTORS}
+  assert kinds == {inject.__name__.lstrip("_") for inject in synthetic_faults.FAULT_INJECTORS}

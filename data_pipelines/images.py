@@ -1,0 +1,162 @@
+"""Image files: decoding and checking them, re-encoding them for storage.
+
+The one place where the data pipelines decide whether bytes are an image and how an
+image is shrunk and stored. `data_pipelines.download` checks every body it fetches and
+every file a rerun finds here; the `rope` TFDS builder (`rope_tfds`) checks and
+re-encodes every image it stores.
+
+  decode(data)                   fully decoded PIL image, or ValueError saying why
+  check(data)                    the strict check (libjpeg-turbo refuses corrupt data)
+  stored_bytes(data, max_side)   the bytes to store: the input itself when it may stay
+                                 as it is, else an RGB JPEG at most `max_side` px
+  quick_check(path, size)        a cheap check (size, JPEG header and trailer) that a
+                                 file written whole is still complete
+
+Re-encoding: an image whose longer side exceeds `max_side` is resized with BICUBIC
+resampling so that its longer side is `max_side` (the other side rounded, at least 1
+px), converted to RGB and saved as JPEG at quality `JPEG_QUALITY`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from PIL import Image
+import simplejpeg
+
+JPEG_QUALITY = 90
+JPEG_START = b"\xff\xd8"  # SOI marker: the first two bytes of every JPEG file
+JPEG_END = b"\xff\xd9"  # EOI marker: the last two bytes of a complete JPEG file
+# Bytes after EOI that some encoders add (padding, a trailing newline); a complete file
+# ends with EOI within this many bytes of its end.
+_TRAILER_SLACK = 32
+
+
+def _wrapped(error: Exception, data: bytes) -> ValueError:
+  if isinstance(error, Image.UnidentifiedImageError):  # its message shows a BytesIO
+    return ValueError(f"not an image file ({len(data)} bytes)")
+  return ValueError(f"not a decodable image ({len(data)} bytes): "
+                    f"{type(error).__name__}: {error}")
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def decode(data: bytes) -> Image.Image:
+  """The fully decoded image in `data` (PIL: corrupt-data warnings are tolerated).
+
+  Raises:
+    ValueError: `data` is not a decodable image, or is cut short (the message says why
+      and never shows an in-memory file object).
+  """
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+  except _DECODE_ERRORS as error:
+    raise _wrapped(error, data) from None
+
+
+def check(data: bytes) -> Image.Image:
+  """The image in `data` (opened, not decoded), once a strict check passed.
+
+  Strict: a JPEG is decoded whole by libjpeg-turbo (`simplejpeg`, `strict=True`), which
+  also refuses recoverable damage that PIL decodes silently (bytes flipped inside the
+  entropy-coded data: "Corrupt JPEG data"); another format gets PIL's `verify()` and a
+  full decode.
+
+  Raises:
+    ValueError: `data` is not a complete, undamaged image.
+  """
+  try:
+    if data.startswith(JPEG_START):
+      simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+      return Image.open(io.BytesIO(data))
+    with Image.open(io.BytesIO(data)) as image:
+      image.verify()
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+  except _DECODE_ERRORS as error:
+    raise _wrapped(error, data) from None
+
+
+def fit_within(image: Image.Image, max_side: int) -> Image.Image | None:
+  """`image` as RGB, resized so that its longer side is `max_side`; None when it is
+  within `max_side` already (or `max_side` is 0)."""
+  if max_side <= 0 or max(image.size) <= max_side:
+    return None
+  scale = max_side / max(image.size)
+  size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+  return image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
+
+def to_jpeg(image: Image.Image) -> bytes:
+  """`image` as RGB JPEG bytes at `JPEG_QUALITY`."""
+  buffer = io.BytesIO()
+  image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+  return buffer.getvalue()
+
+
+def stored_bytes(data: bytes, max_side: int, rgb_jpeg_only: bool = False,
+                 strict: bool = False) -> bytes:
+  """The bytes to store for the image `data`, checked to decode fully (`check` when
+  `strict`, else `decode`).
+
+  `data` itself when the image is within `max_side` (0: no limit) and, with
+  `rgb_jpeg_only`, an RGB JPEG; otherwise the image re-encoded as RGB JPEG (resized to
+  `max_side` when larger; see the module docstring).
+
+  Raises:
+    ValueError: `data` is not a decodable image.
+  """
+  image = check(data) if strict else decode(data)
+  resized = fit_within(image, max_side)
+  if resized is not None:
+    return to_jpeg(resized)
+  if rgb_jpeg_only and (image.format, image.mode) != ("JPEG", "RGB"):
+    return to_jpeg(image)
+  return data
+
+
+def read_stored_bytes(path: str, max_side: int) -> bytes:
+  """`stored_bytes` of the file at `path`, as RGB JPEG (the TFDS builder's records).
+
+  Raises:
+    OSError: the file cannot be read; ValueError: it is not a decodable image.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  return stored_bytes(data, max_side, rgb_jpeg_only=True)
+
+
+def quick_check(path: str, size: int | None = None) -> bool:
+  """Whether the file at `path` looks complete: it has `size` bytes (when given) and,
+  if it starts like a JPEG, it ends with the JPEG end marker. A few bytes read.
+
+  Catches a file cut short (a power loss, a partial copy) or replaced, not one damaged
+  in its middle: that takes `check`.
+  """
+  try:
+    with open(path, "rb") as f:
+      length = os.fstat(f.fileno()).st_size
+      if length < 4 or (size is not None and length != size):
+        return False
+      start = f.read(2)
+      if start != JPEG_START:
+        return True  # another format: size only
+      f.seek(max(2, length - _TRAILER_SLACK))
+      return JPEG_END in f.read()
+  except OSError:
+    return False
+
+
+def file_passes_check(path: str) -> bool:
+  """Whether `path` exists and holds an image that passes the strict `check`."""
+  try:
+    with open(path, "rb") as f:
+      check(f.read())
+    return True
+  except (OSError, ValueError):
+    return False
