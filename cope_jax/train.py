@@ -46,6 +46,7 @@ from cope_jax import optim
 from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
+from cope_jax import workdir_lock
 from data_pipelines import pipelines
 
 TrainState = state_lib.TrainState
@@ -345,9 +346,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `evaluate_fn`, when given, runs every `config.train.eval_every` steps.
   """
-  run = setup(config, workdir)
-  hooks = default_hooks(run, evaluate_fn)
-  run_steps(run, hooks)
+  # One writer per workdir (process 0 writes its outputs): a second run stops here.
+  with workdir_lock.hold(workdir, "train", enabled=jax.process_index() == 0):
+    run = setup(config, workdir)
+    hooks = default_hooks(run, evaluate_fn)
+    run_steps(run, hooks)
   return next(hook.last_logged for hook in hooks if isinstance(hook, Logger))
 
 
