@@ -27,6 +27,7 @@ from cope_jax import report
 from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
+from cope_jax import workdir_lock
 from cope_jax.search import directions
 from data_pipelines import domains
 from data_pipelines import prepare
@@ -66,7 +67,8 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   metrics["num_items"] = {domain: len(e) for domain, e in embeddings.items()}
   if jax.process_index() == 0:
     eval_dir = os.path.join(workdir, "eval")
-    with result_files.staged_directory(eval_dir) as staging:  # swapped in once all are written
+    # Swapped in once all are written, metrics.json last.
+    with result_files.staged_directory(eval_dir, last=(report.METRICS_FILE,)) as staging:
       result_files.write_json(os.path.join(staging, "metrics.json"), metrics)
       report.write_report(staging, metrics, embeddings, config, workdir)
     result_files.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
@@ -74,6 +76,12 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  # One writer of the workdir's outputs at a time (re-entrant: training's own evaluation).
+  with workdir_lock.hold(workdir, "evaluate", enabled=jax.process_index() == 0):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.check_config(config)
   config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
                             "config.data.eval_split", min_domains=2)

@@ -7,9 +7,14 @@
   training_curves.png   loss, per-term losses and learning rates of the training log
   examples.html         example queries with their top-5 results as thumbnails
 
-Each artefact is made independently: a failure in one (a missing image, a plotting
-error) is logged and listed in report.md, never raised, so it cannot cost the metrics
-the evaluator has already written.
+Each artefact is made independently: a failure to make one (a missing image, a plotting
+error) is logged and listed in report.md, not raised, so it cannot cost the metrics the
+evaluator has already written. A failure to write one (a full disk) is raised
+(`result_files.ResultWriteError`, naming the file): the evaluator then keeps the previous
+complete report instead of swapping in a partial one.
+
+  python -m cope_jax.report --config C --workdir DIR    (re)writes DIR/eval's report
+                                                         from DIR/eval/metrics.json
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from cope_jax import embed
 from cope_jax import metrics_writer
+from cope_jax import result_files
 from cope_jax.search import exact
 from cope_jax.search import metrics as search_metrics
 from data_pipelines import domains
@@ -221,9 +227,11 @@ def _save_figure(figure, path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   try:
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, dpi=110, format="png")
   finally:
     plt.close(figure)
+  result_files.write_bytes(path, image.getvalue())
 
 
 # ----------------------------------------------------------------------------
@@ -377,15 +385,18 @@ the query's product have a green border and a ✓.</p>
 # The report.
 
 
-def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDict,
+def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDict | None,
                      artefacts: Mapping[str, str | None], notes: Sequence[str],
                      problems: Sequence[str]) -> str:
   lines = ["# COPE cross-domain retrieval report", ""]
   step = metrics.get("checkpoint_step")
   source = metrics.get("checkpoint")
   lines.append(f"- checkpoint: step {step}" + (f" (`{source}`)" if source else ""))
-  lines.append(f"- split: `{metrics.get('split', config.data.eval_split)}` of "
-               f"`{config.data.prepared_dir}`")
+  if config is not None:
+    lines.append(f"- split: `{metrics.get('split', config.data.eval_split)}` of "
+                 f"`{config.data.prepared_dir}`")
+  else:
+    lines.append(f"- split: `{metrics.get('split')}`")
   num_items = metrics.get("num_items") or {}
   if num_items:
     lines.append("- items: " + ", ".join(f"{count} {domain}s"
@@ -442,6 +453,8 @@ def write_report(eval_dir: str, metrics: Mapping[str, Any],
   def attempt(key: str, description: str, make):
     try:
       path = make()
+    except result_files.ResultWriteError:
+      raise  # the disk, not the artefact: no report rather than a partial one
     except Exception as error:  # pylint: disable=broad-except
       logging.exception("report: could not write the %s", description)
       problems.append(f"{description}: {type(error).__name__}: {error}")
@@ -456,8 +469,8 @@ def write_report(eval_dir: str, metrics: Mapping[str, Any],
   attempt("examples", "example page", lambda: _write_examples(eval_dir, embeddings, config))
 
   report_path = os.path.join(eval_dir, REPORT_FILE)
-  with open(report_path, "w", encoding="utf-8") as f:
-    f.write(_markdown_report(metrics, config, artefacts, notes, problems))
+  result_files.write_text(report_path, _markdown_report(metrics, config, artefacts, notes,
+                                                        problems))
   return [report_path] + written
 
 
@@ -495,6 +508,85 @@ def _write_examples(eval_dir: str, embeddings: Mapping[str, embed.DomainEmbeddin
   path = os.path.join(eval_dir, EXAMPLES_FILE)
   page = examples_html(embeddings, images, num_examples,
                        title=f"COPE retrieval examples ({split} split)")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(page)
+  result_files.write_text(path, page)
   return path
+
+
+# ----------------------------------------------------------------------------
+# Rewriting a workdir's report, and the command line.
+
+METRICS_FILE = "metrics.json"
+
+
+def rewrite_report(workdir: str, config: ml_collections.ConfigDict | None = None) -> list[str]:
+  """(Re)writes report.md and training_curves.png of `workdir/eval` from its metrics.json
+  and the training log, as one staged swap; returns the paths written.
+
+  The recall curves and the examples page need the embeddings: those of the evaluation
+  that wrote metrics.json are kept (and linked) when present.
+
+  Raises:
+    FileNotFoundError: no `eval/metrics.json` in `workdir`.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+
+  eval_dir = os.path.join(workdir, "eval")
+  metrics_path = os.path.join(eval_dir, METRICS_FILE)
+  if not os.path.isfile(metrics_path):
+    raise FileNotFoundError(f"{metrics_path}: no evaluation metrics (run `python -m "
+                            f"cope_jax.evaluate --config C --workdir {workdir}` first)")
+  with open(metrics_path, encoding="utf-8") as f:
+    try:
+      metrics = json.load(f)
+    except ValueError as error:
+      raise ValueError(f"{metrics_path}: not JSON ({error})") from None
+  notes: list[str] = []
+  problems: list[str] = []
+  artefacts: dict[str, str | None] = {
+      "recall_curves": RECALL_CURVES_FILE
+                       if os.path.isfile(os.path.join(eval_dir, RECALL_CURVES_FILE)) else None,
+      "examples": EXAMPLES_FILE if os.path.isfile(os.path.join(eval_dir, EXAMPLES_FILE))
+                  else None}
+  written = []
+  with result_files.staged_directory(eval_dir) as staging:
+    try:
+      artefacts["training_curves"] = _write_training_curves(staging, workdir, notes)
+    except result_files.ResultWriteError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      logging.exception("report: could not write the training curves")
+      problems.append(f"training curves: {type(error).__name__}: {error}")
+      artefacts["training_curves"] = None
+    result_files.write_text(os.path.join(staging, REPORT_FILE),
+                            _markdown_report(metrics, config, artefacts, notes, problems))
+    written = sorted(os.listdir(staging))
+  return [os.path.join(eval_dir, name) for name in written]
+
+
+def _command():
+  from cope_jax import cli  # pylint: disable=g-import-not-at-top
+
+  return cli.command(
+      "python -m cope_jax.report", __doc__, config="",
+      config_help="the run's config file (optional: names the prepared data in the report)",
+      workdir_help="training directory whose eval/metrics.json the report is written from")
+
+
+def _job(args) -> None:
+  from cope_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(args.workdir):
+    raise FileNotFoundError(f"--workdir {args.workdir}: no such folder")
+  with workdir_lock.hold(args.workdir, "report"):
+    paths = rewrite_report(args.workdir, args.config)
+  print("wrote " + ", ".join(paths))
+
+
+def main(argv=None) -> None:
+  from cope_jax import cli  # pylint: disable=g-import-not-at-top
+
+  cli.run_job(_command(), _job, argv)
+
+
+if __name__ == "__main__":
+  main()

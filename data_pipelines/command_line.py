@@ -86,7 +86,8 @@ class Command:
     doc: its module docstring; the first paragraph is the --help summary.
     define_flags: defines the program's own flags in the `FlagValues` it is given.
     required: names of flags without which it cannot run.
-    config: False: no --config; True: --config is required; a path: its default.
+    config: False: no --config; True: --config is required; a path: its default; "":
+      an optional --config without a default (`args.config` is then None).
     config_help: the help line of --config.
     workdir_help: the help line of --workdir (None: no --workdir).
     workdir_required: whether --workdir must be given.
@@ -107,7 +108,9 @@ class Command:
 def _innermost_cause(error: BaseException) -> BaseException:
   seen = {id(error)}
   while True:
-    cause = error.__cause__ or error.__context__
+    cause = error.__cause__
+    if cause is None and not error.__suppress_context__:  # `raise ... from None`: no cause
+      cause = error.__context__
     if cause is None or id(cause) in seen:
       return error
     seen.add(id(cause))
@@ -352,7 +355,7 @@ def _define_common_flags(command: Command, flag_values: flags.FlagValues,
   if command.config is not False:
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-    default = None if command.config is True else command.config
+    default = command.config if isinstance(command.config, str) and command.config else None
     config_flags.DEFINE_config_file("config", default, command.config_help,
                                     flag_values=flag_values, lock_config=True,
                                     sys_argv=list(argv))
@@ -407,7 +410,7 @@ def parse(command: Command, argv: Sequence[str]) -> types.SimpleNamespace:
   if command.config is not False:
     paths = override_paths(argv[1:])
     config_path = _config_argument(argv[1:]) or (
-        command.config if isinstance(command.config, str) else None)
+        command.config if isinstance(command.config, str) and command.config else None)
     if config_path:  # loaded first so that its errors and typos are a user's error (1)
       check_override_paths(load_config_file(config_path), paths)
   flag_values = flags.FlagValues()
