@@ -1,6 +1,7 @@
 """Download throughput: files/s at 1 worker vs 32 workers, against a server with latency.
 
   python -m benchmarks.download [--products 24] [--workers 1,32] [--delay_ms 20]
+  python -m benchmarks.download --rerun_files 20000 [--delay_ms 0]
 
 Writes a synthetic ROPE dataset in the URL form (`data_pipelines.synthetic --url_form`,
 64 px JPEGs, 8 frames per clip) in a temporary folder, serves its images from a local
@@ -13,6 +14,15 @@ folder at each worker count, in the same run. The time covers the whole command
 request at a time, so its rate is bound by the latency (at most 1000 / delay_ms
 files/s). Prints a table and writes JSON (`--out`, default
 benchmarks/results/download.json).
+
+`--rerun_files N` measures reruns instead: a dataset of at least N images (products
+added until the txt files name N), fetched once with the largest worker count, then
+three reruns over the complete folder, in the same run: `--verify quick` (size, JPEG
+header and trailer of files the ledger knows as decoded), `--verify full` (every file
+decoded whole: what every rerun cost before the quick check, the baseline), and quick
+again after the ledger of decoded files was deleted (every file decoded once more and
+recorded). Each rerun's time covers the whole command; files/s = files skipped /
+seconds. JSON default: benchmarks/results/download_rerun.json.
 """
 
 from __future__ import annotations
@@ -96,9 +106,103 @@ def measure(rope_dir: str, prefix: str, workers: int, repeats: int) -> Measureme
                      round(counts["bytes"] / seconds / 1e6, 2))
 
 
+@dataclasses.dataclass
+class RerunMeasurement:
+  rerun: str
+  files: int
+  checked_quickly: int
+  checked_by_decode: int
+  seconds: float
+  files_per_s: float
+
+
+def _images_named(rope_dir: str) -> int:
+  names = set()
+  for name in os.listdir(rope_dir):
+    if name.endswith(("_page_images.txt", "_video_frames.txt", "_live_clips.txt")):
+      with open(os.path.join(rope_dir, name), encoding="utf-8") as f:
+        names.update(line.rsplit(",", 1)[-1].strip() for line in f)
+  return len(names)
+
+
+def measure_reruns(rope_dir: str, prefix: str, workers: int) -> list[RerunMeasurement]:
+  """The first download (untimed here), then the three reruns of the module docstring."""
+  quiet = {"all_frames": True, "workers": workers, "progress": False,
+           "log": lambda line: None}
+  first = download.download(rope_dir, prefix, **quiet)["counts"]
+  assert first["downloaded"] == first["requested"] and not first["failed"], first
+  runs = [("quick", "quick", False), ("full (baseline)", "full", False),
+          ("quick, ledger deleted", "quick", True)]
+  measurements = []
+  for label, verify, forget in runs:
+    if forget:
+      os.remove(os.path.join(rope_dir, download.VERIFIED_NAME))
+    start = time.perf_counter()
+    counts = download.download(rope_dir, prefix, verify=verify, **quiet)["counts"]
+    seconds = time.perf_counter() - start
+    assert counts["already_present"] == counts["requested"] == first["requested"], counts
+    measurements.append(RerunMeasurement(label, counts["already_present"],
+                                         counts["checked_quickly"],
+                                         counts["checked_by_decode"], round(seconds, 3),
+                                         round(counts["already_present"] / seconds, 1)))
+  return measurements
+
+
+def main_reruns(args) -> None:
+  """--rerun_files: the rerun measurements (see the module docstring)."""
+  workers = max(int(w) for w in args.workers.split(","))
+  with tempfile.TemporaryDirectory(prefix="cope_download_rerun_bench_") as root:
+    rope_dir, served = os.path.join(root, "rope"), os.path.join(root, "served")
+    products = max(2, args.rerun_files // 60)
+    while True:
+      shutil.rmtree(root, ignore_errors=True)
+      os.makedirs(root)
+      synthetic.generate(rope_dir, products=products, test_products=2, frames_per_clip=8,
+                         image_size=64, seed=args.seed, url_form_images=served)
+      if _images_named(rope_dir) >= args.rerun_files:
+        break
+      products = int(products * 1.1) + 1
+    context = multiprocessing.get_context("spawn")
+    port_queue = context.Queue()
+    server = context.Process(target=serve, args=(served, args.delay_ms / 1000, port_queue),
+                             daemon=True)
+    server.start()
+    try:
+      prefix = f"http://127.0.0.1:{port_queue.get(timeout=60)}{SERVED_PATH}"
+      measurements = measure_reruns(rope_dir, prefix, workers)
+    finally:
+      server.kill()
+      server.join()
+  baseline = measurements[1]
+  header = (f"{'rerun':<22} {'files':>6} {'quick':>6} {'decoded':>7} {'seconds':>8} "
+            f"{'files/s':>9} {'vs full':>8}")
+  print(header)
+  print("-" * len(header))
+  for m in measurements:
+    print(f"{m.rerun:<22} {m.files:>6} {m.checked_quickly:>6} {m.checked_by_decode:>7} "
+          f"{m.seconds:>8.2f} {m.files_per_s:>9.0f} "
+          f"{baseline.seconds / m.seconds:>7.1f}x")
+  report = {
+      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                  "python": platform.python_version(),
+                  "load_average_1min": round(os.getloadavg()[0], 2)},
+      "setup": {"rerun_files": args.rerun_files, "train_products": products,
+                "jpeg_side": 64, "frames_per_clip": 8, "all_frames": True,
+                "workers": workers, "delay_ms": args.delay_ms},
+      "measurements": [dataclasses.asdict(m) for m in measurements],
+      "speedup_vs_full": {m.rerun: round(baseline.seconds / m.seconds, 2)
+                          for m in measurements}}
+  out = args.out or "benchmarks/results/download_rerun.json"
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="benchmarks/results/download.json")
+  parser.add_argument("--out", default=None, help="JSON path (default "
+                      "benchmarks/results/download.json, download_rerun.json)")
   parser.add_argument("--products", type=int, default=24,
                       help="training products of the generated dataset (test: a quarter)")
   parser.add_argument("--workers", default="1,32", help="comma-separated worker counts; "
@@ -108,7 +212,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=3,
                       help="runs per worker count above 1 (the best is kept)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--rerun_files", type=int, default=0,
+                      help="measure reruns over a folder of at least this many files")
   args = parser.parse_args(argv)
+  if args.rerun_files:
+    main_reruns(args)
+    return
+  args.out = args.out or "benchmarks/results/download.json"
   worker_counts = [int(w) for w in args.workers.split(",")]
 
   with tempfile.TemporaryDirectory(prefix="cope_download_bench_") as root:

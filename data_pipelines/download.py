@@ -173,23 +173,23 @@ class PresenceCheck:
 
   def check(self, names: list[str]) -> tuple[list[bool], int, int]:
     """(present and complete, per name; how many checked quickly; how many decoded)."""
+    paths = [os.path.join(self._out, name) for name in names]
     stats: list[os.stat_result | None] = []
-    for name in names:
+    for path in paths:
       try:
-        stats.append(os.stat(os.path.join(self._out, name)))
+        stats.append(os.stat(path))
       except OSError:
-        stats.append(None)
-    present = [False] * len(names)
-    to_decode = []
+        stats.append(None)  # not there
     on_disk = [i for i, stat in enumerate(stats) if stat is not None]
     known = (self._verified.known([self._verified.key(names[i], stats[i]) for i in on_disk])
              if not self._full else [False] * len(on_disk))
-    quickly = 0
+    present = [False] * len(names)
+    to_decode, quickly = [], 0
     for i, is_known in zip(on_disk, known):
-      if is_known:
-        present[i] = images.quick_check(os.path.join(self._out, names[i]), stats[i].st_size)
-        quickly += present[i]
-      if not present[i]:
+      if is_known and images.quick_check(paths[i], stats[i].st_size):
+        present[i] = True
+        quickly += 1
+      else:
         to_decode.append(i)
     decoded = 0
     for i, decodes in zip(to_decode, self._pool.map(self._decodes,

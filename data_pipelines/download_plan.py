@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import urllib.parse
 
 from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import transforms
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
@@ -36,7 +38,7 @@ def name_problem(name: str) -> str | None:
     return "contains a path separator"
   if ":" in name:
     return "contains ':' (a URL scheme or a drive)"
-  if any(ord(c) < 32 or ord(c) == 127 for c in name):
+  if _CONTROL_CHARACTER.search(name):
     return "contains a control character"
   if len(name.encode("utf-8")) > 255:
     return "longer than 255 bytes"

@@ -139,15 +139,27 @@ def quick_check(path: str, size: int | None = None) -> bool:
   in its middle: that takes `check`.
   """
   try:
-    with open(path, "rb") as f:
-      length = os.fstat(f.fileno()).st_size
-      if length < 4 or (size is not None and length != size):
-        return False
-      start = f.read(2)
-      if start != JPEG_START:
-        return True  # another format: size only
-      f.seek(max(2, length - _TRAILER_SLACK))
-      return JPEG_END in f.read()
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    return quick_check_open(fd, os.fstat(fd).st_size if size is None else size)
+  finally:
+    os.close(fd)
+
+
+def quick_check_open(fd: int, size: int) -> bool:
+  """`quick_check` of an open file (`fd`) that should hold `size` bytes."""
+  try:
+    if size < 4:
+      return False
+    head = os.pread(fd, 2, 0)
+    if head != JPEG_START:  # another format: its size only
+      return len(head) == 2 and os.fstat(fd).st_size == size
+    tail_start = max(2, size - _TRAILER_SLACK)
+    tail = os.pread(fd, size - tail_start + 1, tail_start)
+    # Exactly `size` bytes (the one byte more must be missing), ending in EOI.
+    return len(tail) == size - tail_start and JPEG_END in tail
   except OSError:
     return False
 
