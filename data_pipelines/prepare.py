@@ -5,7 +5,10 @@
   # only the 8 frames per clip training reads, images at most 256 px:
   python -m data_pipelines.prepare --rope_dir R --out O --num_frames 8 --max_image_side 256
 
-  # several local processes (Apache Beam; pip install -r requirements-beam.txt):
+  # every core: 8 local processes decode / check / re-encode, one writer writes shards
+  python -m data_pipelines.prepare --rope_dir R --out O --workers 8
+
+  # Apache Beam's local runner (pip install -r requirements-beam.txt):
   python -m data_pipelines.prepare --rope_dir R --out O --beam_runner=DirectRunner --workers 8
 
   # a cluster runner: the same, with pipeline options (see README, "Running on real ROPE")
@@ -19,10 +22,15 @@ docstring describes splits, record order and configs). It
      default: those of which ROPE_DIR holds any file) before writing anything: a missing
      file, a directory in its place or an unreadable one is an error naming each;
   2. builds the dataset into OUT/tfds, or skips the build when OUT already holds it for
-     the same inputs and options (resume: the dataset folder carries a fingerprint of the
-     txt files and options; TFDS writes into a temporary folder and renames it when
-     complete, so a killed run leaves nothing half-written, and the rerun redoes the
-     build);
+     the same inputs and options (the dataset folder carries a fingerprint of the txt
+     files and options). Without a Beam runner the build is the project's shard writer
+     (`rope_shards`): `--workers` processes encode, one writes the ArrayRecord shards
+     in order, in OUT/.building/<config>-<fingerprint>/, which is renamed into place
+     when complete. It resumes per shard: a rerun after a kill -9 keeps every shard
+     finished before it and writes the rest (the report counts both); the records
+     equal an uninterrupted build's, in the same order. A progress bar shows images/s
+     and the time left. With a Beam runner, TFDS's own writer builds the dataset (a
+     killed Beam build starts again);
   3. writes what the readers open:
 
   OUT/tfds/rope/<config>/<version>/   the TFDS dataset: `tfds.data_source("rope/<config>",
@@ -48,15 +56,20 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+
+from etils import epath
 
 from data_pipelines import domains
 from data_pipelines import rope_format
+from data_pipelines import rope_records
+from data_pipelines import rope_shards
 from data_pipelines import rope_tfds
 
 REPORT_NAME = "prepare_report.json"
 POINTER_NAME = "dataset.json"
 TFDS_SUBDIR = "tfds"
+BUILDING_SUBDIR = ".building"  # shard-writer builds in progress (resumable)
 POINTER_FORMAT = 2  # 1: the msgpack shards of earlier versions (no dataset.json)
 
 
@@ -77,15 +90,16 @@ def _read_json(path: str):
 
 
 def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
-  """Beam PipelineOptions from the flags, or None for the single-process generator.
+  """Beam PipelineOptions from the flags, or None for the project's shard writer.
 
   `pipeline_options` is TFDS's `--beam_pipeline_options` format: comma-separated
-  `key=value` (e.g. `runner=FlinkRunner,flink_master=host:8081`). `workers` > 1 without
-  a runner means the DirectRunner in multi-processing mode.
+  `key=value` (e.g. `runner=FlinkRunner,flink_master=host:8081`). Beam runs only when a
+  runner or options are given; `workers` > 1 on the DirectRunner means its
+  multi-processing mode with that many processes.
   """
   flags = [f"--{item.strip().lstrip('-')}" for item in pipeline_options.split(",")
            if item.strip()]
-  if beam_runner is None and not flags and workers == 1:
+  if beam_runner is None and not flags:
     return None
   try:
     from apache_beam.options import pipeline_options as beam_pipeline_options  # pylint: disable=g-import-not-at-top
@@ -93,8 +107,6 @@ def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
     raise RuntimeError("preparing with Apache Beam needs apache-beam: "
                        "pip install -r requirements-beam.txt") from e
   runner = beam_runner
-  if runner is None and not any(f.startswith("--runner=") for f in flags):
-    runner = "DirectRunner"
   if runner is not None:
     flags.insert(0, f"--runner={runner}")
   if runner in ("DirectRunner", "direct") and workers > 1:
@@ -104,8 +116,17 @@ def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
   return beam_pipeline_options.PipelineOptions(flags)
 
 
-def _remove_stale(out_dir: str, dataset_dir: str, splits: Sequence[str], log) -> None:
-  """Removes what earlier or killed runs left that this run's outputs replace."""
+def _remove_stale(out_dir: str, dataset_dir: str, splits: Sequence[str], staging_dir: str,
+                  log) -> None:
+  """Removes what earlier or killed runs left that this run's outputs replace (a
+  staging folder of other inputs or options; the one of this build is kept)."""
+  building_dir = os.path.join(out_dir, BUILDING_SUBDIR)
+  if os.path.isdir(building_dir):
+    for name in os.listdir(building_dir):
+      path = os.path.join(building_dir, name)
+      if path != staging_dir:
+        log(f"removing the unfinished build {path} (other inputs or options)")
+        shutil.rmtree(path, ignore_errors=True)
   config_dir = os.path.dirname(dataset_dir)
   if os.path.isdir(config_dir):
     for name in os.listdir(config_dir):
@@ -139,13 +160,14 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
     splits: ROPE splits to prepare (default: every split with any of its files present).
     num_frames: keep the T segment-middle frames of each clip (0: every frame).
     max_image_side: re-encode images whose longer side exceeds this (0: never resize).
-    num_shards: ArrayRecord files per TFDS split (None: TFDS sizes them, 64 MiB-1 GiB).
-    workers: local Beam DirectRunner processes (1 and no runner: a plain generator in
-      this process).
+    num_shards: ArrayRecord files per TFDS split (None: the shard writer cuts shards of
+      about `rope_shards.IMAGES_PER_SHARD` images; TFDS sizes Beam's, 64 MiB-1 GiB).
+    workers: local processes that decode / check / re-encode (the shard writer; 1: this
+      process), or the DirectRunner's processes with `beam_runner`.
     beam_runner: Beam runner name (DirectRunner, DataflowRunner, FlinkRunner,
-      SparkRunner); None: plain generator unless `workers` > 1 or options name one.
+      SparkRunner); None: the shard writer unless pipeline options name one.
     beam_pipeline_options: comma-separated `key=value` Beam pipeline options.
-    progress: show TFDS's progress bars.
+    progress: show the progress bar (images/s and time left).
     log: receives one line per step.
 
   Raises:
@@ -173,25 +195,35 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
   builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
                            file_format=rope_tfds.FILE_FORMAT)
   dataset_dir = os.fspath(builder.data_path)
+  staging_dir = os.path.join(out_dir, BUILDING_SUBDIR, f"{config.name}-{fingerprint[:16]}")
   os.makedirs(out_dir, exist_ok=True)
-  _remove_stale(out_dir, dataset_dir, splits, log)
+  _remove_stale(out_dir, dataset_dir, splits, staging_dir, log)
 
   build_info = rope_tfds.read_build_info(dataset_dir)
+  shard_counts = {"written": 0, "reused": 0}
   if build_info and build_info.get("fingerprint") == fingerprint:
     status = "skipped (up to date)"
     log(f"{config.name}: up to date in {dataset_dir}, skipped")
+    if os.path.exists(os.path.join(dataset_dir, rope_shards.STATE_NAME)):
+      rope_shards.remove_work_files(dataset_dir)  # killed right after the rename
   else:
     changed = os.path.exists(dataset_dir)
     if changed:  # built from other inputs: stale (TFDS would delete it first too)
       shutil.rmtree(dataset_dir)
       builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
                                file_format=rope_tfds.FILE_FORMAT)
-    runner = "a plain generator" if beam_options is None else "Apache Beam"
+    runner = (f"the shard writer ({workers} process{'es' if workers > 1 else ''})"
+              if beam_options is None else "Apache Beam")
     log(f"{config.name}: building {', '.join(splits)} into {dataset_dir} with {runner}"
         + (" (inputs or options changed)" if changed else ""))
-    tfds.display_progress_bar(progress)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=rope_dir, beam_options=beam_options, num_shards=num_shards))
+    if beam_options is None:
+      shard_counts = _build_with_shard_writer(builder, rope_dir, splits, staging_dir,
+                                              dataset_dir, num_shards, workers, progress,
+                                              log)
+    else:
+      tfds.display_progress_bar(progress)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=rope_dir, beam_options=beam_options, num_shards=num_shards))
     build_info = rope_tfds.read_build_info(dataset_dir)
     status = "written"
     if build_info is None or build_info["fingerprint"] != fingerprint:
@@ -234,10 +266,27 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
                "version": str(builder.version), "data_dir": os.path.abspath(tfds_dir),
                "dataset_dir": os.path.abspath(dataset_dir),
                "generated_with": build_info["generated_with"]},
-      "status": status,
+      "status": status, "shards": shard_counts,
       "splits": split_reports, "num_problems": len(problems), "problems": problems}
   _write_json(os.path.join(out_dir, REPORT_NAME), report)
   return report
+
+
+def _build_with_shard_writer(builder, rope_dir: str, splits: list[str], staging_dir: str,
+                             dataset_dir: str, num_shards: int | None, workers: int,
+                             progress: bool, log) -> dict:
+  """Builds (or finishes) the dataset in `staging_dir`, then renames it to `dataset_dir`.
+  Returns {"written": shards written, "reused": shards a killed run had finished}."""
+  build, rows_by_name = rope_tfds.plan_build(rope_dir, splits, builder.builder_config)
+  result = rope_shards.build_shards(builder, build, rows_by_name, staging_dir,
+                                    num_shards=num_shards, workers=workers,
+                                    progress=progress, log=log)
+  rope_tfds.write_build_files(epath.Path(staging_dir), build, result["decode_problems"],
+                              result["split_counts"], "shard_writer")
+  os.makedirs(os.path.dirname(dataset_dir), exist_ok=True)
+  os.replace(staging_dir, dataset_dir)
+  rope_shards.remove_work_files(dataset_dir)
+  return {"written": result["shards_written"], "reused": result["shards_reused"]}
 
 
 # --- reading -----------------------------------------------------------------------
@@ -258,7 +307,7 @@ def _check_split(prepared_dir: str, pointer: dict, split: str) -> None:
                             f"(prepared: {', '.join(pointer['splits'])})")
 
 
-def open_domain(prepared_dir: str, split: str, domain: str) -> rope_tfds.RecordSource:
+def open_domain(prepared_dir: str, split: str, domain: str) -> rope_records.RecordSource:
   """The records of `domain` (a name of `domains.NAMES`) of a prepared split.
 
   Items: pages `{"id", "product_id", "product_index", "text", "image": bytes}`; videos and
@@ -271,10 +320,10 @@ def open_domain(prepared_dir: str, split: str, domain: str) -> rope_tfds.RecordS
   _check_split(prepared_dir, pointer, split)
   name = rope_tfds.split_name(split, domain)
   if pointer["records"][split][domain] == 0:
-    return rope_tfds.RecordSource(None, domain, name)
+    return rope_records.RecordSource(None, domain, name)
   dataset_dir = os.path.join(prepared_dir, pointer["dataset_dir"])
   try:
-    return rope_tfds.open_split(dataset_dir, name, domain)
+    return rope_records.open_split(dataset_dir, name, domain)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}: run `python -m data_pipelines.prepare` again (delete "
                             f"{dataset_dir} first)") from e
@@ -307,10 +356,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--num_shards", type=int, default=None,
                       help="ArrayRecord files per split (default: TFDS sizes them)")
   parser.add_argument("--workers", type=int, default=1,
-                      help="local Beam DirectRunner processes (1: no Beam)")
+                      help="local processes that decode and re-encode images (with "
+                      "--beam_runner=DirectRunner: its processes)")
   parser.add_argument("--beam_runner", default=None,
                       help="Beam runner: DirectRunner, DataflowRunner, FlinkRunner, "
-                           "SparkRunner (default: no Beam)")
+                           "SparkRunner (default: no Beam, the shard writer)")
   parser.add_argument("--beam_pipeline_options", default="",
                       help="comma-separated key=value Beam pipeline options")
   args = parser.parse_args(argv)

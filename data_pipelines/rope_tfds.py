@@ -57,8 +57,12 @@ Configs (`BUILDER_CONFIGS`) are the shapes that change what is stored:
 Config names say both: `all_frames_original`, `frames8_original`, `frames8_side256`...
 `rope_config(num_frames, max_side)` gives any other shape under the same naming.
 
-Generation runs in this process (a plain generator) unless the download config names
-a Beam runner or pipeline options: then each split is a Beam pipeline, read catalog
+Three ways to write the same dataset. `prepare` on one machine uses the project's shard
+writer (`rope_shards`: worker processes, one writer, resumable per shard), which writes
+the shards and metadata this builder's TFDS writer would. Through TFDS directly
+(`download_and_prepare`), generation runs in this process (a plain generator) unless the
+download config names a Beam runner or pipeline options: then each split is a Beam
+pipeline, read catalog
 rows -> decode / check / re-encode -> TFDS's writer, on the DirectRunner (several local
 processes) or a cluster runner (Dataflow, Flink, Spark). Catalog parsing (`load_rope`)
 stays in the launching process; catalog rows reach the workers as JSON-lines files in
@@ -78,12 +82,10 @@ from typing import Any
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipelines import domains
-from data_pipelines import images
+from data_pipelines import rope_examples
 from data_pipelines import rope_format
-from data_pipelines import transforms
 
 DATASET_NAME = "rope"
 DATASET_VERSION = "1.0.0"
@@ -212,80 +214,11 @@ def input_fingerprint(rope_dir: str, splits: Sequence[str], config: RopeConfig) 
   return digest.hexdigest()
 
 
-# --- catalog rows and examples -----------------------------------------------------
-
-def kept_frame_positions(num_available: int, num_frames: int) -> list[int]:
-  """Positions of the frames a config keeps: the distinct segment-middle frames.
-
-  With n >= T frames these are T distinct frames; with n < T every frame (sampling T
-  from fewer frames visits each of them), so sampling T frames from the kept ones
-  gives what sampling T from all n gives.
-  """
-  if not num_frames:
-    return list(range(num_available))
-  return sorted(set(transforms.sample_frame_indices(num_available, num_frames)))
-
-
-def catalog_rows(catalog: rope_format.RopeCatalog, domain: str,
-                 product_index: dict[str, int], num_frames: int) -> list[dict]:
-  """One JSON-able row per catalog record of `domain`, in catalog order (key = position).
-
-  Row: {key, domain, media_file, id, product_id, product_index, text, paths, frame_keys,
-  lines}; for clips only the frames that `num_frames` keeps.
-  """
-  media_file = catalog.media_file(domain)
-  rows = []
-  for key, record in enumerate(catalog.domain(domain).values()):
-    if domains.get(domain).is_clip:
-      keep = kept_frame_positions(len(record.frames), num_frames)
-      paths = [record.frames[i] for i in keep]
-      frame_keys = [record.frame_keys[i] for i in keep]
-      lines = [record.frame_lines[i] for i in keep]
-    else:
-      paths, frame_keys, lines = [record.image], [0], [record.image_line]
-    rows.append({"key": key, "domain": domain, "media_file": media_file, "id": record.id,
-                 "product_id": record.product_id,
-                 "product_index": product_index[record.product_id], "text": record.text,
-                 "paths": paths, "frame_keys": frame_keys, "lines": lines})
-  return rows
-
-
-def encode_row(row: dict, max_side: int) -> tuple[dict | None, list[dict]]:
-  """Decodes / checks / re-encodes one catalog row -> (example or None, problems).
-
-  Problems are `{"file", "line", "reason"}` plus `key` (the row's catalog position),
-  `position` (frame position in the row) and `dropped` (True for the one problem that
-  says the record was left out: every image failed). The example is None when dropped.
-  """
-  domain = row["domain"]
-  frames, frame_keys, problems = [], [], []
-  for position, (path, frame_key, line) in enumerate(
-      zip(row["paths"], row["frame_keys"], row["lines"])):
-    try:
-      frames.append(images.read_stored_bytes(path, max_side))
-      frame_keys.append(frame_key)
-    except (OSError, ValueError) as e:
-      problems.append({"file": row["media_file"], "line": line,
-                       "reason": f"image {os.path.basename(path)} does not decode "
-                                 f"({type(e).__name__}: {e}); not stored",
-                       "key": row["key"], "position": position, "dropped": False})
-  if not frames:
-    what = "all its frames" if domains.get(domain).is_clip else "its image"
-    problems.append({"file": row["media_file"], "line": row["lines"][0],
-                     "reason": f"{domain} {row['id']}: {what} failed to decode; dropped",
-                     "key": row["key"], "position": len(row["paths"]), "dropped": True})
-    return None, problems
-  example = {"id": row["id"], "product_id": row["product_id"],
-             "product_index": row["product_index"], "text": row["text"],
-             "frames": frames, "frame_keys": frame_keys}
-  return example, problems
-
-
 def _encode_row_beam(row_json: str, max_side: int):
   """Beam: one catalog row (JSON text) -> (key, example) and tagged problems."""
   beam = tfds.core.lazy_imports.apache_beam
   row = json.loads(row_json)
-  example, problems = encode_row(row, max_side)
+  example, problems = rope_examples.encode_row(row, max_side)
   for problem in problems:
     yield beam.pvalue.TaggedOutput("problems", json.dumps(problem, ensure_ascii=False))
   if example is not None:
@@ -375,9 +308,16 @@ class Rope(tfds.core.GeneratorBasedBuilder):
   def _download_and_prepare(self, dl_manager, download_config) -> None:
     self._build = {"beam": (download_config.beam_runner is not None
                             or download_config.beam_options is not None),
-                   "splits": {}, "decode_problems": {}, "beam_files": []}
+                   "decode_problems": {}, "beam_files": []}
     super()._download_and_prepare(dl_manager, download_config)
-    self._write_build_files()
+    if self._build["beam"]:
+      self._collect_beam_problems()
+    split_infos = self.info.splits
+    write_build_files(
+        self.data_path, self._build, self._build["decode_problems"],
+        {name: (split_infos[name].num_examples, split_infos[name].num_shards)
+         for name in split_infos},
+        "beam" if self._build["beam"] else "generator")
 
   def _split_generators(self, dl_manager):
     rope_dir = os.fspath(dl_manager.manual_dir)
@@ -386,25 +326,9 @@ class Rope(tfds.core.GeneratorBasedBuilder):
       raise RopeFilesError(f"{rope_dir!r} holds no ROPE split (looked for the txt files of "
                            f"{' and '.join(rope_format.SPLITS)})")
     check_split_files(rope_dir, splits)
-    config: RopeConfig = self.builder_config
-    self._build.update(rope_dir=os.path.abspath(rope_dir), rope_splits=list(splits),
-                       fingerprint=input_fingerprint(rope_dir, splits, config))
-    generators = {}
-    for rope_split in splits:
-      catalog = rope_format.load_rope(rope_dir, rope_split)
-      product_ids = list(catalog.products)
-      product_index = {p: i for i, p in enumerate(product_ids)}
-      entry = {"product_ids": product_ids, "read_problems": catalog.problems,
-               "frames_skipped_by_download": catalog.frames_skipped_by_download,
-               "rows": {}}
-      for domain in domains.NAMES:
-        rows = catalog_rows(catalog, domain, product_index, config.num_frames)
-        entry["rows"][domain] = [(row["key"], row["product_index"]) for row in rows]
-        if rows:
-          name = split_name(rope_split, domain)
-          generators[name] = self._examples(name, rows)
-      self._build["splits"][rope_split] = entry
-    return generators
+    build, rows = plan_build(rope_dir, splits, self.builder_config)
+    self._build.update(build)
+    return {name: self._examples(name, split_rows) for name, split_rows in rows.items()}
 
   def _examples(self, name: str, rows: list[dict]):
     """The examples of one TFDS split: a generator, or a Beam PTransform."""
@@ -440,50 +364,83 @@ class Rope(tfds.core.GeneratorBasedBuilder):
     if catalog_dir.exists():
       catalog_dir.rmtree()
 
-  def _write_build_files(self) -> None:
-    """Product tables and rope_build.json, into the (still temporary) dataset folder."""
-    if self._build["beam"]:
-      self._collect_beam_problems()
-    data_path = self.data_path
-    split_infos = self.info.splits
-    report_splits, problems = {}, []
-    for rope_split, entry in self._build["splits"].items():
-      problems += [{"split": rope_split, "stage": "read", **p}
-                   for p in entry["read_problems"]]
-      record_product_index, domain_counts = {}, {}
-      for domain in domains.NAMES:
-        name = split_name(rope_split, domain)
-        decode = sorted(self._build["decode_problems"].get(name, []),
-                        key=lambda p: (p["key"], p["position"]))
-        dropped = {p["key"] for p in decode if p["dropped"]}
-        record_product_index[domain] = [index for key, index in entry["rows"][domain]
-                                        if key not in dropped]
-        num_records = len(record_product_index[domain])
-        written = split_infos[name].num_examples if name in split_infos else 0
-        if written != num_records:
-          raise RuntimeError(f"{name}: wrote {written} records but the catalog and the "
-                             f"decode problems account for {num_records}")
-        domain_counts[domain] = {
-            "catalog": len(entry["rows"][domain]), "records": num_records,
-            "dropped_at_decode": len(dropped),
-            "shards": split_infos[name].num_shards if name in split_infos else 0}
-        problems += [{"split": rope_split, "stage": "decode", "file": p["file"],
-                      "line": p["line"], "reason": p["reason"]} for p in decode]
-      _write_json(data_path / f"{PRODUCTS_PREFIX}{rope_split}.json",
-                  {"product_ids": entry["product_ids"],
-                   "record_product_index": record_product_index})
-      report_splits[rope_split] = {
-          "products": len(entry["product_ids"]), "domains": domain_counts,
-          # clip frames a sampled download never fetched (not problems)
-          "frames_skipped_by_download": entry["frames_skipped_by_download"]}
-    config: RopeConfig = self.builder_config
-    _write_json(data_path / BUILD_INFO_NAME, {
-        "format": FORMAT_VERSION, "fingerprint": self._build["fingerprint"],
-        "rope_dir": self._build["rope_dir"], "rope_splits": self._build["rope_splits"],
-        "config": {"name": config.name, "num_frames": config.num_frames,
-                   "max_side": config.max_side},
-        "generated_with": "beam" if self._build["beam"] else "generator",
-        "splits": report_splits, "num_problems": len(problems), "problems": problems})
+
+# --- what a build writes besides the records ---------------------------------------
+
+def plan_build(rope_dir: str, splits: Sequence[str], config: RopeConfig
+               ) -> tuple[dict, dict[str, list[dict]]]:
+  """Reads the catalogs: (the build's description, the rows of each non-empty TFDS split).
+
+  The description {rope_dir, rope_splits, fingerprint, config, splits: {rope split:
+  {product_ids, read_problems, frames_skipped_by_download, rows: {domain: [(key,
+  product_index)]}}}} is what `write_build_files` needs besides the decode problems.
+  """
+  build = {"rope_dir": os.path.abspath(rope_dir), "rope_splits": list(splits),
+           "fingerprint": input_fingerprint(rope_dir, splits, config),
+           "config": {"name": config.name, "num_frames": config.num_frames,
+                      "max_side": config.max_side}, "splits": {}}
+  rows_by_name = {}
+  for rope_split in splits:
+    catalog = rope_format.load_rope(rope_dir, rope_split)
+    product_ids = list(catalog.products)
+    product_index = {p: i for i, p in enumerate(product_ids)}
+    entry = {"product_ids": product_ids, "read_problems": catalog.problems,
+             "frames_skipped_by_download": catalog.frames_skipped_by_download,
+             "rows": {}}
+    for domain in domains.NAMES:
+      rows = rope_examples.catalog_rows(catalog, domain, product_index, config.num_frames)
+      entry["rows"][domain] = [(row["key"], row["product_index"]) for row in rows]
+      if rows:
+        rows_by_name[split_name(rope_split, domain)] = rows
+    build["splits"][rope_split] = entry
+  return build, rows_by_name
+
+
+def write_build_files(data_path: epath.Path, build: dict, decode_problems: dict,
+                      split_counts: dict[str, tuple[int, int]], generated_with: str
+                      ) -> None:
+  """Product tables and rope_build.json, into the (still temporary) dataset folder.
+
+  Args:
+    build: `plan_build`'s description.
+    decode_problems: TFDS split name -> `encode_row`'s problems, any order.
+    split_counts: TFDS split name -> (records written, shards); absent: none.
+    generated_with: "generator", "beam" or "shard_writer".
+  """
+  report_splits, problems = {}, []
+  for rope_split, entry in build["splits"].items():
+    problems += [{"split": rope_split, "stage": "read", **p}
+                 for p in entry["read_problems"]]
+    record_product_index, domain_counts = {}, {}
+    for domain in domains.NAMES:
+      name = split_name(rope_split, domain)
+      decode = sorted(decode_problems.get(name, []),
+                      key=lambda p: (p["key"], p["position"]))
+      dropped = {p["key"] for p in decode if p["dropped"]}
+      record_product_index[domain] = [index for key, index in entry["rows"][domain]
+                                      if key not in dropped]
+      num_records = len(record_product_index[domain])
+      written, shards = split_counts.get(name, (0, 0))
+      if written != num_records:
+        raise RuntimeError(f"{name}: wrote {written} records but the catalog and the "
+                           f"decode problems account for {num_records}")
+      domain_counts[domain] = {
+          "catalog": len(entry["rows"][domain]), "records": num_records,
+          "dropped_at_decode": len(dropped), "shards": shards}
+      problems += [{"split": rope_split, "stage": "decode", "file": p["file"],
+                    "line": p["line"], "reason": p["reason"]} for p in decode]
+    _write_json(data_path / f"{PRODUCTS_PREFIX}{rope_split}.json",
+                {"product_ids": entry["product_ids"],
+                 "record_product_index": record_product_index})
+    report_splits[rope_split] = {
+        "products": len(entry["product_ids"]), "domains": domain_counts,
+        # clip frames a sampled download never fetched (not problems)
+        "frames_skipped_by_download": entry["frames_skipped_by_download"]}
+  _write_json(data_path / BUILD_INFO_NAME, {
+      "format": FORMAT_VERSION, "fingerprint": build["fingerprint"],
+      "rope_dir": build["rope_dir"], "rope_splits": build["rope_splits"],
+      "config": build["config"], "generated_with": generated_with,
+      "splits": report_splits, "num_problems": len(problems), "problems": problems})
 
 
 def _generate(rows: Iterable[dict], max_side: int, problems: list[dict], name: str
@@ -491,7 +448,7 @@ def _generate(rows: Iterable[dict], max_side: int, problems: list[dict], name: s
   """Single-process generation: (key, example) per usable row; problems appended."""
   written = 0
   for row in rows:
-    example, row_problems = encode_row(row, max_side)
+    example, row_problems = rope_examples.encode_row(row, max_side)
     problems.extend(row_problems)
     if example is not None:
       written += 1
@@ -507,7 +464,7 @@ def _write_json(path: epath.Path, value) -> None:
   path.write_text(json.dumps(value, ensure_ascii=False, allow_nan=False), encoding="utf-8")
 
 
-# --- reading -----------------------------------------------------------------------
+# --- reading the files beside the records ------------------------------------------
 
 def read_build_info(dataset_dir: str) -> dict | None:
   """The dataset folder's rope_build.json, or None if absent / unreadable."""
@@ -529,79 +486,3 @@ def read_products(dataset_dir: str, rope_split: str) -> list[dict]:
   return products
 
 
-class RecordSource:
-  """Random access to one domain's records as the dicts of docs/interfaces.md.
-
-  Wraps a raw-bytes TFDS data source of a `<split>_<domain>` split (None: no record).
-  Items: pages `{"id", "product_id", "product_index", "text", "image": bytes}`; videos
-  and lives `{"id", "product_id", "product_index", "text", "frames": [bytes],
-  "frame_keys": [int]}`. `len`, `[i]`, `__getitems__`; picklable (Grain workers).
-
-  Records are parsed straight from their `tf.train.Example` protos (each feature here
-  is one flat list: scalars have one value, sequences one value per frame), about 4x
-  faster than TFDS's generic NumPy decoding; a test checks both agree on every record.
-  """
-
-  def __init__(self, raw_source, domain: str, name: str):
-    self._source = raw_source
-    self._is_clip = domains.get(domain).is_clip
-    self._name = name
-
-  def __len__(self) -> int:
-    return 0 if self._source is None else len(self._source)
-
-  def _parse(self, serialized: bytes) -> dict:
-    feature = tf_example_pb2.Example.FromString(serialized).features.feature
-    item = {"id": feature["id"].bytes_list.value[0].decode("utf-8"),
-            "product_id": feature["product_id"].bytes_list.value[0].decode("utf-8"),
-            "product_index": int(feature["product_index"].int64_list.value[0]),
-            "text": feature["text"].bytes_list.value[0].decode("utf-8")}
-    frames = list(feature["frames"].bytes_list.value)
-    if self._is_clip:
-      item["frames"] = frames
-      item["frame_keys"] = list(feature["frame_keys"].int64_list.value)
-    else:
-      item["image"] = frames[0]
-    return item
-
-  def _check(self, index: int) -> None:
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range [0, {len(self)}) of {self._name}")
-
-  def __getitem__(self, index: int) -> dict:
-    self._check(index)
-    return self._parse(self._source[index])
-
-  def __getitems__(self, indices) -> list[dict]:
-    indices = list(indices)
-    for index in indices:
-      self._check(index)
-    if not indices:
-      return []
-    return [self._parse(record) for record in self._source.__getitems__(indices)]
-
-  def __iter__(self) -> Iterator[dict]:
-    return (self[i] for i in range(len(self)))
-
-  def __repr__(self) -> str:
-    return f"RecordSource({self._name}, {len(self)} records)"
-
-
-def open_split(dataset_dir: str, name: str, domain: str) -> RecordSource:
-  """`RecordSource` over the TFDS split `name` of the built dataset in `dataset_dir`.
-
-  Raises:
-    FileNotFoundError: the dataset, the split or one of its shards is missing.
-  """
-  try:
-    builder = tfds.builder_from_directory(dataset_dir)
-    split_info = builder.info.splits[name]
-  except (OSError, KeyError, ValueError) as e:
-    raise FileNotFoundError(f"the dataset {dataset_dir} lacks split {name}: {e}") from e
-  missing = [os.fspath(p) for p in split_info.filepaths if not os.path.exists(p)]
-  if missing:
-    raise FileNotFoundError(f"{len(missing)} shard(s) of {name} are missing, e.g. "
-                            f"{missing[0]}")
-  raw = builder.as_data_source(split=name,
-                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  return RecordSource(raw, domain, name)

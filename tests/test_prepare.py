@@ -3,7 +3,12 @@
 import io
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import grain
 from PIL import Image
@@ -12,11 +17,13 @@ import pytest
 from data_pipelines import domains
 from data_pipelines import prepare
 from data_pipelines import rope_format
+from data_pipelines import rope_shards
 from data_pipelines import rope_tfds
 from data_pipelines import synthetic
 from data_pipelines import transforms
 
 QUIET = {"progress": False, "log": lambda line: None}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read_bytes(path):
@@ -45,7 +52,7 @@ def _files(directory):
 
 def test_report_counts_match_the_catalog(tiny_rope_dir, tiny_prepared_dir):
   report = _report(tiny_prepared_dir)
-  assert report["problems"] == [] and report["tfds"]["generated_with"] == "generator"
+  assert report["problems"] == [] and report["tfds"]["generated_with"] == "shard_writer"
   for split in rope_format.SPLITS:
     catalog = rope_format.load_rope(tiny_rope_dir, split)
     entry = report["splits"][split]
@@ -255,3 +262,92 @@ def test_a_requested_split_must_be_complete(tiny_rope_dir, tmp_path):
   assert list(report["splits"]) == ["training"]
   with pytest.raises(FileNotFoundError, match="no ROPE split"):
     prepare.prepare(str(tmp_path / "out"), str(tmp_path / "out2"), **QUIET)
+
+
+# ---- the shard writer: resumable per shard, the same records with any worker count ----
+
+def _all_records(prepared_dir):
+  return {(split, domain): list(prepare.open_domain(prepared_dir, split, domain))
+          for split in rope_format.SPLITS for domain in domains.NAMES}
+
+
+def _done_shards(building_dir):
+  """{shard file path: mtime_ns} of the shards whose done file exists."""
+  found = {}
+  for root, _, names in os.walk(building_dir):
+    for name in names:
+      if name.endswith(rope_shards.DONE_SUFFIX):
+        path = os.path.join(root, name[:-len(rope_shards.DONE_SUFFIX)])
+        found[os.path.relpath(path, root)] = os.stat(path).st_mtime_ns
+  return found
+
+
+def test_kill_9_at_random_points_loses_at_most_the_shard_being_written(tmp_path):
+  rope_dir = str(tmp_path / "rope")
+  synthetic.generate(rope_dir, products=8, test_products=4, frames_per_clip=6,
+                     image_size=96, seed=1)
+  options = {"num_shards": 4, "max_image_side": 48}
+  uninterrupted = str(tmp_path / "uninterrupted")
+  prepare.prepare(rope_dir, uninterrupted, **options, **QUIET)
+
+  out = str(tmp_path / "killed")
+  building = os.path.join(out, prepare.BUILDING_SUBDIR)
+  total_shards = 4 * len(rope_format.SPLITS) * len(domains.NAMES)
+  rng = random.Random(0)
+  done_before_last_kill = {}
+  for attempt, kill_after in enumerate(sorted(rng.sample(range(1, total_shards - 2), 3))):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "data_pipelines.prepare", "--rope_dir", rope_dir,
+         "--out", out, "--num_shards", "4", "--max_image_side", "48",
+         "--workers", str(1 + attempt % 2)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)  # its workers are killed with it
+    deadline = time.monotonic() + 60
+    while (time.monotonic() < deadline and process.poll() is None
+           and len(_done_shards(building)) < kill_after):
+      time.sleep(0.002)
+    time.sleep(rng.uniform(0, 0.02))  # somewhere inside the next shard
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    done = _done_shards(building)
+    assert len(done) >= kill_after and len(done) < total_shards
+    # Shards finished before an earlier kill were not rewritten by this run.
+    assert {p: done[p] for p in done_before_last_kill} == done_before_last_kill
+    done_before_last_kill = done
+
+  report = prepare.prepare(rope_dir, out, **options, **QUIET)
+  assert report["shards"] == {"written": total_shards - len(done_before_last_kill),
+                              "reused": len(done_before_last_kill)}
+  dataset_dir = _dataset_dir(out)
+  for path, mtime in done_before_last_kill.items():  # untouched, now in the dataset
+    assert os.stat(os.path.join(dataset_dir, path)).st_mtime_ns == mtime
+  assert not os.path.exists(building) or not os.listdir(building)
+  assert not [n for n in os.listdir(dataset_dir)
+              if n.endswith((rope_shards.DONE_SUFFIX, ".tmp")) or n == rope_shards.STATE_NAME]
+  assert _all_records(out) == _all_records(uninterrupted)
+  for split in rope_format.SPLITS:
+    assert prepare.load_products(out, split) == prepare.load_products(uninterrupted, split)
+  assert report["problems"] == _report(uninterrupted)["problems"]
+
+
+def test_workers_write_the_records_of_a_single_process(tmp_path):
+  rope_dir = str(tmp_path / "rope")
+  synthetic.generate(rope_dir, products=4, test_products=2, frames_per_clip=3,
+                     image_size=16, seed=2, inject_faults=True)
+  single = prepare.prepare(rope_dir, str(tmp_path / "one"), num_frames=2, **QUIET)
+  pooled = prepare.prepare(rope_dir, str(tmp_path / "two"), num_frames=2, workers=2,
+                           **QUIET)
+  assert pooled["problems"] == single["problems"]
+  assert any(p["stage"] == "decode" for p in single["problems"])
+  assert _all_records(str(tmp_path / "two")) == _all_records(str(tmp_path / "one"))
+
+
+def test_shard_bounds_cut_rows_in_order():
+  rows = [{"paths": ["x"] * n} for n in (3, 1, 4, 1, 5, 9, 2, 6)]
+  assert rope_shards.shard_bounds(rows, 3) == [(0, 2), (2, 5), (5, 8)]
+  assert rope_shards.shard_bounds(rows, 20) == [(i, i + 1) for i in range(8)]
+  by_images = rope_shards.shard_bounds(rows, None, images_per_shard=8)
+  assert by_images == [(0, 3), (3, 5), (5, 6), (6, 8)]  # a 9-image row alone
+  assert rope_shards.shard_bounds(rows[:1], None, images_per_shard=1) == [(0, 1)]

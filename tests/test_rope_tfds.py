@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import domains
 from data_pipelines import prepare
+from data_pipelines import rope_examples
 from data_pipelines import rope_format
 from data_pipelines import rope_tfds
 from data_pipelines import synthetic
@@ -57,7 +58,7 @@ def test_build_info_carries_products_and_problems(tiny_prepared_dir):
   dataset_dir = json.load(open(os.path.join(tiny_prepared_dir, prepare.REPORT_NAME),
                                encoding="utf-8"))["tfds"]["dataset_dir"]
   build_info = rope_tfds.read_build_info(dataset_dir)
-  assert build_info["generated_with"] == "generator"
+  assert build_info["generated_with"] == "shard_writer"
   assert build_info["rope_splits"] == list(rope_format.SPLITS)
   for split in rope_format.SPLITS:
     assert rope_tfds.read_products(dataset_dir, split) == prepare.load_products(
@@ -67,11 +68,11 @@ def test_build_info_carries_products_and_problems(tiny_prepared_dir):
 @pytest.mark.parametrize("num_available", range(1, 40))
 def test_kept_frames_reproduce_sampling_from_the_whole_clip(num_available):
   for num_frames in range(1, 12):
-    kept = rope_tfds.kept_frame_positions(num_available, num_frames)
+    kept = rope_examples.kept_frame_positions(num_available, num_frames)
     assert kept == sorted(set(kept)) and len(kept) == min(num_available, num_frames)
     from_kept = [kept[i] for i in transforms.sample_frame_indices(len(kept), num_frames)]
     assert from_kept == transforms.sample_frame_indices(num_available, num_frames)
-  assert rope_tfds.kept_frame_positions(num_available, 0) == list(range(num_available))
+  assert rope_examples.kept_frame_positions(num_available, 0) == list(range(num_available))
 
 
 def test_configs_are_named_by_shape():
@@ -136,7 +137,7 @@ def test_beam_direct_runner_with_two_workers_writes_the_same_dataset(tmp_path):
   beam = prepare.prepare(rope_dir, str(tmp_path / "beam"), num_frames=2, workers=2,
                          beam_runner="DirectRunner", num_shards=2, **QUIET)
   assert (plain["tfds"]["generated_with"], beam["tfds"]["generated_with"]) == (
-      "generator", "beam")
+      "shard_writer", "beam")
   assert beam["problems"] == plain["problems"]
   assert any(p["stage"] == "decode" for p in plain["problems"])
   for split in rope_format.SPLITS:

@@ -1,0 +1,93 @@
+"""Catalog rows -> examples: what one record of the `rope` dataset holds, built from a row.
+
+Shared by the builder's two ways of writing (`rope_tfds` with Apache Beam, and the
+project's own resumable shard writer `rope_shards`), and light: a worker process that
+encodes rows imports PIL and NumPy only, not TFDS.
+
+  row      {key, domain, media_file, id, product_id, product_index, text, paths,
+            frame_keys, lines}: JSON-able, one per catalog record (`catalog_rows`)
+  example  {id, product_id, product_index, text, frames: [JPEG bytes], frame_keys}:
+            the record's features (`encode_row`)
+"""
+
+from __future__ import annotations
+
+import os
+
+from data_pipelines import domains
+from data_pipelines import images
+from data_pipelines import rope_format
+from data_pipelines import transforms
+
+
+def kept_frame_positions(num_available: int, num_frames: int) -> list[int]:
+  """Positions of the frames a config keeps: the distinct segment-middle frames.
+
+  With n >= T frames these are T distinct frames; with n < T every frame (sampling T
+  from fewer frames visits each of them), so sampling T frames from the kept ones
+  gives what sampling T from all n gives.
+  """
+  if not num_frames:
+    return list(range(num_available))
+  return sorted(set(transforms.sample_frame_indices(num_available, num_frames)))
+
+
+def catalog_rows(catalog: rope_format.RopeCatalog, domain: str,
+                 product_index: dict[str, int], num_frames: int) -> list[dict]:
+  """One JSON-able row per catalog record of `domain`, in catalog order (key = position).
+
+  Row: {key, domain, media_file, id, product_id, product_index, text, paths, frame_keys,
+  lines}; for clips only the frames that `num_frames` keeps.
+  """
+  media_file = catalog.media_file(domain)
+  rows = []
+  for key, record in enumerate(catalog.domain(domain).values()):
+    if domains.get(domain).is_clip:
+      keep = kept_frame_positions(len(record.frames), num_frames)
+      paths = [record.frames[i] for i in keep]
+      frame_keys = [record.frame_keys[i] for i in keep]
+      lines = [record.frame_lines[i] for i in keep]
+    else:
+      paths, frame_keys, lines = [record.image], [0], [record.image_line]
+    rows.append({"key": key, "domain": domain, "media_file": media_file, "id": record.id,
+                 "product_id": record.product_id,
+                 "product_index": product_index[record.product_id], "text": record.text,
+                 "paths": paths, "frame_keys": frame_keys, "lines": lines})
+  return rows
+
+
+def encode_row(row: dict, max_side: int) -> tuple[dict | None, list[dict]]:
+  """Decodes / checks / re-encodes one catalog row -> (example or None, problems).
+
+  Problems are `{"file", "line", "reason"}` plus `key` (the row's catalog position),
+  `position` (frame position in the row) and `dropped` (True for the one problem that
+  says the record was left out: every image failed). The example is None when dropped.
+  """
+  domain = row["domain"]
+  frames, frame_keys, problems = [], [], []
+  for position, (path, frame_key, line) in enumerate(
+      zip(row["paths"], row["frame_keys"], row["lines"])):
+    try:
+      frames.append(images.read_stored_bytes(path, max_side))
+      frame_keys.append(frame_key)
+    except (OSError, ValueError) as e:
+      problems.append({"file": row["media_file"], "line": line,
+                       "reason": f"image {os.path.basename(path)} does not decode "
+                                 f"({type(e).__name__}: {e}); not stored",
+                       "key": row["key"], "position": position, "dropped": False})
+  if not frames:
+    what = "all its frames" if domains.get(domain).is_clip else "its image"
+    problems.append({"file": row["media_file"], "line": row["lines"][0],
+                     "reason": f"{domain} {row['id']}: {what} failed to decode; dropped",
+                     "key": row["key"], "position": len(row["paths"]), "dropped": True})
+    return None, problems
+  example = {"id": row["id"], "product_id": row["product_id"],
+             "product_index": row["product_index"], "text": row["text"],
+             "frames": frames, "frame_keys": frame_keys}
+  return example, problems
+
+
+def encode_rows(rows: list[dict], max_side: int) -> list[tuple[dict | None, list[dict]]]:
+  """`encode_row` of each row (what a worker process of `rope_shards` runs: this module
+  imports no TFDS, so a worker starts without it)."""
+  return [encode_row(row, max_side) for row in rows]
