@@ -6,6 +6,7 @@ and L2-normalised embeddings (values of order 1).
 """
 
 import hashlib
+import importlib
 import json
 import os
 import pathlib
@@ -42,6 +43,20 @@ def tiny_config():
   config = tiny_configs.training_config("unused_prepared", "unused_rope")
   config.model.text.vocab_size = VOCAB_SIZE
   return config
+
+
+def tiny_shapes():
+  """field -> value: the tiny config's sizes (the encoders' shapes, the embedding width,
+  the image side and frame count), to shrink a recipe config without changing its
+  structure."""
+  tiny = tiny_config()
+  shapes = {"data.image_size": tiny.data.image_size, "data.num_frames": tiny.data.num_frames,
+            "model.emb_dim": tiny.model.emb_dim}
+  for tower in ("vision", "text"):
+    for field, value in tiny.model[tower].items():
+      if field not in ("image_size", "num_frames"):  # references to data.*
+        shapes[f"model.{tower}.{field}"] = value
+  return shapes
 
 
 def build_reference(model_config, seed=0):
@@ -102,12 +117,13 @@ def release_checkpoint(reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted_dir(release_checkpoint, tmp_path_factory):
-  """The command line run once, as a user would, with the tiny shapes as overrides."""
+  """The command line run once, as a user would: the paper recipe's stage-2 config (the
+  release's structure: clip heads without fc0), with the tiny shapes as overrides and no
+  --allow_missing."""
   out = tmp_path_factory.mktemp("converted")
-  overrides = [f"--config.{field}={value}" for field, value in tiny_configs.SMALL_FIELDS.items()
-               if field.startswith(("data.", "model."))]
+  overrides = [f"--config.{field}={value}" for field, value in tiny_shapes().items()]
   command = [sys.executable, "-m", "cope_jax.convert", f"--torch_checkpoint={release_checkpoint}",
-             "--kind=cope", f"--out={out}", "--config=configs/synthetic_tiny.py",
+             "--kind=cope", f"--out={out}", "--config=configs/rope_vitb16.py",
              f"--config.model.text.vocab_size={VOCAB_SIZE}"] + overrides
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
@@ -118,6 +134,10 @@ def converted_dir(release_checkpoint, tmp_path_factory):
 
 def test_cli_conversion_reproduces_reference_embeddings(converted_dir, reference, config):
   params = checkpoints.load_params(converted_dir)["model"]
+  # The release's layout: only the page head has a text projection.
+  assert not hasattr(reference.photo_fusion_model, "fc0")
+  assert "fc0" in params["page_head"]
+  assert set(params["video_head"]) == set(params["live_head"]) == {"fc1"}
   batch = make_batch(config)
   got = jax.jit(cope.COPE(ModelConfig.from_config(config.model)).apply)(
       {"params": params}, batch)
@@ -294,3 +314,47 @@ def test_missing_file_and_wrong_kind_are_clear_errors(release_checkpoint, config
   # A COPE release file read as a BERT model: nothing maps, and unknown keys are listed.
   with pytest.raises(weight_mapping.WeightMappingError, match="unknown key"):
     convert.convert(release_checkpoint, "bert", config)
+
+
+def tiny_recipe_config(name):
+  """configs/<name>.py with the tiny shapes (the structure stays the recipe's)."""
+  config = importlib.import_module(f"configs.{name}").get_config()
+  for field, value in tiny_shapes().items():
+    *path, leaf = field.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def test_stage1_config_initialises_the_clip_text_projections_on_purpose(
+    release_checkpoint, reference, config, tmp_path):
+  stage1 = tiny_recipe_config("rope_vitb16_stage1")
+  assert stage1.loss.weights.video_text_visual > 0  # it reads the clips' ASR text
+  metadata = convert.run(release_checkpoint, "cope", stage1, str(tmp_path / "out"))
+  clip_fc0 = {f"{head}/fc0/{leaf}" for head in ("video_head", "live_head")
+              for leaf in ("kernel", "bias")}
+  assert set(metadata["initialised"]) == clip_fc0
+  assert not metadata["partial"] and metadata["missing_params"] == 0
+  (note,) = [note for note in metadata["notes"] if note.startswith("initialised")]
+  assert "video_head/fc0" in note and "loss.weights.video_text_visual" in note
+  params = checkpoints.load_params(str(tmp_path / "out"))["model"]
+  assert set(params["video_head"]) == {"fc0", "fc1"}
+  kernel = params["video_head"]["fc0"]["kernel"]
+  assert kernel.shape == (stage1.model.text.hidden_size, stage1.model.emb_dim)
+  assert np.std(kernel) > 0 and not np.array_equal(kernel, params["live_head"]["fc0"]["kernel"])
+  # Everything the release holds is loaded as it is: the same embeddings as the reference.
+  stage2 = convert.convert(release_checkpoint, "cope", tiny_recipe_config("rope_vitb16"))[0]
+  for path, value in flat(stage2.params).items():
+    np.testing.assert_array_equal(flat(params)[path], value, err_msg=path)
+
+
+def test_a_truly_missing_key_is_refused_by_name(reference, tmp_path):
+  state_dict = {f"module.{k}": v for k, v in reference.state_dict().items()
+                if k != "item_fusion_model.fc0.weight"}
+  path = tmp_path / "damaged.pth"
+  torch.save({"state_dict": state_dict}, path)
+  for name in ("rope_vitb16", "rope_vitb16_stage1"):
+    with pytest.raises(weight_mapping.WeightMappingError, match="page_head/fc0/kernel"):
+      convert.convert(str(path), "cope", tiny_recipe_config(name))

@@ -8,6 +8,7 @@
 - The in-domain text<->visual terms (the release's stage 1) train through the loss table.
 """
 
+import copy
 import os
 import shutil
 
@@ -82,11 +83,12 @@ def test_asr_fusion_is_one_config_field_that_trains_and_evaluates(tiny_prepared_
   _, abstract = _model_params_tree(config)
   for domain in domains.DOMAINS:  # every head now projects and fuses its text
     assert set(abstract[domain.head]) == {"fc0", "fc1", "attention_pooling"}
-  config.model.use_asr_text = False  # as released: the clip heads have fc1 only
-  _, released = _model_params_tree(config)
+  released_config = copy.deepcopy(config)
+  released_config.model.use_asr_text = False  # as released: the clip heads have fc1 only
+  _, released = _model_params_tree(released_config)
   assert set(released["video_head"]) == set(released["live_head"]) == {"fc1"}
-  config.loss.weights.live_text_visual = 1.0  # an in-domain ASR term reads clip text
-  _, in_domain = _model_params_tree(config)
+  released_config.loss.weights.live_text_visual = 1.0  # an in-domain term reads clip text
+  _, in_domain = _model_params_tree(released_config)
   assert set(in_domain["video_head"]) == set(in_domain["live_head"]) == {"fc0", "fc1"}
   evaluated = evaluate.run(config, str(tmp_path))
   for name in domains.DIRECTION_NAMES:
