@@ -4,6 +4,11 @@
   embed_video = serving.load_embedder("serving/", "video")           # without it
   embed_video({"video_frames": frames})  # -> {"video_embedding": [B, D] float32}
 
+From the command line (the model of WORKDIR's latest checkpoint, or of
+`config.train.init_from`, with the config's shapes):
+
+  python -m cope_jax.serving --config C --workdir DIR --out SERVING_DIR
+
 Layout of the output directory:
 
   <domain>.jax_exported    `jax.export.Exported.serialize()` of
@@ -140,9 +145,11 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
   params = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(dict(model_params))))
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   (batch,) = (jax_export.symbolic_shape(BATCH_DIM) if batch_size is None else (batch_size,))
+  serialized: dict[str, bytearray] = {}
   batch_name = BATCH_DIM if batch_size is None else batch_size
 
-  os.makedirs(out_dir, exist_ok=True)
+  from cope_jax import result_files  # pylint: disable=g-import-not-at-top
+
   manifest = {"format_version": FORMAT_VERSION, "params_file": PARAMS_FILE,
               "batch_size": batch_size, "embedding_dim": int(config.model.emb_dim),
               "config_hash": config_checks.config_hash(config),
@@ -160,8 +167,7 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
     exported = jax_export.export(jax.jit(embed), platforms=platforms)(
         abstract_params, abstract_inputs)
     file_name = f"{domain}.jax_exported"
-    with open(os.path.join(out_dir, file_name), "wb") as f:
-      f.write(exported.serialize())
+    serialized[file_name] = exported.serialize()
     outputs = jax.tree.unflatten(exported.out_tree, exported.out_avals)
     manifest["domains"][domain] = {
         "file": file_name,
@@ -172,10 +178,17 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
     }
     manifest["platforms"] = list(exported.platforms)
 
-  np.savez(os.path.join(out_dir, PARAMS_FILE),
-           **{path: _storable(value) for path, value in _flatten(params).items()})
-  with open(os.path.join(out_dir, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2, allow_nan=False)  # shapes and names only: no NaN
+  # Written as a whole: the files go into a staging folder and replace those of
+  # out_dir (other files there are kept) once all are written, the manifest last.
+  with result_files.staged_directory(out_dir, last=(MANIFEST,)) as staging:
+    for file_name, data in serialized.items():
+      result_files.write_bytes(os.path.join(staging, file_name), data)
+    with result_files.staged_file(os.path.join(staging, PARAMS_FILE)) as temporary:
+      with open(temporary, "wb") as f:
+        np.savez(f, **{path: _storable(value) for path, value in _flatten(params).items()})
+    # Shapes and names only: no NaN.
+    result_files.write_text(os.path.join(staging, MANIFEST),
+                            json.dumps(manifest, indent=2, allow_nan=False) + "\n")
   return manifest
 
 
@@ -265,3 +278,56 @@ def load_embedder(out_dir: str, domain: str, params: Any = None
     return {name: np.asarray(value) for name, value in call(device_params, arrays).items()}
 
   return embed
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags(flag_values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("out", None, "output folder of the serving artifacts",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", None, "a fixed batch size (default: any, symbolic)",
+                       flag_values=flag_values)
+  flags.DEFINE_list("platforms", [], "platforms to export for, e.g. cpu,cuda (default: "
+                    "this machine's backend)", flag_values=flag_values)
+  flags.DEFINE_list("domains", list(domain_registry.NAMES), "the domains to export",
+                    flag_values=flag_values)
+
+
+def _job(args) -> None:
+  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from cope_jax import sharding  # pylint: disable=g-import-not-at-top
+  from cope_jax import state  # pylint: disable=g-import-not-at-top
+  from cope_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  for domain in args.domains:
+    _domain(domain)
+  config_checks.check_config(args.config)
+  config = config_checks.resolve_vocab_size(args.config)
+  mesh = sharding.make_mesh(config.mesh)
+  params, step, source = state.load_model_params(config, args.workdir, mesh)
+  out = os.path.abspath(args.out)
+  inside = out.startswith(os.path.abspath(args.workdir) + os.sep)
+  with workdir_lock.hold(args.workdir, "serving", enabled=inside and jax.process_index() == 0):
+    if jax.process_index() == 0:
+      manifest = export_embedders(config, params, out, batch_size=args.batch_size,
+                                  platforms=args.platforms or None, domains=args.domains)
+      print(f"wrote the serving artifacts of {', '.join(manifest['domains'])} (step {step} "
+            f"of {source}) to {out}")
+
+
+def main(argv=None) -> None:
+  from cope_jax import cli  # pylint: disable=g-import-not-at-top
+
+  command = cli.command("python -m cope_jax.serving", __doc__,
+                        workdir_help="training directory whose model is exported (its "
+                                     "latest checkpoint, or config.train.init_from)",
+                        define_flags=_define_flags, required=("out",))
+  cli.run_job(command, _job, argv)
+
+
+if __name__ == "__main__":
+  main()
