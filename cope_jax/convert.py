@@ -475,31 +475,30 @@ def run(torch_checkpoint: str, kind: str, config: ml_collections.ConfigDict, out
   return metadata
 
 
-def main() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
+def _define_flags(flag_values) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flag = config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Config file fixing the model's shapes (config.model).",
-      lock_config=True)
-  checkpoint_flag = flags.DEFINE_string(
-      "torch_checkpoint", None, "PyTorch/.safetensors file, or a HF model dir for --kind bert.")
-  kind_flag = flags.DEFINE_enum("kind", None, KINDS, "What the checkpoint holds.")
-  out_flag = flags.DEFINE_string("out", None, "Output directory (params/ + conversion.json).")
-  allow_missing_flag = flags.DEFINE_bool(
-      "allow_missing", False, "Leave parameters the source lacks initialised.")
-  ignore_unused_flag = flags.DEFINE_bool(
-      "ignore_unused", False, "Skip source keys that map to no model parameter.")
-  flags.mark_flags_as_required(["torch_checkpoint", "kind", "out"])
+  flags.DEFINE_string("torch_checkpoint", None, "PyTorch/.safetensors file, or a HF model "
+                      "dir for --kind bert", flag_values=flag_values)
+  flags.DEFINE_enum("kind", None, KINDS, "what the checkpoint holds", flag_values=flag_values)
+  flags.DEFINE_string("out", None, "output directory (params/ + conversion.json)",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("allow_missing", False, "leave parameters the source lacks initialised",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("ignore_unused", False, "skip source keys that map to no model parameter",
+                    flag_values=flag_values)
 
-  def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(checkpoint_flag.value, kind_flag.value, config_flag.value, out_flag.value,
-        allow_missing=allow_missing_flag.value, ignore_unused=ignore_unused_flag.value)
 
-  app.run(_main)
+def main(argv=None) -> None:
+  from cope_jax import cli  # pylint: disable=g-import-not-at-top
+
+  command = cli.command("python -m cope_jax.convert", __doc__, config=DEFAULT_CONFIG,
+                        config_help="config file fixing the model's shapes (config.model)",
+                        define_flags=_define_flags,
+                        required=("torch_checkpoint", "kind", "out"))
+  cli.run_job(command, lambda args: run(
+      args.torch_checkpoint, args.kind, args.config, args.out,
+      allow_missing=args.allow_missing, ignore_unused=args.ignore_unused), argv)
 
 
 if __name__ == "__main__":

@@ -288,7 +288,12 @@ def _summary(doc: str) -> str:
   return "\n".join(line.rstrip() for line in paragraphs[0].splitlines()) if paragraphs else ""
 
 
-def _flag_left(flag: flags.Flag, required: bool) -> str:
+def _flag_left(flag: flags.Flag, required: bool, command: Command) -> str:
+  if flag.name == "config" and isinstance(command.config, str):
+    default = command.config or "(none)"
+    if os.path.isabs(default) and default.startswith(os.getcwd() + os.sep):
+      default = os.path.relpath(default)
+    return f"--config={default}"
   if required:
     placeholder = {"config": "FILE", "workdir": "DIR"}.get(flag.name, "VALUE")
     return f"--{flag.name}={placeholder} (required)"
@@ -319,7 +324,7 @@ def help_text(command: Command, flag_values: flags.FlagValues) -> str:
   usage.append("[flags]")
   rows = []
   for flag in _own_flags(flag_values):
-    left = _flag_left(flag, flag.name in required)
+    left = _flag_left(flag, flag.name in required, command)
     description = _one_line(flag.help)  # an enum's starts with <value|value>
     rows.append((left, description))
     if flag.name == "config":
@@ -448,7 +453,7 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
   Args:
     command: what the program takes.
     job: the work; `args` holds each flag's value by name (`args.config` the loaded
-      ConfigDict). It returns None (success) or an exit status.
+      ConfigDict). An int it returns is the exit status; anything else is success.
     argv: the arguments, program name first; None: `sys.argv`, and the process ends
       with `os._exit` on an error. Given explicitly (an in-process call, a test), an
       error raises `CommandExit` instead.
@@ -491,5 +496,5 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
     _finish(EXIT_INTERRUPTED, "interrupted", in_process)
   except Exception as error:  # pylint: disable=broad-except
     _user_error(error, in_process, argv, background_errors)
-  if status:
-    _finish(int(status), "", in_process)
+  if isinstance(status, int) and not isinstance(status, bool) and status != EXIT_OK:
+    _finish(status, "", in_process)  # any other return value (a result) is success
