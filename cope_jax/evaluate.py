@@ -98,5 +98,10 @@ def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
     print(f"\nwrote {os.path.join(workdir, 'eval', 'metrics.json')}")
 
 
+def main(argv=None) -> None:
+  cli.run(_main, "training directory to evaluate (its checkpoints/ are read)",
+          prog="python -m cope_jax.evaluate", doc=__doc__, argv=argv)
+
+
 if __name__ == "__main__":
-  cli.run(_main, "Training directory to evaluate (its checkpoints/ are read).")
+  main()

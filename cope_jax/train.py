@@ -366,5 +366,10 @@ def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
                            sort_keys=True))
 
 
+def main(argv=None) -> None:
+  cli.run(_main, "directory for checkpoints, logs and evaluation reports",
+          prog="python -m cope_jax.train", doc=__doc__, argv=argv)
+
+
 if __name__ == "__main__":
-  cli.run(_main, "Directory for checkpoints, logs and evaluation reports.")
+  main()
