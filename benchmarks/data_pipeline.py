@@ -1,7 +1,8 @@
 """Data preparation and training input throughput, each against its baseline.
 
   python -m benchmarks.data_pipeline [--sources realistic,256] [--batches 16] [--workers 0,2]
-  python -m benchmarks.data_pipeline --prepare_only [--products 200]
+  python -m benchmarks.data_pipeline --prepare_only [--prepare_images 20000] \
+      [--prepare_workers 1,2] [--max_image_side 256]
 
 Generates a synthetic ROPE-format dataset in a temporary folder, as `--sources` asks:
 
@@ -11,9 +12,17 @@ Generates a synthetic ROPE-format dataset in a temporary folder, as `--sources` 
              texture so that they compress like photographs (about 2 bits per pixel)
 
 1. Preparation (`--prepare_only`; `data_pipelines.prepare`: decode-check every image,
-   write the `rope` TFDS dataset): the single-process generator (the baseline) and the
-   Apache Beam DirectRunner with `--prepare_beam_workers` processes, same input, same
-   run. Skipped (with a note) when apache-beam is not installed.
+   re-encode it within `--max_image_side`, write the `rope` TFDS dataset) on realistic
+   JPEGs (720 x 1280 frames, 800 x 800 pages, as `realistic` below), every frame of
+   every clip: at least `--prepare_images` images. `--prepare_distinct` of them are
+   distinct files, the others hard links to them (the decode work per image is the
+   same; the disk holds a few hundred MB instead of gigabytes, so the files are read
+   from the page cache). The shard writer at each `--prepare_workers` count (the first,
+   1, is the baseline) and, with `--prepare_beam_workers` > 0, the Beam DirectRunner,
+   same input, same run; every run's records must be identical. Per run: wall seconds,
+   images/s, and a CPU profile: CPU seconds of the writing process and of its worker
+   processes (`getrusage`), cores used (CPU seconds / wall seconds) and the load
+   average, which show what limits the scaling on a shared machine.
 
 2. Training input at the paper's shape (224 px, T = 8, batch 8: 17 frames an example)
    and, with `--shapes paper,tiny`, the demo's (64 px, T = 4, batch 32). Loaders, all
@@ -48,10 +57,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -100,6 +111,10 @@ class PrepareMeasurement:
   records: int
   images: int
   images_per_s: float
+  writer_cpu_s: float = 0.0  # the process that writes the shards
+  worker_cpu_s: float = 0.0  # its worker processes (terminated children)
+  cores_used: float = 0.0  # (writer + worker CPU seconds) / wall seconds
+  load_average_before: float = 0.0
 
 
 def _make_rope(root: str, products: int, seed: int) -> str:
@@ -170,48 +185,112 @@ def make_realistic(rope_dir: str) -> dict:
   return {kind: round(float(np.mean(values))) for kind, values in sizes.items() if values}
 
 
-def measure_prepare(rope_dir: str, root: str, beam_workers: int
-                    ) -> tuple[list[PrepareMeasurement], str, str | None]:
-  """Times prepare single-process and on the Beam DirectRunner; checks equal output.
+def make_realistic_linked(root: str, images: int, distinct: int, seed: int) -> tuple[str, dict]:
+  """A synthetic ROPE dir naming at least `images` images, all at real ROPE sizes:
+  `distinct` realistic files per kind (page / clip), the other names hard links to
+  them. Returns (rope_dir, {"page"/"clip": mean bytes})."""
+  rope_dir = os.path.join(root, "rope_prepare")
+  products = max(2, images // 60)
+  while True:
+    shutil.rmtree(rope_dir, ignore_errors=True)
+    synthetic.generate(rope_dir, products=products, test_products=2, frames_per_clip=8,
+                       image_size=16, seed=seed)
+    names = {}
+    for split in ("training", "test"):
+      for domain in domains.DOMAINS:
+        path = os.path.join(rope_dir, rope_format.file_name(split, domain.files.media))
+        with open(path, encoding="utf-8") as f:
+          for line in f:
+            names[line.rsplit(",", 1)[-1].strip()] = "clip" if domain.is_clip else "page"
+    if len(names) >= images:
+      break
+    products = int(products * images / len(names)) + 1
+  image_dir = os.path.join(rope_dir, "images")
+  by_kind = {"page": sorted(n for n, k in names.items() if k == "page"),
+             "clip": sorted(n for n, k in names.items() if k == "clip")}
+  sizes = {}
+  for kind, kind_names in by_kind.items():
+    sources = kind_names[:distinct]
+    height, width = REALISTIC_SIZES[kind]
+    textures = [_grain_texture(height, width, s) for s in range(4)]
+    for index, name in enumerate(sources):
+      path = os.path.join(image_dir, name)
+      with PIL.Image.open(path) as image:
+        rgb = image.convert("RGB")
+      pixels = np.asarray(rgb.resize((width, height), PIL.Image.Resampling.BICUBIC),
+                          np.float32) + textures[index % 4]
+      PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+          path, format="JPEG", quality=90)
+    for index, name in enumerate(kind_names[len(sources):]):
+      path = os.path.join(image_dir, name)
+      os.remove(path)
+      os.link(os.path.join(image_dir, sources[index % len(sources)]), path)
+    sizes[kind] = round(float(np.mean([os.path.getsize(os.path.join(image_dir, n))
+                                       for n in sources])))
+  return rope_dir, sizes
 
-  Returns the measurements, the single-process output folder, and a note when the
-  Beam run was skipped.
-  """
+
+def _records_digest(prepared_dir: str) -> str:
+  digest = hashlib.sha256()
+  for item in _prepared_records(prepared_dir):
+    digest.update(repr(sorted(item.items())).encode())
+  return digest.hexdigest()
+
+
+def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_workers: int,
+                    max_side: int) -> tuple[list[PrepareMeasurement], str | None]:
+  """Times prepare with the shard writer at each worker count (and Beam), same input;
+  checks that every run wrote the same records. Returns the measurements and a note
+  when the Beam run was skipped."""
   images = _count_images(rope_dir)
-  runs = [("single process", 1, {})]
+  runs = [("shard writer", workers, {"workers": workers}) for workers in worker_counts]
   note = None
-  try:
-    import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
-    runs.append(("Beam DirectRunner", beam_workers,
-                 {"workers": beam_workers, "beam_runner": "DirectRunner"}))
-  except ImportError:
-    note = "Beam row skipped: apache-beam is not installed (requirements-beam.txt)"
-  measurements, outputs = [], []
+  if beam_workers:
+    try:
+      import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+      runs.append(("Beam DirectRunner", beam_workers,
+                   {"workers": beam_workers, "beam_runner": "DirectRunner"}))
+    except ImportError:
+      note = "Beam row skipped: apache-beam is not installed (requirements-beam.txt)"
+  measurements, digests = [], []
   for path, workers, options in runs:
-    out = os.path.join(root, f"prepared_{len(outputs)}")
+    out = os.path.join(root, f"prepared_{len(digests)}")
+    load = os.getloadavg()[0]
+    own_before = resource.getrusage(resource.RUSAGE_SELF)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     report = prepare.prepare(rope_dir, out, progress=False, log=lambda line: None,
-                             **options)
+                             max_image_side=max_side, **options)
     seconds = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    writer_cpu = (own.ru_utime - own_before.ru_utime) + (own.ru_stime - own_before.ru_stime)
+    worker_cpu = ((children.ru_utime - children_before.ru_utime)
+                  + (children.ru_stime - children_before.ru_stime))
     records = sum(d["records"] for s in report["splits"].values()
                   for d in s["domains"].values())
-    measurements.append(PrepareMeasurement(path, workers, round(seconds, 2), records,
-                                           images, round(images / seconds, 1)))
-    outputs.append(out)
-  if len(outputs) == 2 and _prepared_records(outputs[0]) != _prepared_records(outputs[1]):
-    raise AssertionError("the Beam build wrote other records than the single process")
-  return measurements, outputs[0], note
+    measurements.append(PrepareMeasurement(
+        path, workers, round(seconds, 2), records, images, round(images / seconds, 1),
+        round(writer_cpu, 1), round(worker_cpu, 1),
+        round((writer_cpu + worker_cpu) / seconds, 2), round(load, 2)))
+    digests.append(_records_digest(out))
+    shutil.rmtree(out)
+  if len(set(digests)) != 1:
+    raise AssertionError("the preparation runs wrote different records")
+  return measurements, note
 
 
 def _print_prepare_table(measurements: list[PrepareMeasurement]) -> None:
-  header = (f"{'preparation':<18} {'workers':>7} {'seconds':>8} {'records':>8} "
-            f"{'images':>7} {'images/s':>9} {'vs single':>9}")
+  header = (f"{'preparation':<18} {'workers':>7} {'seconds':>8} {'images':>7} "
+            f"{'images/s':>9} {'vs 1st':>7} {'writer cpu':>10} {'worker cpu':>10} "
+            f"{'cores':>6} {'load':>5}")
   print(header)
   print("-" * len(header))
   for m in measurements:
     ratio = measurements[0].seconds / m.seconds
-    print(f"{m.path:<18} {m.workers:>7} {m.seconds:>8.2f} {m.records:>8} {m.images:>7} "
-          f"{m.images_per_s:>9.1f} {ratio:>8.2f}x")
+    print(f"{m.path:<18} {m.workers:>7} {m.seconds:>8.2f} {m.images:>7} "
+          f"{m.images_per_s:>9.1f} {ratio:>6.2f}x {m.writer_cpu_s:>10.1f} "
+          f"{m.worker_cpu_s:>10.1f} {m.cores_used:>6.2f} {m.load_average_before:>5.1f}")
 
 
 def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int,
@@ -404,8 +483,17 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--sources", default="realistic,256")
   parser.add_argument("--shapes", default="paper")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--prepare_beam_workers", type=int, default=2,
-                      help="Beam DirectRunner processes in the preparation comparison")
+  parser.add_argument("--prepare_beam_workers", type=int, default=0,
+                      help="Beam DirectRunner processes in the preparation comparison "
+                      "(0: no Beam row)")
+  parser.add_argument("--prepare_images", type=int, default=20000,
+                      help="images (at least) in the preparation comparison")
+  parser.add_argument("--prepare_distinct", type=int, default=256,
+                      help="distinct image files per kind there (the rest hard links)")
+  parser.add_argument("--prepare_workers", default="1,2",
+                      help="comma-separated shard-writer worker counts (first: baseline)")
+  parser.add_argument("--max_image_side", type=int, default=256,
+                      help="prepare --max_image_side in the preparation comparison")
   parser.add_argument("--prepare_only", action="store_true",
                       help="measure only the preparation comparison")
   parser.add_argument("--gpu_step_results",
@@ -423,11 +511,16 @@ def main(argv: list[str] | None = None) -> None:
   measurements, speedups = [], {}
   with tempfile.TemporaryDirectory(prefix="cope_data_bench_") as root:
     start = time.perf_counter()
-    rope_dir = _make_rope(root, args.products, args.seed)
+    if args.prepare_only:
+      rope_dir, image_bytes = make_realistic_linked(root, args.prepare_images,
+                                                    args.prepare_distinct, args.seed)
+    else:
+      rope_dir = _make_rope(root, args.products, args.seed)
     setup_seconds = time.perf_counter() - start
     if args.prepare_only:
-      prepare_measurements, _, prepare_note = measure_prepare(
-          rope_dir, root, args.prepare_beam_workers)
+      prepare_measurements, prepare_note = measure_prepare(
+          rope_dir, root, [int(w) for w in args.prepare_workers.split(",")],
+          args.prepare_beam_workers, args.max_image_side)
     for source in ([] if args.prepare_only else args.sources.split(",")):
       source_dir = os.path.join(root, f"rope_{source}")
       shutil.copytree(rope_dir, source_dir)
@@ -501,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{m.path}/{m.workers}_workers": round(
                 prepare_measurements[0].seconds / m.seconds, 2)
             for m in prepare_measurements[1:]},
-        "note": prepare_note}
+        "images": prepare_measurements[0].images, "max_image_side": args.max_image_side,
+        "distinct_files_per_kind": args.prepare_distinct, "note": prepare_note}
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result_files.strict(report), f, indent=1, allow_nan=False)

@@ -92,7 +92,8 @@ Ledger, in ROPE_DIR:
   already_present = checked_quickly + checked_by_decode.
 
 Memory: the rows of one media txt file are held at a time (as `load_rope` holds
-them); the files are read twice (once to count, for the progress bar's ETA).
+them). The files are read once to count (for the progress bar's ETA); the requests of
+the first million are kept from that pass, beyond that the files are read again.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ VERIFIED_NAME = download_ledger.VERIFIED_NAME
 PARTIAL_DIR = ".partial"
 VERIFY_CHOICES = ("quick", "full")
 _CHECK_BATCH = 512  # present files checked per batch, in a thread
+# Up to this many requests the planning pass's are kept for the run (about 300 B each);
+# beyond, each media file is read a second time as the run reaches it.
+_PLAN_KEPT_REQUESTS = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,16 +258,19 @@ class Downloader:
 
 async def _feed(queue: asyncio.Queue, rope_dir: str, splits: list[str], options: Options,
                 ledger: download_ledger.Ledger, health: http_fetch.HostHealth,
-                presence: PresenceCheck) -> None:
+                presence: PresenceCheck, planned: dict) -> None:
   """Puts every planned request that is not present on `queue`, in txt-file order,
   until the run aborts. A name that is not a plain file name becomes a ledger line
-  instead; present files are checked in batches, in a thread."""
+  instead; present files are checked in batches, in a thread. `planned`: the requests
+  the planning pass kept, by (split, domain); the others are read again."""
   for split in splits:
     for domain in domains.DOMAINS:
-      # Read in a thread: the event loop keeps serving the requests in flight.
-      requests, _ = await asyncio.to_thread(download_plan.domain_requests, rope_dir,
-                                            split, domain, options.num_frames,
-                                            options.all_frames)
+      requests = planned.pop((split, domain.name), None)
+      if requests is None:
+        # Read in a thread: the event loop keeps serving the requests in flight.
+        requests, _ = await asyncio.to_thread(download_plan.domain_requests, rope_dir,
+                                              split, domain, options.num_frames,
+                                              options.all_frames)
       for start in range(0, len(requests), _CHECK_BATCH):
         batch = []
         for request in requests[start:start + _CHECK_BATCH]:
@@ -286,7 +293,7 @@ async def _feed(queue: asyncio.Queue, rope_dir: str, splits: list[str], options:
 
 async def _run(rope_dir: str, splits: list[str], options: Options,
                ledger: download_ledger.Ledger, verified: download_ledger.VerifiedFiles,
-               seed: int) -> str | None:
+               planned: dict, seed: int) -> str | None:
   """Fetches everything planned; the abort message, or None when the run completed."""
   health = http_fetch.HostHealth(options.url_prefix, options.abort_after)
   policy = http_fetch.RetryPolicy(timeout=options.timeout, retries=options.retries,
@@ -304,7 +311,7 @@ async def _run(rope_dir: str, splits: list[str], options: Options,
       workers = [asyncio.create_task(downloader.worker(queue))
                  for _ in range(options.workers)]
       try:
-        await _feed(queue, rope_dir, splits, options, ledger, health, presence)
+        await _feed(queue, rope_dir, splits, options, ledger, health, presence, planned)
         for _ in workers:
           await queue.put(None)
         await asyncio.gather(*workers)
@@ -357,10 +364,14 @@ def download(rope_dir: str, url_prefix: str, *, split: str = "all", out: str | N
                     abort_after=abort_after, verify=verify)
 
   plan = download_plan.PlanCounts()
+  planned: dict[tuple[str, str], list] = {}  # kept for the run while they are few
   for split_name in splits:
     for domain in domains.DOMAINS:
-      plan.add(download_plan.domain_requests(rope_dir, split_name, domain, num_frames,
-                                             all_frames)[1])
+      requests, counts = download_plan.domain_requests(rope_dir, split_name, domain,
+                                                       num_frames, all_frames)
+      plan.add(counts)
+      if plan.requests <= _PLAN_KEPT_REQUESTS:
+        planned[(split_name, domain.name)] = requests
   sampling = ("every frame of each clip (--all_frames)" if all_frames else
               f"the {num_frames} segment-middle frames of each clip: "
               f"{plan.frames_skipped_by_sampling:,} frame files not needed")
@@ -374,7 +385,8 @@ def download(rope_dir: str, url_prefix: str, *, split: str = "all", out: str | N
   verified = download_ledger.VerifiedFiles(os.path.join(rope_dir, VERIFIED_NAME),
                                            options.out)
   try:
-    abort_message = asyncio.run(_run(rope_dir, splits, options, ledger, verified, seed))
+    abort_message = asyncio.run(_run(rope_dir, splits, options, ledger, verified, planned,
+                                     seed))
   except BaseException as e:
     ledger.write_report("aborted", f"interrupted: {type(e).__name__}: {e}")
     ledger.close()

@@ -5,8 +5,8 @@ image is shrunk and stored. `data_pipelines.download` checks every body it fetch
 every file a rerun finds here; the `rope` TFDS builder (`rope_tfds`) checks and
 re-encodes every image it stores.
 
-  decode(data)                   fully decoded PIL image, or ValueError saying why
-  check(data)                    the strict check (libjpeg-turbo refuses corrupt data)
+  check(data)                    the strict check (libjpeg-turbo refuses corrupt data),
+                                 or ValueError saying why
   stored_bytes(data, max_side)   the bytes to store: the input itself when it may stay
                                  as it is, else an RGB JPEG at most `max_side` px
   quick_check(path, size)        a cheap check (size, JPEG header and trailer) that a
@@ -14,7 +14,9 @@ re-encodes every image it stores.
 
 Re-encoding: an image whose longer side exceeds `max_side` is resized with BICUBIC
 resampling so that its longer side is `max_side` (the other side rounded, at least 1
-px), converted to RGB and saved as JPEG at quality `JPEG_QUALITY`.
+px), converted to RGB and saved as JPEG at quality `JPEG_QUALITY`; a JPEG is first
+decoded at the smallest DCT scale (1/1 to 1/8) still at least that size. Decoding errors
+become ValueError naming the reason and the byte count (never an in-memory file object).
 """
 
 from __future__ import annotations
@@ -43,21 +45,6 @@ def _wrapped(error: Exception, data: bytes) -> ValueError:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def decode(data: bytes) -> Image.Image:
-  """The fully decoded image in `data` (PIL: corrupt-data warnings are tolerated).
-
-  Raises:
-    ValueError: `data` is not a decodable image, or is cut short (the message says why
-      and never shows an in-memory file object).
-  """
-  try:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-  except _DECODE_ERRORS as error:
-    raise _wrapped(error, data) from None
-
-
 def check(data: bytes) -> Image.Image:
   """The image in `data` (opened, not decoded), once a strict check passed.
 
@@ -82,14 +69,13 @@ def check(data: bytes) -> Image.Image:
     raise _wrapped(error, data) from None
 
 
-def fit_within(image: Image.Image, max_side: int) -> Image.Image | None:
-  """`image` as RGB, resized so that its longer side is `max_side`; None when it is
-  within `max_side` already (or `max_side` is 0)."""
-  if max_side <= 0 or max(image.size) <= max_side:
+def target_size(size: tuple[int, int], max_side: int) -> tuple[int, int] | None:
+  """(width, height) an image of `size` is resized to, so that its longer side is
+  `max_side`; None when it is within `max_side` already (or `max_side` is 0)."""
+  if max_side <= 0 or max(size) <= max_side:
     return None
-  scale = max_side / max(image.size)
-  size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-  return image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+  scale = max_side / max(size)
+  return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
 
 
 def to_jpeg(image: Image.Image) -> bytes:
@@ -102,19 +88,29 @@ def to_jpeg(image: Image.Image) -> bytes:
 def stored_bytes(data: bytes, max_side: int, rgb_jpeg_only: bool = False,
                  strict: bool = False) -> bytes:
   """The bytes to store for the image `data`, checked to decode fully (`check` when
-  `strict`, else `decode`).
+  `strict`, else a full PIL decode).
 
   `data` itself when the image is within `max_side` (0: no limit) and, with
   `rgb_jpeg_only`, an RGB JPEG; otherwise the image re-encoded as RGB JPEG (resized to
-  `max_side` when larger; see the module docstring).
+  `max_side` when larger; see the module docstring). A JPEG that is resized is decoded
+  with libjpeg's DCT scaling (`Image.draft`) to the smallest of 1/1, 1/2, 1/4, 1/8 of
+  its size that is still at least the target size, then resized: the whole entropy-
+  coded stream is still read (a file cut short still fails), at a fraction of the cost.
 
   Raises:
     ValueError: `data` is not a decodable image.
   """
-  image = check(data) if strict else decode(data)
-  resized = fit_within(image, max_side)
-  if resized is not None:
-    return to_jpeg(resized)
+  try:
+    image = check(data) if strict else Image.open(io.BytesIO(data))
+    target = target_size(image.size, max_side)
+    if target is not None:
+      if image.format == "JPEG":
+        image.draft("RGB", target)
+      image.load()
+      return to_jpeg(image.convert("RGB").resize(target, Image.Resampling.BICUBIC))
+    image.load()
+  except _DECODE_ERRORS as error:
+    raise _wrapped(error, data) from None
   if rgb_jpeg_only and (image.format, image.mode) != ("JPEG", "RGB"):
     return to_jpeg(image)
   return data

@@ -89,7 +89,7 @@ from data_pipelines import rope_format
 
 DATASET_NAME = "rope"
 DATASET_VERSION = "1.0.0"
-FORMAT_VERSION = 2  # bump when the record layout or the fingerprint changes
+FORMAT_VERSION = 3  # bump when the records or the fingerprint change (3: DCT-scaled resize)
 FILE_FORMAT = "array_record"
 BUILD_INFO_NAME = "rope_build.json"
 PRODUCTS_PREFIX = "rope_products-"
