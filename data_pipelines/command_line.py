@@ -454,13 +454,13 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
     command: what the program takes.
     job: the work; `args` holds each flag's value by name (`args.config` the loaded
       ConfigDict). An int it returns is the exit status; anything else is success.
-    argv: the arguments, program name first; None: `sys.argv`, and the process ends
-      with `os._exit` on an error. Given explicitly (an in-process call, a test), an
-      error raises `CommandExit` instead.
+    argv: the arguments after the program's name (as argparse takes them); None:
+      `sys.argv[1:]`, and the process ends with `os._exit` on an error. Given
+      explicitly (an in-process call, a test), an error raises `CommandExit` instead.
     before_job: run after parsing, inside the error handling (multi-process start-up).
   """
   in_process = argv is not None
-  argv = list(sys.argv if argv is None else argv)
+  argv = list(sys.argv) if argv is None else [command.prog, *argv]
   arguments = argv[1:argv.index("--")] if "--" in argv else argv[1:]
   if any(arg in HELP_FLAGS for arg in arguments):
     flag_values = flags.FlagValues()

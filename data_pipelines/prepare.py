@@ -51,15 +51,14 @@ files by hand.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 
 from etils import epath
 
+from data_pipelines import command_line
 from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import rope_records
@@ -343,36 +342,40 @@ def load_products(prepared_dir: str, split: str) -> list[dict]:
   return value["products"]
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rope_dir", required=True, help="ROPE-format input directory")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--splits", default="",
-                      help="comma-separated ROPE splits (default: those present)")
-  parser.add_argument("--num_frames", type=int, default=0,
-                      help="keep the T segment-middle frames of each clip (0: all)")
-  parser.add_argument("--max_image_side", type=int, default=0,
-                      help="re-encode images whose longer side exceeds this (0: keep)")
-  parser.add_argument("--num_shards", type=int, default=None,
-                      help="ArrayRecord files per split (default: TFDS sizes them)")
-  parser.add_argument("--workers", type=int, default=1,
-                      help="local processes that decode and re-encode images (with "
-                      "--beam_runner=DirectRunner: its processes)")
-  parser.add_argument("--beam_runner", default=None,
-                      help="Beam runner: DirectRunner, DataflowRunner, FlinkRunner, "
-                           "SparkRunner (default: no Beam, the shard writer)")
-  parser.add_argument("--beam_pipeline_options", default="",
-                      help="comma-separated key=value Beam pipeline options")
-  args = parser.parse_args(argv)
-  try:
-    report = prepare(args.rope_dir, args.out,
-                     splits=[s for s in args.splits.split(",") if s] or None,
-                     num_frames=args.num_frames, max_image_side=args.max_image_side,
-                     num_shards=args.num_shards, workers=args.workers,
-                     beam_runner=args.beam_runner,
-                     beam_pipeline_options=args.beam_pipeline_options)
-  except (FileNotFoundError, ValueError, RuntimeError) as error:
-    sys.exit(f"prepare: error: {error}")
+def _define_flags(flag_values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("rope_dir", None, "ROPE-format input directory", **define)
+  flags.DEFINE_string("out", None, "output directory", **define)
+  flags.DEFINE_string("splits", "", "comma-separated ROPE splits (default: those present)",
+                      **define)
+  flags.DEFINE_integer("num_frames", 0, "keep the T segment-middle frames of each clip "
+                       "(0: all)", **define)
+  flags.DEFINE_integer("max_image_side", 0, "re-encode images whose longer side exceeds "
+                       "this (0: keep)", **define)
+  flags.DEFINE_integer("num_shards", None, "ArrayRecord files per split (default: TFDS "
+                       "sizes them)", **define)
+  flags.DEFINE_integer("workers", 1, "local processes that decode and re-encode images "
+                       "(with --beam_runner=DirectRunner: its processes)", **define)
+  flags.DEFINE_string("beam_runner", None, "Beam runner: DirectRunner, DataflowRunner, "
+                      "FlinkRunner, SparkRunner (default: no Beam, the shard writer)",
+                      **define)
+  flags.DEFINE_string("beam_pipeline_options", "", "comma-separated key=value Beam "
+                      "pipeline options", **define)
+
+
+COMMAND = command_line.Command("python -m data_pipelines.prepare", __doc__,
+                               define_flags=_define_flags, required=("rope_dir", "out"))
+
+
+def _main(args) -> None:
+  report = prepare(args.rope_dir, args.out,
+                   splits=[s for s in args.splits.split(",") if s] or None,
+                   num_frames=args.num_frames, max_image_side=args.max_image_side,
+                   num_shards=args.num_shards, workers=args.workers,
+                   beam_runner=args.beam_runner,
+                   beam_pipeline_options=args.beam_pipeline_options)
   for split, entry in report["splits"].items():
     counts = ", ".join(f"{d} {c['records']}" for d, c in entry["domains"].items())
     print(f"{split}: {entry['products']} products ({entry['products_with_all_domains']} with "
@@ -380,6 +383,11 @@ def main(argv: list[str] | None = None) -> None:
   print(f"{report['tfds']['config']} ({report['status']}): {report['tfds']['dataset_dir']}")
   print(f"{report['num_problems']} problem(s); report: "
         f"{os.path.join(args.out, REPORT_NAME)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line (`argv`: the arguments after the program name; see COMMAND)."""
+  command_line.run(COMMAND, _main, argv)
 
 
 if __name__ == "__main__":

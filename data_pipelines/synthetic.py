@@ -35,7 +35,6 @@ JPEGs) and lists every fault in `OUT/injected_faults.json` as {file, line, kind,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -43,6 +42,7 @@ import string
 
 import numpy as np
 
+from data_pipelines import command_line
 from data_pipelines import domains
 from data_pipelines import rope_format
 from data_pipelines import synthetic_faults as faults_lib
@@ -217,20 +217,28 @@ def generate(out_dir: str, *, products: int = 240, test_products: int = 60,
   return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--products", type=int, default=240, help="training products")
-  parser.add_argument("--test_products", type=int, default=60, help="test products")
-  parser.add_argument("--frames_per_clip", type=int, default=8)
-  parser.add_argument("--image_size", type=int, default=64, help="JPEG side in pixels")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--inject_faults", action="store_true",
-                      help="damage the data; list the faults in OUT/injected_faults.json")
-  parser.add_argument("--url_form", metavar="IMAGES_DIR", default=None,
-                      help="write the URL form: the txt files in OUT, the images in "
-                      "IMAGES_DIR (to serve over HTTP), nothing in OUT/images")
-  args = parser.parse_args(argv)
+def _define_flags(flag_values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", None, "output directory", **define)
+  flags.DEFINE_integer("products", 240, "training products", **define)
+  flags.DEFINE_integer("test_products", 60, "test products", **define)
+  flags.DEFINE_integer("frames_per_clip", 8, "frames of each clip", **define)
+  flags.DEFINE_integer("image_size", 64, "JPEG side in pixels", **define)
+  flags.DEFINE_integer("seed", 0, "random seed of the data", **define)
+  flags.DEFINE_bool("inject_faults", False, "damage the data; list the faults in "
+                    "OUT/injected_faults.json", **define)
+  flags.DEFINE_string("url_form", None, "IMAGES_DIR: write the URL form: the txt files in "
+                      "OUT, the images in IMAGES_DIR (to serve over HTTP), nothing in "
+                      "OUT/images", **define)
+
+
+COMMAND = command_line.Command("python -m data_pipelines.synthetic", __doc__,
+                               define_flags=_define_flags, required=("out",))
+
+
+def _main(args) -> None:
   summary = generate(args.out, products=args.products, test_products=args.test_products,
                      frames_per_clip=args.frames_per_clip, image_size=args.image_size,
                      seed=args.seed, inject_faults=args.inject_faults,
@@ -244,6 +252,11 @@ def main(argv: list[str] | None = None) -> None:
   if args.url_form:
     print(f"images in {args.url_form} (URL form: fetch them with data_pipelines.download)")
   print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line (`argv`: the arguments after the program name; see COMMAND)."""
+  command_line.run(COMMAND, _main, argv)
 
 
 if __name__ == "__main__":

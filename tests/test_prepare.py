@@ -247,7 +247,8 @@ def test_bad_input_leaves_an_earlier_preparation_untouched(tiny_rope_dir, tmp_pa
   shutil.copytree(_damaged_copy(tiny_rope_dir, tmp_path / "damaged"), rope_dir)
   with pytest.raises(SystemExit) as exit_info:
     prepare.main(["--rope_dir", rope_dir, "--out", out])
-  assert "training_live_clips.txt: is a directory" in str(exit_info.value.code)
+  assert exit_info.value.code == 1
+  assert "training_live_clips.txt: is a directory" in str(exit_info.value)
   assert _files(out) == before
 
 
