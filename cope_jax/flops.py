@@ -62,9 +62,22 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> int:
   return 3 * forward
 
 
-# Dense bf16 peak per chip, by device kind (lower case substring).
+def embed_flops_per_example(config: ml_collections.ConfigDict, domain_name: str) -> int:
+  """FLOPs of embedding one record of `domain_name` (the evaluation embed step): the
+  visual encoder, plus the text encoder where the domain fuses its text."""
+  model, data = config.model, config.data
+  domain = domains.get(domain_name)
+  forward = visual_forward_flops(model.vision, data.num_frames if domain.is_clip else 1)
+  if domain.fuses_text(model.use_asr_text):
+    forward += text_forward_flops(model.text, data[domain.text_length_field])
+  return forward
+
+
+# Dense bf16 peak per chip, by device kind (lower case substring; first match wins).
+# TPU figures: the Cloud TPU system-architecture pages (v4, v5e, v5p, v6e).
 _PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12,
-                    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12}
+                    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5": 459e12,
+                    "tpu v6 lite": 918e12}
 
 
 def peak_flops_per_device(device_kind: str | None = None) -> float | None:

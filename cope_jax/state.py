@@ -131,22 +131,31 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                          num_classes: int) -> TrainState:
-  """The TrainState's shapes, dtypes and shardings, computed without allocating it."""
+  """The TrainState's shapes, dtypes and shardings, computed without allocating it.
+
+  Runs nothing on any device (the PRNG key too is abstract), so `mesh` may hold
+  compile-only devices, e.g. a TPU topology description's (ahead-of-time compilation).
+  """
   rules = sharding.logical_axis_rules(config.mesh)
   init_fn = _state_init_fn(config, num_classes)
+  key = abstract_key()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = sharding.param_shardings(
-        jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed)), mesh, rules)
-    boxed = jax.eval_shape(jax.jit(init_fn, out_shardings=shardings),
-                           jax.random.PRNGKey(config.seed))
+    shardings = sharding.param_shardings(jax.eval_shape(init_fn, key), mesh, rules)
+    boxed = jax.eval_shape(jax.jit(init_fn, out_shardings=shardings), key)
   return nn.meta.unbox(boxed)
+
+
+def abstract_key() -> jax.ShapeDtypeStruct:
+  """The shape and dtype of a raw PRNG key (`jax.random.PRNGKey`), made without running
+  anything."""
+  return jax.eval_shape(jax.random.PRNGKey, 0)
 
 
 def abstract_model_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
   """The model parameters' shapes, dtypes and shardings (no optimiser, no classifier)."""
   rules = sharding.logical_axis_rules(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(_model_params_init_fn(config), jax.random.PRNGKey(config.seed))
+    boxed = jax.eval_shape(_model_params_init_fn(config), abstract_key())
     shardings = sharding.param_shardings(boxed, mesh, rules)
   return jax.tree.map(
       lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,

@@ -41,3 +41,68 @@ def test_libtpu_pin_is_the_one_the_pinned_jax_asks_for():
   assert importlib.metadata.version("libtpu") == libtpu_pin
   assert "-r requirements-tpu.txt" in (REPO_ROOT / "requirements-dev.txt").read_text()
   assert "libtpu" not in (REPO_ROOT / "requirements.txt").read_text()
+
+
+# ---- the tiny training step compiled for a v5e 2x2 ------------------------------------
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import tpu_compile  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cope_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def tiny_v5e_step():
+  """The tiny config's train step on a v5e 2x2 description: data 2 x model 2, so that
+  the batch splits over 'data' and the MLP and attention kernels over 'model'."""
+  devices = tpu_compile.topology_devices("v5e:2x2")
+  config = tpu_compile.make_config("tiny", global_batch=4, layout="dp_mp2")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  lowered, abstract = tpu_compile.lower_train_step(config, mesh)
+  return lowered.compile(), abstract, mesh
+
+
+def test_tiny_train_step_compiles_for_a_v5e_topology(tiny_v5e_step):
+  compiled, abstract, mesh = tiny_v5e_step
+  assert dict(mesh.shape) == {"data": 2, "model": 2}
+  assert {d.platform for d in mesh.devices.flat} == {"tpu"}
+  assert jax.default_backend() == "cpu"  # the host still runs on the CPU
+  memory = compiled.memory_analysis()
+  for field in ("argument_size_in_bytes", "output_size_in_bytes", "peak_memory_in_bytes"):
+    assert getattr(memory, field) > 0, field
+  assert memory.temp_size_in_bytes >= 0
+  assert 0 < compiled.cost_analysis()["flops"]
+
+  state_out, metrics_out = compiled.output_shardings
+  # The new state keeps the shardings the state came in with (params, Adam moments).
+  for got, leaf in zip(jax.tree.leaves(state_out), jax.tree.leaves(abstract)):
+    assert got.is_equivalent_to(leaf.sharding, len(leaf.shape)), (got, leaf.sharding)
+  block = abstract.params["model"]["visual_encoder"]["visual"]["transformer"]["resblocks_0"]
+  assert block["mlp"]["c_fc"]["kernel"].sharding.spec == P(None, "model")
+  assert block["attn"]["in_proj"]["kernel"].sharding.spec == P(None, None, "model", None)
+  for value in jax.tree.leaves(metrics_out):
+    assert value.is_fully_replicated
+  batch_in = compiled.input_shardings[0][1]
+  assert batch_in["page_image"].spec == P("data")
+  # Data parallelism: the gradients are summed over 'data' by all-reduces.
+  assert tpu_compile.collectives(compiled.as_text(), 4)["all-reduce"]["count"] > 0
+
+
+HLO_LINES = """
+  %all-reduce.1 = (f32[8]{0}, bf16[4,2]{1,0}) all-reduce(%a, %b), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %all-gather-start.2 = (bf16[2,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(%c), replica_groups=[2,4]<=[8], dimensions={0}
+  %all-gather-done.2 = bf16[8,16]{1,0} all-gather-done(%all-gather-start.2)
+  %reduce-scatter.3 = f32[4]{0} reduce-scatter(%d), replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}
+  ROOT %collective-permute-start.4 = (f32[2]{0}, f32[2]{0}, u32[], u32[]) collective-permute-start(%e), source_target_pairs={{0,1}}
+"""
+
+
+def test_collective_bytes_from_hlo_text():
+  got = tpu_compile.collectives(HLO_LINES, 8)
+  assert got["all-reduce"] == {"count": 1, "result_bytes": 48, "sent_bytes": 2 * 3 / 4 * 48}
+  # The async pair counts once, with the gathered result.
+  assert got["all-gather"] == {"count": 1, "result_bytes": 256, "sent_bytes": 3 / 4 * 256}
+  assert got["reduce-scatter"] == {"count": 1, "result_bytes": 16, "sent_bytes": 16}
+  assert got["collective-permute"] == {"count": 1, "result_bytes": 8, "sent_bytes": 8}

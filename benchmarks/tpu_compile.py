@@ -1,0 +1,458 @@
+r"""TPU steps compiled ahead of time on a CPU host: memory, FLOPs, collectives, projection.
+
+  python -m benchmarks.tpu_compile --shapes tiny --topologies v5e:2x2          # seconds
+  python -m benchmarks.tpu_compile --shapes stage2 --topologies v5e:2x4,v5p:2x2x2 \
+      --steps train,embed --layouts dp                                        # ~5 min each
+  python -m benchmarks.tpu_compile --shapes stage2 --topologies v5e:2x4 --largest_batch
+
+libtpu's compiler (requirements-tpu.txt) compiles for a TPU topology description
+(`jax.experimental.topologies.get_topology_desc`) on a host without TPUs: each step is
+lowered over abstract arrays (`state.abstract_train_state`, batches of ShapeDtypeStructs)
+sharded on a mesh of the description's devices, and compiled for TPU. Nothing runs.
+
+Shapes: `tiny` (the test suite's tiny config), `stage1` and `stage2` (the paper recipe,
+configs/rope_vitb16_stage1.py and configs/rope_vitb16.py). Steps: `train` (the training
+step with AdamW) and `embed` (evaluation's embed step, per domain) and `search` (the
+on-device approximate top-k search over a gallery sharded across the chips). Layouts
+(config.mesh data x model and rules): `dp` (the configs' rules: data parallel,
+parameters replicated), `fsdp` (parameters and Adam moments split over 'data' along
+their embed axis), `dp_mp2` (a model axis of 2 for the MLP and heads).
+
+For each (shape, topology, layout, step) it reports, per chip: compile seconds; the
+argument, output, temporary and peak bytes of `memory_analysis()` and whether the step
+fits the chip's HBM (`--largest_batch`: the largest per-chip batch that does, by
+bisection over compiles); FLOPs per step from `cope_jax.flops` and from
+`cost_analysis()`; the bytes each kind of collective moves (from the compiled HLO); and
+a roofline PROJECTION of step time and MFU: max(FLOPs / peak bf16 FLOP/s, HBM bytes /
+HBM bandwidth, collective bytes / ICI bandwidth) with each chip's published figures
+(CHIPS). The projection is not a measurement: it assumes perfect overlap and peak rates.
+
+Prints a table and writes JSON (benchmarks/results/tpu_compile_<shapes>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+# A CPU host: JAX must not try to start a TPU backend, and several processes may load
+# libtpu for topology descriptions at once. Read when JAX and libtpu initialise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from flax import linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from configs import rope_vitb16  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import rope_vitb16_stage1
+from configs import synthetic_tiny
+from cope_jax import embed as embed_lib
+from cope_jax import flops as model_flops
+from cope_jax import optim
+from cope_jax import result_files
+from cope_jax import sharding
+from cope_jax import state as state_lib
+from cope_jax import train
+from data_pipelines import domains
+from data_pipelines import pipelines
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip figures (Cloud TPU system-architecture pages, bf16 dense)."""
+  peak_flops: float  # FLOP/s, bf16
+  hbm_bytes: float
+  hbm_bandwidth: float  # bytes/s
+  ici_bandwidth: float  # bytes/s per chip, bidirectional, all links together
+  source: str
+
+
+CHIPS = {
+    "v4": Chip(275e12, 32 * GIB, 1228e9, 300e9, "cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip(197e12, 16 * GIB, 819e9, 400e9, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(459e12, 95 * GIB, 2765e9, 1200e9, "cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(918e12, 32 * GIB, 1638e9, 800e9, "cloud.google.com/tpu/docs/v6e"),
+}
+
+SHAPES = ("tiny", "stage1", "stage2")
+LAYOUTS = ("dp", "fsdp", "dp_mp2")
+# The paper's training split (cope_reference.md): classifier rows, when that loss is on.
+TRAIN_PRODUCTS = 187_431
+
+
+def chip_of(topology: str) -> str:
+  """'v5e:2x4' -> 'v5e'."""
+  return topology.split(":")[0]
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """The compile-only devices of a TPU topology description ('v5e:2x2', 'v4:2x2x1', ...),
+  `num_slices` slices of it (multi-slice devices carry `slice_index`)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {"chip_config_name": "megacore"} if chip_of(topology) == "v4" else {}
+  if num_slices > 1:
+    kwargs["num_slices"] = num_slices
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                           **kwargs).devices)
+
+
+def make_config(shape: str, global_batch: int | None = None, layout: str = "dp"):
+  """The run config of `shape` with the mesh of `layout` (model axis 1 unless dp_mp2)."""
+  if shape == "tiny":
+    config = synthetic_tiny.get_config()
+    from tests import tiny_configs  # pylint: disable=g-import-not-at-top
+    for field, value in tiny_configs.SMALL_FIELDS.items():
+      section, *path = field.split(".")
+      node = config[section]
+      for part in path[:-1]:
+        node = node[part]
+      node[path[-1]] = value
+    config.model.text.vocab_size = 1000
+    config.model.dtype = "bfloat16"
+  else:
+    config = (rope_vitb16_stage1 if shape == "stage1" else rope_vitb16).get_config()
+  config.train.init_from = ""
+  if global_batch:
+    config.train.batch_size = global_batch
+  config.mesh.model = 2 if layout == "dp_mp2" else 1
+  if layout == "fsdp":
+    config.mesh.rules = tuple((name, "data" if name == "embed" else axes)
+                              for name, axes in config.mesh.rules)
+  elif layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+  return config
+
+
+def _num_classes(config) -> int:
+  return TRAIN_PRODUCTS if config.loss.classify_weight > 0 else 0
+
+
+def abstract_batch(spec: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict:
+  """ShapeDtypeStructs of a global batch {key: (shape, dtype)}, split over 'data'."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+          for key, (shape, dtype) in spec.items()}
+
+
+def lower_train_step(config, mesh):
+  """The training step (`train.train_step`, jitted as `train.setup` does) lowered over
+  the abstract state and a global batch. Returns (lowered, abstract state)."""
+  abstract = state_lib.abstract_train_state(config, mesh, _num_classes(config))
+  state_shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract)
+  step = jax.jit(
+      functools.partial(train.train_step, model=state_lib.build_model(config),
+                        optimizer=optim.make_optimizer(config.optim, config.train.num_steps),
+                        loss_config=config.loss),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  batch = abstract_batch(pipelines.pipeline_batch_spec(config), mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
+    return step.lower(abstract, batch), abstract
+
+
+def lower_embed_step(config, mesh, domain: str, batch_size: int):
+  """Evaluation's embed step (`embed.make_embed_fn`) for `domain`, over abstract model
+  parameters and a global batch of `batch_size`."""
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = batch_size
+  params = state_lib.abstract_model_params(config, mesh)
+  embed_fn = embed_lib.make_embed_fn(state_lib.build_model(config), domain, mesh)
+  batch = abstract_batch(pipelines.eval_batch_spec(config, domain), mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
+    return embed_fn.lower(params, batch)
+
+
+# ---- the compiled HLO's collectives -------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
+    r"collective-permute)(-start)?\((.*)$", re.M)
+_ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)"
+                    r"\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _array_bytes(shape_text: str) -> list[float]:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(shape_text):
+    sizes.append(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
+  return sizes
+
+
+def _group_size(operands: str, num_devices: int) -> int:
+  """Devices per replica group of a collective's attributes (every HLO spelling)."""
+  match = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", operands)
+  if match:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
+    return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", match.group(2)))
+  match = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", operands)
+  if match:
+    return int(match.group(2))
+  match = re.search(r"replica_groups=\{\{([\d,]*)\}", operands)
+  if match:
+    return len(match.group(1).split(","))
+  return num_devices
+
+
+def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
+  """Per kind of collective in the compiled (per-chip) HLO: how many, the bytes of their
+  results, and the bytes each chip sends over the links with ring algorithms
+  (all-reduce 2(n-1)/n of the buffer, all-gather (n-1)/n of the result, reduce-scatter
+  (n-1) x the result, all-to-all (n-1)/n, collective-permute the buffer once).
+
+  Async pairs count once (their -start op; a -start op's tuple holds the operand too,
+  so its largest array is taken as the result)."""
+  totals: dict[str, dict[str, float]] = {}
+  for shape_text, kind, start, operands in _COLLECTIVE.findall(hlo_text):
+    sizes = _array_bytes(shape_text)
+    result = max(sizes) if (start and kind != "all-reduce") else sum(sizes)
+    n = _group_size(operands, num_devices)
+    sent = {"all-reduce": 2 * (n - 1) / n * result, "all-gather": (n - 1) / n * result,
+            "reduce-scatter": (n - 1) * result, "all-to-all": (n - 1) / n * result,
+            "collective-permute": result}[kind] if n > 1 or kind == "collective-permute" else 0
+    entry = totals.setdefault(kind, {"count": 0, "result_bytes": 0.0, "sent_bytes": 0.0})
+    entry["count"] += 1
+    entry["result_bytes"] += result
+    entry["sent_bytes"] += sent
+  return totals
+
+
+# ---- figures of one compiled step ----------------------------------------------------
+
+
+def memory_figures(compiled) -> dict[str, float]:
+  """Per-chip bytes of `compiled.memory_analysis()`, in GiB."""
+  memory = compiled.memory_analysis()
+  figures = {name: getattr(memory, f"{name}_size_in_bytes") / GIB
+             for name in ("argument", "output", "alias", "temp", "generated_code")}
+  peak = getattr(memory, "peak_memory_in_bytes", 0) or (
+      memory.argument_size_in_bytes + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  figures["peak"] = peak / GIB
+  return {f"{name}_gib": round(value, 4) for name, value in figures.items()}
+
+
+def cost_figures(compiled) -> dict[str, float]:
+  """FLOPs and HBM bytes accessed per chip from `compiled.cost_analysis()`."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return {"xla_flops": float(cost.get("flops", 0.0)),
+          "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
+def roofline(chip: Chip, flops_per_chip: float, hbm_bytes: float,
+             link_bytes: float) -> dict[str, float]:
+  """PROJECTION of a step's time on `chip`: each resource at its published peak, the
+  three fully overlapped; link bytes at half the bidirectional ICI figure (each chip
+  sends that much while it receives as much)."""
+  compute_s = flops_per_chip / chip.peak_flops
+  hbm_s = hbm_bytes / chip.hbm_bandwidth
+  ici_s = link_bytes / (chip.ici_bandwidth / 2)
+  step_s = max(compute_s, hbm_s, ici_s)
+  bound = ("compute", "HBM", "ICI")[int(np.argmax([compute_s, hbm_s, ici_s]))]
+  return {"projected_step_seconds": step_s, "projected_mfu": compute_s / step_s if step_s else 0,
+          "compute_seconds": compute_s, "hbm_seconds": hbm_s, "ici_seconds": ici_s,
+          "bound_by": bound}
+
+
+def is_out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "exceeds available HBM" in text or (
+      "Ran out of memory" in text)
+
+
+def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batch: int,
+                num_slices: int = 1) -> dict[str, Any]:
+  """Compiles one step and returns its figures (or {'error': 'out of memory'})."""
+  devices = topology_devices(topology, num_slices)
+  chips = len(devices)
+  config = make_config(shape, layout=layout)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  data_size = mesh.shape["data"]
+  global_batch = per_chip_batch * data_size
+  config.train.batch_size = global_batch
+  chip = CHIPS[chip_of(topology)]
+  row = {"shape": shape, "topology": topology, "num_slices": num_slices, "chips": chips,
+         "device_kind": devices[0].device_kind, "layout": layout,
+         "mesh": dict(mesh.shape), "step": step, "per_chip_batch": per_chip_batch,
+         "global_batch": global_batch, "remat_policy": (config.model.remat_policy
+                                                         if config.model.remat else "none")}
+  start = time.perf_counter()
+  try:
+    if step == "train":
+      lowered, _ = lower_train_step(config, mesh)
+      analytic = model_flops.train_flops_per_example(config) * global_batch / chips
+    elif step.startswith("embed:"):
+      domain = step.split(":", 1)[1]
+      lowered = lower_embed_step(config, mesh, domain, global_batch)
+      analytic = model_flops.embed_flops_per_example(config, domain) * global_batch / chips
+    else:
+      raise ValueError(f"unknown step {step!r}")
+    row["lower_seconds"] = round(time.perf_counter() - start, 2)
+    compiled = lowered.compile()
+  except Exception as error:  # pylint: disable=broad-except
+    if not is_out_of_memory(error):
+      raise
+    row["compile_seconds"] = round(time.perf_counter() - start, 2)
+    row["error"] = "out of memory"
+    row["fits"] = False
+    row["message"] = str(error).splitlines()[0][:300]
+    return row
+  row["compile_seconds"] = round(time.perf_counter() - start, 2)
+  row["memory"] = memory_figures(compiled)
+  row["hbm_gib"] = chip.hbm_bytes / GIB
+  row["fits"] = row["memory"]["peak_gib"] <= row["hbm_gib"]
+  row["flops"] = {"analytic_per_chip": analytic, **cost_figures(compiled)}
+  if row["flops"]["xla_flops"]:
+    row["flops"]["xla_over_analytic"] = round(row["flops"]["xla_flops"] / analytic, 3)
+  row["collectives"] = collectives(compiled.as_text(), chips)
+  link_bytes = sum(entry["sent_bytes"] for entry in row["collectives"].values())
+  row["projection"] = roofline(chip, analytic, row["flops"]["xla_bytes_accessed"], link_bytes)
+  if step == "train":
+    row["projection"]["examples_per_second"] = (
+        global_batch / row["projection"]["projected_step_seconds"])
+  return row
+
+
+def largest_batch(shape: str, topology: str, layout: str, start: int, limit: int,
+                  max_compiles: int, log) -> tuple[int, list[dict]]:
+  """The largest per-chip training batch that compiles and fits HBM: doubling from
+  `start` until one does not fit (or `limit`), then bisection; at most `max_compiles`.
+  Returns (largest fitting, 0 if none; the rows compiled)."""
+  rows, fits, fails = [], 0, None
+  batch = start
+  while len(rows) < max_compiles:
+    row = compile_row(shape, topology, layout, "train", batch)
+    rows.append(row)
+    log(row)
+    if row.get("fits"):
+      fits = batch
+    else:
+      fails = batch
+    if fails is None:
+      if batch * 2 > limit:
+        break
+      batch *= 2
+    else:
+      if fails - fits <= 1:
+        break
+      batch = (fits + fails) // 2 if fits else max(1, fails // 2)
+      if batch in (fits, fails):
+        break
+  return fits, rows
+
+
+# ---- table ---------------------------------------------------------------------------
+
+
+def format_row(row: dict) -> str:
+  memory = row.get("memory", {})
+  projection = row.get("projection", {})
+  comm = row.get("collectives", {})
+  comm_text = " ".join(f"{kind.replace('collective-', 'c')[:10]}:{entry['count']}/"
+                       f"{entry['sent_bytes'] / 2 ** 20:.0f}M"
+                       for kind, entry in sorted(comm.items()))
+  if "error" in row:
+    return (f"{row['shape']:6} {row['topology']:10} {row['layout']:6} {row['step']:11} "
+            f"{row['per_chip_batch']:>4} {row['compile_seconds']:>7.0f}  OOM: "
+            f"{row.get('message', '')[:80]}")
+  flops = row["flops"]
+  return (f"{row['shape']:6} {row['topology']:10} {row['layout']:6} {row['step']:11} "
+          f"{row['per_chip_batch']:>4} {row['compile_seconds']:>7.0f} "
+          f"{memory['argument_gib']:>6.2f} {memory['temp_gib']:>6.2f} "
+          f"{memory['peak_gib']:>6.2f} {('yes' if row['fits'] else 'NO'):>4} "
+          f"{flops['analytic_per_chip']:>9.3g} {flops['xla_flops']:>9.3g} "
+          f"{projection['projected_step_seconds'] * 1e3:>8.1f} "
+          f"{projection['projected_mfu']:>5.0%} {projection['bound_by']:>7}  {comm_text}")
+
+
+HEADER = (f"{'shape':6} {'topology':10} {'layout':6} {'step':11} {'b/ch':>4} {'comp s':>7} "
+          f"{'argGiB':>6} {'tmpGiB':>6} {'pkGiB':>6} {'fits':>4} {'FLOPs/ch':>9} "
+          f"{'XLA FLOPs':>9} {'proj ms':>8} {'pMFU':>5} {'bound':>7}  collectives "
+          "(count/MiB sent per chip)")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shapes", default="tiny", help=f"comma-separated: {', '.join(SHAPES)}")
+  parser.add_argument("--topologies", default="v5e:2x2",
+                      help="comma-separated topology names, e.g. v5e:2x4,v5p:2x2x2,v6e:2x4")
+  parser.add_argument("--layouts", default="dp", help=f"comma-separated: {', '.join(LAYOUTS)}")
+  parser.add_argument("--steps", default="train",
+                      help="comma-separated: train, embed (every domain) or embed:<domain>")
+  parser.add_argument("--per_chip_batch", type=int, default=0,
+                      help="training batch per chip (default: the config's global batch "
+                           "over 8 chips, at least 1)")
+  parser.add_argument("--embed_batch", type=int, default=0,
+                      help="embed batch per chip (default: the config's eval batch over 8)")
+  parser.add_argument("--largest_batch", action="store_true",
+                      help="bisect the largest per-chip training batch that fits")
+  parser.add_argument("--max_compiles", type=int, default=6)
+  parser.add_argument("--batch_limit", type=int, default=256)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+
+  shapes = args.shapes.split(",")
+  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
+                                 f"tpu_compile_{'_'.join(shapes)}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  rows: list[dict] = []
+
+  def write():
+    with open(out, "w") as f:
+      json.dump(result_files.strict({
+          "jax_version": jax.__version__, "host_backend": jax.default_backend(),
+          "note": "compiled ahead of time for TPU topology descriptions on a CPU host; "
+                  "'projection' is a roofline projection from published chip figures, "
+                  "not a measurement",
+          "chips": {name: dataclasses.asdict(chip) for name, chip in CHIPS.items()},
+          "rows": rows}), f, indent=2, allow_nan=False)
+
+  def log(row):
+    rows.append(row)
+    write()
+    print(format_row(row), flush=True)
+
+  print(HEADER, flush=True)
+  for shape in shapes:
+    base = make_config(shape)
+    per_chip = args.per_chip_batch or max(1, base.train.batch_size // 8)
+    embed_per_chip = args.embed_batch or max(1, base.eval.batch_size // 8)
+    for topology in args.topologies.split(","):
+      for layout in args.layouts.split(","):
+        for step in args.steps.split(","):
+          if step == "train" and args.largest_batch:
+            fits, _ = largest_batch(shape, topology, layout, per_chip, args.batch_limit,
+                                    args.max_compiles, log)
+            rows.append({"shape": shape, "topology": topology, "layout": layout,
+                         "largest_per_chip_batch": fits})
+            write()
+            print(f"  largest per-chip batch that fits: {fits}", flush=True)
+            continue
+          names = ([f"embed:{d.name}" for d in domains.DOMAINS] if step == "embed"
+                   else [step])
+          for name in names:
+            batch = embed_per_chip if name.startswith("embed") else per_chip
+            log(compile_row(shape, topology, layout, name, batch))
+  write()
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
