@@ -98,7 +98,6 @@ the first million are kept from that pass, beyond that the files are read again.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
@@ -106,12 +105,12 @@ import itertools
 import os
 import random
 import shutil
-import sys
 import urllib.parse
 from collections.abc import Callable
 
 import aiohttp
 
+from data_pipelines import command_line
 from data_pipelines import domains
 from data_pipelines import download_ledger
 from data_pipelines import download_plan
@@ -409,47 +408,55 @@ def download(rope_dir: str, url_prefix: str, *, split: str = "all", out: str | N
   return report
 
 
+def _define_flags(flag_values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("rope_dir", None, "folder of the release's txt files", **define)
+  flags.DEFINE_string("url_prefix", None, "URL that, followed by an image's file name, "
+                      "fetches it", **define)
+  flags.DEFINE_enum("split", "all", [*rope_format.SPLITS, "all"], "the split to fetch",
+                    **define)
+  flags.DEFINE_string("out", None, "where the images go (default ROPE_DIR/images)", **define)
+  flags.DEFINE_integer("num_frames", 8, "frames per clip that training/evaluation sample",
+                       **define)
+  flags.DEFINE_bool("all_frames", False, "fetch every frame of every clip", **define)
+  flags.DEFINE_integer("workers", 32, "requests in flight (and connections per host)",
+                       **define)
+  flags.DEFINE_float("timeout", 30.0, "seconds for one whole request", **define)
+  flags.DEFINE_integer("retries", 5, "further attempts after a retryable failure", **define)
+  flags.DEFINE_integer("max_side", 0, "re-encode images whose longer side exceeds this "
+                       "(0: never)", **define)
+  flags.DEFINE_float("backoff", 1.0, "seconds before the first retry (doubled each time)",
+                     **define)
+  flags.DEFINE_float("max_backoff", 60.0, "longest wait between retries, in seconds",
+                     **define)
+  flags.DEFINE_float("max_retry_after", 600.0, "longest Retry-After wait honoured, in "
+                     "seconds", **define)
+  flags.DEFINE_integer("abort_after", 100, "stop after this many connection errors in a "
+                       "row", **define)
+  flags.DEFINE_enum("verify", "quick", list(VERIFY_CHOICES), "how files already present "
+                    "are checked: quick (size, JPEG header and trailer, once decoded whole) "
+                    "or full (decode each)", **define)
+  flags.DEFINE_bool("no_progress", False, "no progress bar", **define)
+
+
+COMMAND = command_line.Command("python -m data_pipelines.download", __doc__,
+                               define_flags=_define_flags, required=("rope_dir", "url_prefix"))
+
+
+def _main(args) -> None:
+  download(args.rope_dir, args.url_prefix, split=args.split, out=args.out,
+           num_frames=args.num_frames, all_frames=args.all_frames, workers=args.workers,
+           timeout=args.timeout, retries=args.retries, max_side=args.max_side,
+           backoff=args.backoff, max_backoff=args.max_backoff,
+           max_retry_after=args.max_retry_after, abort_after=args.abort_after,
+           verify=args.verify, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rope_dir", required=True, help="folder of the release's txt files")
-  parser.add_argument("--url_prefix", required=True,
-                      help="URL that, followed by an image's file name, fetches it")
-  parser.add_argument("--split", default="all", choices=(*rope_format.SPLITS, "all"))
-  parser.add_argument("--out", default=None,
-                      help="where the images go (default ROPE_DIR/images)")
-  parser.add_argument("--num_frames", type=int, default=8,
-                      help="frames per clip that training/evaluation sample")
-  parser.add_argument("--all_frames", action="store_true",
-                      help="fetch every frame of every clip")
-  parser.add_argument("--workers", type=int, default=32,
-                      help="requests in flight (and connections per host)")
-  parser.add_argument("--timeout", type=float, default=30.0,
-                      help="seconds for one whole request")
-  parser.add_argument("--retries", type=int, default=5,
-                      help="further attempts after a retryable failure")
-  parser.add_argument("--max_side", type=int, default=0,
-                      help="re-encode images whose longer side exceeds this (0: never)")
-  parser.add_argument("--backoff", type=float, default=1.0,
-                      help="seconds before the first retry (doubled each time)")
-  parser.add_argument("--max_backoff", type=float, default=60.0)
-  parser.add_argument("--max_retry_after", type=float, default=600.0,
-                      help="longest Retry-After wait honoured, in seconds")
-  parser.add_argument("--abort_after", type=int, default=100,
-                      help="stop after this many connection errors in a row")
-  parser.add_argument("--verify", default="quick", choices=VERIFY_CHOICES,
-                      help="how files already present are checked: quick (size, JPEG "
-                      "header and trailer, once decoded whole) or full (decode each)")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  args = parser.parse_args(argv)
-  try:
-    download(args.rope_dir, args.url_prefix, split=args.split, out=args.out,
-             num_frames=args.num_frames, all_frames=args.all_frames, workers=args.workers,
-             timeout=args.timeout, retries=args.retries, max_side=args.max_side,
-             backoff=args.backoff, max_backoff=args.max_backoff,
-             max_retry_after=args.max_retry_after, abort_after=args.abort_after,
-             verify=args.verify, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError, DownloadAborted) as e:
-    sys.exit(f"download: {e}")
+  """The command line (`argv`: the arguments after the program name; see COMMAND)."""
+  command_line.run(COMMAND, _main, argv)
 
 
 if __name__ == "__main__":
