@@ -77,12 +77,15 @@ def eval_config(batch_size):
   evaluation = ml_collections.ConfigDict()
   evaluation.batch_size = batch_size
   # Search: exact ranking, or an index returning the top-10 (R@K from its list).
-  evaluation.search = "auto"  # auto | exact | scann | faiss_hnsw (auto: see next two)
-  evaluation.index = "scann"  # index kind of auto search and of export: scann | faiss_hnsw
+  evaluation.search = "auto"  # auto | exact | scann | faiss_hnsw | approx_topk (auto: next two)
+  # Index kind of auto search (on TPU: approx_topk) and of export: scann | faiss_hnsw |
+  # approx_topk (jax.lax.approx_max_k over the gallery split across the devices).
+  evaluation.index = "scann"
   evaluation.index_min_gallery = 20000  # auto search: exact below this many gallery items
   # An index's search settings are tuned to reach this recall@10 against exact search
   # on `tune_queries` held-out queries; its recall is then measured on
   # `recall_check_queries` other ones (reported in metrics.json and the export manifest).
+  # approx_topk takes it as approx_max_k's recall_target (nothing tuned).
   evaluation.target_recall = 0.98
   evaluation.tune_queries = 1000
   evaluation.recall_check_queries = 1000

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from cope_jax.search import approx_topk
+from cope_jax.search import directions
 from cope_jax.search import exact
 from cope_jax.search import faiss_index
 from cope_jax.search import index as search_index
@@ -18,6 +20,7 @@ from cope_jax.search import scann_index
 from cope_jax.search import tuning
 from tests.search_testing import clustered_search_data
 from tests.search_testing import eval_config
+from tests.search_testing import integer_embeddings
 from tests.search_testing import unit_embeddings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,3 +266,57 @@ def test_hnsw_returns_minus_one_beyond_the_gallery():
   np.testing.assert_array_equal(indices[:, :3], exact.exact_search(queries, gallery, 3)[1])
   assert metrics.recall_against(exact.exact_search(queries, gallery, 3)[1], indices) == 1.0
   assert faiss_index.KIND in search_index.INDEX_KINDS
+
+
+# ---------------------------------------------------------------------------
+# approx_topk: jax.lax.approx_max_k over the gallery split across the devices.
+
+@pytest.mark.parametrize("k", [1, 10, 200])
+def test_approx_topk_equals_exact_search_on_cpu(k):
+  """On CPU approx_max_k is exact, so the sharded search returns exact search's lists
+  (k=200 is more than one device's 126 rows)."""
+  rng = np.random.default_rng(k)
+  gallery, queries = unit_embeddings(rng, 1003), unit_embeddings(rng, 70)
+  index = approx_topk.ApproxTopKIndex.build(
+      gallery, approx_topk.ApproxTopKParameters(recall_target=0.9))
+  assert len(index.gallery.sharding.device_set) == 8  # the fake CPU devices of conftest
+  assert index.gallery.shape == (1008, 16)  # padded to a multiple of 8, padding masked
+  scores, found = index.search(queries, k)
+  exact_scores, exact_found = exact.exact_search(queries, gallery, k)
+  np.testing.assert_array_equal(found, exact_found)
+  np.testing.assert_array_equal(found, numpy_top_k(queries, gallery, k))
+  np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-6)
+  assert found.dtype == np.int32 and scores.dtype == np.float32
+
+
+def test_approx_topk_keeps_exact_search_tie_order():
+  rng = np.random.default_rng(0)
+  gallery, queries = integer_embeddings(rng, 301), integer_embeddings(rng, 40)
+  index = approx_topk.ApproxTopKIndex.build(
+      gallery, approx_topk.ApproxTopKParameters(recall_target=0.95))
+  np.testing.assert_array_equal(index.search(queries, 25)[1],
+                                exact.exact_search(queries, gallery, 25)[1])
+
+
+def test_approx_topk_through_the_index_table(tmp_path):
+  rng = np.random.default_rng(1)
+  gallery, queries = unit_embeddings(rng, 500), unit_embeddings(rng, 60)
+  config = eval_config(search="approx_topk", target_recall=0.9)
+  index, info = search_index.build_index("approx_topk", gallery, config, 10, queries=queries)
+  assert info["kind"] == "approx_topk" and not info["tuned"]
+  assert info["parameters"] == {"recall_target": 0.9}  # the config's target, as passed
+  assert info["recall_vs_exact"] == 1.0
+  search_index.save_index(index, str(tmp_path / "index"))
+  loaded = search_index.load_index(str(tmp_path / "index"))
+  np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
+  _, _, search_info = directions.search(queries, gallery, 10, config)
+  assert search_info["search"] == "approx_topk"
+
+
+def test_auto_search_takes_approx_topk_on_tpu_only():
+  config = eval_config(search="auto", index="scann", index_min_gallery=100)
+  assert search_index.auto_index_kind(config, "tpu") == "approx_topk"
+  assert search_index.auto_index_kind(config, "cpu") == "scann"
+  assert search_index.auto_index_kind(config, "gpu") == "scann"
+  assert directions.choose_search(1000, config) == "scann"  # this run's backend is the CPU
+  assert directions.choose_search(10, config) == "exact"

@@ -9,7 +9,13 @@ import importlib.metadata
 import pathlib
 import re
 
+import jax
+from jax.sharding import PartitionSpec as P
 from packaging.requirements import Requirement
+import pytest
+
+from benchmarks import tpu_compile
+from cope_jax import sharding
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,14 +50,6 @@ def test_libtpu_pin_is_the_one_the_pinned_jax_asks_for():
 
 
 # ---- the tiny training step compiled for a v5e 2x2 ------------------------------------
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from benchmarks import tpu_compile  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cope_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 
 @pytest.fixture(scope="module")
 def tiny_v5e_step():

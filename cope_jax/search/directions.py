@@ -29,11 +29,13 @@ RECALL_K = 10  # an index's recall is tuned and reported at recall@10 against ex
 def choose_search(num_gallery: int, eval_config) -> str:
   """'exact' or an index kind, from `eval_config.search`.
 
-  "auto": exact below `eval_config.index_min_gallery` items, else `eval_config.index`.
+  "auto": exact below `eval_config.index_min_gallery` items, else `eval_config.index`
+  (`approx_topk` on TPU: `index.auto_index_kind`).
   """
   mode = eval_config.search
   if mode == "auto":
-    mode = "exact" if num_gallery < eval_config.index_min_gallery else eval_config.index
+    mode = ("exact" if num_gallery < eval_config.index_min_gallery
+            else search_index.auto_index_kind(eval_config))
   if mode != "exact" and mode not in search_index.INDEX_KINDS:
     raise ValueError(f"config.eval.search must be auto, exact or an index kind "
                      f"({', '.join(search_index.INDEX_KINDS)}), got {mode!r}")

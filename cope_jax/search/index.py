@@ -1,8 +1,9 @@
 """The `Index` protocol, the table of index kinds, and building an index to a recall target.
 
 An index answers top-k inner-product queries over a gallery [G, D] of unit vectors.
-Each kind is one class (`INDEX_KINDS`): ScaNN (`scann_index`) and faiss HNSW
-(`faiss_index`, optional: faiss is imported only when that kind is built or loaded).
+Each kind is one class (`INDEX_KINDS`): ScaNN (`scann_index`), faiss HNSW
+(`faiss_index`, optional: faiss is imported only when that kind is built or loaded) and
+`approx_topk` (`jax.lax.approx_max_k` over the gallery on the devices, `approx_topk`).
 Adding a kind is one class implementing `Index` and one line in `INDEX_KINDS`.
 
 `build_index` builds an index from `config.eval` and tunes its search settings to
@@ -20,9 +21,11 @@ import os
 from typing import Any, ClassVar, Protocol
 
 from absl import logging
+import jax
 import numpy as np
 
 from cope_jax.search import exact
+from cope_jax.search.approx_topk import ApproxTopKIndex
 from cope_jax.search import metrics
 from cope_jax.search import tuning
 from cope_jax.search.embeddings import check_embeddings
@@ -82,7 +85,15 @@ class Index(Protocol):
 INDEX_KINDS: dict[str, type] = {
     ScannIndex.kind: ScannIndex,
     FaissHnswIndex.kind: FaissHnswIndex,
+    ApproxTopKIndex.kind: ApproxTopKIndex,
 }
+
+
+def auto_index_kind(eval_config, backend: str | None = None) -> str:
+  """The index kind search "auto" uses for large galleries: `approx_topk` on TPU (the
+  gallery stays on the chips), else `eval_config.index`."""
+  backend = backend or jax.default_backend()
+  return ApproxTopKIndex.kind if backend == "tpu" else eval_config.index
 
 
 def index_class(kind: str) -> type:
