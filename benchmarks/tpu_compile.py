@@ -65,6 +65,7 @@ from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
+from cope_jax.search import approx_topk
 from data_pipelines import domains
 from data_pipelines import pipelines
 
@@ -92,6 +93,7 @@ SHAPES = ("tiny", "stage1", "stage2")
 LAYOUTS = ("dp", "fsdp", "dp_mp2")
 # The paper's training split (cope_reference.md): classifier rows, when that loss is on.
 TRAIN_PRODUCTS = 187_431
+SEARCH_GALLERY = 1_000_000  # gallery rows of the `search` step
 
 
 def chip_of(topology: str) -> str:
@@ -174,6 +176,22 @@ def lower_embed_step(config, mesh, domain: str, batch_size: int):
   batch = abstract_batch(pipelines.eval_batch_spec(config, domain), mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     return embed_fn.lower(params, batch)
+
+
+def lower_search(devices, num_gallery: int, num_queries: int, dim: int, k: int,
+                 recall_target: float):
+  """The approx_topk search (`search.approx_topk.make_search_fn`) over a gallery
+  [num_gallery, dim] split across `devices`, for a block of queries."""
+  mesh = approx_topk.gallery_mesh(devices)
+  search = approx_topk.make_search_fn(mesh, num_gallery, k, recall_target)
+  rows = approx_topk.padded_size(num_gallery, len(devices))
+  gallery = jax.ShapeDtypeStruct(
+      (rows, dim), np.float32,
+      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(approx_topk.AXIS)))
+  queries = jax.ShapeDtypeStruct((num_queries, dim), np.float32,
+                                 sharding=jax.sharding.NamedSharding(
+                                     mesh, jax.sharding.PartitionSpec()))
+  return search.lower(queries, gallery)
 
 
 # ---- the compiled HLO's collectives -------------------------------------------------
@@ -298,6 +316,14 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
     if step == "train":
       lowered, _ = lower_train_step(config, mesh)
       analytic = model_flops.train_flops_per_example(config) * global_batch / chips
+    elif step == "search":
+      # The evaluation gallery of the paper's test split is about 10^5 items: queries
+      # in one block of approx_topk.QUERY_BLOCK against SEARCH_GALLERY rows.
+      lowered = lower_search(devices, SEARCH_GALLERY, approx_topk.QUERY_BLOCK,
+                             config.model.emb_dim, 10, config.eval.target_recall)
+      analytic = 2 * SEARCH_GALLERY * approx_topk.QUERY_BLOCK * config.model.emb_dim / chips
+      row["per_chip_batch"] = approx_topk.QUERY_BLOCK
+      row["gallery"] = SEARCH_GALLERY
     elif step.startswith("embed:"):
       domain = step.split(":", 1)[1]
       lowered = lower_embed_step(config, mesh, domain, global_batch)
