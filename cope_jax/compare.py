@@ -44,10 +44,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from cope_jax import export_format
 from cope_jax import release_format
 from cope_jax.search import directions
 from cope_jax.search import exact
@@ -58,7 +56,6 @@ from data_pipelines import rope_format
 
 REFERENCE, CANDIDATE = "reference", "candidate"
 RELEASE, EXPORT = "release", "export"
-MANIFEST_FILE = "manifest.json"  # cope_jax.export's manifest
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "compare.json", "compare.md", "recall_at_k.png"
 DEFAULT_OUT = "compare"
 CURVE_MAX_K = 50  # the R@K curves run over K = 1..CURVE_MAX_K
@@ -120,7 +117,7 @@ def detect_format(folder: str) -> str:
   if not names:
     raise CompareInputError(f"{folder}: empty folder; {expected}")
   has_release = bool(release_format.release_files(folder))
-  has_export = MANIFEST_FILE in names
+  has_export = export_format.MANIFEST_FILE in names
   if has_release and has_export:
     raise CompareInputError(
         f"{folder}: holds both release embedding files and an export manifest.json; "
@@ -130,7 +127,7 @@ def detect_format(folder: str) -> str:
   if has_export:
     return EXPORT
   parquet = [name for name in names if name.endswith(".parquet")]
-  hint = (f" ({len(parquet)} Parquet files but no {MANIFEST_FILE}: an unfinished export?)"
+  hint = (f" ({len(parquet)} Parquet files but no {export_format.MANIFEST_FILE}: an unfinished export?)"
           if parquet else "")
   shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
   raise CompareInputError(f"{folder}: found {shown}{hint}; {expected}")
@@ -157,81 +154,14 @@ def _read_release(folder: str) -> dict[str, _RawRows]:
 
 
 def _read_export(folder: str) -> dict[str, _RawRows]:
-  """The Parquet files an export's manifest lists, checked row by row."""
-  manifest_path = os.path.join(folder, MANIFEST_FILE)
+  """The Parquet files an export's manifest lists, checked row by row
+  (`export_format.read_checked`)."""
   try:
-    with open(manifest_path, encoding="utf-8") as f:
-      manifest = json.load(f)
-    entries = manifest["domains"]
-    files = {domain: [entry["file"] for entry in value["files"]]
-             for domain, value in entries.items()}
-  except (ValueError, KeyError, TypeError) as error:
-    raise CompareInputError(f"{manifest_path}: not an export manifest with "
-                            f"domains -> files ({type(error).__name__}: {error})") from None
-  unknown = sorted(set(files) - set(domains.NAMES))
-  if unknown:
-    raise CompareInputError(f"{manifest_path}: unknown domains {unknown}; expected some of "
-                            f"{', '.join(domains.NAMES)}")
-  if not files:
-    raise CompareInputError(f"{manifest_path}: lists no domain (an empty export)")
-  dim, dim_source = manifest.get("embedding_dim"), manifest_path
-  result = {}
-  for domain in (d for d in domains.NAMES if d in files):
-    parts = []
-    for name in files[domain]:
-      path = os.path.join(folder, name)
-      if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing (listed for {domain} in {manifest_path})")
-      part = _read_parquet_file(path, dim, dim_source)
-      if dim is None and len(part.ids):
-        dim, dim_source = part.values.shape[1], f"{path}, row 1"
-      if len(part.ids):
-        parts.append(part)
-    if parts:
-      result[domain] = _RawRows(
-          ids=np.concatenate([p.ids for p in parts]),
-          values=np.concatenate([p.values for p in parts]), extras=None,
-          product_ids=np.concatenate([p.product_ids for p in parts]),
-          where=np.concatenate([p.where for p in parts]))
-  if not result:
-    raise CompareInputError(f"{folder}: its export files hold no embedding")
-  return result
-
-
-def _read_parquet_file(path: str, dim: int | None, dim_source: str) -> _RawRows:
-  try:
-    table = pq.read_table(path, columns=["id", "product_id", "embedding"])
-  except (OSError, pa.ArrowInvalid, KeyError) as error:
-    raise CompareInputError(f"{path}: not an export Parquet file with columns id, "
-                            f"product_id, embedding ({error})") from None
-  ids = np.asarray(table.column("id").to_pylist(), object)
-  product_ids = np.asarray(table.column("product_id").to_pylist(), object)
-  column = table.column("embedding").combine_chunks()
-  lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-  where = np.array([f"{path}, row {i + 1}" for i in range(len(ids))], object)
-  for name, values in (("id", ids), ("product_id", product_ids)):
-    empty = [i for i, value in enumerate(values) if not value]
-    if empty:
-      raise CompareInputError(f"{where[empty[0]]}: empty or null {name}")
-  missing = np.flatnonzero(np.isnan(lengths.astype(np.float64)))
-  if missing.size:
-    raise CompareInputError(f"{where[missing[0]]} (id {ids[missing[0]]}): null embedding")
-  expected = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
-  wrong = np.flatnonzero(lengths != expected)
-  if wrong.size:
-    row = wrong[0]
-    raise CompareInputError(
-        f"{where[row]} (id {ids[row]}): {int(lengths[row])} embedding values, expected "
-        f"{expected} (as on {dim_source if dim is not None else where[0]})")
-  flat = column.flatten()
-  if flat.null_count:
-    raise CompareInputError(f"{path}: {flat.null_count} null embedding values")
-  values = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), expected)
-  bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-  if bad.size:
-    raise CompareInputError(f"{where[bad[0]]} (id {ids[bad[0]]}): an embedding value is "
-                            "not a finite number")
-  return _RawRows(ids, values, None, product_ids, where)
+    checked = export_format.read_checked(folder)
+  except export_format.ExportFormatError as error:
+    raise CompareInputError(str(error)) from None
+  return {domain: _RawRows(rows.ids, rows.embeddings, None, rows.product_ids, rows.where)
+          for domain, rows in checked.items()}
 
 
 def _deduplicate(domain: str, raw: _RawRows) -> tuple[np.ndarray, int, list[str]]:
@@ -335,13 +265,13 @@ def _eval_config(one_shot_draws: int) -> ml_collections.ConfigDict:
 
 
 def normalised(embeddings: np.ndarray, label: str, domain: str, ids: np.ndarray) -> np.ndarray:
-  """[N, D] -> float32 rows of unit L2 norm (computed in float64)."""
-  values = np.asarray(embeddings, np.float64)
-  norms = np.linalg.norm(values, axis=1, keepdims=True)
-  zero = np.flatnonzero(norms[:, 0] == 0)
+  """[N, D] -> float32 rows of unit L2 norm (`export_format.normalise_rows`: a row already
+  of unit length is kept as it is, so an export is scored exactly as evaluate scored it)."""
+  values = np.asarray(embeddings)
+  zero = np.flatnonzero(~np.any(values != 0, axis=1))
   if zero.size:
     raise CompareInputError(f"{label}: {domain} {ids[zero[0]]} has an all-zero embedding")
-  return (values / norms).astype(np.float32)
+  return export_format.normalise_rows(values, f"{label} {domain} embeddings")
 
 
 def _domain_embeddings(label: str, rows: Mapping[str, DomainRows]) -> dict[str, DomainEmbeddings]:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cope_jax import compare
-from cope_jax import export
+from cope_jax import export_format
 from cope_jax import result_files
 from cope_jax import release_format
 from cope_jax.search import metrics as search_metrics
@@ -125,13 +125,13 @@ def write_export_folder(folder, data):
   os.makedirs(folder, exist_ok=True)
   manifest = {"embedding_dim": DIM, "domains": {}}
   for domain, entry in data.items():
-    name = export.parquet_name(domain, 0, 1)
-    table = export.embeddings_table(domain, entry["ids"], entry["product_ids"],
+    name = export_format.parquet_name(domain, 0, 1)
+    table = export_format.embeddings_table(domain, entry["ids"], entry["product_ids"],
                                     entry["embeddings"])
     pq.write_table(table, os.path.join(folder, name))
     manifest["domains"][domain] = {"count": len(entry["ids"]),
                                    "files": [{"file": name, "rows": len(entry["ids"])}]}
-  result_files.write_json(os.path.join(folder, export.MANIFEST_FILE), manifest)
+  result_files.write_json(os.path.join(folder, export_format.MANIFEST_FILE), manifest)
   return str(folder)
 
 
@@ -185,7 +185,8 @@ def numpy_direction(query, gallery, ks, draws=5):
                  "num_queries": len(ranks), "num_excluded_queries": excluded})
   accuracies = []
   for draw in range(draws):
-    prototypes = search_metrics.one_shot_prototypes(gallery["product_ids"], 0, draw)
+    prototypes = search_metrics.one_shot_prototypes(gallery["ids"], gallery["product_ids"],
+                                                    0, draw)
     proto_scores = q @ g[prototypes].T
     proto_products = gallery["product_ids"][prototypes]
     right = []
@@ -538,14 +539,13 @@ def test_bad_export_rows_and_missing_files_are_named(tmp_path):
   rope_dir = write_pairs(tmp_path / "rope", data)
   folder = write_export_folder(tmp_path / "export", data)
   os.remove(os.path.join(folder, "video-0-of-1.parquet"))
-  assert compare.MANIFEST_FILE == export.MANIFEST_FILE
   with pytest.raises(FileNotFoundError, match=r"video-0-of-1.parquet: missing \(listed for "
                                               r"video in .*manifest.json\)"):
     compare.compare(folder, rope_dir, SPLIT, out_dir=str(tmp_path / "out"))
 
   folder = write_export_folder(tmp_path / "export_short", data)
   page = data["page"]
-  table = export.embeddings_table("page", page["ids"][:3], page["product_ids"][:3],
+  table = export_format.embeddings_table("page", page["ids"][:3], page["product_ids"][:3],
                                   page["embeddings"][:3, :12])
   pq.write_table(table, os.path.join(folder, "page-0-of-1.parquet"))
   with pytest.raises(compare.CompareInputError,

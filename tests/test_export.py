@@ -18,6 +18,7 @@ from cope_jax import compare
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import export
+from cope_jax import export_format
 from cope_jax import release_format
 from cope_jax import sharding
 from cope_jax import state as state_lib
@@ -140,7 +141,7 @@ def test_config_hash_changes_with_any_field(exported):
 def test_embeddings_are_normalised_and_equal_the_in_process_ones(exported, in_process):
   out_dir = exported[1]
   for domain, expected in in_process.items():
-    rows = export.read_parquet([os.path.join(out_dir, f"{domain}-0-of-1.parquet")], domain)
+    rows = export_format.read_parquet([os.path.join(out_dir, f"{domain}-0-of-1.parquet")], domain)
     np.testing.assert_allclose(np.linalg.norm(rows.embeddings, axis=1), 1.0,
                                atol=NORM_TOLERANCE)
     assert list(rows.ids) == list(expected.ids)
@@ -171,9 +172,9 @@ def test_index_of_another_model_or_dimension_is_refused(exported):
   config, out_dir, _, _ = exported
   other = config.copy_and_resolve_references()
   other.model.emb_dim = 32
-  with pytest.raises(export.ExportMismatchError, match="another model"):
+  with pytest.raises(export_format.ExportMismatchError, match="another model"):
     export.load_exported_index(out_dir, "page", config_hash=config_checks.config_hash(other))
-  with pytest.raises(export.ExportMismatchError, match="32"):
+  with pytest.raises(export_format.ExportMismatchError, match="32"):
     export.load_exported_index(out_dir, "page", dim=32)
   with pytest.raises(FileNotFoundError, match="manifest"):
     export.load_exported_index(os.path.join(out_dir, "nowhere"), "page")
@@ -188,7 +189,7 @@ def test_resume_keeps_complete_files_and_redoes_missing_ones(exported, tiny_rope
   kept = {name: stamp(name) for name in ("page-0-of-1.parquet", "video-0-of-1.parquet")}
   kept_indices = {domain: stamp("index", domain, "scann_assets.pbtxt")
                   for domain in ("page", "video")}
-  live_before = export.read_parquet([os.path.join(out_dir, "live-0-of-1.parquet")], "live")
+  live_before = export_format.read_parquet([os.path.join(out_dir, "live-0-of-1.parquet")], "live")
   os.remove(os.path.join(out_dir, "live-0-of-1.parquet"))
 
   resumed = export.export_embeddings(config, workdir, out_dir, rope_dir=tiny_rope_dir,
@@ -198,7 +199,7 @@ def test_resume_keeps_complete_files_and_redoes_missing_ones(exported, tiny_rope
     assert stamp(name) == before, f"{name} was rewritten"
   for domain, before in kept_indices.items():
     assert stamp("index", domain, "scann_assets.pbtxt") == before, f"{domain} index rebuilt"
-  live_after = export.read_parquet([os.path.join(out_dir, "live-0-of-1.parquet")], "live")
+  live_after = export_format.read_parquet([os.path.join(out_dir, "live-0-of-1.parquet")], "live")
   assert list(live_after.ids) == list(live_before.ids)
   np.testing.assert_allclose(live_after.embeddings, live_before.embeddings,
                              atol=EMBEDDING_TOLERANCE)
@@ -208,7 +209,7 @@ def test_resume_with_another_model_is_refused(exported, tiny_rope_dir):
   config, out_dir, workdir, _ = exported
   other = config.copy_and_resolve_references()
   other.seed = 1
-  with pytest.raises(export.ExportMismatchError, match="config_hash"):
+  with pytest.raises(export_format.ExportMismatchError, match="config_hash"):
     export.export_embeddings(other, workdir, out_dir, rope_dir=tiny_rope_dir, split="test",
                              resume=True)
 
@@ -236,7 +237,7 @@ def exported_release(exported, tmp_path_factory):
                                      split="test", output_format="release")
   assert set(summary.domains) == set(domains.NAMES)
   assert not any(entry.index for entry in summary.domains.values())  # no index, no manifest
-  assert not os.path.exists(os.path.join(out_dir, export.MANIFEST_FILE))
+  assert not os.path.exists(os.path.join(out_dir, export_format.MANIFEST_FILE))
   return out_dir
 
 
@@ -245,7 +246,7 @@ def test_release_format_export_writes_the_release_files(exported, exported_relea
   assert sorted(os.listdir(exported_release)) == sorted(
       release_format.file_name(0, domain) for domain in domains.NAMES)
   for domain in domains.NAMES:
-    parquet = export.read_parquet([os.path.join(exported[1], f"{domain}-0-of-1.parquet")],
+    parquet = export_format.read_parquet([os.path.join(exported[1], f"{domain}-0-of-1.parquet")],
                                   domain)
     rows = release_format.read_file(
         os.path.join(exported_release, release_format.file_name(0, domain)), domain)
@@ -302,12 +303,12 @@ def test_two_processes_export_the_rows_of_one(exported, weights, tmp_path):
   assert manifest["checkpoint"] == one_process["checkpoint"] == weights[0]
   for domain in domains.NAMES:
     entry = manifest["domains"][domain]
-    names = [export.parquet_name(domain, p, 2) for p in range(2)]
+    names = [export_format.parquet_name(domain, p, 2) for p in range(2)]
     assert [f["file"] for f in entry["files"]] == names
-    parts = [export.read_parquet([str(out_dir / name)], domain) for name in names]
+    parts = [export_format.read_parquet([str(out_dir / name)], domain) for name in names]
     assert [f["rows"] for f in entry["files"]] == [len(p) for p in parts]
     assert all(len(p) > 0 for p in parts)  # both processes wrote rows
-    expected = export.read_parquet([os.path.join(exported[1], f"{domain}-0-of-1.parquet")],
+    expected = export_format.read_parquet([os.path.join(exported[1], f"{domain}-0-of-1.parquet")],
                                    domain)
     assert entry["count"] == len(expected)
     assert [i for p in parts for i in p.ids] == list(expected.ids)

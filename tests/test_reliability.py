@@ -35,6 +35,7 @@ from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import evaluate
 from cope_jax import export
+from cope_jax import export_format
 from cope_jax import metrics_writer
 from cope_jax import report
 from cope_jax import sharding
@@ -340,7 +341,7 @@ def exported(trained, tiny_prepared_dir, tiny_rope_dir, tmp_path_factory):
 
 def test_export_with_unknown_split_keeps_the_previous_export(exported, trained,
                                                              tiny_prepared_dir, tiny_rope_dir):
-  manifest_path = os.path.join(exported, export.MANIFEST_FILE)
+  manifest_path = os.path.join(exported, export_format.MANIFEST_FILE)
   before = {name: open(os.path.join(exported, name), "rb").read()
             for name in os.listdir(exported) if os.path.isfile(os.path.join(exported, name))}
   config = _config(tiny_prepared_dir, tiny_rope_dir)
@@ -360,7 +361,7 @@ def test_refused_export_resume_names_the_fields_that_differ(exported, trained,
   config = _config(tiny_prepared_dir, tiny_rope_dir)
   config.eval.batch_size = 16
   config.loss.temperature = 0.07
-  with pytest.raises(export.ExportMismatchError) as error:
+  with pytest.raises(export_format.ExportMismatchError) as error:
     export.export_embeddings(config, trained, exported, split="test", resume=True)
   message = str(error.value)
   assert "different config_hash" in message
