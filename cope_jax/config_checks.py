@@ -15,10 +15,10 @@ from typing import Any
 
 import ml_collections
 
+from cope_jax.search import index as search_index
 from data_pipelines import domains
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_SEARCH_KINDS = ("auto", "exact", "scann")
 
 
 class ConfigError(ValueError):
@@ -104,8 +104,9 @@ def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -
            "latest checkpoint can fall back to the one before it")
   _require(config.loss.temperature > 0, "loss.temperature", "must be positive")
   _require(0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
-  _require(config.eval.search in _SEARCH_KINDS, "eval.search",
-           f"must be one of {_SEARCH_KINDS}, got {config.eval.search!r}")
+  search_kinds = ("auto", "exact", *search_index.INDEX_KINDS)  # the one index table
+  _require(config.eval.search in search_kinds, "eval.search",
+           f"must be one of {search_kinds}, got {config.eval.search!r}")
   if need_data:
     for field in ("rope_dir", "prepared_dir", "vocab_path"):
       _require(bool(config.data[field]), f"data.{field}", "is empty: set it to a path")

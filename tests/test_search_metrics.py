@@ -115,13 +115,21 @@ def test_recall_from_topk_treats_minus_one_as_a_miss():
   assert metrics["R@1"] == 0.0 and metrics["R@2"] == 0.5
 
 
+def gallery_ids_of(gallery_products, seed=0):
+  """Distinct ids in an order unrelated to the rows."""
+  return np.random.default_rng(seed).permutation(len(gallery_products)).astype(str)
+
+
 def test_one_shot_accuracy_matches_brute_force():
   queries, query_products, gallery, gallery_products = tied_retrieval_data(seed=5)
+  gallery_ids = gallery_ids_of(gallery_products)
   result = search_metrics.one_shot_accuracy(queries, query_products, gallery, gallery_products,
-                                       draws=4, seed=7, query_block=4, gallery_block=3)
+                                            gallery_ids, draws=4, seed=7, query_block=4,
+                                            gallery_block=3)
   accuracies = []
   for draw in range(4):
-    prototypes = search_metrics.one_shot_prototypes(gallery_products, seed=7, draw=draw)
+    prototypes = search_metrics.one_shot_prototypes(gallery_ids, gallery_products, seed=7,
+                                                    draw=draw)
     prototype_products = gallery_products[prototypes]
     assert sorted(prototype_products) == sorted(set(gallery_products))  # one per product
     correct = 0
@@ -137,16 +145,34 @@ def test_one_shot_accuracy_matches_brute_force():
   assert result["num_classes"] == len(set(gallery_products))
   assert result["num_queries"] + result["num_excluded_queries"] == len(queries)
   again = search_metrics.one_shot_accuracy(queries, query_products, gallery, gallery_products,
-                                      draws=4, seed=7)
+                                           gallery_ids, draws=4, seed=7)
   assert again == result
 
 
 def test_one_shot_prototypes_depend_on_draw():
   products = np.repeat(np.arange(50), 5).astype(str)
-  first = search_metrics.one_shot_prototypes(products, seed=0, draw=0)
-  second = search_metrics.one_shot_prototypes(products, seed=0, draw=1)
+  ids = gallery_ids_of(products)
+  first = search_metrics.one_shot_prototypes(ids, products, seed=0, draw=0)
+  second = search_metrics.one_shot_prototypes(ids, products, seed=0, draw=1)
   assert not np.array_equal(first, second)
-  np.testing.assert_array_equal(first, search_metrics.one_shot_prototypes(products, 0, 0))
+  np.testing.assert_array_equal(first, search_metrics.one_shot_prototypes(ids, products, 0, 0))
+
+
+def test_one_shot_prototypes_and_accuracy_do_not_depend_on_row_order():
+  """The rule is defined on ids: shuffling the gallery's rows changes nothing."""
+  queries, query_products, gallery, gallery_products = tied_retrieval_data(seed=6)
+  ids = gallery_ids_of(gallery_products, seed=1)
+  shuffle = np.random.default_rng(2).permutation(len(ids))
+  for draw in range(3):
+    before = search_metrics.one_shot_prototypes(ids, gallery_products, 3, draw)
+    after = search_metrics.one_shot_prototypes(ids[shuffle], gallery_products[shuffle], 3,
+                                               draw)
+    assert sorted(ids[before]) == sorted(ids[shuffle][after])
+  in_order = search_metrics.one_shot_accuracy(queries, query_products, gallery,
+                                              gallery_products, ids, draws=3)
+  shuffled = search_metrics.one_shot_accuracy(queries, query_products, gallery[shuffle],
+                                              gallery_products[shuffle], ids[shuffle], draws=3)
+  assert in_order == shuffled
 
 
 def test_chance_recall_at_1():
@@ -169,3 +195,18 @@ def test_recall_per_query_and_recall_against():
   found = np.array([[3, 2, 0], [5, 6, 4], [0, 0, 0]])
   np.testing.assert_allclose(search_metrics.recall_per_query(reference, found), [2 / 3, 1, 0])
   assert search_metrics.recall_against(reference, found) == pytest.approx((2 / 3 + 1) / 3)
+
+
+def test_retrieval_metrics_do_not_depend_on_row_order_to_the_last_bit():
+  """Tools that hold one set of embeddings in different row orders (evaluate in record
+  order, compare in id order) must report identical values, mAP's float sums included."""
+  queries, query_products, gallery, gallery_products = tied_retrieval_data(seed=8)
+  rng = np.random.default_rng(3)
+  query_order = rng.permutation(len(queries))
+  gallery_order = rng.permutation(len(gallery))
+  in_order = search_metrics.retrieval_metrics(queries, query_products, gallery,
+                                              gallery_products)
+  shuffled = search_metrics.retrieval_metrics(
+      queries[query_order], query_products[query_order], gallery[gallery_order],
+      gallery_products[gallery_order])
+  assert in_order == shuffled

@@ -90,7 +90,7 @@ def evaluate_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_
                    "index": info["index"]})
   one_shot = metrics.one_shot_accuracy(
       query.embeddings, query.product_ids, gallery.embeddings, gallery.product_ids,
-      draws=int(eval_config.one_shot_draws), seed=ONE_SHOT_SEED)
+      gallery.ids, draws=int(eval_config.one_shot_draws), seed=ONE_SHOT_SEED)
   result.update({
       "one_shot_accuracy": one_shot["accuracy"],
       "one_shot_std": one_shot["std"],

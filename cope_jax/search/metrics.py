@@ -181,7 +181,10 @@ def _query_rankings(query_embeddings, query_product_ids, gallery_embeddings,
   position_among_correct = np.sum((higher | tied_before) & valid[:, None, :], axis=2)
   item_rank = wrong_counts + position_among_correct
   precision = np.where(valid, position_among_correct / np.maximum(item_rank, 1), 0.0)
-  average_precision = precision.sum(axis=1) / valid.sum(axis=1)
+  # Summed in sorted order, so that the value does not depend on the gallery's row order
+  # (floating-point sums depend on their order; tools that hold the rows in another
+  # order must agree to the last bit).
+  average_precision = np.sort(precision, axis=1).sum(axis=1) / valid.sum(axis=1)
   rank = 1 + np.where(valid, wrong_counts, np.iinfo(np.int64).max).min(axis=1)
   return rank, average_precision, num_excluded
 
@@ -225,7 +228,8 @@ def retrieval_metrics(query_embeddings, query_product_ids, gallery_embeddings,
   empty = rank.size == 0
   metrics = {f"R@{k}": float("nan") if empty else float(np.mean(rank <= k)) for k in ks}
   metrics["median_rank"] = float("nan") if empty else float(np.median(rank))
-  metrics["mAP"] = float("nan") if empty else float(np.mean(average_precision))
+  # Sorted first: the mean does not depend on the order of the queries.
+  metrics["mAP"] = float("nan") if empty else float(np.mean(np.sort(average_precision)))
   metrics["num_queries"] = int(rank.size)
   metrics["num_excluded_queries"] = num_excluded
   return metrics
@@ -284,12 +288,21 @@ def chance_recall_at_1(query_product_ids, gallery_product_ids) -> float:
   return float(np.mean(correct / gallery_product_ids.size))
 
 
-def one_shot_prototypes(gallery_product_ids, seed: int, draw: int) -> np.ndarray:
-  """One gallery index per product (sorted product order), drawn uniformly
-  among that product's items; deterministic in (seed, draw). -> [P] int."""
+def one_shot_prototypes(gallery_ids, gallery_product_ids, seed: int, draw: int
+                        ) -> np.ndarray:
+  """One gallery index per product (sorted product order), drawn uniformly among that
+  product's items taken in id order; deterministic in (seed, draw). -> [P] int.
+
+  Defined on ids, not on row positions: the same gallery in any row order gets the same
+  prototypes (as ids), so every tool that scores one set of embeddings (evaluate,
+  compare on an export or on release files) gets the same one-shot accuracy.
+  """
+  gallery_ids = np.asarray(gallery_ids).astype(str)
   products, codes = np.unique(np.asarray(gallery_product_ids), return_inverse=True)
   codes = codes.reshape(-1)
-  order = np.argsort(codes, kind="stable")
+  if len(gallery_ids) != len(codes):
+    raise ValueError(f"{len(gallery_ids)} gallery ids for {len(codes)} gallery product ids")
+  order = np.lexsort((gallery_ids, codes))  # by product, then by id
   counts = np.bincount(codes, minlength=len(products))
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   rng = np.random.default_rng([seed, draw])
@@ -298,12 +311,12 @@ def one_shot_prototypes(gallery_product_ids, seed: int, draw: int) -> np.ndarray
 
 
 def one_shot_accuracy(query_embeddings, query_product_ids, gallery_embeddings,
-                      gallery_product_ids, draws: int = 5, seed: int = 0, *,
+                      gallery_product_ids, gallery_ids, draws: int = 5, seed: int = 0, *,
                       query_block: int = 128, gallery_block: int = 2048) -> dict[str, Any]:
   """One-shot classification against one prototype per gallery product.
 
   Per draw, every product with gallery items gets one of them as prototype
-  (`one_shot_prototypes`); a query (whose product has a prototype) is correct
+  (`one_shot_prototypes`, chosen by id); a query (whose product has a prototype) is correct
   when its own prototype scores strictly higher than every other prototype
   (a tie counts as wrong). Accuracy and its std (population) over draws.
 
@@ -319,7 +332,7 @@ def one_shot_accuracy(query_embeddings, query_product_ids, gallery_embeddings,
                      f"{gallery_embeddings.shape[0]} gallery embeddings")
   accuracies = []
   for draw in range(draws):
-    prototypes = one_shot_prototypes(gallery_product_ids, seed, draw)
+    prototypes = one_shot_prototypes(gallery_ids, gallery_product_ids, seed, draw)
     rank, _, num_excluded = _query_rankings(
         query_embeddings, query_product_ids, gallery_embeddings[prototypes],
         gallery_product_ids[prototypes], query_block, gallery_block)
