@@ -52,16 +52,16 @@ THUMBNAIL_SIDE = 112  # pixels, longest side
 THUMBNAIL_QUALITY = 85  # JPEG quality of the embedded thumbnails
 
 # metrics.json key -> (column title, formatter); percentages get one decimal.
-_PERCENT = "percent"
-_NUMBER = "number"
+PERCENT = "percent"
+NUMBER = "number"
 TABLE_COLUMNS = (
-    ("R@1", "R@1", _PERCENT),
-    ("R@5", "R@5", _PERCENT),
-    ("R@10", "R@10", _PERCENT),
-    ("median_rank", "median rank", _NUMBER),
-    ("mAP", "mAP", _PERCENT),
-    ("one_shot_accuracy", "one-shot acc.", _PERCENT),
-    ("chance_R@1", "chance R@1", _PERCENT),
+    ("R@1", "R@1", PERCENT),
+    ("R@5", "R@5", PERCENT),
+    ("R@10", "R@10", PERCENT),
+    ("median_rank", "median rank", NUMBER),
+    ("mAP", "mAP", PERCENT),
+    ("one_shot_accuracy", "one-shot acc.", PERCENT),
+    ("chance_R@1", "chance R@1", PERCENT),
 )
 _MISSING = "–"
 
@@ -71,17 +71,17 @@ def _direction_names() -> list[tuple[str, str, str]]:
   return [(domains.direction_name(q, g), q, g) for q, g in domains.DIRECTIONS]
 
 
-def _direction_label(query_domain: str, gallery_domain: str) -> str:
+def direction_label(query_domain: str, gallery_domain: str) -> str:
   return f"{query_domain} → {gallery_domain}"
 
 
-def _format_value(value: Any, kind: str) -> str:
+def format_value(value: Any, kind: str) -> str:
   if value is None or isinstance(value, str):
     return _MISSING
   value = float(value)
   if not math.isfinite(value):
     return _MISSING
-  if kind == _PERCENT:
+  if kind == PERCENT:
     return f"{100.0 * value:.1f}"
   return f"{value:g}"
 
@@ -107,14 +107,14 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
   separator = "|---|" + "---:|" * len(TABLE_COLUMNS)
   rows = [header, separator]
   for name, query_domain, gallery_domain in _direction_names():
-    label = _direction_label(query_domain, gallery_domain)
+    label = direction_label(query_domain, gallery_domain)
     entry = metrics.get(name)
     if not isinstance(entry, Mapping) or "skipped" in entry:
       reason = entry.get("skipped") if isinstance(entry, Mapping) else "not evaluated"
       reason = html.escape(str(reason)).replace("|", "\\|")
       cells = [f"skipped: {reason}"] + [""] * (len(TABLE_COLUMNS) - 1)
     else:
-      cells = [_format_value(entry.get(key), kind) for key, _, kind in TABLE_COLUMNS]
+      cells = [format_value(entry.get(key), kind) for key, _, kind in TABLE_COLUMNS]
     rows.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -152,7 +152,7 @@ def recall_curve(query: embed.DomainEmbeddings, gallery: embed.DomainEmbeddings,
 
 def plot_recall_curves(curves: Mapping[str, np.ndarray], path: str) -> None:
   """Writes one line per direction: R@K (%) against K. curves: name -> [max_k]."""
-  figure, axes = _new_figure()
+  figure, axes = new_figure()
   for name, curve in curves.items():
     axes.plot(np.arange(1, len(curve) + 1), 100.0 * curve, label=name.replace("_to_", " → "))
   axes.set_xlabel("K")
@@ -162,7 +162,7 @@ def plot_recall_curves(curves: Mapping[str, np.ndarray], path: str) -> None:
   axes.grid(alpha=0.3)
   if curves:
     axes.legend(loc="lower right", fontsize="small")
-  _save_figure(figure, path)
+  save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------
@@ -213,17 +213,17 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], path: str) -> N
   lr_axes.grid(alpha=0.3)
   if keys["lr"]:
     lr_axes.legend(fontsize="small")
-  _save_figure(figure, path)
+  save_figure(figure, path)
 
 
-def _new_figure():
+def new_figure():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt.subplots(figsize=(7, 4.5))
 
 
-def _save_figure(figure, path: str) -> None:
+def save_figure(figure, path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   try:
     figure.tight_layout()
@@ -342,7 +342,7 @@ def examples_html(embeddings: Mapping[str, embed.DomainEmbeddings],
             result_product == query_product))
       rows.append("<tr>" + "".join(cells) + "</tr>")
     sections.append(
-        f"<h2>{html.escape(_direction_label(query_domain, gallery_domain))}</h2>\n"
+        f"<h2>{html.escape(direction_label(query_domain, gallery_domain))}</h2>\n"
         f"<table>\n" + "\n".join(rows) + "\n</table>")
   return _HTML_PAGE.format(title=html.escape(title), body="\n".join(sections))
 
