@@ -13,11 +13,18 @@ A split (`training` or `test`) is described by nine comma-separated files, all n
   video_frames         video_id, frame_number, image file name
   live_clips           live_id, timestamp_ms, image file name
 
-`load_rope(root, split)` streams these files line by line (the real ones hold millions of
-rows) into a `RopeCatalog`. It never raises on a bad row: every row it cannot use is
-listed in `catalog.problems` as `{"file", "line", "reason"}` (file: the txt file name,
-line: 1-based physical line number). It raises only when one of the nine files is
-missing or unreadable.
+`load_rope(root, split)` reads these files column-wise with pyarrow and NumPy
+(`rope_txt`: the real ones hold tens of millions of rows; no Python object per row
+while parsing) into a `RopeCatalog`. It never raises on a bad row: every row it cannot
+use is listed in `catalog.problems` as `{"file", "line", "reason"}` (file: the txt file
+name, line: 1-based physical line number). It raises only when one of the nine files is
+missing or unreadable. `load_rope(..., num_frames=T)` keeps only the T segment-middle
+frames of each clip's usable frames (what training and the `rope` dataset read); the
+others are never turned into paths.
+
+Memory: the catalog keeps its records as columns (Arrow strings, NumPy integers); a
+`PageRecord` / `ClipRecord` is built when it is looked up or iterated over, and the id
+index behind `catalog.videos[id]` is built on the first lookup.
 
 Parsing rules:
   * UTF-8 with or without a byte-order mark; LF or CRLF line ends. Blank lines and lines
@@ -37,17 +44,24 @@ Parsing rules:
     `check_files=True` (the default) each image's existence is checked with one or two
     `stat` calls; missing files are reported on the txt row that names them. Whether a
     file actually decodes is checked later, by `data_pipelines.prepare`.
+  * Problems are listed file by file (pair, text, media file of each domain), in line
+    order, then the pair-file rows of records without a text row or without images.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import json
 import os
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+
 from data_pipelines import domains
+from data_pipelines import rope_txt
 from data_pipelines import transforms
 
 SPLITS = ("training", "test")
@@ -55,7 +69,8 @@ MISSING_TEXT = "空"
 IMAGE_SUBDIR = "images"
 DOWNLOAD_REPORT = "download_report.json"  # written by data_pipelines.download
 
-_BOM = b"\xef\xbb\xbf"
+_IN_IMAGE_DIR, _IN_ROOT, rope_txt.ABSENT = 0, 1, 2  # where a media row's image was found
+_ITERATION_BLOCK = 4096  # records converted to Python objects at a time
 
 
 def file_name(split: str, kind: str) -> str:
@@ -96,22 +111,100 @@ class ClipRecord:
   frame_lines: tuple[int, ...]  # lines of the frame file that named each frame
 
 
+class DomainRecords(collections.abc.Mapping):
+  """id -> PageRecord / ClipRecord of one domain, in pair-file order, kept as columns.
+
+  A read-only mapping (`[id]`, `in`, `len`, iteration, `.items()`, `.values()`); records
+  are built on access. Columns: ids, product ids, texts [n]; the images of record i are
+  rows `offsets[i]:offsets[i + 1]` of names, keys, lines and places [frames].
+  """
+
+  def __init__(self, is_clip: bool, directories: tuple[str, str], ids: pa.Array,
+               product_ids: pa.Array, texts: pa.Array, offsets: np.ndarray,
+               names: pa.Array, keys: np.ndarray, lines: np.ndarray, places: np.ndarray):
+    self._is_clip = is_clip
+    self._directories = directories  # (images dir, root): where places 0 / 1 point
+    self._ids, self._product_ids, self._texts = ids, product_ids, texts
+    self._offsets, self._names = offsets, names
+    self._keys, self._lines, self._places = keys, lines, places
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  @functools.cached_property
+  def _index(self) -> dict[str, int]:
+    return {item_id: i for i, item_id in enumerate(self._ids.to_pylist())}
+
+  def __getitem__(self, item_id: str):
+    return self._records(self._index[item_id], self._index[item_id] + 1)[0][1]
+
+  def __contains__(self, item_id) -> bool:
+    return item_id in self._index
+
+  def __iter__(self) -> Iterator[str]:
+    for start in range(0, len(self), _ITERATION_BLOCK):
+      yield from self._ids.slice(start, _ITERATION_BLOCK).to_pylist()
+
+  def _records(self, start: int, stop: int) -> list[tuple[str, PageRecord | ClipRecord]]:
+    ids = self._ids.slice(start, stop - start).to_pylist()
+    products = self._product_ids.slice(start, stop - start).to_pylist()
+    texts = self._texts.slice(start, stop - start).to_pylist()
+    first, last = int(self._offsets[start]), int(self._offsets[stop])
+    names = self._names.slice(first, last - first).to_pylist()
+    keys = self._keys[first:last].tolist()
+    lines = self._lines[first:last].tolist()
+    places = self._places[first:last].tolist()
+    paths = [name if place < 0 else os.path.join(self._directories[place], name)
+             for name, place in zip(names, places)]
+    records = []
+    for i, (item_id, product_id, text) in enumerate(zip(ids, products, texts)):
+      a, b = int(self._offsets[start + i]) - first, int(self._offsets[start + i + 1]) - first
+      if self._is_clip:
+        record = ClipRecord(item_id, product_id, text, tuple(paths[a:b]), tuple(keys[a:b]),
+                            tuple(lines[a:b]))
+      else:
+        record = PageRecord(item_id, product_id, text, paths[a], lines[a])
+      records.append((item_id, record))
+    return records
+
+  def _iter_items(self) -> Iterator[tuple[str, PageRecord | ClipRecord]]:
+    for start in range(0, len(self), _ITERATION_BLOCK):
+      yield from self._records(start, min(len(self), start + _ITERATION_BLOCK))
+
+  def items(self):
+    return _ItemsView(self)
+
+  def values(self):
+    return _ValuesView(self)
+
+
+class _ItemsView(collections.abc.ItemsView):
+  def __iter__(self):
+    return self._mapping._iter_items()  # pylint: disable=protected-access
+
+
+class _ValuesView(collections.abc.ValuesView):
+  def __iter__(self):
+    return (record for _, record in self._mapping._iter_items())  # pylint: disable=protected-access
+
+
 @dataclasses.dataclass
 class RopeCatalog:
   """Everything usable in one split of a ROPE directory.
 
-  `pages`, `videos`, `lives` map an id to its record, in the order of the pair files.
+  `pages`, `videos`, `lives` map an id to its record, in the order of the pair files
+  (read-only mappings, `DomainRecords`).
   """
   root: str
   split: str
-  pages: dict[str, PageRecord]
-  videos: dict[str, ClipRecord]
-  lives: dict[str, ClipRecord]
+  pages: DomainRecords
+  videos: DomainRecords
+  lives: DomainRecords
   problems: list[dict]
   # Clip frames absent on purpose: the download fetched only the segment-middle frames.
   frames_skipped_by_download: int = 0
 
-  def domain(self, domain: str) -> dict:
+  def domain(self, domain: str) -> DomainRecords:
     """The records of the domain called `domain` (a name of `domains.NAMES`)."""
     return getattr(self, domains.get(domain).plural)
 
@@ -124,250 +217,100 @@ class RopeCatalog:
     """product_id -> {"page": [ids], "video": [ids], "live": [ids]}, sorted by id."""
     table: dict[str, dict[str, list[str]]] = {}
     for domain in domains.NAMES:
-      for item_id, record in self.domain(domain).items():
-        entry = table.setdefault(record.product_id, {d: [] for d in domains.NAMES})
+      records = self.domain(domain)
+      # pylint: disable=protected-access
+      for item_id, product_id in zip(records._ids.to_pylist(),
+                                     records._product_ids.to_pylist()):
+        entry = table.setdefault(product_id, {d: [] for d in domains.NAMES})
         entry[domain].append(item_id)
     return dict(sorted(table.items()))
 
 
-class _Problems:
-  """Collects problems for one txt file."""
-
-  def __init__(self, problems: list[dict], name: str):
-    self._problems = problems
-    self.name = name
-
-  def add(self, line: int, reason: str) -> None:
-    self._problems.append({"file": self.name, "line": line, "reason": reason})
-
-  def sort(self) -> None:
-    """Orders this file's problems by line (while the file is read they are the list's
-    tail; the sort is stable, so problems of one line keep their order)."""
-    start = len(self._problems)
-    while start and self._problems[start - 1]["file"] == self.name:
-      start -= 1
-    self._problems[start:] = sorted(self._problems[start:], key=lambda p: p["line"])
-
-
-def _rows(path: str, report: _Problems) -> Iterator[tuple[int, str]]:
-  """Yields (line number, decoded line) for each non-blank line of `path`."""
-  try:
-    with open(path, "rb") as f:
-      for line_number, raw in enumerate(f, start=1):
-        if line_number == 1 and raw.startswith(_BOM):
-          raw = raw[len(_BOM):]
-        raw = raw.rstrip(b"\r\n")
-        try:
-          text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          report.add(line_number, f"not valid UTF-8 ({e.reason} at byte {e.start})")
-          continue
-        if not text.strip():
-          report.add(line_number, "blank line")
-          continue
-        yield line_number, text
-  except OSError as e:
-    raise OSError(f"ROPE file {path} could not be read: {e}") from e
-
-
-def _split_row(text: str, columns: tuple[str, ...], line: int,
-               report: _Problems) -> list[str] | None:
-  """Splits on the first len(columns)-1 commas; reports and returns None if malformed.
-
-  Every column but the last must be non-empty and must not contain a comma; the last
-  may (texts do). For two-column id files the caller checks the last column itself.
-  """
-  fields = [field.strip() for field in text.split(",", len(columns) - 1)]
-  expected = ", ".join(columns)
-  if len(fields) < len(columns):
-    report.add(line, f"expected {len(columns)} columns '{expected}', found {len(fields)}")
-    return None
-  for name, value in zip(columns[:-1], fields[:-1]):
-    if not value:
-      report.add(line, f"empty {name} (expected '{expected}')")
-      return None
-  return fields
-
-
-def _read_pairs(path: str, domain: str, report: _Problems) -> dict[str, tuple[str, int]]:
-  """item id -> (product id, pair-file line)."""
-  item_column = f"{domain}_id"
-  paired: dict[str, tuple[str, int]] = {}
-  for line, text in _rows(path, report):
-    fields = _split_row(text, ("product_id", item_column), line, report)
-    if fields is None:
-      continue
-    product_id, item_id = fields
-    if not item_id or "," in item_id:
-      report.add(line, f"expected 2 columns 'product_id, {item_column}'")
-      continue
-    if item_id in paired:
-      first_product, first_line = paired[item_id]
-      if first_product == product_id:
-        report.add(line, f"duplicate row (first at line {first_line}); ignored")
-      else:
-        report.add(line, f"{domain} {item_id} already paired with product {first_product} "
-                   f"at line {first_line}; kept the first")
-      continue
-    paired[item_id] = (product_id, line)
-  return paired
-
-
-def _read_texts(path: str, domain: str, paired: dict, report: _Problems
-                ) -> dict[str, str]:
-  """item id -> text (`空` where the row's text is empty)."""
-  columns = (f"{domain}_id", "text")
-  texts: dict[str, tuple[str, int]] = {}
-  for line, row in _rows(path, report):
-    fields = _split_row(row, columns, line, report)
-    if fields is None:
-      continue
-    item_id, text = fields
-    text = text or MISSING_TEXT
-    if item_id not in paired:
-      report.add(line, f"{domain} {item_id} is not paired with any product; ignored")
-      continue
-    if item_id in texts:
-      first_text, first_line = texts[item_id]
-      if first_text == text:
-        report.add(line, f"duplicate row (first at line {first_line}); ignored")
-      else:
-        report.add(line, f"second text for {domain} {item_id} (first at line "
-                   f"{first_line}); kept the first")
-      continue
-    texts[item_id] = (text, line)
-  return {item_id: text for item_id, (text, _) in texts.items()}
+def _kept_frames(counts: np.ndarray, ranks: np.ndarray, num_frames: int) -> np.ndarray:
+  """bool [frames]: the frames `num_frames` keeps (the distinct segment-middle ones of
+  each clip's `counts` frames), from each frame's rank in its clip."""
+  keep = np.zeros(len(ranks), bool)
+  for count in np.unique(counts).tolist():
+    chosen = np.zeros(count, bool)
+    chosen[transforms.sample_frame_indices(count, num_frames)] = True
+    rows = counts == count
+    keep[rows] = chosen[ranks[rows]]
+  return keep
 
 
 class _ImageResolver:
-  """Maps an image file name to a path: `root/images/<name>`, else `root/<name>`."""
+  """Finds image files: `root/images/<name>` (place 0), else `root/<name>` (place 1)."""
 
   def __init__(self, root: str, check_files: bool):
     self._root = root
     self._image_dir = os.path.join(root, IMAGE_SUBDIR)
     self._has_image_dir = os.path.isdir(self._image_dir)
     self._check_files = check_files
+    self.directories = (self._image_dir, root)
 
-  def resolve(self, name: str) -> str | None:
-    """The image's path, or None when it exists in neither place."""
-    candidates = ([os.path.join(self._image_dir, name)] if self._has_image_dir else [])
-    candidates.append(os.path.join(self._root, name))
+  def __call__(self, names: list[str]) -> np.ndarray:
     if not self._check_files:
-      return candidates[0]
-    for path in candidates:
-      if os.path.exists(path):
-        return path
-    return None
-
-
-class _NamesAsWritten:
-  """A resolver that keeps each image file name as the txt file writes it."""
-
-  def resolve(self, name: str) -> str:
-    return name
-
-
-def _read_media(path: str, domain: str, paired: dict, resolver: _ImageResolver,
-                report: _Problems, sampled_frames: int | None = None
-                ) -> tuple[dict[str, list[tuple[int, str, int]]], int]:
-  """item id -> [(frame key, image path, line)] (one entry, key 0, for pages), and the
-  number of absent clip frames that a sampled download left out on purpose.
-
-  With `sampled_frames` T (the images were fetched by `data_pipelines.download` with
-  `--num_frames T`), an absent frame of a clip is a problem only when it is one of the T
-  segment-middle frames of the clip's full frame list; the others were never fetched.
-  """
-  spec = domains.get(domain)
-  columns, is_clip = spec.files.media_columns, spec.is_clip
-  media: dict[str, list[tuple[int, str, int]]] = {}
-  absent: dict[str, list[tuple[int, str, int]]] = {}  # clip frames not on disk
-  seen: dict[tuple[str, int], tuple[str, int]] = {}  # (id, key) -> (name, line)
-  for line, row in _rows(path, report):
-    fields = _split_row(row, columns, line, report)
-    if fields is None:
-      continue
-    item_id, name = fields[0], fields[-1]
-    if not name:
-      report.add(line, f"empty {columns[-1]}")
-      continue
-    key = 0
-    if is_clip:
-      if not (fields[1].isascii() and fields[1].isdigit()):
-        report.add(line, f"{columns[1]} {fields[1]!r} is not a non-negative integer")
-        continue
-      key = int(fields[1])
-    if item_id not in paired:
-      report.add(line, f"{domain} {item_id} is not paired with any product; ignored")
-      continue
-    if (item_id, key) in seen:
-      first_name, first_line = seen[(item_id, key)]
-      if first_name == name:
-        report.add(line, f"duplicate row (first at line {first_line}); ignored")
-      elif is_clip:
-        report.add(line, f"second file for {columns[1]} {key} of {domain} {item_id} "
-                   f"(first at line {first_line}); kept the first")
+      return np.full(len(names), _IN_IMAGE_DIR if self._has_image_dir else _IN_ROOT, np.int8)
+    places = np.empty(len(names), np.int8)
+    exists = os.path.exists
+    for i, name in enumerate(names):
+      if self._has_image_dir and exists(os.path.join(self._image_dir, name)):
+        places[i] = _IN_IMAGE_DIR
+      elif exists(os.path.join(self._root, name)):
+        places[i] = _IN_ROOT
       else:
-        report.add(line, f"second image for {domain} {item_id} (first at line "
-                   f"{first_line}); kept the first")
-      continue
-    seen[(item_id, key)] = (name, line)
-    image_path = resolver.resolve(name)
-    if image_path is None:
-      absent.setdefault(item_id, []).append((key, name, line))
-      continue
-    media.setdefault(item_id, []).append((key, image_path, line))
-
-  skipped = 0
-  for item_id, rows in absent.items():
-    expected = {key for key, _, _ in rows}  # every absent frame, unless sampled
-    if is_clip and sampled_frames:
-      keys = sorted([key for key, _, _ in media.get(item_id, ())] + list(expected))
-      expected = {keys[i] for i in transforms.sample_frame_indices(len(keys), sampled_frames)}
-    for key, name, line in rows:
-      if key not in expected:
-        skipped += 1
-        continue
-      report.add(line, f"image file {name} not found (looked in {IMAGE_SUBDIR}/ and "
-                 "the dataset root)")
-  report.sort()  # absent frames were reported last: back into line order
-  return media, skipped
+        places[i] = rope_txt.ABSENT
+    return places
 
 
 def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
-                 problems: list[dict], sampled_frames: int | None) -> tuple[dict, int]:
-  """Reads one domain's three files into id -> PageRecord / ClipRecord; also returns
-  the number of clip frames a sampled download left out."""
+                 problems: list[dict], sampled_frames: int | None,
+                 num_frames: int | None) -> tuple[DomainRecords, int]:
+  """Reads one domain's three files into its records; also returns the number of clip
+  frames a sampled download left out."""
   spec = domains.get(domain)
-  kinds = spec.files
-  names = {role: file_name(split, getattr(kinds, role)) for role in ("pair", "text", "media")}
-  reports = {role: _Problems(problems, name) for role, name in names.items()}
+  names = {role: file_name(split, getattr(spec.files, role))
+           for role in ("pair", "text", "media")}
+  reports = {role: rope_txt.Report(name) for role, name in names.items()}
   paths = {role: os.path.join(root, name) for role, name in names.items()}
 
-  paired = _read_pairs(paths["pair"], domain, reports["pair"])
-  texts = _read_texts(paths["text"], domain, paired, reports["text"])
-  media, skipped = _read_media(paths["media"], domain, paired, resolver, reports["media"],
-                               sampled_frames)
+  pairs = rope_txt.read_pair_file(paths["pair"], domain, reports["pair"])
+  texts, has_text = rope_txt.read_text_file(paths["text"], domain, pairs, reports["text"])
+  media = rope_txt.read_media_file(paths["media"], domain, pairs, reports["media"], resolver)
+  media, skipped = rope_txt.drop_absent(media, spec.is_clip, sampled_frames, reports["media"])
+  for role in ("pair", "text", "media"):
+    reports[role].into(problems)
 
+  positions = media.positions  # sorted: rows of one id together, by key
+  counts = np.bincount(positions, minlength=len(pairs.ids))
+  if not spec.is_clip:  # one image a page (its only key is 0)
+    media = media.subset(np.isin(np.arange(len(positions)), media.group_starts()))
+  elif num_frames:
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    ranks = np.arange(len(positions)) - starts[positions]
+    media = media.subset(_kept_frames(counts[positions], ranks, num_frames))
+  positions = media.positions
+  counts = np.bincount(positions, minlength=len(pairs.ids))
+  with_media = counts > 0
+  record_level = rope_txt.Report(names["pair"])
   text_kind = spec.text_description
-  records = {}
-  for item_id, (product_id, pair_line) in paired.items():
-    text = texts.get(item_id)
-    if text is None:
-      reports["pair"].add(pair_line, f"{domain} {item_id} has no {text_kind} row in "
-                          f"{names['text']}; using {MISSING_TEXT}")
-      text = MISSING_TEXT
-    frames = sorted(media.get(item_id, ()))
-    if not frames:
-      what = "frames" if spec.is_clip else "image"
-      reports["pair"].add(pair_line, f"{domain} {item_id} has no usable {what} in "
-                          f"{names['media']}; excluded")
-      continue
-    if not spec.is_clip:
-      _, image, image_line = frames[0]
-      records[item_id] = PageRecord(item_id, product_id, text, image, image_line)
-    else:
-      keys, frame_paths, lines = zip(*frames)
-      records[item_id] = ClipRecord(item_id, product_id, text, frame_paths, keys, lines)
+  what = "frames" if spec.is_clip else "image"
+  for position in np.flatnonzero(~has_text | ~with_media).tolist():
+    item_id, line = pairs.ids[position].as_py(), int(pairs.lines[position])
+    if not has_text[position]:
+      record_level.add(line, f"{domain} {item_id} has no {text_kind} row in "
+                             f"{names['text']}; using {MISSING_TEXT}")
+    if not with_media[position]:
+      record_level.add(line, f"{domain} {item_id} has no usable {what} in "
+                             f"{names['media']}; excluded")
+  problems.extend({"file": record_level.name, "line": line, "reason": reason}
+                  for line, reason in record_level.found)
+  included = pa.array(with_media)
+  offsets = np.concatenate([[0], np.cumsum(counts[with_media])]).astype(np.int64)
+  records = DomainRecords(
+      spec.is_clip, resolver.directories, pairs.ids.filter(included),
+      pairs.product_ids.filter(included), texts.filter(included), offsets,
+      media.names, media.keys, media.lines, media.places)
   return records, skipped
 
 
@@ -387,9 +330,11 @@ def read_pairs(root: str, split: str, domain: str) -> tuple[dict[str, str], list
   if not os.path.isfile(path):
     raise FileNotFoundError(f"ROPE directory {root!r} lacks the {split!r} pair file {name} "
                             f"of the {domain} domain")
+  report = rope_txt.Report(name)
+  pairs = rope_txt.read_pair_file(path, domain, report)
   problems: list[dict] = []
-  paired = _read_pairs(path, domain, _Problems(problems, name))
-  return {item_id: product_id for item_id, (product_id, _) in paired.items()}, problems
+  report.into(problems)
+  return dict(zip(pairs.ids.to_pylist(), pairs.product_ids.to_pylist())), problems
 
 
 def media_names(root: str, split: str, domain: str
@@ -405,16 +350,28 @@ def media_names(root: str, split: str, domain: str
     usable row, in media-file order; the problems found in the two files).
   """
   files = domains.get(domain).files
-  problems: list[dict] = []
   pair_name, media_name = file_name(split, files.pair), file_name(split, files.media)
-  paired = _read_pairs(os.path.join(root, pair_name), domain, _Problems(problems, pair_name))
-  media, _ = _read_media(os.path.join(root, media_name), domain, paired, _NamesAsWritten(),
-                         _Problems(problems, media_name))
-  return {item_id: sorted(rows) for item_id, rows in media.items()}, problems
+  reports = (rope_txt.Report(pair_name), rope_txt.Report(media_name))
+  pairs = rope_txt.read_pair_file(os.path.join(root, pair_name), domain, reports[0])
+  media = rope_txt.read_media_file(os.path.join(root, media_name), domain, pairs, reports[1], None)
+  problems: list[dict] = []
+  for report in reports:
+    report.into(problems)
+  ids = pairs.ids.to_pylist()
+  starts = media.group_starts()
+  ends = np.r_[starts[1:], len(media.lines)].astype(np.int64)
+  first_lines = np.minimum.reduceat(media.lines, starts) if len(starts) else starts
+  keys, names, lines = media.keys.tolist(), media.names.to_pylist(), media.lines.tolist()
+  result = {}
+  for group in np.argsort(first_lines, kind="stable").tolist():  # media-file order
+    start, end = int(starts[group]), int(ends[group])
+    result[ids[media.positions[start]]] = list(zip(keys[start:end], names[start:end],
+                                                   lines[start:end]))
+  return result, problems
 
 
-def load_rope(root: str, split: str = "training", check_files: bool = True
-              ) -> RopeCatalog:
+def load_rope(root: str, split: str = "training", check_files: bool = True,
+              num_frames: int | None = None) -> RopeCatalog:
   """Parses one split of a ROPE directory.
 
   Args:
@@ -422,6 +379,8 @@ def load_rope(root: str, split: str = "training", check_files: bool = True
       `root/images/` or `root/` itself).
     split: file-name prefix, "training" or "test".
     check_files: check that every named image exists (one or two `stat` calls each).
+    num_frames: keep only the T segment-middle frames of each clip's usable frames
+      (`transforms.sample_frame_indices`; a clip with fewer keeps all); None: all.
 
   Returns:
     A `RopeCatalog` with the usable pages, videos and lives and the problems found.
@@ -441,7 +400,7 @@ def load_rope(root: str, split: str = "training", check_files: bool = True
   records, skipped = {}, 0
   for domain in domains.DOMAINS:
     records[domain.plural], domain_skipped = _load_domain(
-        root, split, domain.name, resolver, problems, sampled_frames)
+        root, split, domain.name, resolver, problems, sampled_frames, num_frames)
     skipped += domain_skipped
   return RopeCatalog(root=root, split=split, problems=problems,
                      frames_skipped_by_download=skipped, **records)

@@ -381,7 +381,8 @@ def plan_build(rope_dir: str, splits: Sequence[str], config: RopeConfig
                       "max_side": config.max_side}, "splits": {}}
   rows_by_name = {}
   for rope_split in splits:
-    catalog = rope_format.load_rope(rope_dir, rope_split)
+    catalog = rope_format.load_rope(rope_dir, rope_split,
+                                    num_frames=config.num_frames or None)
     product_ids = list(catalog.products)
     product_index = {p: i for i, p in enumerate(product_ids)}
     entry = {"product_ids": product_ids, "read_problems": catalog.problems,

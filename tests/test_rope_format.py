@@ -8,7 +8,9 @@ import pytest
 
 from data_pipelines import domains
 from data_pipelines import rope_format
+from data_pipelines import rope_txt
 from data_pipelines import synthetic
+from data_pipelines import transforms
 
 KINDS = ("product_pages_pair", "product_videos_pair", "product_lives_pair", "page_titles",
          "video_asrs", "live_asrs", "page_images", "video_frames", "live_clips")
@@ -204,3 +206,32 @@ def test_every_injected_fault_is_reported_and_every_good_row_kept(tmp_path):
     assert by_kind["video_without_frames"]["id"] not in faulty.videos
     extra = set(faulty.pages) - set(clean.pages)
     assert extra == {by_kind["missing_text"]["id"]}
+
+
+def test_num_frames_keeps_the_segment_middle_frames_of_the_usable_ones(tmp_path):
+  clean_root, faulty_root, _ = _generate_pair(tmp_path)
+  for root in (clean_root, faulty_root):
+    everything = rope_format.load_rope(root, "training")
+    for num_frames in (1, 2, 4):
+      kept = rope_format.load_rope(root, "training", num_frames=num_frames)
+      assert kept.problems == everything.problems
+      for domain in ("video", "live"):
+        assert list(kept.domain(domain)) == list(everything.domain(domain))
+        for item_id, clip in everything.domain(domain).items():
+          chosen = sorted(set(transforms.sample_frame_indices(len(clip.frames),
+                                                              num_frames)))
+          assert kept.domain(domain)[item_id] == dataclasses.replace(
+              clip, frames=tuple(clip.frames[i] for i in chosen),
+              frame_keys=tuple(clip.frame_keys[i] for i in chosen),
+              frame_lines=tuple(clip.frame_lines[i] for i in chosen))
+      assert dict(kept.pages.items()) == dict(everything.pages.items())
+
+
+def test_a_large_file_is_read_in_blocks_with_the_same_lines(tmp_path, monkeypatch):
+  root = small_rope(tmp_path / "one")
+  catalog = rope_format.load_rope(root, "test")
+  monkeypatch.setattr(rope_txt, "BLOCK_BYTES", 7)  # lines cut across blocks
+  in_blocks = rope_format.load_rope(root, "test")
+  assert in_blocks.problems == catalog.problems
+  for domain in domains.NAMES:
+    assert dict(in_blocks.domain(domain).items()) == dict(catalog.domain(domain).items())

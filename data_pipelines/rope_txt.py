@@ -1,0 +1,370 @@
+"""ROPE's txt files read column-wise (pyarrow, NumPy): lines, fields, each bad row named.
+
+  lines, fields = read_fields(path, ("video_id", "frame_number", "image"), problems)
+
+`lines` is int64 [n], the 1-based physical line numbers of the rows that split into the
+columns; `fields` holds one pyarrow string array [n] per column, stripped of
+surrounding whitespace. Every other line is a problem `(line, reason)` appended to
+`problems`. The rules are `rope_format`'s (its docstring): UTF-8 with or without a
+byte-order mark, LF or CRLF line ends (only LF ends a line), blank lines and lines that
+are not valid UTF-8 reported, a row split only on its first len(columns) - 1 commas,
+every column but the last non-empty.
+
+`read_pair_file`, `read_text_file` and `read_media_file` apply the rules of each kind of
+file on top (first row wins, unpaired ids, frame keys), each bad row a `Report` line.
+
+The file is read in blocks of `BLOCK_BYTES`; a block's lines are found with NumPy (the
+LF positions) and become one Arrow array without a Python object per line, so a file of
+tens of millions of rows costs a few seconds and the bytes of its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_pipelines import domains
+from data_pipelines import transforms
+
+MISSING_TEXT = "空"  # the text of an id without one
+IMAGE_SUBDIR = "images"
+IN_IMAGE_DIR, IN_ROOT, ABSENT = 0, 1, 2  # where a media row's image was found
+BLOCK_BYTES = 1 << 24  # 16 MiB of a txt file at a time: its transient copies stay small
+_BOM = b"\xef\xbb\xbf"
+
+
+def _line_blocks(path: str) -> Iterator[tuple[int, bytes]]:
+  """(number of the block's first line, bytes of whole lines ending in LF) per block."""
+  first_line, carry, start = 1, b"", True
+  with open(path, "rb") as f:
+    while True:
+      chunk = f.read(BLOCK_BYTES)
+      data = carry + chunk
+      if start:
+        data = data[len(_BOM):] if data.startswith(_BOM) else data
+        start = False
+      if not chunk:  # the end: a last line without LF
+        if data:
+          yield first_line, data + b"\n"
+        return
+      cut = data.rfind(b"\n")
+      if cut < 0:
+        carry = data
+        continue
+      block, carry = data[:cut + 1], data[cut + 1:]
+      yield first_line, block
+      first_line += block.count(b"\n")
+
+
+def _lines_of_block(block: bytes, first_line: int, problems: list[tuple[int, str]]
+                    ) -> tuple[np.ndarray, pa.Array]:
+  """(line numbers, lines without their line end) of one block; non-UTF-8 lines are
+  problems and left out."""
+  ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+  offsets = np.concatenate([[0], ends + 1]).astype(np.int32)
+  count = len(ends)
+  raw = pa.Array.from_buffers(pa.binary(), count,
+                              [None, pa.py_buffer(offsets), pa.py_buffer(block)])
+  numbers = np.arange(first_line, first_line + count, dtype=np.int64)
+  try:
+    text = raw.cast(pa.string())
+  except pa.ArrowInvalid:  # some line is not UTF-8: find which, in Python (rare)
+    keep, values = [], []
+    for index, value in enumerate(raw.to_pylist()):
+      try:
+        values.append(value.decode("utf-8"))
+        keep.append(index)
+      except UnicodeDecodeError as e:
+        problems.append((int(numbers[index]),
+                         f"not valid UTF-8 ({e.reason} at byte {e.start})"))
+    text, numbers = pa.array(values, pa.string()), numbers[keep]
+  return numbers, pc.utf8_rtrim(text, characters="\r\n")
+
+
+def read_fields(path: str, columns: tuple[str, ...], problems: list[tuple[int, str]]
+                ) -> tuple[np.ndarray, list[pa.ChunkedArray]]:
+  """The rows of `path` that split into `columns` (see the module docstring).
+
+  Raises:
+    OSError: the file cannot be read (the message names it).
+  """
+  count = len(columns)
+  expected = ", ".join(columns)
+  kept_numbers, kept_fields = [], [[] for _ in columns]
+  try:
+    for first_line, block in _line_blocks(path):
+      numbers, lines = _lines_of_block(block, first_line, problems)
+      blank = pc.equal(pc.utf8_trim_whitespace(lines), "").to_numpy(zero_copy_only=False)
+      for number in numbers[blank]:
+        problems.append((int(number), "blank line"))
+      numbers, lines = numbers[~blank], lines.filter(pa.array(~blank))
+      parts = pc.split_pattern(lines, pattern=",", max_splits=count - 1)
+      lengths = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+      short = lengths < count
+      for number, length in zip(numbers[short], lengths[short]):
+        problems.append((int(number), f"expected {count} columns '{expected}', "
+                                      f"found {int(length)}"))
+      numbers, parts = numbers[~short], parts.filter(pa.array(~short))
+      fields = [pc.utf8_trim_whitespace(pc.list_element(parts, j)) for j in range(count)]
+      bad = np.zeros(len(numbers), bool)
+      for name, field in zip(columns[:-1], fields[:-1]):
+        empty = pc.equal(field, "").to_numpy(zero_copy_only=False) & ~bad
+        for number in numbers[empty]:
+          problems.append((int(number), f"empty {name} (expected '{expected}')"))
+        bad |= empty
+      if bad.any():
+        keep = pa.array(~bad)
+        numbers, fields = numbers[~bad], [field.filter(keep) for field in fields]
+      kept_numbers.append(numbers)
+      for j, field in enumerate(fields):
+        kept_fields[j].append(field)
+  except OSError as e:
+    raise OSError(f"ROPE file {path} could not be read: {e}") from e
+  numbers = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, np.int64)
+  return numbers, [pa.chunked_array(chunks, pa.string()) for chunks in kept_fields]
+
+
+def first_occurrences(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """For int codes [n]: (is the first row of its code, index of that first row), [n]."""
+  order = np.argsort(codes, kind="stable")
+  sorted_codes = codes[order]
+  starts = np.ones(len(codes), bool)
+  starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
+  group_first = order[np.maximum.accumulate(np.where(starts, np.arange(len(codes)), 0))]
+  first_index = np.empty(len(codes), np.int64)
+  first_index[order] = group_first
+  return first_index == np.arange(len(codes)), first_index
+
+
+def codes_of(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+  """(int64 [n] code of each value, numbered in order of first appearance; the values)."""
+  encoded = pc.dictionary_encode(values.cast(pa.large_string()).combine_chunks())
+  return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+          encoded.dictionary)
+
+
+# --- the rules of each kind of file (`rope_format`'s docstring) ---------------------
+
+class Report:
+  """The problems of one txt file: (line, reason), listed in line order at the end."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.found: list[tuple[int, str]] = []
+
+  def add(self, line: int, reason: str) -> None:
+    self.found.append((int(line), reason))
+
+  def into(self, problems: list[dict]) -> None:
+    problems.extend({"file": self.name, "line": line, "reason": reason}
+                    for line, reason in sorted(self.found, key=lambda p: p[0]))
+
+
+def _first_rows(codes: np.ndarray, values: pa.Array, lines: np.ndarray, report: Report,
+                what: Callable) -> np.ndarray:
+  """bool [n]: the first row of each code. A later row is reported: as an exact
+  duplicate when its value equals the first row's, else with `what(row, first_row)`."""
+  is_first, first_index = first_occurrences(codes)
+  later = np.flatnonzero(~is_first)
+  if len(later):
+    firsts = first_index[later]
+    same = pc.equal(values.take(pa.array(later)),
+                    values.take(pa.array(firsts))).to_numpy(zero_copy_only=False)
+    for row, first, is_same in zip(later.tolist(), firsts.tolist(), same.tolist()):
+      if is_same:
+        report.add(lines[row], f"duplicate row (first at line {lines[first]}); ignored")
+      else:
+        report.add(lines[row], what(row, first))
+  return is_first
+
+
+@dataclasses.dataclass
+class Pairs:
+  """A pair file's usable rows: item ids (unique, file order), products, lines."""
+  ids: pa.Array
+  product_ids: pa.Array
+  lines: np.ndarray
+
+
+def read_pair_file(path: str, domain: str, report: Report) -> Pairs:
+  item_column = f"{domain}_id"
+  lines, (products, items) = read_fields(path, ("product_id", item_column),
+                                                  report.found)
+  items, products = items.combine_chunks(), products.combine_chunks()
+  bad = pc.or_(pc.equal(items, ""), pc.match_substring(items, ",")).to_numpy(
+      zero_copy_only=False)
+  for line in lines[bad]:
+    report.add(line, f"expected 2 columns 'product_id, {item_column}'")
+  keep = pa.array(~bad)
+  lines, items, products = lines[~bad], items.filter(keep), products.filter(keep)
+  codes, _ = codes_of(pa.chunked_array([items]))
+
+  def contradiction(row, first):
+    first_product = products[first].as_py()
+    return (f"{domain} {items[row].as_py()} already paired with product {first_product} "
+            f"at line {lines[first]}; kept the first")
+
+  is_first = _first_rows(codes, products, lines, report, contradiction)
+  keep = pa.array(is_first)
+  return Pairs(items.filter(keep), products.filter(keep), lines[is_first])
+
+
+def _paired_positions(ids, pairs: Pairs, lines: np.ndarray, domain: str,
+                      report: Report) -> np.ndarray:
+  """int32 [n]: each row's position in the pair file's ids; -1 (reported) if unpaired."""
+  found = pc.fill_null(pc.index_in(ids, value_set=pairs.ids), -1)
+  if isinstance(found, pa.ChunkedArray):
+    found = found.combine_chunks()
+  positions = found.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+  unpaired = np.flatnonzero(positions < 0)
+  if len(unpaired):
+    for row, item_id in zip(unpaired.tolist(), ids.take(pa.array(unpaired)).to_pylist()):
+      report.add(lines[row], f"{domain} {item_id} is not paired with any product; ignored")
+  return positions
+
+
+def read_text_file(path: str, domain: str, pairs: Pairs, report: Report
+                ) -> tuple[pa.Array, np.ndarray]:
+  """(text of each paired id, `空` where the row's text is empty; has a text row)."""
+  lines, (ids, texts) = read_fields(path, (f"{domain}_id", "text"), report.found)
+  ids, texts = ids.combine_chunks(), texts.combine_chunks()
+  texts = pc.if_else(pc.equal(texts, ""), MISSING_TEXT, texts)
+  positions = _paired_positions(ids, pairs, lines, domain, report)
+  paired = positions >= 0
+  keep = pa.array(paired)
+  ids, texts, lines, positions = (ids.filter(keep), texts.filter(keep), lines[paired],
+                                  positions[paired])
+  is_first = _first_rows(
+      positions, texts, lines, report,
+      lambda row, first: (f"second text for {domain} {ids[row].as_py()} (first at line "
+                          f"{lines[first]}); kept the first"))
+  order = np.full(len(pairs.ids), -1, np.int64)
+  order[positions[is_first]] = np.flatnonzero(is_first)
+  has_text = order >= 0
+  text_rows = pa.array(np.where(has_text, order, 0))
+  all_texts = texts.take(text_rows) if len(texts) else pa.array(
+      [MISSING_TEXT] * len(order), pa.string())
+  return pc.if_else(pa.array(has_text), all_texts, MISSING_TEXT), has_text
+
+
+@dataclasses.dataclass
+class Media:
+  """A media file's usable rows sorted by (pair position, frame key): the first row of
+  each (id, key). Names as Arrow strings; `places` says where each image was found."""
+  positions: np.ndarray  # int32: position of the id in the pair file's ids
+  keys: np.ndarray  # int64: frame number / timestamp (0 for a page)
+  names: pa.Array
+  lines: np.ndarray  # int32
+  places: np.ndarray  # int8: IN_IMAGE_DIR, IN_ROOT, ABSENT, or -1 (not looked for)
+
+  def subset(self, mask: np.ndarray) -> Media:
+    if mask.all():
+      return self
+    return Media(self.positions[mask], self.keys[mask], self.names.filter(pa.array(mask)),
+                 self.lines[mask], self.places[mask])
+
+  def group_starts(self) -> np.ndarray:
+    """Index of the first row of each id's run (rows are sorted by position)."""
+    positions = self.positions
+    return np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]]) if len(
+        positions) else np.zeros(0, np.int64)
+
+
+def _kept(array, mask: np.ndarray):
+  return array if mask.all() else (array.filter(pa.array(mask)) if isinstance(
+      array, (pa.Array, pa.ChunkedArray)) else array[mask])
+
+
+def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
+                    resolve: Callable[[list[str]], np.ndarray] | None) -> Media:
+  """The media rows that name an image of a paired id, first row of each (id, key),
+  sorted by (pair position, key); `resolve(names) -> places` finds them on disk (None:
+  names as written, place -1)."""
+  spec = domains.get(domain)
+  columns, is_clip = spec.files.media_columns, spec.is_clip
+  lines, fields = read_fields(path, columns, report.found)
+  lines = lines.astype(np.int32)
+  ids, names = fields[0], fields[-1]
+  valid = ~pc.equal(names, "").to_numpy(zero_copy_only=False)
+  for line in lines[~valid]:
+    report.add(line, f"empty {columns[-1]}")
+  keys = np.zeros(len(lines), np.int64)
+  if is_clip:
+    # ASCII digits (at most 18: an int64; real keys have 13)
+    digits = pc.match_substring_regex(fields[1], "^[0-9]{1,18}$").to_numpy(
+        zero_copy_only=False)
+    bad_key = np.flatnonzero(valid & ~digits)
+    if len(bad_key):
+      for row, value in zip(bad_key.tolist(),
+                            fields[1].take(pa.array(bad_key)).to_pylist()):
+        report.add(lines[row], f"{columns[1]} {value!r} is not a non-negative integer")
+    valid &= digits
+    keys[valid] = pc.cast(_kept(fields[1], valid), pa.int64()).to_numpy()
+  del fields
+  ids, names, lines, keys = (_kept(ids, valid), _kept(names, valid), lines[valid],
+                             keys[valid])
+  positions = _paired_positions(ids, pairs, lines, domain, report)
+  paired = positions >= 0
+  ids, names, lines, keys, positions = (_kept(ids, paired), _kept(names, paired),
+                                        lines[paired], keys[paired], positions[paired])
+  # One sort: by id, then key, then file order; the first row of each (id, key) wins.
+  order = np.lexsort((np.arange(len(lines)), keys, positions))
+  sorted_positions, sorted_keys = positions[order], keys[order]
+  starts = np.ones(len(order), bool)
+  starts[1:] = ((sorted_positions[1:] != sorted_positions[:-1])
+                | (sorted_keys[1:] != sorted_keys[:-1]))
+  later = np.flatnonzero(~starts)
+  if len(later):
+    group_first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    rows, firsts = order[later], group_first[later]
+    row_names = names.take(pa.array(rows)).to_pylist()
+    first_names = names.take(pa.array(firsts)).to_pylist()
+    row_ids = ids.take(pa.array(rows)).to_pylist()
+    for row, first, name, first_name, item_id in zip(rows.tolist(), firsts.tolist(),
+                                                     row_names, first_names, row_ids):
+      if name == first_name:
+        report.add(lines[row], f"duplicate row (first at line {lines[first]}); ignored")
+      elif is_clip:
+        report.add(lines[row], f"second file for {columns[1]} {int(keys[row])} of "
+                               f"{domain} {item_id} (first at line {lines[first]}); kept "
+                               "the first")
+      else:
+        report.add(lines[row], f"second image for {domain} {item_id} (first at line "
+                               f"{lines[first]}); kept the first")
+  del ids
+  order = order[starts]
+  names = names.take(pa.array(order))
+  if isinstance(names, pa.ChunkedArray):
+    names = names.combine_chunks() if names.num_chunks == 1 else names
+  places = (np.full(len(order), -1, np.int8) if resolve is None
+            else resolve(names.to_pylist()))
+  return Media(positions[order], keys[order], names, lines[order], places)
+
+
+def drop_absent(media: Media, is_clip: bool, sampled_frames: int | None,
+                report: Report) -> tuple[Media, int]:
+  """Media rows whose image is on disk; the absent ones are reported, except clip
+  frames a sampled download left out on purpose (counted; see `load_rope`)."""
+  absent = media.places == ABSENT
+  if not absent.any():
+    return media, 0
+  expected = absent.copy()
+  if is_clip and sampled_frames:
+    expected[:] = False
+    starts = media.group_starts()
+    ends = np.r_[starts[1:], len(absent)]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+      if absent[start:end].any():
+        chosen = transforms.sample_frame_indices(end - start, sampled_frames)
+        expected[start + np.asarray(chosen)] = True
+    expected &= absent
+  skipped = int((absent & ~expected).sum())
+  names = media.names.filter(pa.array(expected)).to_pylist()
+  for line, name in zip(media.lines[expected].tolist(), names):
+    report.add(line, f"image file {name} not found (looked in {IMAGE_SUBDIR}/ and the "
+                     "dataset root)")
+  return media.subset(~absent), skipped
