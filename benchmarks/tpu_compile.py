@@ -4,6 +4,7 @@ r"""TPU steps compiled ahead of time on a CPU host: memory, FLOPs, collectives, 
   python -m benchmarks.tpu_compile --shapes stage2 --topologies v5e:2x4,v5p:2x2x2 \
       --steps train,embed --layouts dp                                        # ~5 min each
   python -m benchmarks.tpu_compile --shapes stage2 --topologies v5e:2x4 --largest_batch
+  python -m benchmarks.tpu_compile --shapes tiny --topologies v5e:2x2 --num_slices 2
 
 libtpu's compiler (requirements-tpu.txt) compiles for a TPU topology description
 (`jax.experimental.topologies.get_topology_desc`) on a host without TPUs: each step is
@@ -22,7 +23,8 @@ For each (shape, topology, layout, step) it reports, per chip: compile seconds; 
 argument, output, temporary and peak bytes of `memory_analysis()` and whether the step
 fits the chip's HBM (`--largest_batch`: the largest per-chip batch that does, by
 bisection over compiles); FLOPs per step from `cope_jax.flops` and from
-`cost_analysis()`; the bytes each kind of collective moves (from the compiled HLO); and
+`cost_analysis()`; the bytes each kind of collective moves (from the compiled HLO: ICI
+collectives within a slice, `dcn-*` transfers between slices); and
 a roofline PROJECTION of step time and MFU: max(FLOPs / peak bf16 FLOP/s, HBM bytes /
 HBM bandwidth, collective bytes / ICI bandwidth) with each chip's published figures
 (CHIPS). The projection is not a measurement: it assumes perfect overlap and peak rates.
@@ -79,14 +81,16 @@ class Chip:
   hbm_bytes: float
   hbm_bandwidth: float  # bytes/s
   ici_bandwidth: float  # bytes/s per chip, bidirectional, all links together
+  dcn_bandwidth: float  # bytes/s per chip between slices (the host NICs shared out)
   source: str
 
 
 CHIPS = {
-    "v4": Chip(275e12, 32 * GIB, 1228e9, 300e9, "cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip(197e12, 16 * GIB, 819e9, 400e9, "cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip(459e12, 95 * GIB, 2765e9, 1200e9, "cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip(918e12, 32 * GIB, 1638e9, 800e9, "cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip(275e12, 32 * GIB, 1228e9, 300e9, 100e9 / 8 / 4, "cloud.google.com/tpu/docs/v4"),
+    # v5e: 2 x 100 Gbps NICs per host of 8 chips.
+    "v5e": Chip(197e12, 16 * GIB, 819e9, 400e9, 200e9 / 8 / 8, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(459e12, 95 * GIB, 2765e9, 1200e9, 50e9 / 8, "cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(918e12, 32 * GIB, 1638e9, 800e9, 200e9 / 8 / 8, "cloud.google.com/tpu/docs/v6e"),
 }
 
 SHAPES = ("tiny", "stage1", "stage2")
@@ -199,6 +203,10 @@ def lower_search(devices, num_gallery: int, num_queries: int, dim: int, k: int,
 _COLLECTIVE = re.compile(
     r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
     r"collective-permute)(-start)?\((.*)$", re.M)
+# Multi-slice programs move data between slices as host transfers of the megascale
+# runtime (DCN); within a slice the collectives above run over ICI.
+_DCN_SEND = re.compile(r"^\s*%?[\w.\-]+ = (.+?) send\(.*_xla_megascale_transfer_type=\"(\w+)\"",
+                       re.M)
 _ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)"
                     r"\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
@@ -247,6 +255,13 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
     entry["count"] += 1
     entry["result_bytes"] += result
     entry["sent_bytes"] += sent
+  for shape_text, kind in _DCN_SEND.findall(hlo_text):
+    sizes = _array_bytes(shape_text)  # (buffer, u32[] context): the buffer
+    entry = totals.setdefault(f"dcn-{kind.lower().replace('_', '-')}",
+                              {"count": 0, "result_bytes": 0.0, "sent_bytes": 0.0})
+    entry["count"] += 1
+    entry["result_bytes"] += max(sizes) if sizes else 0
+    entry["sent_bytes"] += max(sizes) if sizes else 0
   return totals
 
 
@@ -274,19 +289,21 @@ def cost_figures(compiled) -> dict[str, float]:
           "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def roofline(chip: Chip, flops_per_chip: float, hbm_bytes: float,
-             link_bytes: float) -> dict[str, float]:
-  """PROJECTION of a step's time on `chip`: each resource at its published peak, the
-  three fully overlapped; link bytes at half the bidirectional ICI figure (each chip
-  sends that much while it receives as much)."""
-  compute_s = flops_per_chip / chip.peak_flops
-  hbm_s = hbm_bytes / chip.hbm_bandwidth
-  ici_s = link_bytes / (chip.ici_bandwidth / 2)
-  step_s = max(compute_s, hbm_s, ici_s)
-  bound = ("compute", "HBM", "ICI")[int(np.argmax([compute_s, hbm_s, ici_s]))]
-  return {"projected_step_seconds": step_s, "projected_mfu": compute_s / step_s if step_s else 0,
-          "compute_seconds": compute_s, "hbm_seconds": hbm_s, "ici_seconds": ici_s,
-          "bound_by": bound}
+def roofline(chip: Chip, flops_per_chip: float, hbm_bytes: float, link_bytes: float,
+             dcn_bytes: float = 0.0) -> dict[str, float]:
+  """PROJECTION of a step's time on `chip`: each resource at its published peak, all
+  fully overlapped; ICI bytes at half the bidirectional figure (each chip sends that
+  much while it receives as much); DCN bytes at the chip's share of the host NICs."""
+  times = {"compute": flops_per_chip / chip.peak_flops,
+           "HBM": hbm_bytes / chip.hbm_bandwidth,
+           "ICI": link_bytes / (chip.ici_bandwidth / 2),
+           "DCN": dcn_bytes / chip.dcn_bandwidth}
+  step_s = max(times.values())
+  return {"projected_step_seconds": step_s,
+          "projected_mfu": times["compute"] / step_s if step_s else 0,
+          "compute_seconds": times["compute"], "hbm_seconds": times["HBM"],
+          "ici_seconds": times["ICI"], "dcn_seconds": times["DCN"],
+          "bound_by": max(times, key=times.get)}
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -348,8 +365,12 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
   if row["flops"]["xla_flops"]:
     row["flops"]["xla_over_analytic"] = round(row["flops"]["xla_flops"] / analytic, 3)
   row["collectives"] = collectives(compiled.as_text(), chips)
-  link_bytes = sum(entry["sent_bytes"] for entry in row["collectives"].values())
-  row["projection"] = roofline(chip, analytic, row["flops"]["xla_bytes_accessed"], link_bytes)
+  link_bytes = sum(entry["sent_bytes"] for kind, entry in row["collectives"].items()
+                   if not kind.startswith("dcn-"))
+  dcn_bytes = sum(entry["sent_bytes"] for kind, entry in row["collectives"].items()
+                  if kind.startswith("dcn-"))
+  row["projection"] = roofline(chip, analytic, row["flops"]["xla_bytes_accessed"], link_bytes,
+                               dcn_bytes)
   if step == "train":
     row["projection"]["examples_per_second"] = (
         global_batch / row["projection"]["projected_step_seconds"])
@@ -427,6 +448,9 @@ def main(argv=None):
                            "over 8 chips, at least 1)")
   parser.add_argument("--embed_batch", type=int, default=0,
                       help="embed batch per chip (default: the config's eval batch over 8)")
+  parser.add_argument("--num_slices", type=int, default=1,
+                      help="slices of each topology (multi-slice: the 'data' axis spans "
+                           "them over DCN, config.mesh.dcn_data)")
   parser.add_argument("--largest_batch", action="store_true",
                       help="bisect the largest per-chip training batch that fits")
   parser.add_argument("--max_compiles", type=int, default=6)
@@ -475,7 +499,7 @@ def main(argv=None):
                    else [step])
           for name in names:
             batch = embed_per_chip if name.startswith("embed") else per_chip
-            log(compile_row(shape, topology, layout, name, batch))
+            log(compile_row(shape, topology, layout, name, batch, args.num_slices))
   write()
   print(f"wrote {out}")
 

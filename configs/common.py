@@ -51,6 +51,9 @@ def mesh_config():
   mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1: all remaining devices
   mesh.model = 1
+  # Slices the 'data' axis spans (multi-slice TPU: data-centre network between them,
+  # ICI within each); -1: as many as the devices come in (1 off multi-slice TPU).
+  mesh.dcn_data = -1
   # logical axis name -> mesh axis (None: replicated)
   mesh.rules = (
       ("batch", "data"),
@@ -104,6 +107,15 @@ def eval_config(batch_size):
 
 # ----------------------------------------------------------------------------
 # The released ViT-B/16 recipe: the sections both of its stages share.
+
+
+def evaluators(every):
+  """`config.evals`: the evaluators (cope_jax/evaluators/), each {type, every}; `every`:
+  steps between runs during training (0: only `python -m cope_jax.evaluate`)."""
+  return ml_collections.ConfigDict({
+      "retrieval": {"type": "retrieval", "every": every},  # six directions, R@K, mAP
+      "one_shot": {"type": "one_shot", "every": every},  # one prototype per product
+  })
 
 
 def rope_vitb16_data():
@@ -229,7 +241,6 @@ def release_train(init_from, init_allow_missing):
   train.log_every = 50  # not a recipe field
   train.checkpoint_every = 1000  # not a recipe field (the release saves every 5 epochs)
   train.keep_checkpoints = 3
-  train.eval_every = 5000
   train.init_from = init_from
   train.init_allow_missing = init_allow_missing
   return train

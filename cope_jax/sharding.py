@@ -4,6 +4,12 @@ One mesh with axes ('data', 'model'). Parameters carry logical axis names
 (`nn.with_logical_partitioning`); `config.mesh.rules` maps those names to mesh
 axes, so the same model runs data-parallel, FSDP-style or with the class
 centres sharded over every device, by changing the rules only.
+
+On multi-slice TPU (devices with a `slice_index`, more than one slice) the 'data'
+axis spans the slices (`config.mesh.dcn_data` of them, over the data-centre
+network) and each slice's chips (over ICI): the mesh is built with
+`mesh_utils.create_hybrid_device_mesh`, so neighbours along 'data' within a slice
+are ICI neighbours and only the slice-to-slice part of a reduction crosses DCN.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "model")
@@ -24,14 +31,24 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
   Args:
     mesh_config: `config.mesh` with integer `data` and `model`; at most one may
-      be -1, meaning all the devices the other axis leaves.
+      be -1, meaning all the devices the other axis leaves; and `dcn_data`, the
+      slices the 'data' axis spans (-1: as many as the devices come in).
     devices: devices to use, e.g. `jax.devices()`.
 
   Returns:
-    A Mesh with Auto axis types (the mode Linen's logical partitioning uses).
+    A Mesh with Auto axis types (the mode Linen's logical partitioning uses);
+    over several slices, a hybrid (DCN x ICI) one.
   """
   devices = list(jax.devices() if devices is None else devices)
   num_devices = len(devices)
+  num_slices = len({getattr(device, "slice_index", 0) for device in devices})
+  dcn_data = int(mesh_config.dcn_data)
+  if dcn_data == -1:
+    dcn_data = num_slices
+  if dcn_data != num_slices:
+    raise ValueError(
+        f"config.mesh.dcn_data={dcn_data}: the {num_devices} devices come in "
+        f"{num_slices} slice(s); set it to {num_slices} or -1")
   sizes = {"data": int(mesh_config.data), "model": int(mesh_config.model)}
   for axis, size in sizes.items():
     if size == 0 or size < -1:
@@ -51,9 +68,17 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     raise ValueError(
         f"config.mesh.data={sizes['data']} x config.mesh.model="
         f"{sizes['model']} does not match the {num_devices} devices")
-  return jax.make_mesh(
-      (sizes["data"], sizes["model"]), MESH_AXES,
-      axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if num_slices == 1:
+    return jax.make_mesh((sizes["data"], sizes["model"]), MESH_AXES,
+                         axis_types=axis_types, devices=devices)
+  if sizes["data"] % num_slices:
+    raise ValueError(
+        f"config.mesh.data={sizes['data']} is not divisible by the {num_slices} "
+        "slices (config.mesh.dcn_data) it spans")
+  hybrid = mesh_utils.create_hybrid_device_mesh(
+      (sizes["data"] // num_slices, sizes["model"]), (num_slices, 1), devices)
+  return Mesh(hybrid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_axis_rules(mesh_config) -> LogicalRules:

@@ -28,7 +28,7 @@ def _eight_devices():
 
 
 def _mesh_config(data, model, rules=()):
-  return ml_collections.ConfigDict({"data": data, "model": model,
+  return ml_collections.ConfigDict({"data": data, "model": model, "dcn_data": -1,
                                     "rules": rules})
 
 

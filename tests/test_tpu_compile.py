@@ -104,3 +104,42 @@ def test_collective_bytes_from_hlo_text():
   assert got["all-gather"] == {"count": 1, "result_bytes": 256, "sent_bytes": 3 / 4 * 256}
   assert got["reduce-scatter"] == {"count": 1, "result_bytes": 16, "sent_bytes": 16}
   assert got["collective-permute"] == {"count": 1, "result_bytes": 8, "sent_bytes": 8}
+
+
+# ---- multi-slice: the 'data' axis over DCN and ICI -----------------------------------
+
+
+def test_data_axis_spans_the_slices_of_a_multi_slice_topology():
+  devices = tpu_compile.topology_devices("v5e:2x2", num_slices=2)
+  config = tpu_compile.make_config("tiny", global_batch=8)
+  mesh = sharding.make_mesh(config.mesh, devices)  # dcn_data -1: the devices' 2 slices
+  assert dict(mesh.shape) == {"data": 8, "model": 1}
+  assert [d.slice_index for d in mesh.devices[:, 0]] == [0] * 4 + [1] * 4
+  config.mesh.dcn_data = 1
+  with pytest.raises(ValueError, match=r"config\.mesh\.dcn_data=1.*2 slice"):
+    sharding.make_mesh(config.mesh, devices)
+
+
+def test_dcn_data_off_multi_slice_devices_is_refused():
+  config = tpu_compile.make_config("tiny")
+  config.mesh.dcn_data = 2
+  with pytest.raises(ValueError, match=r"config\.mesh\.dcn_data=2.*1 slice"):
+    sharding.make_mesh(config.mesh, jax.devices())
+  config.mesh.dcn_data = -1
+  assert dict(sharding.make_mesh(config.mesh, jax.devices()).shape) == {"data": 8, "model": 1}
+
+
+def test_two_slice_train_step_reduces_over_ici_then_dcn():
+  """Compiled for 2 slices of v5e 2x2: the gradient reduction is split into collectives
+  within each slice (ICI, groups of its 4 chips) and transfers between the slices (DCN,
+  the megascale runtime's all-reduce)."""
+  devices = tpu_compile.topology_devices("v5e:2x2", num_slices=2)
+  config = tpu_compile.make_config("tiny", global_batch=8)
+  lowered, _ = tpu_compile.lower_train_step(config, sharding.make_mesh(config.mesh, devices))
+  hlo = lowered.compile().as_text()
+  found = tpu_compile.collectives(hlo, 8)
+  assert found["dcn-all-reduce"]["count"] > 0 and found["dcn-all-reduce"]["sent_bytes"] > 0
+  assert found["all-reduce"]["count"] + found.get("reduce-scatter", {"count": 0})["count"] > 0
+  groups = re.findall(r" (?:all-reduce|all-gather|reduce-scatter)\(.*?replica_groups=\{\{([\d,]*)\}",
+                      hlo)
+  assert groups and {len(g.split(",")) for g in groups} == {4}  # never across the slices
