@@ -77,7 +77,8 @@ def make_config(shape: str, data_dir: str, prepared_dir: str, steps: int, log_ev
     config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 2)
   config.train.log_every = log_every
   config.train.checkpoint_every = 10 ** 9
-  config.train.eval_every = 0
+  for entry in config.evals.values():
+    entry.every = 0
   return config
 
 

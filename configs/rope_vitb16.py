@@ -51,4 +51,5 @@ def get_config():
   config.mesh = common.mesh_config()
   config.distributed = common.distributed_config()
   config.eval = common.eval_config(batch_size=256)
+  config.evals = common.evaluators(every=5000)  # not a recipe field
   return config

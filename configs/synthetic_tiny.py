@@ -126,7 +126,6 @@ def get_config():
   train.log_every = 50
   train.checkpoint_every = 200
   train.keep_checkpoints = 2
-  train.eval_every = 0  # 0: evaluate only at the end (from the evaluate entry point)
   train.init_from = ""  # converted checkpoint(s) (cope_jax.convert; comma-separated) or a training workdir
   train.init_allow_missing = False
 
@@ -134,4 +133,5 @@ def get_config():
   config.mesh = common.mesh_config()
   config.distributed = common.distributed_config()
   config.eval = common.eval_config(batch_size=32)
+  config.evals = common.evaluators(every=0)  # 0: evaluate at the end (python -m cope_jax.evaluate)
   return config

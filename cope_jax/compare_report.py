@@ -40,7 +40,7 @@ def write(out_dir: str, result: Mapping[str, Any]) -> None:
 
 
 def _label(name: str) -> str:
-  """'page_to_video' -> 'page → video'."""
+  """A direction's name (domains.DIRECTION_NAMES) as the report labels it."""
   return report.direction_label(*name.split("_to_"))
 
 

@@ -79,7 +79,7 @@ def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -
                 "model.text.hidden_size", "model.text.layers", "model.text.heads",
                 "optim.grad_accum_steps"):
     _positive_int(config, field)
-  for field in ("data.num_workers", "train.eval_every", "optim.warmup_steps",
+  for field in ("data.num_workers", "optim.warmup_steps",
                 "eval.one_shot_draws", "model.text.vocab_size"):
     _positive_int(config, field, allow_zero=True)
   _require(config.model.dtype in _DTYPES, "model.dtype",

@@ -8,69 +8,77 @@ record of the evaluation split in the three domains and writes
                            one-shot accuracy), chance level, search kind
   DIR/eval/report.md       the table, plots and an HTML page of example queries
 
-The same `evaluate_params` runs as the periodic evaluation hook of training.
+What is computed is the evaluators of `config.evals` (cope_jax/evaluators/: retrieval and
+one-shot by default), each handed the split's embeddings. The same `evaluate_params` runs
+as the periodic evaluation hook of training, with the evaluators due at that step.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from absl import logging
 import jax
 import ml_collections
 
-from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
+from cope_jax import evaluators
 from cope_jax import report
 from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import workdir_lock
-from cope_jax.search import directions
 from data_pipelines import domains
 from data_pipelines import prepare
 
 
-def embed_eval_split(config: ml_collections.ConfigDict, model_params, mesh: jax.sharding.Mesh,
-                     split: str | None = None) -> dict[str, embed.DomainEmbeddings]:
-  """Every domain present in the split, gathered on every process."""
+def eval_split_embeddings(config: ml_collections.ConfigDict, model_params,
+                          mesh: jax.sharding.Mesh, split: str | None = None
+                          ) -> evaluators.EmbeddingSource:
+  """The embedding function the evaluators get: each domain of the split embedded on
+  first use (gathered on every process), None for a domain without records."""
   model = state_lib.build_model(config)
   split = split or config.data.eval_split
-  embeddings = {}
-  for domain in domains.NAMES:
+
+  def embed_domain(domain: str) -> embed.DomainEmbeddings | None:
     try:
       num_records = len(prepare.open_domain(config.data.prepared_dir, split, domain))
     except FileNotFoundError as error:
       logging.warning("split %r has no %s records (%s): its directions are skipped", split,
                       domain, error)
-      continue
+      return None
     if num_records == 0:
       logging.warning("split %r has no %s records: its directions are skipped", split, domain)
-      continue
+      return None
     local = embed.embed_split(config, model, model_params, domain, mesh, split)
-    embeddings[domain] = embed.gather_to_all(local)
-  return embeddings
+    return embed.gather_to_all(local)
+
+  return evaluators.EmbeddingSource(embed_domain, domains.NAMES)
 
 
 def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_params, step: int,
-                    mesh: jax.sharding.Mesh, source: str = "") -> dict:
-  """Embeds the eval split, computes the metrics and writes metrics.json + report."""
+                    mesh: jax.sharding.Mesh, source: str = "",
+                    names: Sequence[str] | None = None) -> dict:
+  """Runs the evaluators of `config.evals` (those in `names`, default all) on the eval
+  split's embeddings and writes metrics.json + report."""
   config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
                             "config.data.eval_split", min_domains=2)
-  embeddings = embed_eval_split(config, model_params, mesh)
-  metrics = directions.evaluate_directions(embeddings, config.eval)
+  built = evaluators.build(config)
+  embeddings = eval_split_embeddings(config, model_params, mesh)
+  metrics = evaluators.run(built, embeddings, names)
   metrics["checkpoint_step"] = int(step)
   metrics["checkpoint"] = source
   metrics["split"] = config.data.eval_split
-  metrics["num_items"] = {domain: len(e) for domain, e in embeddings.items()}
+  metrics["num_items"] = {domain: len(e) for domain, e in embeddings.all().items()}
   if jax.process_index() == 0:
     eval_dir = os.path.join(workdir, "eval")
     # Swapped in once all are written, metrics.json last.
     with result_files.staged_directory(eval_dir, last=(report.METRICS_FILE,)) as staging:
       result_files.write_json(os.path.join(staging, "metrics.json"), metrics)
-      report.write_report(staging, metrics, embeddings, config, workdir)
+      report.write_report(staging, metrics, embeddings.all(), config, workdir)
     result_files.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
   return metrics
 

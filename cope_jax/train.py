@@ -39,6 +39,7 @@ from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import evaluate
+from cope_jax import evaluators
 from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
@@ -50,8 +51,9 @@ from cope_jax import workdir_lock
 from data_pipelines import pipelines
 
 TrainState = state_lib.TrainState
-# (config, workdir, model params, step, mesh) -> metrics: the periodic evaluation.
-EvaluateFn = Callable[[ml_collections.ConfigDict, str, Any, int, jax.sharding.Mesh], Any]
+# (config, workdir, model params, step, mesh, names=[evaluators due]) -> metrics: the
+# periodic evaluation (`cope_jax.evaluate.evaluate_params`).
+EvaluateFn = Callable[..., Any]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,7 +121,7 @@ def _check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.shard
 def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
   """Checks the config, builds mesh, state and data, resumes from the last checkpoint."""
   config_checks.check_config(config)
-  if config.train.eval_every:
+  if any(int(entry.get("every", 0)) for entry in config.evals.values()):
     config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
                               "config.data.eval_split", min_domains=2)
   config = config_checks.resolve_vocab_size(config)
@@ -288,18 +290,22 @@ class Checkpointer:
 
 
 class PeriodicEvaluation:
-  """Calls `evaluate_fn` with the model parameters every `train.eval_every` steps
-  (not at the last step: the evaluate entry point does that)."""
+  """Calls `evaluate_fn` with the model parameters at the steps where some evaluator of
+  `config.evals` is due (its `every`), naming those evaluators; not at the last step
+  (the evaluate entry point does that). The schedule is read from the config: no
+  evaluator is imported here."""
 
   def __init__(self, run: TrainingRun, evaluate_fn: EvaluateFn):
     self._run = run
     self._evaluate_fn = evaluate_fn
 
   def __call__(self, step, state, metrics):
-    train = self._run.config.train
-    if train.eval_every and step % train.eval_every == 0 and step < train.num_steps:
+    if step >= self._run.config.train.num_steps:
+      return
+    names = evaluators.due(self._run.config, step)
+    if names:
       self._evaluate_fn(self._run.config, self._run.workdir, state.params["model"], step,
-                        self._run.mesh)
+                        self._run.mesh, names=names)
 
   def close(self):
     pass
@@ -344,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_fn: EvaluateFn | None = None) -> dict[str, float]:
   """Trains (resuming if a checkpoint exists) and returns the last logged metrics.
 
-  `evaluate_fn`, when given, runs every `config.train.eval_every` steps.
+  `evaluate_fn`, when given, runs where an evaluator of `config.evals` is due (`every`).
   """
   # One writer per workdir (process 0 writes its outputs): a second run stops here.
   with workdir_lock.hold(workdir, "train", enabled=jax.process_index() == 0):

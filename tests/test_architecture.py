@@ -162,3 +162,29 @@ def test_directions_are_every_ordered_pair_of_domains():
   assert set(domains.DIRECTIONS) == {(a, b) for a in domains.NAMES for b in domains.NAMES
                                      if a != b}
   assert domains.DIRECTION_NAMES[:2] == ("page_to_video", "video_to_page")
+
+
+def test_the_trainer_imports_no_evaluator_module():
+  """Evaluators come from `config.evals`: the trainer may use the package's scheduling,
+  never a module of a particular evaluator, and no evaluator imports the trainer."""
+  graph = import_graph()
+  evaluator_modules = {m for m in graph if m.startswith("cope_jax.evaluators.")}
+  assert {"cope_jax.evaluators.retrieval", "cope_jax.evaluators.one_shot"} <= evaluator_modules
+  assert not graph["cope_jax.train"] & evaluator_modules
+  for module in evaluator_modules | {"cope_jax.evaluators"}:
+    assert "cope_jax.train" not in graph[module], module
+
+
+def test_the_export_format_is_read_and_written_in_one_module():
+  """Only `cope_jax/export_format.py` touches the export's Parquet files and manifest
+  (as only `release_format.py` touches the release's text files)."""
+  offenders = []
+  for path in sorted((ROOT / "cope_jax").rglob("*.py")):
+    if path.name == "export_format.py":
+      continue
+    source = path.read_text(encoding="utf-8")
+    if re.search(r"^\s*import pyarrow\.parquet|^\s*from pyarrow import parquet", source, re.M):
+      offenders.append(f"{path.relative_to(ROOT)}: imports pyarrow.parquet")
+    if re.search(r"^MANIFEST_FILE\s*=", source, re.M):
+      offenders.append(f"{path.relative_to(ROOT)}: defines MANIFEST_FILE")
+  assert not offenders, offenders

@@ -409,7 +409,8 @@ def shrink(config, prepared_dir, rope_dir, num_steps):
   config.model.vision.mit_layers = 1
   config.train.num_steps = num_steps
   config.train.log_every = config.train.checkpoint_every = num_steps
-  config.train.eval_every = 0
+  for entry in config.evals.values():
+    entry.every = 0
   # The recipe's schedule holds lr 0 for its first 10 steps: one update per scheduler
   # step here, so that a few steps train.
   config.optim.lr_every = 1

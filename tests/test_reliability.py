@@ -309,14 +309,14 @@ def test_evaluation_results_are_replaced_only_when_complete_and_are_strict_json(
   monkeypatch.undo()
 
   # A metric that is not a number (an empty direction, say) is written as null.
-  evaluate_directions = directions.evaluate_directions
+  retrieval_directions = directions.retrieval_directions
 
   def with_a_nan(*args, **kwargs):
-    metrics = evaluate_directions(*args, **kwargs)
+    metrics = retrieval_directions(*args, **kwargs)
     metrics["page_to_video"] = dict(metrics.get("page_to_video", {}), mAP=float("nan"))
     return metrics
 
-  monkeypatch.setattr(directions, "evaluate_directions", with_a_nan)
+  monkeypatch.setattr(directions, "retrieval_directions", with_a_nan)
   evaluate.run(config, workdir)
   with open(os.path.join(workdir, "eval", "metrics.json"), encoding="utf-8") as f:
     written = _strict_json(f.read())

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -87,10 +88,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared_dir,
 def test_evaluation_hook_and_entry_point_write_metrics(tiny_prepared_dir, tiny_rope_dir,
                                                        tmp_path):
   config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=4)
-  config.train.eval_every = 2
+  for entry in config.evals.values():
+    entry.every = 4  # due at the last step only: not run during training
+  # An evaluator added by one config entry and one file (tests/example_evaluator.py): the
+  # trainer and cope_jax.evaluators are not edited, and it runs on its own schedule.
+  config.evals.video_spread = ml_collections.ConfigDict(
+      {"type": "tests.example_evaluator", "every": 2, "domain": "video"})
   train.train_and_evaluate(config, str(tmp_path), evaluate_fn=evaluate.evaluate_params)
   history = [json.loads(line) for line in open(tmp_path / "eval" / "history.jsonl")]
   assert [record["checkpoint_step"] for record in history] == [2]
+  # Step 2 ran only the evaluator due there.
+  assert set(history[0]["video_spread"]) == {"domain", "count", "mean_cosine_to_centre"}
+  assert -1.0 <= history[0]["video_spread"]["mean_cosine_to_centre"] <= 1.0
+  assert not any(name in history[0] for name in domains.DIRECTION_NAMES)
 
   metrics = evaluate.run(config, str(tmp_path))  # the entry point: latest checkpoint (4)
   on_disk = json.load(open(tmp_path / "eval" / "metrics.json"))
@@ -100,5 +110,6 @@ def test_evaluation_hook_and_entry_point_write_metrics(tiny_prepared_dir, tiny_r
       assert key in on_disk[name], (name, key)
   assert on_disk["search"] == "exact"
   assert 0 < on_disk["chance_R@1"] < 1
+  assert on_disk["video_spread"]["count"] == on_disk["num_items"]["video"]
   for name in ("report.md", "recall_curves.png", "training_curves.png", "examples.html"):
     assert (tmp_path / "eval" / name).stat().st_size > 0

@@ -68,15 +68,14 @@ def search(queries, gallery, k: int, eval_config) -> tuple[np.ndarray, np.ndarra
   return scores, indices, {"search": mode, "index": info}
 
 
-def evaluate_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_config,
-                       ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, Any]:
-  """Metrics for one direction (query domain -> gallery domain).
+def retrieval_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_config,
+                        ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, Any]:
+  """Retrieval metrics of one direction (query domain -> gallery domain).
 
   Returns:
     R@K for K in ks, 'median_rank', 'mAP' (None from an index), 'num_queries',
-    'num_excluded_queries', 'one_shot_accuracy', 'one_shot_std',
-    'one_shot_num_classes', 'chance_R@1', 'num_gallery', 'search' and, from an index
-    of kind KIND, 'KIND_recall@10_vs_exact' and 'index' (its parameters and tuning).
+    'num_excluded_queries', 'chance_R@1', 'num_gallery', 'search' and, from an index of
+    kind KIND, 'KIND_recall@10_vs_exact' and 'index' (its parameters and tuning).
   """
   mode = choose_search(len(gallery), eval_config)
   if mode == "exact":
@@ -88,13 +87,7 @@ def evaluate_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_
     result.update({"median_rank": None, "mAP": None,
                    f"{mode}_recall@{RECALL_K}_vs_exact": info["index"].get("recall_vs_exact"),
                    "index": info["index"]})
-  one_shot = metrics.one_shot_accuracy(
-      query.embeddings, query.product_ids, gallery.embeddings, gallery.product_ids,
-      gallery.ids, draws=int(eval_config.one_shot_draws), seed=ONE_SHOT_SEED)
   result.update({
-      "one_shot_accuracy": one_shot["accuracy"],
-      "one_shot_std": one_shot["std"],
-      "one_shot_num_classes": one_shot["num_classes"],
       "chance_R@1": metrics.chance_recall_at_1(query.product_ids, gallery.product_ids),
       "num_gallery": len(gallery),
       "search": mode,
@@ -102,25 +95,29 @@ def evaluate_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_
   return result
 
 
-def evaluate_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], eval_config,
-                        ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, Any]:
-  """Cross-domain retrieval and one-shot metrics for every direction.
+def one_shot_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_config
+                       ) -> dict[str, Any]:
+  """One-shot classification of one direction: 'one_shot_accuracy', 'one_shot_std',
+  'one_shot_num_classes' (prototypes by id, `metrics.one_shot_prototypes`)."""
+  one_shot = metrics.one_shot_accuracy(
+      query.embeddings, query.product_ids, gallery.embeddings, gallery.product_ids,
+      gallery.ids, draws=int(eval_config.one_shot_draws), seed=ONE_SHOT_SEED)
+  return {"one_shot_accuracy": one_shot["accuracy"], "one_shot_std": one_shot["std"],
+          "one_shot_num_classes": one_shot["num_classes"]}
 
-  Args:
-    embeddings_by_domain: domain name -> its `DomainEmbeddings`. A missing domain
-      marks its directions {'skipped': 'no <domain> embeddings'}.
-    eval_config: `config.eval`.
 
-  Returns:
-    {direction name (domains.DIRECTION_NAMES): metrics (see `evaluate_direction`) or
-     {'skipped': reason}, 'chance_R@1': mean over evaluated directions,
-     'search': an index kind if any direction used one, else 'exact', and with an
-     index of kind KIND 'KIND_recall@10_vs_exact' (mean over its directions)}.
+def evaluate_direction(query: DomainEmbeddings, gallery: DomainEmbeddings, eval_config,
+                       ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, Any]:
+  """Retrieval and one-shot metrics of one direction (`retrieval_direction` and
+  `one_shot_direction` together)."""
+  return {**retrieval_direction(query, gallery, eval_config, ks),
+          **one_shot_direction(query, gallery, eval_config)}
 
-  Raises:
-    ValueError naming the domain for an empty domain, NaN/Inf embeddings,
-    mismatched lengths or embedding dimensions, or an unknown domain.
-  """
+
+def checked_domains(embeddings_by_domain: Mapping[str, DomainEmbeddings]
+                    ) -> dict[str, DomainEmbeddings]:
+  """The domains' embeddings, checked; ValueError naming the domain for an empty domain,
+  NaN/Inf embeddings, mismatched lengths or embedding dimensions, or an unknown domain."""
   unknown = sorted(set(embeddings_by_domain) - set(domains.NAMES))
   if unknown:
     raise ValueError(f"unknown domains {unknown}; expected some of {domains.NAMES}")
@@ -134,7 +131,14 @@ def evaluate_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], ev
   dims = {name: entry.embeddings.shape[1] for name, entry in checked.items()}
   if len(set(dims.values())) > 1:
     raise ValueError(f"embedding dimensions differ between domains: {dims}")
+  return checked
 
+
+def per_direction(embeddings_by_domain: Mapping[str, DomainEmbeddings],
+                  direction_fn) -> dict[str, Any]:
+  """{direction name: direction_fn(query, gallery)} over every direction, or
+  {'skipped': 'no <domain> embeddings'} where a domain is missing."""
+  checked = checked_domains(embeddings_by_domain)
   results: dict[str, Any] = {}
   for query_domain, gallery_domain in domains.DIRECTIONS:
     name = domains.direction_name(query_domain, gallery_domain)
@@ -142,8 +146,17 @@ def evaluate_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], ev
     if missing:
       results[name] = {"skipped": f"no {missing[0]} embeddings"}
       continue
-    results[name] = evaluate_direction(checked[query_domain], checked[gallery_domain],
-                                       eval_config, ks)
+    results[name] = direction_fn(checked[query_domain], checked[gallery_domain])
+  return results
+
+
+def retrieval_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], eval_config,
+                         ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, Any]:
+  """`retrieval_direction` for every direction, plus 'chance_R@1' (mean over evaluated
+  directions), 'search' (an index kind if any direction used one, else 'exact') and,
+  with an index of kind KIND, 'KIND_recall@10_vs_exact' (mean over its directions)."""
+  results = per_direction(embeddings_by_domain, lambda query, gallery: retrieval_direction(
+      query, gallery, eval_config, ks))
   evaluated = [m for m in results.values() if "skipped" not in m]
   results["chance_R@1"] = (float(np.mean([m["chance_R@1"] for m in evaluated]))
                            if evaluated else float("nan"))
@@ -153,3 +166,49 @@ def evaluate_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], ev
     key = f"{kind}_recall@{RECALL_K}_vs_exact"
     results[key] = float(np.mean([m[key] for m in evaluated if m["search"] == kind]))
   return results
+
+
+def one_shot_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], eval_config
+                        ) -> dict[str, Any]:
+  """`one_shot_direction` for every direction."""
+  return per_direction(embeddings_by_domain, lambda query, gallery: one_shot_direction(
+      query, gallery, eval_config))
+
+
+def merge_metrics(*parts: Mapping[str, Any]) -> dict[str, Any]:
+  """Metric dicts merged key by key, one level deep (a direction's entries from several
+  parts in one dict); a key two parts set to different values is an error."""
+  merged: dict[str, Any] = {}
+  for part in parts:
+    for key, value in part.items():
+      if key in merged and isinstance(merged[key], Mapping) and isinstance(value, Mapping):
+        clashes = sorted(k for k in set(merged[key]) & set(value) if merged[key][k] != value[k])
+        if clashes:
+          raise ValueError(f"metrics {key}: {clashes} set differently by two evaluators")
+        merged[key] = {**merged[key], **value}
+      elif key in merged and merged[key] != value:
+        raise ValueError(f"metric {key!r} set differently by two evaluators")
+      else:
+        merged[key] = value
+  return merged
+
+
+def evaluate_directions(embeddings_by_domain: Mapping[str, DomainEmbeddings], eval_config,
+                        ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, Any]:
+  """Cross-domain retrieval and one-shot metrics for every direction.
+
+  Args:
+    embeddings_by_domain: domain name -> its `DomainEmbeddings`. A missing domain
+      marks its directions {'skipped': 'no <domain> embeddings'}.
+    eval_config: `config.eval`.
+
+  Returns:
+    `retrieval_directions` and `one_shot_directions` merged: per direction the metrics
+    of `evaluate_direction`, and the top-level 'chance_R@1', 'search' (and recall).
+
+  Raises:
+    ValueError naming the domain for an empty domain, NaN/Inf embeddings,
+    mismatched lengths or embedding dimensions, or an unknown domain.
+  """
+  return merge_metrics(retrieval_directions(embeddings_by_domain, eval_config, ks),
+                       one_shot_directions(embeddings_by_domain, eval_config))
