@@ -21,8 +21,9 @@ Generates a synthetic ROPE-format dataset in a temporary folder, as `--sources` 
    1, is the baseline) and, with `--prepare_beam_workers` > 0, the Beam DirectRunner,
    same input, same run; every run's records must be identical. Per run: wall seconds,
    images/s, and a CPU profile: CPU seconds of the writing process and of its worker
-   processes (`getrusage`), cores used (CPU seconds / wall seconds) and the load
-   average, which show what limits the scaling on a shared machine.
+   processes (`getrusage`), cores used (CPU seconds / wall seconds), the load average
+   and how busy all the machine's cores were (`/proc/stat`), which show what limits the
+   scaling on a shared machine.
 
 2. Training input at the paper's shape (224 px, T = 8, batch 8: 17 frames an example)
    and, with `--shapes paper,tiny`, the demo's (64 px, T = 4, batch 32). Loaders, all
@@ -115,6 +116,7 @@ class PrepareMeasurement:
   worker_cpu_s: float = 0.0  # its worker processes (terminated children)
   cores_used: float = 0.0  # (writer + worker CPU seconds) / wall seconds
   load_average_before: float = 0.0
+  machine_busy: float = 0.0  # share of all cores' time busy during the run (/proc/stat)
 
 
 def _make_rope(root: str, products: int, seed: int) -> str:
@@ -237,6 +239,17 @@ def _records_digest(prepared_dir: str) -> str:
   return digest.hexdigest()
 
 
+def _cpu_times() -> tuple[float, float] | None:
+  """(busy, total) jiffies of all cores from /proc/stat, or None off Linux."""
+  try:
+    with open("/proc/stat", encoding="ascii") as f:
+      values = [float(v) for v in f.readline().split()[1:]]
+  except OSError:
+    return None
+  idle = values[3] + values[4]  # idle + iowait
+  return sum(values) - idle, sum(values)
+
+
 def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_workers: int,
                     max_side: int) -> tuple[list[PrepareMeasurement], str | None]:
   """Times prepare with the shard writer at each worker count (and Beam), same input;
@@ -258,10 +271,15 @@ def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_wor
     load = os.getloadavg()[0]
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine_before = _cpu_times()
     start = time.perf_counter()
     report = prepare.prepare(rope_dir, out, progress=False, log=lambda line: None,
                              max_image_side=max_side, **options)
     seconds = time.perf_counter() - start
+    machine_after = _cpu_times()
+    busy = (round((machine_after[0] - machine_before[0])
+                  / max(machine_after[1] - machine_before[1], 1), 3)
+            if machine_before and machine_after else 0.0)
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     writer_cpu = (own.ru_utime - own_before.ru_utime) + (own.ru_stime - own_before.ru_stime)
@@ -272,7 +290,7 @@ def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_wor
     measurements.append(PrepareMeasurement(
         path, workers, round(seconds, 2), records, images, round(images / seconds, 1),
         round(writer_cpu, 1), round(worker_cpu, 1),
-        round((writer_cpu + worker_cpu) / seconds, 2), round(load, 2)))
+        round((writer_cpu + worker_cpu) / seconds, 2), round(load, 2), busy))
     digests.append(_records_digest(out))
     shutil.rmtree(out)
   if len(set(digests)) != 1:
@@ -283,14 +301,15 @@ def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_wor
 def _print_prepare_table(measurements: list[PrepareMeasurement]) -> None:
   header = (f"{'preparation':<18} {'workers':>7} {'seconds':>8} {'images':>7} "
             f"{'images/s':>9} {'vs 1st':>7} {'writer cpu':>10} {'worker cpu':>10} "
-            f"{'cores':>6} {'load':>5}")
+            f"{'cores':>6} {'load':>5} {'busy':>5}")
   print(header)
   print("-" * len(header))
   for m in measurements:
     ratio = measurements[0].seconds / m.seconds
     print(f"{m.path:<18} {m.workers:>7} {m.seconds:>8.2f} {m.images:>7} "
           f"{m.images_per_s:>9.1f} {ratio:>6.2f}x {m.writer_cpu_s:>10.1f} "
-          f"{m.worker_cpu_s:>10.1f} {m.cores_used:>6.2f} {m.load_average_before:>5.1f}")
+          f"{m.worker_cpu_s:>10.1f} {m.cores_used:>6.2f} {m.load_average_before:>5.1f} "
+          f"{m.machine_busy:>5.0%}")
 
 
 def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int,

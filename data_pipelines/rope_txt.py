@@ -33,6 +33,7 @@ from data_pipelines import transforms
 MISSING_TEXT = "空"  # the text of an id without one
 IMAGE_SUBDIR = "images"
 IN_IMAGE_DIR, IN_ROOT, ABSENT = 0, 1, 2  # where a media row's image was found
+_RESOLVE_BLOCK = 1 << 16  # image names looked up on disk at a time
 BLOCK_BYTES = 1 << 24  # 16 MiB of a txt file at a time: its transient copies stay small
 _BOM = b"\xef\xbb\xbf"
 
@@ -308,11 +309,12 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
   ids, names, lines, keys = (_kept(ids, valid), _kept(names, valid), lines[valid],
                              keys[valid])
   positions = _paired_positions(ids, pairs, lines, domain, report)
+  del ids  # a paired row's id is pairs.ids[position]
   paired = positions >= 0
-  ids, names, lines, keys, positions = (_kept(ids, paired), _kept(names, paired),
-                                        lines[paired], keys[paired], positions[paired])
-  # One sort: by id, then key, then file order; the first row of each (id, key) wins.
-  order = np.lexsort((np.arange(len(lines)), keys, positions))
+  names, lines, keys, positions = (_kept(names, paired), lines[paired], keys[paired],
+                                   positions[paired])
+  # One stable sort by id, then key: the first row of each (id, key) in file order wins.
+  order = np.lexsort((keys, positions))
   sorted_positions, sorted_keys = positions[order], keys[order]
   starts = np.ones(len(order), bool)
   starts[1:] = ((sorted_positions[1:] != sorted_positions[:-1])
@@ -323,7 +325,7 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
     rows, firsts = order[later], group_first[later]
     row_names = names.take(pa.array(rows)).to_pylist()
     first_names = names.take(pa.array(firsts)).to_pylist()
-    row_ids = ids.take(pa.array(rows)).to_pylist()
+    row_ids = pairs.ids.take(pa.array(positions[rows])).to_pylist()
     for row, first, name, first_name, item_id in zip(rows.tolist(), firsts.tolist(),
                                                      row_names, first_names, row_ids):
       if name == first_name:
@@ -335,13 +337,15 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
       else:
         report.add(lines[row], f"second image for {domain} {item_id} (first at line "
                                f"{lines[first]}); kept the first")
-  del ids
   order = order[starts]
   names = names.take(pa.array(order))
-  if isinstance(names, pa.ChunkedArray):
-    names = names.combine_chunks() if names.num_chunks == 1 else names
-  places = (np.full(len(order), -1, np.int8) if resolve is None
-            else resolve(names.to_pylist()))
+  if isinstance(names, pa.ChunkedArray) and names.num_chunks == 1:
+    names = names.chunk(0)
+  places = np.full(len(order), -1, np.int8)
+  if resolve is not None:  # in blocks: a Python string per name only for a block
+    for start in range(0, len(order), _RESOLVE_BLOCK):
+      places[start:start + _RESOLVE_BLOCK] = resolve(
+          names.slice(start, _RESOLVE_BLOCK).to_pylist())
   return Media(positions[order], keys[order], names, lines[order], places)
 
 
