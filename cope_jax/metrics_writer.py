@@ -1,6 +1,9 @@
 """Training metrics to `WORKDIR/metrics.jsonl` and TensorBoard event files.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. A run that
+resumes from step N first drops the log's records of steps after N (written by a run
+killed after its last checkpoint, and about to be logged again) and a half-written last
+line, so that each step appears once.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ from cope_jax import result_files
 class MetricsWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
+    """`start_step`: the step the run starts from; later records are dropped."""
     self._enabled = enabled
     self._jsonl = None
     self._tensorboard = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_records_after(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -42,10 +48,38 @@ class MetricsWriter:
       self._tensorboard.close()
 
 
+def _drop_records_after(path: str, start_step: int | None) -> None:
+  """Rewrites `path` (whole) without records of steps after `start_step` and without an
+  undecodable line; leaves it alone when there is nothing to drop."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # half a line: the write of a killed run
+    if not line.endswith("\n"):
+      continue
+    if start_step is not None and int(record.get("step", 0)) > start_step:
+      continue
+    kept.append(line)
+  if len(kept) != len(lines):
+    result_files.write_text(path, "".join(kept))
+
+
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The records of `WORKDIR/metrics.jsonl` in file order ([] when there is none)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  records = []
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue  # a half-written last line of a killed run
+  return records

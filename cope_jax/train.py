@@ -228,7 +228,8 @@ class Logger:
   def __init__(self, run: TrainingRun):
     config = run.config
     self._run = run
-    self._writer = metrics_writer.MetricsWriter(run.workdir, enabled=run.is_chief)
+    self._writer = metrics_writer.MetricsWriter(run.workdir, enabled=run.is_chief,
+                                                start_step=run.start_step)
     self._flops_per_step = flops.train_flops_per_example(config) * config.train.batch_size
     self._peak_flops = flops.peak_flops_per_device()
     self._progress = tqdm.tqdm(total=config.train.num_steps, initial=run.start_step,
