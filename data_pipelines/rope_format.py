@@ -310,7 +310,7 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
   records = DomainRecords(
       spec.is_clip, resolver.directories, pairs.ids.filter(included),
       pairs.product_ids.filter(included), texts.filter(included), offsets,
-      media.names, media.keys, media.lines, media.places)
+      media.sorted_names(), media.keys, media.lines, media.places)
   return records, skipped
 
 
@@ -361,7 +361,8 @@ def media_names(root: str, split: str, domain: str
   starts = media.group_starts()
   ends = np.r_[starts[1:], len(media.lines)].astype(np.int64)
   first_lines = np.minimum.reduceat(media.lines, starts) if len(starts) else starts
-  keys, names, lines = media.keys.tolist(), media.names.to_pylist(), media.lines.tolist()
+  keys, names, lines = (media.keys.tolist(), media.sorted_names().to_pylist(),
+                        media.lines.tolist())
   result = {}
   for group in np.argsort(first_lines, kind="stable").tolist():  # media-file order
     start, end = int(starts[group]), int(ends[group])

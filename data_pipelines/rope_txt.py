@@ -2,7 +2,7 @@
 
   lines, fields = read_fields(path, ("video_id", "frame_number", "image"), problems)
 
-`lines` is int64 [n], the 1-based physical line numbers of the rows that split into the
+`lines` is int32 [n], the 1-based physical line numbers of the rows that split into the
 columns; `fields` holds one pyarrow string array [n] per column, stripped of
 surrounding whitespace. Every other line is a problem `(line, reason)` appended to
 `problems`. The rules are `rope_format`'s (its docstring): UTF-8 with or without a
@@ -70,7 +70,7 @@ def _lines_of_block(block: bytes, first_line: int, problems: list[tuple[int, str
   count = len(ends)
   raw = pa.Array.from_buffers(pa.binary(), count,
                               [None, pa.py_buffer(offsets), pa.py_buffer(block)])
-  numbers = np.arange(first_line, first_line + count, dtype=np.int64)
+  numbers = np.arange(first_line, first_line + count, dtype=np.int32)
   try:
     text = raw.cast(pa.string())
   except pa.ArrowInvalid:  # some line is not UTF-8: find which, in Python (rare)
@@ -125,7 +125,7 @@ def read_fields(path: str, columns: tuple[str, ...], problems: list[tuple[int, s
         kept_fields[j].append(field)
   except OSError as e:
     raise OSError(f"ROPE file {path} could not be read: {e}") from e
-  numbers = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, np.int64)
+  numbers = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, np.int32)
   return numbers, [pa.chunked_array(chunks, pa.string()) for chunks in kept_fields]
 
 
@@ -232,7 +232,7 @@ def read_text_file(path: str, domain: str, pairs: Pairs, report: Report
                 ) -> tuple[pa.Array, np.ndarray]:
   """(text of each paired id, `空` where the row's text is empty; has a text row)."""
   lines, (ids, texts) = read_fields(path, (f"{domain}_id", "text"), report.found)
-  ids, texts = ids.combine_chunks(), texts.combine_chunks()
+  ids, texts = ids.combine_chunks(), texts.cast(pa.large_string()).combine_chunks()
   texts = pc.if_else(pc.equal(texts, ""), MISSING_TEXT, texts)
   positions = _paired_positions(ids, pairs, lines, domain, report)
   paired = positions >= 0
@@ -255,18 +255,26 @@ def read_text_file(path: str, domain: str, pairs: Pairs, report: Report
 @dataclasses.dataclass
 class Media:
   """A media file's usable rows sorted by (pair position, frame key): the first row of
-  each (id, key). Names as Arrow strings; `places` says where each image was found."""
+  each (id, key). The names stay in file order (`names`, every row read) and are taken
+  in this order only once, for the rows kept (`sorted_names`), so that a file of tens of
+  millions of names is never held twice. `places` says where each image was found."""
   positions: np.ndarray  # int32: position of the id in the pair file's ids
   keys: np.ndarray  # int64: frame number / timestamp (0 for a page)
-  names: pa.Array
+  names: pa.ChunkedArray  # file order
+  order: np.ndarray  # int64: row of `names` of each row here
   lines: np.ndarray  # int32
   places: np.ndarray  # int8: IN_IMAGE_DIR, IN_ROOT, ABSENT, or -1 (not looked for)
 
   def subset(self, mask: np.ndarray) -> Media:
     if mask.all():
       return self
-    return Media(self.positions[mask], self.keys[mask], self.names.filter(pa.array(mask)),
+    return Media(self.positions[mask], self.keys[mask], self.names, self.order[mask],
                  self.lines[mask], self.places[mask])
+
+  def sorted_names(self, mask: np.ndarray | None = None) -> pa.Array:
+    """The names of the rows here (or of those `mask` selects), in this order."""
+    taken = self.names.take(pa.array(self.order if mask is None else self.order[mask]))
+    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken  # large
 
   def group_starts(self) -> np.ndarray:
     """Index of the first row of each id's run (rows are sorted by position)."""
@@ -288,8 +296,8 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
   spec = domains.get(domain)
   columns, is_clip = spec.files.media_columns, spec.is_clip
   lines, fields = read_fields(path, columns, report.found)
-  lines = lines.astype(np.int32)
-  ids, names = fields[0], fields[-1]
+  # 64-bit offsets: tens of millions of names exceed the 2 GiB of a plain string array
+  ids, names = fields[0], fields[-1].cast(pa.large_string())
   valid = ~pc.equal(names, "").to_numpy(zero_copy_only=False)
   for line in lines[~valid]:
     report.add(line, f"empty {columns[-1]}")
@@ -338,15 +346,14 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
         report.add(lines[row], f"second image for {domain} {item_id} (first at line "
                                f"{lines[first]}); kept the first")
   order = order[starts]
-  names = names.take(pa.array(order))
-  if isinstance(names, pa.ChunkedArray) and names.num_chunks == 1:
-    names = names.chunk(0)
   places = np.full(len(order), -1, np.int8)
   if resolve is not None:  # in blocks: a Python string per name only for a block
     for start in range(0, len(order), _RESOLVE_BLOCK):
-      places[start:start + _RESOLVE_BLOCK] = resolve(
-          names.slice(start, _RESOLVE_BLOCK).to_pylist())
-  return Media(positions[order], keys[order], names, lines[order], places)
+      block = order[start:start + _RESOLVE_BLOCK]
+      places[start:start + len(block)] = resolve(names.take(pa.array(block)).to_pylist())
+  if not isinstance(names, pa.ChunkedArray):
+    names = pa.chunked_array([names])
+  return Media(positions[order], keys[order], names, order, lines[order], places)
 
 
 def drop_absent(media: Media, is_clip: bool, sampled_frames: int | None,
@@ -367,7 +374,7 @@ def drop_absent(media: Media, is_clip: bool, sampled_frames: int | None,
         expected[start + np.asarray(chosen)] = True
     expected &= absent
   skipped = int((absent & ~expected).sum())
-  names = media.names.filter(pa.array(expected)).to_pylist()
+  names = media.sorted_names(expected).to_pylist()
   for line, name in zip(media.lines[expected].tolist(), names):
     report.add(line, f"image file {name} not found (looked in {IMAGE_SUBDIR}/ and the "
                      "dataset root)")
