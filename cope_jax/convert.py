@@ -52,9 +52,6 @@ import re
 from typing import Any, Mapping
 
 from flax import traverse_util
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -63,7 +60,6 @@ from cope_jax import config_checks
 from cope_jax import losses
 from cope_jax import state
 from cope_jax import weight_mapping
-from cope_jax.models import fusion
 from data_pipelines import domains
 
 KINDS = ("cope", "xclip", "clip_vit", "bert")
@@ -364,51 +360,24 @@ def convert(torch_checkpoint: str, kind: str, config: ml_collections.ConfigDict,
   return conversion, config
 
 
-def _clip_text_projection_paths(expected) -> list[str]:
-  heads = "|".join(domain.head for domain in domains.DOMAINS if domain.is_clip)
-  return sorted(path for path in expected if re.fullmatch(rf"({heads})/fc0/.*", path))
-
-
 def _initialise_clip_text_projections(params: dict, missing: list[str], expected,
                                       config: ml_collections.ConfigDict
                                       ) -> tuple[dict, tuple[str, ...], str]:
-  """Fresh clip-head `fc0`s for a release checkpoint converted for a config that reads
-  clip text (the release's clip heads have none).
-
-  Only when the source holds no clip `fc0` at all (the release's layout); a checkpoint
-  with some of them is treated like any other (its gaps are missing keys). The values are
-  the model's own initialisation of that layer, from `config.seed`.
-
-  Returns (params with them, their paths, the one-line note; empty when nothing was done).
-  """
-  wanted = _clip_text_projection_paths(expected)
-  if not wanted or not set(wanted) <= set(missing):
+  """(params, paths, one-line note): the clip heads' `fc0`s freshly initialised when the
+  source is in the release's layout (no clip `fc0` at all) and the config reads clip text
+  (`weight_mapping.initialise_clip_text_projections`); unchanged, (), "" otherwise."""
+  params, paths = weight_mapping.initialise_clip_text_projections(
+      params, missing, expected, state.model_config(config), config.seed)
+  if not paths:
     return params, (), ""
-  typed = state.model_config(config)
-  head = fusion.FusionHead(typed.emb_dim, fuse=False, param_dtype=typed.param_dtype)
-  flat = traverse_util.flatten_dict(params, sep="/")
-  rng = jax.random.PRNGKey(config.seed)
-  for index, domain in enumerate(d for d in domains.DOMAINS if d.is_clip):
-    fresh = head.init(jax.random.fold_in(rng, index),
-                      jnp.zeros((1, typed.vision.output_dim), typed.param_dtype),
-                      jnp.zeros((1, typed.text.hidden_size), typed.param_dtype))
-    for leaf, value in traverse_util.flatten_dict(
-        nn.meta.unbox(fresh["params"])["fc0"], sep="/").items():
-      path = f"{domain.head}/fc0/{leaf}"
-      if tuple(value.shape) != tuple(expected[path].shape):
-        raise ConversionError(f"{path}: initialised shape {value.shape}, model expects "
-                              f"{expected[path].shape}")
-      flat[path] = np.asarray(value)
-  heads = sorted({path.rsplit("/", 1)[0] for path in wanted})
+  clip_text = {d.text_embedding_key for d in domains.DOMAINS if d.is_clip}
   reasons = (["model.use_asr_text=True"] if config.model.use_asr_text else []) + [
       f"loss.weights.{term}={weight}" for term, weight in sorted(config.loss.weights.items())
-      if weight and any(name in losses.CONTRASTIVE_TERMS[term]
-                        for name in (d.text_embedding_key for d in domains.DOMAINS
-                                     if d.is_clip))]
-  note = (f"initialised {', '.join(heads)} from config.seed={config.seed}: the release's "
-          f"clip heads have no text projection, and this config reads clip text "
-          f"({', '.join(reasons)})")
-  return traverse_util.unflatten_dict(flat, sep="/"), tuple(wanted), note
+      if weight and clip_text & set(losses.CONTRASTIVE_TERMS[term])]
+  heads = sorted({path.rsplit("/", 1)[0] for path in paths})
+  return params, paths, (f"initialised {', '.join(heads)} from config.seed={config.seed}: "
+                         "the release's clip heads have no text projection, and this "
+                         f"config reads clip text ({', '.join(reasons)})")
 
 
 def _group_counts(names, separator: str) -> dict[str, int]:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cope_jax.models import cope
+from cope_jax.models import fusion
 from cope_jax.models.config import ModelConfig
 from data_pipelines import domains
 
@@ -196,3 +197,42 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_config, *,
                              + "\n".join(problems))
   return flax.traverse_util.unflatten_dict(converted, sep="/")
 
+
+
+def initialise_clip_text_projections(params: dict, missing, expected, typed_config,
+                                     seed: int) -> tuple[dict, tuple[str, ...]]:
+  """Fills the clip heads' text projections (`fc0`) with the model's own initialisation
+  of that layer (from `seed`), for a release checkpoint (whose clip heads have none)
+  converted for a model that has them (`typed_config.clip_text`).
+
+  Only when the source holds no clip `fc0` at all (`missing` holds every one of them): a
+  checkpoint with some of them is treated like any other (its gaps are missing keys).
+
+  Args:
+    params: the converted params (nested); `missing`: the 'a/b/c' paths the source
+      lacked; `expected`: `expected_param_shapes` of the model; `typed_config`: its
+      `ModelConfig`.
+
+  Returns:
+    (params with the initialised layers, their paths); (params, ()) when nothing applies.
+  """
+  heads = "|".join(domain.head for domain in domains.DOMAINS if domain.is_clip)
+  wanted = sorted(path for path in expected if re.fullmatch(rf"({heads})/fc0/.*", path))
+  if not wanted or not set(wanted) <= set(missing):
+    return params, ()
+  head = fusion.FusionHead(typed_config.emb_dim, fuse=False,
+                           param_dtype=typed_config.param_dtype)
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  rng = jax.random.PRNGKey(seed)
+  for index, domain in enumerate(d for d in domains.DOMAINS if d.is_clip):
+    fresh = head.init(jax.random.fold_in(rng, index),
+                      jnp.zeros((1, typed_config.vision.output_dim), typed_config.param_dtype),
+                      jnp.zeros((1, typed_config.text.hidden_size), typed_config.param_dtype))
+    for leaf, value in flax.traverse_util.flatten_dict(
+        nn.meta.unbox(fresh["params"])["fc0"], sep="/").items():
+      path = f"{domain.head}/fc0/{leaf}"
+      if tuple(value.shape) != tuple(expected[path].shape):
+        raise WeightMappingError(f"{path}: initialised shape {value.shape}, model expects "
+                                 f"{expected[path].shape}")
+      flat[path] = np.asarray(value)
+  return flax.traverse_util.unflatten_dict(flat, sep="/"), tuple(wanted)
