@@ -35,8 +35,10 @@ Prints a table and writes JSON (benchmarks/results/tpu_compile_<shapes>.json).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -52,6 +54,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from flax import linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +201,51 @@ def lower_search(devices, num_gallery: int, num_queries: int, dim: int, k: int,
   return search.lower(queries, gallery)
 
 
+def attention_comparison(topology: str, images: int, length: int, heads: int, head_dim: int,
+                         dtype=jnp.bfloat16) -> list[dict[str, Any]]:
+  """Forward + backward of one softmax attention [images, length, heads, head_dim] on one
+  chip of `topology`, compiled two ways: XLA (`jax.nn.dot_product_attention`, what
+  config.model.attention='xla' runs) and the Pallas TPU flash-attention kernel (lengths
+  padded to its 128-token blocks, padding masked by segment ids). Per-chip temporaries,
+  peak bytes and XLA's cost figures of each."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(topology_devices(topology)[:1]), ("chip",))
+  spec = jax.ShapeDtypeStruct((images, length, heads, head_dim), dtype,
+                              sharding=jax.sharding.NamedSharding(mesh,
+                                                                  jax.sharding.PartitionSpec()))
+  padded = -(-length // 128) * 128
+  blocks = pallas_flash.BlockSizes(
+      block_q=128, block_k_major=128, block_k=128, block_b=1, block_q_major_dkv=128,
+      block_k_major_dkv=128, block_k_dkv=128, block_q_dkv=128, block_k_major_dq=128,
+      block_k_dq=128, block_q_dq=128)
+
+  def xla_loss(query, key, value):
+    out = jax.nn.dot_product_attention(query, key, value, implementation="xla")
+    return jnp.sum(out.astype(jnp.float32))
+
+  def pallas_loss(query, key, value):
+    def to_kernel(x):  # [B, L, H, d] -> [B, H, L', d]
+      return jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    segments = jnp.broadcast_to((jnp.arange(padded) < length).astype(jnp.int32),
+                                (images, padded))
+    out = pallas_flash.flash_attention(
+        to_kernel(query), to_kernel(key), to_kernel(value),
+        segment_ids=pallas_flash.SegmentIds(segments, segments), sm_scale=head_dim ** -0.5,
+        block_sizes=blocks)
+    return jnp.sum(out.transpose(0, 2, 1, 3)[:, :length].astype(jnp.float32))
+
+  rows = []
+  for name, loss in (("xla", xla_loss), ("pallas_flash", pallas_loss)):
+    start = time.perf_counter()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    rows.append({"topology": topology, "attention": name, "images": images,
+                 "length": length, "kernel_length": padded if name != "xla" else length,
+                 "heads": heads, "head_dim": head_dim,
+                 "compile_seconds": round(time.perf_counter() - start, 2),
+                 "memory": memory_figures(compiled), **cost_figures(compiled)})
+  return rows
+
+
 # ---- the compiled HLO's collectives -------------------------------------------------
 
 _COLLECTIVE = re.compile(
@@ -312,12 +360,47 @@ def is_out_of_memory(error: Exception) -> bool:
       "Ran out of memory" in text)
 
 
+def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
+  """The largest allocations of the compiled step, from the memory-usage report XLA
+  writes with `xla_dump_to`: [{'mib', 'shapes'}], largest first."""
+  reports = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations-memory-usage-report.txt")))
+  if not reports:
+    return []
+  rows = []
+  with open(reports[-1]) as f:
+    for line in f:
+      parts = [part.strip() for part in line.split(";")]
+      if len(parts) == 5 and parts[1].endswith("B") and parts[4].startswith("("):
+        rows.append({"bytes": _parse_size(parts[1]), "shapes": parts[4][:300]})
+  rows.sort(key=lambda row: -row["bytes"])
+  return [{"mib": round(row["bytes"] / 2 ** 20, 1), "shapes": row["shapes"]}
+          for row in rows[:count]]
+
+
+def _parse_size(text: str) -> float:
+  """'1.5GiB' / '512B' -> bytes."""
+  match = re.match(r"([\d.]+)\s*([KMGT]?i?B)", text)
+  scale = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
+  return float(match.group(1)) * scale.get(match.group(2), 1) if match else 0.0
+
+
 def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batch: int,
-                num_slices: int = 1) -> dict[str, Any]:
-  """Compiles one step and returns its figures (or {'error': 'out of memory'})."""
+                num_slices: int = 1, overrides: dict[str, Any] | None = None,
+                dump_dir: str = "") -> dict[str, Any]:
+  """Compiles one step and returns its figures (or {'error': 'out of memory'}).
+
+  `overrides`: config fields ('model.remat_policy': 'dots_saveable', ...) set first;
+  `dump_dir`: XLA dumps its buffer assignment there, and the row lists the largest
+  buffers (`largest_buffers`)."""
   devices = topology_devices(topology, num_slices)
   chips = len(devices)
   config = make_config(shape, layout=layout)
+  for field, value in (overrides or {}).items():
+    *path, name = field.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[name] = value
   mesh = sharding.make_mesh(config.mesh, devices)
   data_size = mesh.shape["data"]
   global_batch = per_chip_batch * data_size
@@ -327,7 +410,8 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
          "device_kind": devices[0].device_kind, "layout": layout,
          "mesh": dict(mesh.shape), "step": step, "per_chip_batch": per_chip_batch,
          "global_batch": global_batch, "remat_policy": (config.model.remat_policy
-                                                         if config.model.remat else "none")}
+                                                         if config.model.remat else "none"),
+         "overrides": dict(overrides or {})}
   start = time.perf_counter()
   try:
     if step == "train":
@@ -348,7 +432,8 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
     else:
       raise ValueError(f"unknown step {step!r}")
     row["lower_seconds"] = round(time.perf_counter() - start, 2)
-    compiled = lowered.compile()
+    options = {"xla_dump_to": dump_dir, "xla_dump_hlo_pass_re": "^$"} if dump_dir else None
+    compiled = lowered.compile(compiler_options=options)
   except Exception as error:  # pylint: disable=broad-except
     if not is_out_of_memory(error):
       raise
@@ -359,6 +444,8 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
     return row
   row["compile_seconds"] = round(time.perf_counter() - start, 2)
   row["memory"] = memory_figures(compiled)
+  if dump_dir:
+    row["largest_buffers"] = largest_buffers(dump_dir)
   row["hbm_gib"] = chip.hbm_bytes / GIB
   row["fits"] = row["memory"]["peak_gib"] <= row["hbm_gib"]
   row["flops"] = {"analytic_per_chip": analytic, **cost_figures(compiled)}
@@ -378,14 +465,15 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
 
 
 def largest_batch(shape: str, topology: str, layout: str, start: int, limit: int,
-                  max_compiles: int, log) -> tuple[int, list[dict]]:
+                  max_compiles: int, log, overrides: dict[str, Any] | None = None
+                  ) -> tuple[int, list[dict]]:
   """The largest per-chip training batch that compiles and fits HBM: doubling from
   `start` until one does not fit (or `limit`), then bisection; at most `max_compiles`.
   Returns (largest fitting, 0 if none; the rows compiled)."""
   rows, fits, fails = [], 0, None
   batch = start
   while len(rows) < max_compiles:
-    row = compile_row(shape, topology, layout, "train", batch)
+    row = compile_row(shape, topology, layout, "train", batch, overrides=overrides)
     rows.append(row)
     log(row)
     if row.get("fits"):
@@ -451,6 +539,14 @@ def main(argv=None):
   parser.add_argument("--num_slices", type=int, default=1,
                       help="slices of each topology (multi-slice: the 'data' axis spans "
                            "them over DCN, config.mesh.dcn_data)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override FIELD=VALUE (Python literal), repeatable: "
+                           "--set model.remat_policy='dots_saveable'")
+  parser.add_argument("--dump_buffers", default="",
+                      help="XLA dump folder: rows list the compiled step's largest buffers")
+  parser.add_argument("--attention", action="store_true",
+                      help="only compare XLA and Pallas flash attention (fwd+bwd, one chip) "
+                           "at the shapes' token counts")
   parser.add_argument("--largest_batch", action="store_true",
                       help="bisect the largest per-chip training batch that fits")
   parser.add_argument("--max_compiles", type=int, default=6)
@@ -479,6 +575,30 @@ def main(argv=None):
     write()
     print(format_row(row), flush=True)
 
+  if args.attention:
+    for shape in shapes:
+      config = make_config(shape)
+      vision = config.model.vision
+      tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + class token
+      # A per-chip batch of 16 clips of T frames: 16 T images through every block.
+      images = 16 * config.data.num_frames
+      for topology in args.topologies.split(","):
+        for length in (tokens, tokens + 1):  # frames, frames + the message token
+          for row in attention_comparison(topology, images, length, vision.heads,
+                                          vision.width // vision.heads):
+            row["shape"] = shape
+            rows.append(row)
+            write()
+            print(f"{shape:6} {topology:10} {row['attention']:12} L={row['length']:<4} "
+                  f"(kernel {row['kernel_length']:4}) temp {row['memory']['temp_gib']:.3f} GiB "
+                  f"peak {row['memory']['peak_gib']:.3f} GiB  XLA bytes accessed "
+                  f"{row['xla_bytes_accessed'] / GIB:.2f} GiB", flush=True)
+    print(f"wrote {out}")
+    return
+  overrides = {}
+  for item in args.set:
+    field, value = item.split("=", 1)
+    overrides[field] = ast.literal_eval(value)
   print(HEADER, flush=True)
   for shape in shapes:
     base = make_config(shape)
@@ -489,7 +609,7 @@ def main(argv=None):
         for step in args.steps.split(","):
           if step == "train" and args.largest_batch:
             fits, _ = largest_batch(shape, topology, layout, per_chip, args.batch_limit,
-                                    args.max_compiles, log)
+                                    args.max_compiles, log, overrides)
             rows.append({"shape": shape, "topology": topology, "layout": layout,
                          "largest_per_chip_batch": fits})
             write()
@@ -499,7 +619,8 @@ def main(argv=None):
                    else [step])
           for name in names:
             batch = embed_per_chip if name.startswith("embed") else per_chip
-            log(compile_row(shape, topology, layout, name, batch, args.num_slices))
+            log(compile_row(shape, topology, layout, name, batch, args.num_slices,
+                            overrides, args.dump_buffers))
   write()
   print(f"wrote {out}")
 

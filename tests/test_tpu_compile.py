@@ -143,3 +143,28 @@ def test_two_slice_train_step_reduces_over_ici_then_dcn():
   groups = re.findall(r" (?:all-reduce|all-gather|reduce-scatter)\(.*?replica_groups=\{\{([\d,]*)\}",
                       hlo)
   assert groups and {len(g.split(",")) for g in groups} == {4}  # never across the slices
+
+
+@pytest.mark.parametrize("start, threshold, want", [(16, 23, 23), (16, 5, 5), (4, 300, 256),
+                                                     (16, 0, 0)])
+def test_largest_batch_bisects_over_compiles(monkeypatch, start, threshold, want):
+  """With a step that fits up to `threshold` per chip, the search finds it."""
+  compiled = []
+
+  def fake_compile_row(shape, topology, layout, step, batch, overrides=None):
+    compiled.append(batch)
+    return {"per_chip_batch": batch, "fits": batch <= threshold}
+
+  monkeypatch.setattr(tpu_compile, "compile_row", fake_compile_row)
+  fits, rows = tpu_compile.largest_batch("stage2", "v5e:2x4", "dp", start, 256, 20,
+                                         lambda row: None)
+  assert fits == want
+  assert len(rows) == len(compiled) <= 12
+  assert all(b <= 256 for b in compiled)
+
+
+def test_attention_auto_is_xla_on_tpu():
+  from cope_jax.models import layers  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  assert layers.resolve_attention("auto", jnp.bfloat16, "tpu") == "xla"
+  assert layers.resolve_attention("auto", jnp.float32, "tpu") == "xla"

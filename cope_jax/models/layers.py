@@ -122,6 +122,11 @@ class DropPath(nn.Module):
 #   "xla"    XLA's fused softmax(q k^T / sqrt(d)) v, any backend and dtype;
 #   "cudnn"  cuDNN's flash-attention kernel (NVIDIA GPUs, bfloat16/float16 compute);
 #   "auto"   "cudnn" on a GPU backend with bfloat16/float16 compute, else "xla".
+# On TPU "auto" is "xla": at this model's lengths (197/198 tokens per frame, 8 frames,
+# 32 text tokens) a Pallas flash kernel must pad to its 128-token blocks and, compiled
+# for a v5e with the paper's shapes, needs 1.7x the temporaries of XLA's fused
+# attention (benchmarks/tpu_compile.py --attention), while attention is about 4% of a
+# block's FLOPs at 197 tokens: there is nothing for a kernel to win.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
