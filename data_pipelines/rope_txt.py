@@ -21,6 +21,7 @@ tens of millions of rows costs a few seconds and the bytes of its fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -86,16 +87,21 @@ def _lines_of_block(block: bytes, first_line: int, problems: list[tuple[int, str
   return numbers, pc.utf8_rtrim(text, characters="\r\n")
 
 
-def read_fields(path: str, columns: tuple[str, ...], problems: list[tuple[int, str]]
-                ) -> tuple[np.ndarray, list[pa.ChunkedArray]]:
+def read_fields(path: str, columns: tuple[str, ...], problems: list[tuple[int, str]],
+                per_block: Callable | None = None) -> tuple[np.ndarray, list]:
   """The rows of `path` that split into `columns` (see the module docstring).
+
+  `per_block(lines, fields) -> (lines, columns)`, when given, turns each block's rows
+  into the columns to keep (NumPy or Arrow arrays; it may drop rows), so that a large
+  file's fields need not all be held at once. Returns the line numbers and, per column,
+  a NumPy array or an Arrow ChunkedArray.
 
   Raises:
     OSError: the file cannot be read (the message names it).
   """
   count = len(columns)
   expected = ", ".join(columns)
-  kept_numbers, kept_fields = [], [[] for _ in columns]
+  kept_numbers, kept_fields = [], None
   try:
     for first_line, block in _line_blocks(path):
       numbers, lines = _lines_of_block(block, first_line, problems)
@@ -120,13 +126,27 @@ def read_fields(path: str, columns: tuple[str, ...], problems: list[tuple[int, s
       if bad.any():
         keep = pa.array(~bad)
         numbers, fields = numbers[~bad], [field.filter(keep) for field in fields]
+      if per_block is not None:
+        numbers, fields = per_block(numbers, fields)
+      kept_fields = kept_fields or [[] for _ in fields]
       kept_numbers.append(numbers)
       for j, field in enumerate(fields):
         kept_fields[j].append(field)
   except OSError as e:
     raise OSError(f"ROPE file {path} could not be read: {e}") from e
-  numbers = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, np.int32)
-  return numbers, [pa.chunked_array(chunks, pa.string()) for chunks in kept_fields]
+  if kept_fields is None:  # an empty file: the columns of no rows
+    numbers = np.zeros(0, np.int32)
+    fields = [pa.array([], pa.string()) for _ in columns]
+    kept_numbers, kept_fields = [numbers], [[field] for field in (
+        per_block(numbers, fields)[1] if per_block is not None else fields)]
+  numbers = np.concatenate(kept_numbers)
+  columns_out = []
+  for chunks in kept_fields:
+    if chunks and isinstance(chunks[0], np.ndarray):
+      columns_out.append(np.concatenate(chunks))
+    else:
+      columns_out.append(pa.chunked_array(chunks, chunks[0].type if chunks else pa.string()))
+  return numbers, columns_out
 
 
 def first_occurrences(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,6 +210,10 @@ class Pairs:
   product_ids: pa.Array
   lines: np.ndarray
 
+  @functools.cached_property
+  def lookup(self) -> _PairLookup:
+    return _PairLookup(self.ids)
+
 
 def read_pair_file(path: str, domain: str, report: Report) -> Pairs:
   item_column = f"{domain}_id"
@@ -214,13 +238,44 @@ def read_pair_file(path: str, domain: str, report: Report) -> Pairs:
   return Pairs(items.filter(keep), products.filter(keep), lines[is_first])
 
 
+_NUMBER = "^[1-9][0-9]{0,17}$"  # a decimal id that an int64 holds and gives back
+
+
+class _PairLookup:
+  """Finds ids among a pair file's ids, block after block, without rebuilding a hash
+  table each time: ROPE's ids are decimal numbers, looked up as int64 by binary search
+  in the sorted pair ids; any other ids through a dict built once."""
+
+  def __init__(self, pair_ids: pa.Array):
+    self._numeric = bool(pc.all(pc.match_substring_regex(pair_ids, _NUMBER)).as_py()
+                         if len(pair_ids) else True)
+    if self._numeric:
+      numbers = pc.cast(pair_ids, pa.int64()).to_numpy()
+      self._order = np.argsort(numbers, kind="stable").astype(np.int32)
+      self._sorted = numbers[self._order]
+    else:
+      self._index = {item_id: i for i, item_id in enumerate(pair_ids.to_pylist())}
+
+  def positions(self, ids) -> np.ndarray:
+    """int32 [n]: each id's position among the pair ids; -1 where it is not one."""
+    if not self._numeric:
+      index = self._index
+      return np.fromiter((index.get(item_id, -1) for item_id in ids.to_pylist()),
+                         np.int32, len(ids))
+    numeric = pc.match_substring_regex(ids, _NUMBER).to_numpy(zero_copy_only=False)
+    positions = np.full(len(ids), -1, np.int32)
+    if numeric.any() and len(self._sorted):
+      numbers = pc.cast(_kept(ids, numeric), pa.int64()).to_numpy()
+      where = np.minimum(np.searchsorted(self._sorted, numbers), len(self._sorted) - 1)
+      found = self._sorted[where] == numbers
+      positions[np.flatnonzero(numeric)[found]] = self._order[where[found]]
+    return positions
+
+
 def _paired_positions(ids, pairs: Pairs, lines: np.ndarray, domain: str,
                       report: Report) -> np.ndarray:
   """int32 [n]: each row's position in the pair file's ids; -1 (reported) if unpaired."""
-  found = pc.fill_null(pc.index_in(ids, value_set=pairs.ids), -1)
-  if isinstance(found, pa.ChunkedArray):
-    found = found.combine_chunks()
-  positions = found.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+  positions = pairs.lookup.positions(ids)
   unpaired = np.flatnonzero(positions < 0)
   if len(unpaired):
     for row, item_id in zip(unpaired.tolist(), ids.take(pa.array(unpaired)).to_pylist()):
@@ -295,32 +350,34 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
   names as written, place -1)."""
   spec = domains.get(domain)
   columns, is_clip = spec.files.media_columns, spec.is_clip
-  lines, fields = read_fields(path, columns, report.found)
-  # 64-bit offsets: tens of millions of names exceed the 2 GiB of a plain string array
-  ids, names = fields[0], fields[-1].cast(pa.large_string())
-  valid = ~pc.equal(names, "").to_numpy(zero_copy_only=False)
-  for line in lines[~valid]:
-    report.add(line, f"empty {columns[-1]}")
-  keys = np.zeros(len(lines), np.int64)
-  if is_clip:
-    # ASCII digits (at most 18: an int64; real keys have 13)
-    digits = pc.match_substring_regex(fields[1], "^[0-9]{1,18}$").to_numpy(
-        zero_copy_only=False)
-    bad_key = np.flatnonzero(valid & ~digits)
-    if len(bad_key):
-      for row, value in zip(bad_key.tolist(),
-                            fields[1].take(pa.array(bad_key)).to_pylist()):
-        report.add(lines[row], f"{columns[1]} {value!r} is not a non-negative integer")
-    valid &= digits
-    keys[valid] = pc.cast(_kept(fields[1], valid), pa.int64()).to_numpy()
-  del fields
-  ids, names, lines, keys = (_kept(ids, valid), _kept(names, valid), lines[valid],
-                             keys[valid])
-  positions = _paired_positions(ids, pairs, lines, domain, report)
-  del ids  # a paired row's id is pairs.ids[position]
-  paired = positions >= 0
-  names, lines, keys, positions = (_kept(names, paired), lines[paired], keys[paired],
-                                   positions[paired])
+
+  def per_block(lines, fields):
+    """A block's rows -> (lines, [pair positions, keys, names]) of the usable ones."""
+    ids, names = fields[0], fields[-1]
+    valid = ~pc.equal(names, "").to_numpy(zero_copy_only=False)
+    for line in lines[~valid]:
+      report.add(line, f"empty {columns[-1]}")
+    keys = np.zeros(len(lines), np.int64)
+    if is_clip:
+      # ASCII digits (at most 18: an int64; real keys have 13)
+      digits = pc.match_substring_regex(fields[1], "^[0-9]{1,18}$").to_numpy(
+          zero_copy_only=False)
+      bad_key = np.flatnonzero(valid & ~digits)
+      if len(bad_key):
+        for row, value in zip(bad_key.tolist(),
+                              fields[1].take(pa.array(bad_key)).to_pylist()):
+          report.add(lines[row], f"{columns[1]} {value!r} is not a non-negative integer")
+      valid &= digits
+      keys[valid] = pc.cast(_kept(fields[1], valid), pa.int64()).to_numpy()
+    ids, names, lines, keys = (_kept(ids, valid), _kept(names, valid), lines[valid],
+                               keys[valid])
+    positions = _paired_positions(ids, pairs, lines, domain, report)
+    paired = positions >= 0  # a paired row's id is pairs.ids[position]
+    # 64-bit offsets: tens of millions of names exceed the 2 GiB of a plain string array
+    return lines[paired], [positions[paired], keys[paired],
+                           _kept(names, paired).cast(pa.large_string())]
+
+  lines, (positions, keys, names) = read_fields(path, columns, report.found, per_block)
   # One stable sort by id, then key: the first row of each (id, key) in file order wins.
   order = np.lexsort((keys, positions))
   sorted_positions, sorted_keys = positions[order], keys[order]
