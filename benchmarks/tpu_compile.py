@@ -447,7 +447,13 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
   if dump_dir:
     row["largest_buffers"] = largest_buffers(dump_dir)
   row["hbm_gib"] = chip.hbm_bytes / GIB
-  row["fits"] = row["memory"]["peak_gib"] <= row["hbm_gib"]
+  memory = row["memory"]
+  # What the chip holds at once: arguments, outputs not aliased to them, temporaries
+  # (XLA's peak figure can be lower; the larger of the two is taken).
+  memory["footprint_gib"] = round(max(memory["peak_gib"], memory["argument_gib"]
+                                      + memory["output_gib"] - memory["alias_gib"]
+                                      + memory["temp_gib"]), 4)
+  row["fits"] = memory["footprint_gib"] <= row["hbm_gib"]
   row["flops"] = {"analytic_per_chip": analytic, **cost_figures(compiled)}
   if row["flops"]["xla_flops"]:
     row["flops"]["xla_over_analytic"] = round(row["flops"]["xla_flops"] / analytic, 3)
@@ -511,14 +517,14 @@ def format_row(row: dict) -> str:
   return (f"{row['shape']:6} {row['topology']:10} {row['layout']:6} {row['step']:11} "
           f"{row['per_chip_batch']:>4} {row['compile_seconds']:>7.0f} "
           f"{memory['argument_gib']:>6.2f} {memory['temp_gib']:>6.2f} "
-          f"{memory['peak_gib']:>6.2f} {('yes' if row['fits'] else 'NO'):>4} "
+          f"{memory['footprint_gib']:>6.2f} {('yes' if row['fits'] else 'NO'):>4} "
           f"{flops['analytic_per_chip']:>9.3g} {flops['xla_flops']:>9.3g} "
           f"{projection['projected_step_seconds'] * 1e3:>8.1f} "
           f"{projection['projected_mfu']:>5.0%} {projection['bound_by']:>7}  {comm_text}")
 
 
 HEADER = (f"{'shape':6} {'topology':10} {'layout':6} {'step':11} {'b/ch':>4} {'comp s':>7} "
-          f"{'argGiB':>6} {'tmpGiB':>6} {'pkGiB':>6} {'fits':>4} {'FLOPs/ch':>9} "
+          f"{'argGiB':>6} {'tmpGiB':>6} {'allGiB':>6} {'fits':>4} {'FLOPs/ch':>9} "
           f"{'XLA FLOPs':>9} {'proj ms':>8} {'pMFU':>5} {'bound':>7}  collectives "
           "(count/MiB sent per chip)")
 
