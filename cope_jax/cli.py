@@ -59,24 +59,7 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str,
   """Runs `job(config, workdir)` as a command with --config and --workdir (both required)."""
   import __main__  # pylint: disable=g-import-not-at-top
 
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   prog = prog or f"python -m {getattr(__main__.__spec__, 'name', 'cope_jax')}"
-  if define_flags is None:
-    # Flags the program defined in absl's global FlagValues before calling `run`: the
-    # same Flag objects join the command's own, so `flags.FLAGS.<name>` reads the value.
-    import sys  # pylint: disable=g-import-not-at-top
-
-    defined = flags.FLAGS.flags_by_module_dict().get(sys.argv[0], [])
-
-    def define_flags(flag_values):
-      for flag in defined:
-        flags.DEFINE_flag(flag, flag_values)
-
-    required = required or tuple(flag.name for flag in defined
-                                 if flag.default is None and any(
-                                     "must have a value other than None" in str(v.message)
-                                     for v in flags.FLAGS._flags()[flag.name].validators))  # pylint: disable=protected-access
   cmd = command(prog, doc or (__main__.__doc__ or ""), workdir_help=workdir_help,
                 define_flags=define_flags, required=required)
   run_job(cmd, lambda args: job(args.config, args.workdir), argv)

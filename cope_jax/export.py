@@ -30,9 +30,13 @@ as its `infer.py` does, for downstream jobs that read them (`cope_jax.release_fo
 and no Parquet, index or manifest (--resume applies to the Parquet format only).
 
 With --rope_dir a ROPE-format directory is prepared into OUT/prepared first and read
-from there. Parquet files are written under a temporary name and renamed when
-complete; --resume keeps every domain whose files are complete and listed in the
-manifest. The files' format (schema, manifest, reading) is `cope_jax.export_format`; the
+from there. The export is written whole: every process writes into one staging folder
+beside OUT (`.OUT.staging-shared`), which replaces OUT only once every file is complete
+(other entries of OUT, such as prepared/, are carried over as hard links). A failure at
+any point, a full disk included, leaves the previous export in OUT byte-identical;
+--resume continues a killed export from its staging folder, or keeps every domain whose
+files are complete and listed in OUT's manifest. Writing into a training workdir takes
+its lock (`cope_jax.workdir_lock`). The files' format (schema, manifest, reading) is `cope_jax.export_format`; the
 embeddings are written as the model gives them (unit rows are not normalised again), so
 an export holds exactly what `cope_jax.evaluate` scores. `load_exported_index` reads an
 index back and refuses one made by another model (config hash) or of another embedding
@@ -44,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -59,6 +64,7 @@ from cope_jax import release_format
 from cope_jax import result_files
 from cope_jax import sharding
 from cope_jax import state
+from cope_jax import workdir_lock
 from cope_jax.search import index as search_index
 from data_pipelines import domains
 
@@ -74,6 +80,41 @@ FORMATS = ("parquet", "release")  # --format: this project's Parquet + index, or
 def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                       split: str | None = None, rope_dir: str | None = None,
                       resume: bool = False, output_format: str = "parquet") -> export_format.Manifest:
+  """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
+
+  See `_export_embeddings` for the arguments. When `out_dir` lies inside `workdir`,
+  the workdir's lock is held throughout (one writer of a workdir at a time).
+  """
+  inside = os.path.abspath(out_dir).startswith(os.path.abspath(workdir) + os.sep)
+  with workdir_lock.hold(workdir, "export", enabled=inside and jax.process_index() == 0):
+    try:
+      return _export_embeddings(config, workdir, out_dir, split=split, rope_dir=rope_dir,
+                                resume=resume, output_format=output_format)
+    except BaseException:
+      if jax.process_index() == 0:
+        _clean_failed_staging(out_dir)
+      raise
+
+
+def _clean_failed_staging(out_dir: str) -> None:
+  """After a failure: the staging folder's partial files go; its complete domains and
+  manifest stay for a --resume (a fresh export removes them), an empty one goes."""
+  staging = result_files.shared_staging_path(out_dir)
+  if not os.path.isdir(staging):
+    return
+  if not os.path.isfile(os.path.join(staging, export_format.MANIFEST_FILE)):
+    shutil.rmtree(staging, ignore_errors=True)
+    return
+  for root, _, names in os.walk(staging):
+    for name in names:
+      if name.endswith(".tmp"):
+        os.remove(os.path.join(root, name))
+
+
+def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
+                       split: str | None = None, rope_dir: str | None = None,
+                       resume: bool = False,
+                       output_format: str = "parquet") -> export_format.Manifest:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
   Args:
@@ -110,11 +151,16 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
     config_checks.check_config(config)
   config_checks.check_split(config.data.prepared_dir, split, split_field)  # before any output
   config = config_checks.resolve_vocab_size(config)
+  # Every file goes into the staging folder, which replaces out_dir once all are written.
+  staging = result_files.shared_staging_path(out_dir)
+  if process_index == 0:
+    _prepare_staging(out_dir, staging, resume and output_format == "parquet")
+  _sync_processes("cope_jax.export: staging folder ready")
 
   manifest = export_format.Manifest(config_hash=model_hash, embedding_dim=int(config.model.emb_dim),
                       split=split, config=model_config,
                       prepared_dir=config.data.prepared_dir, process_count=process_count)
-  previous = export_format.Manifest.read(out_dir) if resume else None
+  previous = export_format.Manifest.read(staging) if resume else None
   if previous is not None:
     previous.check_same_run(manifest, out_dir)  # before the (slow) model load
 
@@ -122,12 +168,12 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   model_params, step, source = state.load_model_params(config, workdir, mesh)
   manifest.checkpoint_step, manifest.checkpoint = int(step), source
   if output_format == "release":
-    return _export_release(config, model_params, mesh, split, out_dir, manifest)
+    summary = _export_release(config, model_params, mesh, split, staging, manifest)
+    _swap_in(staging, out_dir, _is_release_file)
+    return summary
   if previous is not None:
     previous.check_same_run(manifest, out_dir)
     manifest.domains = dict(previous.domains)
-  elif process_index == 0 and os.path.exists(os.path.join(out_dir, export_format.MANIFEST_FILE)):
-    os.remove(os.path.join(out_dir, export_format.MANIFEST_FILE))  # it would describe files replaced now
 
   model = state.build_model(config)
   for domain in domains.NAMES:
@@ -136,13 +182,59 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
       manifest.domains.pop(domain, None)
       continue
     manifest.domains[domain] = _export_domain(
-        config, model, model_params, mesh, domain, split, out_dir,
+        config, model, model_params, mesh, domain, split, staging,
         manifest.domains.get(domain) if resume else None)
     if process_index == 0:
-      manifest.write(out_dir)
+      manifest.write(staging)  # the progress a --resume continues from
   if process_index == 0:
-    manifest.write(out_dir)
+    manifest.write(staging)
+  _swap_in(staging, out_dir, _is_parquet_export_file)
   return manifest
+
+
+def _is_parquet_export_file(name: str) -> bool:
+  """Whether an entry of an export folder belongs to the Parquet export (replaced by a
+  new one) rather than being carried over (prepared/, a release export, other files)."""
+  return (name in (export_format.MANIFEST_FILE, export_format.INDEX_DIR)
+          or name.removesuffix(".tmp").endswith(".parquet"))
+
+
+def _is_release_file(name: str) -> bool:
+  rank, _, release_name = name.removesuffix(release_format.TEMPORARY_SUFFIX).partition("_")
+  return rank.isdigit() and release_name in {d.release_name for d in domains.DOMAINS}
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _prepare_staging(out_dir: str, staging: str, resume: bool) -> None:
+  """The staging folder of an export: a killed export's when resuming one, else a fresh
+  one, holding (when resuming) links to out_dir's complete export files."""
+  result_files.recover_interrupted_swap(out_dir)
+  if resume and export_format.Manifest.read(staging) is not None:
+    logging.info("export: continuing the interrupted export in %s", staging)
+    return
+  result_files.remove_stale_staging(out_dir)  # this job's shared folder included
+  os.makedirs(staging)
+  if resume:
+    result_files.link_entries(out_dir, staging, _is_parquet_export_file)
+
+
+def _swap_in(staging: str, out_dir: str, replaced) -> None:
+  """Once every process has written its files: out_dir's entries that `replaced` does
+  not claim are carried over (linked), then the staging folder replaces out_dir."""
+  _sync_processes("cope_jax.export: all files written")
+  if jax.process_index() == 0:
+    carried = result_files.link_entries(out_dir, staging, lambda name: not replaced(name))
+    if export_format.MANIFEST_FILE in carried:
+      logging.warning("%s also holds a Parquet export (%s): cope_jax.compare will refuse "
+                      "the folder until one of the two is moved", out_dir,
+                      export_format.MANIFEST_FILE)
+    result_files.swap_in(staging, out_dir)
+  _sync_processes("cope_jax.export: swapped in")
 
 
 def _export_release(config, model_params, mesh, split: str, out_dir: str,
@@ -173,7 +265,12 @@ def _export_release(config, model_params, mesh, split: str, out_dir: str,
                 export_format.normalise_rows(embeddings, f"{domain} embeddings"))
                for ids, product_ids, embeddings in embed.iter_embedding_batches(
                    config, model, model_params, domain, mesh, split))
-    rows = release_format.write_embeddings(out_dir, domain, process_index, batches, times)
+    try:
+      rows = release_format.write_embeddings(out_dir, domain, process_index, batches, times)
+    except OSError as error:
+      raise result_files.write_error(
+          os.path.join(out_dir, release_format.file_name(process_index, domain)),
+          error) from None
     counts = _gather_counts(rows)
     summary.domains[domain] = export_format.DomainExport(
         count=sum(counts),
@@ -228,7 +325,10 @@ def _export_domain(config, model, model_params, mesh, domain: str, split: str, o
     local = export_format.read_parquet([own_path], domain)
   else:
     batches = embed.iter_embedding_batches(config, model, model_params, domain, mesh, split)
-    local = export_format.write_parquet(own_path, domain, batches, int(config.model.emb_dim))
+    try:
+      local = export_format.write_parquet(own_path, domain, batches, int(config.model.emb_dim))
+    except OSError as error:  # Arrow's messages name no file
+      raise result_files.write_error(own_path, error) from None
   gathered = embed.gather_to_all(local)
   counts = _gather_counts(len(local))
   entry = export_format.DomainExport(count=len(gathered),
@@ -259,8 +359,11 @@ def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> dict[st
   """
   index, info = search_index.build_index(eval_config.index, embeddings, eval_config,
                                          INDEX_RECALL_K)
-  with result_files.replaced_directory(index_dir) as staging:
-    search_index.save_index(index, staging)
+  try:
+    with result_files.replaced_directory(index_dir) as staging:
+      search_index.save_index(index, staging)
+  except OSError as error:
+    raise result_files.write_error(index_dir, error) from None
   tuning = {key: value for key, value in info.items() if key not in ("kind", "parameters")}
   return {"index_kind": info["kind"], "index_parameters": info["parameters"],
           "index_tuning": tuning}
@@ -331,33 +434,40 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
 # Command line.
 
 
-def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  flag_values = flags.FLAGS
-  manifest = export_embeddings(config, workdir, flag_values.out, split=flag_values.split or None,
-                               rope_dir=flag_values.rope_dir or None, resume=flag_values.resume,
-                               output_format=flag_values.format)
+def _main(args) -> None:
+  manifest = export_embeddings(args.config, args.workdir, args.out, split=args.split or None,
+                               rope_dir=args.rope_dir or None, resume=args.resume,
+                               output_format=args.format)
   if jax.process_index() == 0:
     counts = ", ".join(f"{d}: {e.count}" for d, e in manifest.domains.items())
-    layout = " in the release's format" if flag_values.format == "release" else ""
+    layout = " in the release's format" if args.format == "release" else ""
     print(f"exported checkpoint step {manifest.checkpoint_step} ({counts}) to "
-          f"{flag_values.out}{layout}")
+          f"{args.out}{layout}")
 
 
-def _define_flags() -> None:
+def _define_flags(flag_values) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string("out", None, "Output folder for Parquet files, indices and manifest.")
-  flags.DEFINE_string("split", "", "Split to export (default: config.data.eval_split).")
-  flags.DEFINE_string("rope_dir", "", "A ROPE-format folder to prepare into OUT/prepared "
-                      "and export instead of config.data.prepared_dir.")
-  flags.DEFINE_bool("resume", False, "Keep domains already complete in OUT/manifest.json.")
-  flags.DEFINE_enum("format", "parquet", FORMATS, "parquet: Parquet files, search index and "
-                    "manifest; release: the PyTorch release's {rank}_item/_photo/_live files.")
-  flags.mark_flag_as_required("out")
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", None, "output folder for Parquet files, indices and manifest",
+                      **define)
+  flags.DEFINE_string("split", "", "split to export (default: config.data.eval_split)",
+                      **define)
+  flags.DEFINE_string("rope_dir", "", "a ROPE-format folder to prepare into OUT/prepared "
+                      "and export instead of config.data.prepared_dir", **define)
+  flags.DEFINE_bool("resume", False, "continue an interrupted export, or keep the domains "
+                    "complete in OUT/manifest.json", **define)
+  flags.DEFINE_enum("format", "parquet", FORMATS, "parquet: Parquet files, search index "
+                    "and manifest; release: the PyTorch release's {rank}_item/_photo/_live "
+                    "files", **define)
+
+
+def main(argv=None) -> None:
+  command = cli.command("python -m cope_jax.export", __doc__,
+                        workdir_help="training directory whose checkpoint is exported",
+                        define_flags=_define_flags, required=("out",))
+  cli.run_job(command, _main, argv)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(_main, "Training directory whose checkpoint is exported.")
+  main()

@@ -179,36 +179,43 @@ def _fresh_staging(final_dir: str) -> Iterator[str]:
     raise
 
 
-def remove_stale_staging(final_dir: str) -> None:
-  """Removes staging folders of `final_dir` left by an interrupted write.
+def recover_interrupted_swap(final_dir: str) -> None:
+  """A folder swap interrupted between its two renames left the complete old folder
+  aside and none in place: puts it back."""
+  parent, name = os.path.split(os.path.abspath(final_dir))
+  if not os.path.isdir(parent) or os.path.exists(final_dir):
+    return
+  aside = sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.old-"))
+  if aside:
+    os.replace(os.path.join(parent, aside[0]), final_dir)
 
-  A `replaced_directory` swap interrupted between its two renames left the complete old
-  folder aside and none in place: that one is put back first.
-  """
+
+def remove_stale_staging(final_dir: str) -> None:
+  """Removes staging folders of `final_dir` left by an interrupted write (after putting
+  back the old folder of an interrupted swap)."""
   parent, name = os.path.split(os.path.abspath(final_dir))
   if not os.path.isdir(parent):
     return
-  if not os.path.exists(final_dir):
-    aside = sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.old-"))
-    if aside:
-      os.replace(os.path.join(parent, aside[0]), final_dir)
+  recover_interrupted_swap(final_dir)
   for entry in os.listdir(parent):
     if entry.startswith(f".{name}.staging-") or entry.startswith(f".{name}.old-"):
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _settle(staging: str) -> list[tuple[str, str]]:
-  """Flushes every file of `staging` to disk and gives it the umask's mode; returns
-  [(path relative to `staging`, path)]."""
-  mode = file_mode()
+  """Flushes every file of `staging` to disk; returns [(path relative to `staging`,
+  path)]. (Their modes are the umask's already: `staged_file` sets those of the files it
+  makes, `open` those of the others.)"""
   files = []
   for root, _, names in os.walk(staging):
     for name in names:
       path = os.path.join(root, name)
       try:
-        with open(path, "rb+") as f:
-          os.fsync(f.fileno())
-        os.chmod(path, mode)
+        handle = os.open(path, os.O_RDONLY)
+        try:
+          os.fsync(handle)
+        finally:
+          os.close(handle)
       except OSError as error:
         raise write_error(path, error) from None
       files.append((os.path.relpath(path, staging), path))
@@ -247,6 +254,59 @@ def replaced_directory(final_dir: str) -> Iterator[str]:
   with _fresh_staging(final_dir) as staging:
     yield staging
     _settle(staging)
+  parent, name = os.path.split(os.path.abspath(final_dir))
+  old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+  if os.path.exists(final_dir):
+    os.replace(final_dir, old)
+  os.replace(staging, final_dir)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- a folder staged across runs and processes ------------------------------------------
+
+
+def shared_staging_path(final_dir: str) -> str:
+  """The staging folder of `final_dir` that every process of a job writes into (and a
+  resumed job continues): `.<name>.staging-shared` beside it."""
+  parent, name = os.path.split(os.path.abspath(final_dir))
+  return os.path.join(parent, f".{name}.staging-shared")
+
+
+def _link_tree(source: str, target: str) -> None:
+  if os.path.isdir(source) and not os.path.islink(source):
+    os.makedirs(target, exist_ok=True)
+    for entry in os.listdir(source):
+      _link_tree(os.path.join(source, entry), os.path.join(target, entry))
+    return
+  try:
+    os.link(source, target)  # the same file: nothing copied, nothing rewritten
+  except OSError:
+    shutil.copy2(source, target)
+
+
+def link_entries(source_dir: str, target_dir: str, keep) -> list[str]:
+  """Hard-links (or copies) each entry `keep(name)` accepts of `source_dir` into
+  `target_dir`, unless there already; returns the names linked. The originals are not
+  touched, so an interruption loses nothing."""
+  linked = []
+  if not os.path.isdir(source_dir):
+    return linked
+  os.makedirs(target_dir, exist_ok=True)
+  for entry in sorted(os.listdir(source_dir)):
+    target = os.path.join(target_dir, entry)
+    if keep(entry) and not os.path.lexists(target):
+      try:
+        _link_tree(os.path.join(source_dir, entry), target)
+      except OSError as error:
+        raise write_error(target, error) from None
+      linked.append(entry)
+  return linked
+
+
+def swap_in(staging: str, final_dir: str) -> None:
+  """Makes the complete folder `staging` `final_dir`: flushed, the old folder renamed
+  aside, the new one renamed into place, the old one removed."""
+  _settle(staging)
   parent, name = os.path.split(os.path.abspath(final_dir))
   old = os.path.join(parent, f".{name}.old-{os.getpid()}")
   if os.path.exists(final_dir):

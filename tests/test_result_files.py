@@ -5,7 +5,6 @@ permissions. The report command under such a limit."""
 
 import json
 import os
-import resource
 import stat
 import subprocess
 import sys
@@ -29,10 +28,16 @@ def _files(folder) -> dict[str, bytes]:
   return found
 
 
-def _limited(limit_bytes: int):
-  """A preexec_fn: the child may write files of at most `limit_bytes` (Python ignores
-  SIGXFSZ, so a longer write fails with EFBIG, as on a full disk)."""
-  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+def _limited(command: list[str], limit_bytes: int | None) -> list[str]:
+  """`command` run so that it may write files of at most `limit_bytes` (Python ignores
+  SIGXFSZ, so a longer write fails with EFBIG, as on a full disk). A small launcher sets
+  the limit and execs the command (no preexec_fn: forking this multithreaded process to
+  run Python code in the child can deadlock)."""
+  if limit_bytes is None:
+    return command
+  return [sys.executable, "-c", "import os, resource, sys; limit = int(sys.argv[1]); "
+          "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+          "os.execv(sys.argv[2], sys.argv[2:])", str(limit_bytes), *command]
 
 
 @pytest.fixture
@@ -85,9 +90,9 @@ def test_a_write_failing_part_way_keeps_the_previous_result(tmp_path, kind):
   before = _files(tmp_path)
   target = {"file": folder / "report.md", "staged": folder, "replaced": folder,
             "append": folder / "history.jsonl"}[kind]
-  result = subprocess.run([sys.executable, "-c", WRITER, kind, str(target)], cwd=REPO_ROOT,
-                          env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True,
-                          text=True, timeout=120, preexec_fn=_limited(20_000))
+  result = subprocess.run(_limited([sys.executable, "-c", WRITER, kind, str(target)], 20_000),
+                          cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                          capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert "ResultWriteError" in result.stderr and "File too large" in result.stderr
   named = {"file": "report.md", "staged": "report.md", "replaced": "big.bin",
@@ -144,10 +149,10 @@ def _evaluated_workdir(root) -> str:
 
 
 def _report_command(workdir: str, limit: int | None = None):
-  return subprocess.run([sys.executable, "-m", "cope_jax.report", "--workdir", workdir],
-                        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-                        capture_output=True, text=True, timeout=300,
-                        preexec_fn=_limited(limit) if limit else None)
+  return subprocess.run(
+      _limited([sys.executable, "-m", "cope_jax.report", "--workdir", workdir], limit),
+      cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), capture_output=True,
+      text=True, timeout=300)
 
 
 def test_report_command_rewrites_the_report_and_keeps_it_when_a_write_fails(tmp_path,
