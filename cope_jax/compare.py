@@ -33,11 +33,9 @@ evaluated on all its ids. Written into OUT (default `./compare`):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -425,32 +423,40 @@ def compare(reference_dir: str, rope_dir: str, split: str, candidate_dir: str | 
 # Command line.
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m cope_jax.compare",
-      description="Evaluate one run's embeddings, or compare two runs' (the release's "
-                  "infer.py output or a cope_jax.export folder), on one ROPE split.")
-  parser.add_argument("--reference", required=True,
-                      help="folder of the reference embeddings (release format or export)")
-  parser.add_argument("--candidate", default=None,
-                      help="folder of the embeddings compared with the reference")
-  parser.add_argument("--rope_dir", required=True,
-                      help="ROPE folder whose pair files map ids to products")
-  parser.add_argument("--split", default="test", help="ROPE split of the ids (default test)")
-  parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default ./compare)")
-  parser.add_argument("--one_shot_draws", type=int, default=5,
-                      help="prototype draws of the one-shot accuracy (default 5)")
-  args = parser.parse_args(argv)
-  try:
-    result = compare(args.reference, args.rope_dir, args.split, args.candidate, args.out,
-                     args.one_shot_draws)
-  except (CompareInputError, release_format.ReleaseFormatError, FileNotFoundError) as error:
-    print(f"{parser.prog}: error: {error}", file=sys.stderr)
-    return 1
+def _define_flags(flag_values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("reference", None, "folder of the reference embeddings (release "
+                      "format or export)", **define)
+  flags.DEFINE_string("candidate", None, "folder of the embeddings compared with the "
+                      "reference", **define)
+  flags.DEFINE_string("rope_dir", None, "ROPE folder whose pair files map ids to products",
+                      **define)
+  flags.DEFINE_string("split", "test", "ROPE split of the ids", **define)
+  flags.DEFINE_string("out", DEFAULT_OUT, "output folder", **define)
+  flags.DEFINE_integer("one_shot_draws", 5, "prototype draws of the one-shot accuracy",
+                       **define)
+
+
+def _main(args) -> None:
+  result = compare(args.reference, args.rope_dir, args.split, args.candidate, args.out,
+                   args.one_shot_draws)
   print("\n".join(compare_report.retrieval_section(result)).strip())
   print(f"\nwrote {os.path.join(args.out, JSON_FILE)}, {MARKDOWN_FILE} and {PLOT_FILE}")
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line (`argv`: the arguments after the program name)."""
+  from data_pipelines import command_line  # pylint: disable=g-import-not-at-top
+
+  command = command_line.Command(
+      "python -m cope_jax.compare",
+      "Evaluates one run's embeddings, or compares two runs' (the release's infer.py output "
+      "or a cope_jax.export folder), on one ROPE split.",
+      define_flags=_define_flags, required=("reference", "rope_dir"))
+  command_line.run(command, _main, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()
