@@ -247,6 +247,8 @@ class _ImageResolver:
     self._has_image_dir = os.path.isdir(self._image_dir)
     self._check_files = check_files
     self.directories = (self._image_dir, root)
+    self.checks_files = check_files
+    self.unchecked_place = _IN_IMAGE_DIR if self._has_image_dir else _IN_ROOT
 
   def __call__(self, names: list[str]) -> np.ndarray:
     if not self._check_files:
@@ -276,7 +278,11 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
 
   pairs = rope_txt.read_pair_file(paths["pair"], domain, reports["pair"])
   texts, has_text = rope_txt.read_text_file(paths["text"], domain, pairs, reports["text"])
-  media = rope_txt.read_media_file(paths["media"], domain, pairs, reports["media"], resolver)
+  # Without file checks the names are not needed until the end (read again then).
+  media = rope_txt.read_media_file(paths["media"], domain, pairs, reports["media"],
+                                   resolver if resolver.checks_files else None)
+  if not resolver.checks_files:
+    media.places[:] = resolver.unchecked_place
   media, skipped = rope_txt.drop_absent(media, spec.is_clip, sampled_frames, reports["media"])
   for role in ("pair", "text", "media"):
     reports[role].into(problems)

@@ -315,19 +315,22 @@ class Media:
   millions of names is never held twice. `places` says where each image was found."""
   positions: np.ndarray  # int32: position of the id in the pair file's ids
   keys: np.ndarray  # int64: frame number / timestamp (0 for a page)
-  names: pa.ChunkedArray  # file order
+  names: pa.ChunkedArray | None  # file order; None: read again when asked for
   order: np.ndarray  # int64: row of `names` of each row here
   lines: np.ndarray  # int32
   places: np.ndarray  # int8: IN_IMAGE_DIR, IN_ROOT, ABSENT, or -1 (not looked for)
+  source: tuple[str, tuple[str, ...]] = ("", ())  # (path, columns) to read names again
 
   def subset(self, mask: np.ndarray) -> Media:
     if mask.all():
       return self
     return Media(self.positions[mask], self.keys[mask], self.names, self.order[mask],
-                 self.lines[mask], self.places[mask])
+                 self.lines[mask], self.places[mask], self.source)
 
   def sorted_names(self, mask: np.ndarray | None = None) -> pa.Array:
     """The names of the rows here (or of those `mask` selects), in this order."""
+    if self.names is None:
+      return read_names(*self.source, self.lines if mask is None else self.lines[mask])
     taken = self.names.take(pa.array(self.order if mask is None else self.order[mask]))
     return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken  # large
 
@@ -343,11 +346,34 @@ def _kept(array, mask: np.ndarray):
       array, (pa.Array, pa.ChunkedArray)) else array[mask])
 
 
+def _members(numbers: np.ndarray, wanted_sorted: np.ndarray) -> np.ndarray:
+  """bool [n]: which of `numbers` are in `wanted_sorted`."""
+  if not len(wanted_sorted):
+    return np.zeros(len(numbers), bool)
+  where = np.minimum(np.searchsorted(wanted_sorted, numbers), len(wanted_sorted) - 1)
+  return wanted_sorted[where] == numbers
+
+
+def read_names(path: str, columns: tuple[str, ...], wanted_lines: np.ndarray) -> pa.Array:
+  """The last field (the image name) of the rows at `wanted_lines` of a media file, in
+  that order: a second pass over the file that keeps only those names."""
+  wanted = np.sort(wanted_lines)
+
+  def per_block(numbers, fields):
+    mask = _members(numbers, wanted)
+    return numbers[mask], [_kept(fields[-1], mask).cast(pa.large_string())]
+
+  lines, (names,) = read_fields(path, columns, [], per_block)
+  names = names.combine_chunks()
+  return names.take(pa.array(np.searchsorted(lines, wanted_lines)))
+
+
 def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
                     resolve: Callable[[list[str]], np.ndarray] | None) -> Media:
   """The media rows that name an image of a paired id, first row of each (id, key),
   sorted by (pair position, key); `resolve(names) -> places` finds them on disk (None:
-  names as written, place -1)."""
+  names as written, place -1, and the names are not held while the file is read: the
+  rows kept in the end have theirs read by a second pass, `Media.sorted_names`)."""
   spec = domains.get(domain)
   columns, is_clip = spec.files.media_columns, spec.is_clip
 
@@ -373,11 +399,14 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
                                keys[valid])
     positions = _paired_positions(ids, pairs, lines, domain, report)
     paired = positions >= 0  # a paired row's id is pairs.ids[position]
+    if resolve is None:  # names read again for the rows kept
+      return lines[paired], [positions[paired], keys[paired]]
     # 64-bit offsets: tens of millions of names exceed the 2 GiB of a plain string array
     return lines[paired], [positions[paired], keys[paired],
                            _kept(names, paired).cast(pa.large_string())]
 
-  lines, (positions, keys, names) = read_fields(path, columns, report.found, per_block)
+  lines, (positions, keys, *held) = read_fields(path, columns, report.found, per_block)
+  names = held[0] if held else None
   # One stable sort by id, then key: the first row of each (id, key) in file order wins.
   order = np.lexsort((keys, positions))
   sorted_positions, sorted_keys = positions[order], keys[order]
@@ -388,8 +417,13 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
   if len(later):
     group_first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
     rows, firsts = order[later], group_first[later]
-    row_names = names.take(pa.array(rows)).to_pylist()
-    first_names = names.take(pa.array(firsts)).to_pylist()
+    if names is None:
+      both = read_names(path, columns, np.concatenate([lines[rows], lines[firsts]]))
+      row_names = both.slice(0, len(rows)).to_pylist()
+      first_names = both.slice(len(rows)).to_pylist()
+    else:
+      row_names = names.take(pa.array(rows)).to_pylist()
+      first_names = names.take(pa.array(firsts)).to_pylist()
     row_ids = pairs.ids.take(pa.array(positions[rows])).to_pylist()
     for row, first, name, first_name, item_id in zip(rows.tolist(), firsts.tolist(),
                                                      row_names, first_names, row_ids):
@@ -408,9 +442,10 @@ def read_media_file(path: str, domain: str, pairs: Pairs, report: Report,
     for start in range(0, len(order), _RESOLVE_BLOCK):
       block = order[start:start + _RESOLVE_BLOCK]
       places[start:start + len(block)] = resolve(names.take(pa.array(block)).to_pylist())
-  if not isinstance(names, pa.ChunkedArray):
+  if names is not None and not isinstance(names, pa.ChunkedArray):
     names = pa.chunked_array([names])
-  return Media(positions[order], keys[order], names, order, lines[order], places)
+  return Media(positions[order], keys[order], names, order, lines[order], places,
+               (path, columns))
 
 
 def drop_absent(media: Media, is_clip: bool, sampled_frames: int | None,
