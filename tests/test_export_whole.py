@@ -1,14 +1,20 @@
 """An export is swapped in whole: an export over an existing one that fails part-way
 (an injected ENOSPC in the Parquet writer; a file-size limit on the command line) leaves
 the previous export byte-identical with no temporary file, names the file, and exits 1;
---resume then continues from the domains the failed run completed."""
+--resume then continues from the domains the failed run completed. And the serving
+artifacts made from the command line, loaded in a process without the model code, embed
+an item of each domain as the export does (within 1e-5).
+
+The tests share one export (made once, copied before it is written over)."""
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cope_jax import checkpoints
@@ -16,6 +22,9 @@ from cope_jax import config_checks
 from cope_jax import export
 from cope_jax import export_format
 from cope_jax import result_files
+from cope_jax import serving
+from data_pipelines import domains
+from data_pipelines import pipelines
 from tests import test_serving
 from tests import tiny_configs
 
@@ -37,6 +46,27 @@ def _config(tiny_prepared_dir, tiny_rope_dir, weights):
   return config
 
 
+@pytest.fixture(scope="module")
+def first_export(tiny_prepared_dir, tiny_rope_dir, weights, tmp_path_factory):
+  """(folder, manifest) of one complete export of the test split, made under umask 022;
+  tests copy it before writing over it."""
+  out = tmp_path_factory.mktemp("first_export") / "export"
+  previous_umask = os.umask(0o022)
+  try:
+    manifest = export.export_embeddings(_config(tiny_prepared_dir, tiny_rope_dir, weights),
+                                        str(tmp_path_factory.mktemp("run")), str(out),
+                                        split="test")
+  finally:
+    os.umask(previous_umask)
+  return str(out), manifest
+
+
+def _copy_export(first_export, tmp_path) -> str:
+  out = tmp_path / "export"
+  shutil.copytree(first_export[0], out)
+  return out
+
+
 def _tree(root) -> dict[str, bytes]:
   """Every file under `root`, hidden ones and sibling staging folders included."""
   found = {}
@@ -53,15 +83,12 @@ def _temporaries(root) -> list[str]:
 
 
 def test_a_failed_reexport_keeps_the_previous_one_and_resume_continues(
-    tiny_prepared_dir, tiny_rope_dir, weights, tmp_path, monkeypatch):
+    tiny_prepared_dir, tiny_rope_dir, weights, first_export, tmp_path, monkeypatch):
   config = _config(tiny_prepared_dir, tiny_rope_dir, weights)
-  out, workdir = tmp_path / "export", str(tmp_path / "run")
-  previous_umask = os.umask(0o022)
-  try:
-    first = export.export_embeddings(config, workdir, str(out), split="test")
-  finally:
-    os.umask(previous_umask)
-  assert stat.S_IMODE(os.stat(out / export_format.MANIFEST_FILE).st_mode) == 0o644
+  first = first_export[1]
+  assert stat.S_IMODE(os.stat(os.path.join(first_export[0], export_format.MANIFEST_FILE))
+                      .st_mode) == 0o644
+  out, workdir = _copy_export(first_export, tmp_path), str(tmp_path / "run")
   before = _tree(tmp_path)
 
   # The second domain's Parquet write fails after its first row group.
@@ -100,10 +127,8 @@ def _tree_of(tree: dict[str, bytes], folder: str) -> dict[str, bytes]:
 
 
 def test_export_command_over_an_export_under_a_file_size_limit(
-    tiny_prepared_dir, tiny_rope_dir, weights, tmp_path):
-  config = _config(tiny_prepared_dir, tiny_rope_dir, weights)
-  out, workdir = tmp_path / "export", str(tmp_path / "run")
-  export.export_embeddings(config, workdir, str(out), split="test")
+    tiny_prepared_dir, tiny_rope_dir, weights, first_export, tmp_path):
+  out, workdir = _copy_export(first_export, tmp_path), str(tmp_path / "run")
   before = _tree(tmp_path)
   largest = max(len(data) for data in _tree(out).values())
   limit = largest // 2  # the largest file cannot be written whole
@@ -126,3 +151,45 @@ def test_export_command_over_an_export_under_a_file_size_limit(
   assert "File too large" in lines[-2] and "Traceback" not in result.stderr
   assert _tree(out) == _tree_of(before, "export")
   assert _temporaries(tmp_path) == []
+
+
+def test_serving_command_matches_the_export_in_a_process_without_model_code(
+    tiny_prepared_dir, tiny_rope_dir, weights, first_export, tmp_path):
+  # The weights served and exported: random ones, as `convert` leaves weights
+  # (config.train.init_from).
+  config = config_checks.resolve_vocab_size(
+      _config(tiny_prepared_dir, tiny_rope_dir, weights))
+  init_dir, workdir, export_dir = weights, str(tmp_path / "run"), first_export[0]
+
+  serving_dir = str(tmp_path / "serving")
+  env = {**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"}
+  made = subprocess.run(
+      [sys.executable, "-m", "cope_jax.serving", "--config",
+       os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"), "--workdir", workdir,
+       "--out", serving_dir,
+       *tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir),
+       f"--config.train.init_from={init_dir}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert made.returncode == 0, made.stderr[-3000:]
+  assert f"to {serving_dir}" in made.stdout
+
+  # One item of each domain, as the eval pipeline feeds it (uint8 pixels, token ids).
+  inputs, item_ids = {}, {}
+  for domain in domains.NAMES:
+    batch = next(iter(pipelines.make_eval_dataset(config, domain, "test")))
+    assert batch["valid"][0]
+    item_ids[domain] = str(batch["id"][0])
+    for name in serving.domain_inputs(config, domain):
+      inputs[name] = np.asarray(batch[name][:1])
+  np.savez(tmp_path / "inputs.npz", **inputs)
+  served = subprocess.run(
+      [sys.executable, "-c", test_serving.SERVE_ONE_ITEM, serving_dir, str(tmp_path / "inputs.npz"),
+       str(tmp_path / "outputs.npz")], cwd=tmp_path, capture_output=True, text=True,
+      timeout=300, env=env)
+  assert served.returncode == 0, served.stderr[-3000:]
+  assert "model modules: []" in served.stdout
+  with np.load(tmp_path / "outputs.npz") as outputs:
+    for domain in domains.NAMES:
+      got = outputs[domains.get(domain).embedding_key][0]
+      want = test_serving.exported_embedding(export_dir, domain, item_ids[domain])
+      np.testing.assert_allclose(got, want, atol=test_serving.ATOL, rtol=0, err_msg=domain)

@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import pathlib
-import stat
 import subprocess
 import sys
 
@@ -206,6 +205,7 @@ def test_a_process_without_the_model_code_serves_the_same_embeddings(
 
 
 # ---- from the command line, against the export ------------------------------------------
+# (the test is in tests/test_export_whole.py, which makes the export once for its tests)
 
 SERVE_ONE_ITEM = """
 import json, sys
@@ -227,7 +227,7 @@ print("model modules:", heavy)
 """
 
 
-def _exported_embedding(export_dir: str, domain: str, item_id: str) -> np.ndarray:
+def exported_embedding(export_dir: str, domain: str, item_id: str) -> np.ndarray:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(export_dir, "manifest.json"), encoding="utf-8") as f:
@@ -239,56 +239,3 @@ def _exported_embedding(export_dir: str, domain: str, item_id: str) -> np.ndarra
     if item_id in ids:
       return np.asarray(table.column("embedding")[ids.index(item_id)].as_py(), np.float32)
   raise AssertionError(f"{item_id} not in the {domain} export")
-
-
-def test_serving_command_matches_the_export_in_a_process_without_model_code(
-    tiny_prepared_dir, tiny_rope_dir, tmp_path):
-  from cope_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from cope_jax import export  # pylint: disable=g-import-not-at-top
-  from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top
-
-  # Weights to serve: random ones, as `convert` would leave them (config.train.init_from).
-  config = config_checks.resolve_vocab_size(
-      tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir))
-  init_dir, workdir = str(tmp_path / "weights"), str(tmp_path / "run")
-  checkpoints.save_params(init_dir, {"model": random_params(config, seed=5)})
-  config.train.init_from = init_dir
-  previous_umask = os.umask(0o022)
-  try:
-    export.export_embeddings(config, workdir, str(tmp_path / "export"), split="test")
-  finally:
-    os.umask(previous_umask)
-  assert stat.S_IMODE(os.stat(tmp_path / "export" / "manifest.json").st_mode) == 0o644
-
-  serving_dir = str(tmp_path / "serving")
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-  made = subprocess.run(
-      [sys.executable, "-m", "cope_jax.serving", "--config",
-       str(ROOT / "configs" / "synthetic_tiny.py"), "--workdir", workdir, "--out", serving_dir,
-       *tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir),
-       f"--config.train.init_from={init_dir}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-  assert made.returncode == 0, made.stderr[-3000:]
-  assert f"to {serving_dir}" in made.stdout
-
-  # One item of each domain, as the eval pipeline feeds it (uint8 pixels, token ids).
-  inputs, item_ids = {}, {}
-  for domain in domains.NAMES:
-    batch = next(iter(pipelines.make_eval_dataset(config, domain, "test")))
-    assert batch["valid"][0]
-    item_ids[domain] = str(batch["id"][0])
-    for name in serving.domain_inputs(config, domain):
-      inputs[name] = np.asarray(batch[name][:1])
-  np.savez(tmp_path / "inputs.npz", **inputs)
-  served = subprocess.run(
-      [sys.executable, "-c", SERVE_ONE_ITEM, serving_dir, str(tmp_path / "inputs.npz"),
-       str(tmp_path / "outputs.npz")], cwd=tmp_path, capture_output=True, text=True,
-      timeout=300, env=env)
-  assert served.returncode == 0, served.stderr[-3000:]
-  assert "model modules: []" in served.stdout
-  with np.load(tmp_path / "outputs.npz") as outputs:
-    for domain in domains.NAMES:
-      got = outputs[domains.get(domain).embedding_key][0]
-      want = _exported_embedding(str(tmp_path / "export"), domain, item_ids[domain])
-      np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=domain)
