@@ -146,7 +146,7 @@ def error_paragraph(error: BaseException) -> str:
 def traceback_requested(argv: Sequence[str] = ()) -> bool:
   if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes"):
     return True
-  return any(arg in ("--traceback", "-traceback", "--traceback=true", "--traceback=1")
+  return any(re.fullmatch(r"--?traceback(=(true|t|1|yes))?", arg, re.IGNORECASE)
              for arg in argv)
 
 

@@ -157,3 +157,13 @@ def test_every_entry_point_runs_as_a_program():
                         capture_output=True, text=True, timeout=300)
   assert typo.returncode == 1 and len(typo.stderr.strip().splitlines()) == 2, typo.stderr
   assert "did you mean --config.train.batch_size" in typo.stderr
+
+
+def test_traceback_flag_prints_the_traceback_instead(tmp_path, capsys):
+  with pytest.raises(command_line.CommandExit) as ended:
+    _main("cope_jax.train")(_config_command("cope_jax.train", tmp_path,
+                                            "--config.train.batch_sise=4", "--traceback"))
+  assert ended.value.code == 1
+  printed = capsys.readouterr().err
+  assert printed.startswith("Traceback (most recent call last):")
+  assert "ConfigFieldError: --config.train.batch_sise" in printed
