@@ -361,18 +361,22 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
-  """The largest allocations of the compiled step, from the memory-usage report XLA
-  writes with `xla_dump_to`: [{'mib', 'shapes'}], largest first."""
+  """The largest HBM allocations of the compiled step, from the memory-usage report XLA
+  writes with `xla_dump_to` (its default memory space): [{'mib', 'shapes'}], largest
+  first, each allocation (offset, size) once."""
   reports = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations-memory-usage-report.txt")))
   if not reports:
     return []
-  rows = []
   with open(reports[-1]) as f:
-    for line in f:
-      parts = [part.strip() for part in line.split(";")]
-      if len(parts) == 5 and parts[1].endswith("B") and parts[4].startswith("("):
-        rows.append({"bytes": _parse_size(parts[1]), "shapes": parts[4][:300]})
-  rows.sort(key=lambda row: -row["bytes"])
+    text = f.read()
+  default = text.split("Memory Space: default", 1)[-1].split("Memory Space:", 1)[0]
+  allocations = {}
+  for line in default.splitlines():
+    parts = [part.strip() for part in line.split(";")]
+    if len(parts) == 5 and re.fullmatch(r"[\d.]+[KMGT]?i?B", parts[1]):
+      allocations[(parts[2], parts[1])] = {"bytes": _parse_size(parts[1]),
+                                           "shapes": parts[4][:300]}
+  rows = sorted(allocations.values(), key=lambda row: -row["bytes"])
   return [{"mib": round(row["bytes"] / 2 ** 20, 1), "shapes": row["shapes"]}
           for row in rows[:count]]
 
