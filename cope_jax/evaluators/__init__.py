@@ -68,6 +68,20 @@ class Evaluator(Protocol):
     ...
 
 
+class DirectionsEvaluator:
+  """An evaluator computing a metric per retrieval direction from every domain's
+  embeddings and the shared settings: `directions_fn(embeddings_by_domain, eval_config)`
+  (a function of `cope_jax.search.directions`). It has no fields of its own."""
+  directions_fn: Callable[..., dict[str, Any]]
+
+  def __init__(self, name: str, entry, eval_config):
+    del name, entry
+    self._eval_config = eval_config
+
+  def run(self, embeddings: EmbeddingSource) -> dict[str, Any]:
+    return self.directions_fn(embeddings.all(), self._eval_config)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scheduled:
   """An evaluator and its schedule, as built from its config entry."""

@@ -7,18 +7,9 @@ the nearest prototype.
 Writes, per direction, `one_shot_accuracy`, `one_shot_std` and `one_shot_num_classes`.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
+from cope_jax import evaluators
 from cope_jax.search import directions
 
 
-class Evaluator:
-
-  def __init__(self, name: str, entry, eval_config):
-    del name, entry  # no fields of its own beside type and every
-    self._eval_config = eval_config
-
-  def run(self, embeddings) -> dict[str, Any]:
-    return directions.one_shot_directions(embeddings.all(), self._eval_config)
+class Evaluator(evaluators.DirectionsEvaluator):
+  directions_fn = staticmethod(directions.one_shot_directions)

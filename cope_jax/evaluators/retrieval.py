@@ -8,18 +8,9 @@ Writes, per direction (`page_to_video`, ...), the metrics of
 with an index, `<kind>_recall@10_vs_exact`.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
+from cope_jax import evaluators
 from cope_jax.search import directions
 
 
-class Evaluator:
-
-  def __init__(self, name: str, entry, eval_config):
-    del name, entry  # no fields of its own beside type and every
-    self._eval_config = eval_config
-
-  def run(self, embeddings) -> dict[str, Any]:
-    return directions.retrieval_directions(embeddings.all(), self._eval_config)
+class Evaluator(evaluators.DirectionsEvaluator):
+  directions_fn = staticmethod(directions.retrieval_directions)
