@@ -41,7 +41,9 @@ def write(out_dir: str, result: Mapping[str, Any]) -> None:
 
 def _label(name: str) -> str:
   """A direction's name (domains.DIRECTION_NAMES) as the report labels it."""
-  return report.direction_label(*name.split("_to_"))
+  query, gallery = next((q, g) for q, g in domains.DIRECTIONS
+                        if domains.direction_name(q, g) == name)
+  return domains.direction_label(query, gallery)
 
 
 def _value(value, percent: bool) -> str:

@@ -6,6 +6,7 @@
   recall_curves.png     R@K for K = 1..50 per direction (exact search, sampled queries)
   training_curves.png   loss, per-term losses and learning rates of the training log
   examples.html         example queries with their top-5 results as thumbnails
+                        (`cope_jax.report_examples`)
 
 Each artefact is made independently: a failure to make one (a missing image, a plotting
 error) is logged and listed in report.md, not raised, so it cannot cost the metrics the
@@ -19,7 +20,6 @@ complete report instead of swapping in a partial one.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import math
@@ -33,6 +33,7 @@ import numpy as np
 
 from cope_jax import embed
 from cope_jax import metrics_writer
+from cope_jax import report_examples
 from cope_jax import result_files
 from cope_jax.search import exact
 from cope_jax.search import metrics as search_metrics
@@ -46,10 +47,6 @@ EXAMPLES_FILE = "examples.html"
 RECALL_CURVE_MAX_K = 50
 RECALL_CURVE_MAX_QUERIES = 2000  # queries sampled per direction for the curves
 RECALL_CURVE_SEED = 0
-EXAMPLES_SEED = 0
-EXAMPLES_TOP_K = 5
-THUMBNAIL_SIDE = 112  # pixels, longest side
-THUMBNAIL_QUALITY = 85  # JPEG quality of the embedded thumbnails
 
 # metrics.json key -> (column title, formatter); percentages get one decimal.
 PERCENT = "percent"
@@ -69,10 +66,6 @@ _MISSING = "–"
 def _direction_names() -> list[tuple[str, str, str]]:
   """[(name, query domain, gallery domain)] in the paper's order."""
   return [(domains.direction_name(q, g), q, g) for q, g in domains.DIRECTIONS]
-
-
-def direction_label(query_domain: str, gallery_domain: str) -> str:
-  return f"{query_domain} → {gallery_domain}"
 
 
 def format_value(value: Any, kind: str) -> str:
@@ -107,7 +100,7 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
   separator = "|---|" + "---:|" * len(TABLE_COLUMNS)
   rows = [header, separator]
   for name, query_domain, gallery_domain in _direction_names():
-    label = direction_label(query_domain, gallery_domain)
+    label = domains.direction_label(query_domain, gallery_domain)
     entry = metrics.get(name)
     if not isinstance(entry, Mapping) or "skipped" in entry:
       reason = entry.get("skipped") if isinstance(entry, Mapping) else "not evaluated"
@@ -235,153 +228,6 @@ def save_figure(figure, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Example queries.
-
-
-def thumbnail_data_uri(jpeg_bytes: bytes, side: int = THUMBNAIL_SIDE) -> str:
-  """A `data:image/jpeg;base64,...` URI of the image shrunk to `side` pixels."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  with Image.open(io.BytesIO(jpeg_bytes)) as image:
-    image = image.convert("RGB")
-    image.thumbnail((side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
-  return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def record_image(record: Mapping[str, Any]) -> bytes:
-  """The JPEG bytes that show a record: the page image or a clip's middle frame."""
-  if "image" in record:
-    return record["image"]
-  frames = record.get("frames") or []
-  if not frames:
-    raise ValueError(f"record {record.get('id')!r} has no image and no frames")
-  return frames[len(frames) // 2]
-
-
-class RecordImages:
-  """Looks up the thumbnail of a record of one domain by its id.
-
-  Embedding row i is normally record i of the prepared source (the eval pipeline
-  keeps record order); when it is not, the records of the item's product (from the
-  products table) are searched. Only the records asked for are read.
-  """
-
-  def __init__(self, source, products: Sequence[Mapping[str, Any]], domain: str):
-    self._source = source
-    self._domain = domain
-    self._products = {p["product_id"]: p for p in products}
-    self._cache: dict[str, str] = {}
-
-  def data_uri(self, row: int, item_id: str, product_id: str) -> str:
-    if item_id not in self._cache:
-      self._cache[item_id] = thumbnail_data_uri(record_image(self._find(row, item_id, product_id)))
-    return self._cache[item_id]
-
-  def _find(self, row: int, item_id: str, product_id: str) -> Mapping[str, Any]:
-    if 0 <= row < len(self._source):
-      record = self._source[row]
-      if record["id"] == item_id:
-        return record
-    for index in self._products.get(product_id, {}).get(self._domain, []):
-      record = self._source[index]
-      if record["id"] == item_id:
-        return record
-    raise KeyError(f"{self._domain} record {item_id!r} (product {product_id!r}) not found "
-                   "in the prepared records")
-
-
-def select_examples(num_queries: int, num_examples: int, seed: int) -> np.ndarray:
-  """Sorted indices of `num_examples` distinct queries drawn with `seed`."""
-  count = min(num_examples, num_queries)
-  return np.sort(np.random.default_rng(seed).choice(num_queries, size=count, replace=False))
-
-
-def _image_cell(uri: str | None, lines: Sequence[str], correct: bool | None) -> str:
-  """One table cell: thumbnail, ✓ when correct, caption lines (plain text)."""
-  css = {True: "correct", False: "wrong", None: "query"}[correct]
-  mark = '<span class="mark">✓</span>' if correct else ""
-  alt = html.escape(lines[0], quote=True)
-  image = f'<img src="{uri}" alt="{alt}">' if uri else '<div class="noimage">no image</div>'
-  caption = "<br>".join(html.escape(line) for line in lines)
-  return f'<td class="{css}">{image}{mark}<div class="caption">{caption}</div></td>'
-
-
-def examples_html(embeddings: Mapping[str, embed.DomainEmbeddings],
-                  images: Mapping[str, RecordImages], num_examples: int,
-                  title: str = "COPE retrieval examples", seed: int = EXAMPLES_SEED,
-                  top_k: int = EXAMPLES_TOP_K) -> str:
-  """A self-contained HTML page: per direction, example queries and their top-k.
-
-  The same seeded query sample is drawn in every run. A retrieved item showing the
-  query's product gets a green border and a ✓. Thumbnails are inline base64 JPEG.
-  """
-  sections = []
-  for direction_index, (name, query_domain, gallery_domain) in enumerate(_direction_names()):
-    if query_domain not in embeddings or gallery_domain not in embeddings:
-      continue
-    query, gallery = embeddings[query_domain], embeddings[gallery_domain]
-    if len(query) == 0 or len(gallery) == 0:
-      continue
-    chosen = select_examples(len(query), num_examples, seed + direction_index)
-    k = min(top_k, len(gallery))
-    scores, indices = exact.exact_search(query.embeddings[chosen], gallery.embeddings, k)
-    rows = []
-    for query_row, row_scores, row_indices in zip(chosen, scores, indices):
-      query_product = str(query.product_ids[query_row])
-      cells = [_image_cell(
-          _try_uri(images[query_domain], query_row, query),
-          [f"query {query.ids[query_row]}", f"product {query_product}"], None)]
-      for rank, (score, gallery_row) in enumerate(zip(row_scores, row_indices), start=1):
-        result_product = str(gallery.product_ids[gallery_row])
-        cells.append(_image_cell(
-            _try_uri(images[gallery_domain], gallery_row, gallery),
-            [f"#{rank} {gallery.ids[gallery_row]}", f"product {result_product}",
-             f"score {float(score):.3f}"],
-            result_product == query_product))
-      rows.append("<tr>" + "".join(cells) + "</tr>")
-    sections.append(
-        f"<h2>{html.escape(direction_label(query_domain, gallery_domain))}</h2>\n"
-        f"<table>\n" + "\n".join(rows) + "\n</table>")
-  return _HTML_PAGE.format(title=html.escape(title), body="\n".join(sections))
-
-
-def _try_uri(images: RecordImages, row: int, domain_embeddings: embed.DomainEmbeddings
-             ) -> str | None:
-  try:
-    return images.data_uri(int(row), str(domain_embeddings.ids[row]),
-                           str(domain_embeddings.product_ids[row]))
-  except (KeyError, ValueError, OSError) as error:
-    logging.warning("report: no thumbnail for %s %s: %s", domain_embeddings.domain,
-                    domain_embeddings.ids[row], error)
-    return None
-
-
-_HTML_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table {{ border-collapse: separate; border-spacing: 6px; margin-bottom: 1.5em; }}
-td {{ vertical-align: top; text-align: center; font-size: 11px; width: 124px;
-      border: 4px solid #ddd; padding: 2px; position: relative; }}
-td.query {{ border-color: #3465a4; }}
-td.correct {{ border-color: #2e9e2e; }}
-td.wrong {{ border-color: #ddd; }}
-.mark {{ position: absolute; top: 2px; right: 6px; color: #2e9e2e; font-size: 20px;
-         font-weight: bold; }}
-.noimage {{ width: 112px; height: 112px; line-height: 112px; background: #eee; }}
-</style></head>
-<body>
-<h1>{title}</h1>
-<p>Each row: the query (blue) and its top results by cosine similarity. Results showing
-the query's product have a green border and a ✓.</p>
-{body}
-</body></html>
-"""
-
-
-# ----------------------------------------------------------------------------
 # The report.
 
 
@@ -415,7 +261,7 @@ def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDi
   if artefacts.get("training_curves"):
     lines += [f"![training curves]({TRAINING_CURVES_FILE})", ""]
   if artefacts.get("examples"):
-    lines += [f"Example queries with their top-{EXAMPLES_TOP_K} results: "
+    lines += [f"Example queries with their top-{report_examples.EXAMPLES_TOP_K} results: "
               f"[{EXAMPLES_FILE}]({EXAMPLES_FILE})", ""]
   lines += [f"- {note}" for note in notes]
   if notes:
@@ -502,11 +348,11 @@ def _write_examples(eval_dir: str, embeddings: Mapping[str, embed.DomainEmbeddin
 
   prepared_dir, split = config.data.prepared_dir, config.data.eval_split
   products = prepare.load_products(prepared_dir, split)
-  images = {domain: RecordImages(prepare.open_domain(prepared_dir, split, domain), products,
-                                 domain)
+  images = {domain: report_examples.RecordImages(
+      prepare.open_domain(prepared_dir, split, domain), products, domain)
             for domain in embeddings}
   path = os.path.join(eval_dir, EXAMPLES_FILE)
-  page = examples_html(embeddings, images, num_examples,
+  page = report_examples.examples_html(embeddings, images, num_examples,
                        title=f"COPE retrieval examples ({split} split)")
   result_files.write_text(path, page)
   return path

@@ -141,4 +141,9 @@ def direction_name(query_domain: str, gallery_domain: str) -> str:
   return f"{query_domain}_to_{gallery_domain}"
 
 
+def direction_label(query_domain: str, gallery_domain: str) -> str:
+  """`page → video`: the direction page -> video as reports show it."""
+  return f"{query_domain} → {gallery_domain}"
+
+
 DIRECTION_NAMES = tuple(direction_name(*direction) for direction in DIRECTIONS)

@@ -12,6 +12,7 @@ import pytest
 
 from cope_jax import embed
 from cope_jax import report
+from cope_jax import report_examples
 from cope_jax.search import metrics as search_metrics
 from data_pipelines import domains
 from data_pipelines import prepare
@@ -182,25 +183,25 @@ def test_write_report_makes_every_artefact(tiny_embeddings, tiny_prepared_dir, t
   uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
   assert len(uris) == 6 * 3 * 6  # every query and result has its thumbnail
   with Image.open(io.BytesIO(base64.b64decode(uris[0]))) as thumbnail:
-    assert thumbnail.format == "JPEG" and max(thumbnail.size) <= report.THUMBNAIL_SIDE
+    assert thumbnail.format == "JPEG" and max(thumbnail.size) <= report_examples.THUMBNAIL_SIDE
   assert "score " in page and "product " in page
 
 
 def test_examples_show_a_clips_middle_frame(tiny_prepared_dir):
   video, records = _domain_embeddings(tiny_prepared_dir, "video", noise=0.5, seed=0)
   products = prepare.load_products(tiny_prepared_dir, "test")
-  images = report.RecordImages(prepare.open_domain(tiny_prepared_dir, "test", "video"),
+  images = report_examples.RecordImages(prepare.open_domain(tiny_prepared_dir, "test", "video"),
                                products, "video")
   record = records[3]
   middle = record["frames"][len(record["frames"]) // 2]
   assert len(set(record["frames"])) > 1
-  expected = report.thumbnail_data_uri(middle)
+  expected = report_examples.thumbnail_data_uri(middle)
   assert images.data_uri(3, record["id"], record["product_id"]) == expected
   # A wrong row (order not kept) is found through the products table.
-  images = report.RecordImages(prepare.open_domain(tiny_prepared_dir, "test", "video"),
+  images = report_examples.RecordImages(prepare.open_domain(tiny_prepared_dir, "test", "video"),
                                products, "video")
   assert images.data_uri(0, record["id"], record["product_id"]) == expected
-  assert report.thumbnail_data_uri(record["frames"][0]) != expected
+  assert report_examples.thumbnail_data_uri(record["frames"][0]) != expected
 
 
 def test_report_survives_plot_failures_and_a_missing_log(tiny_embeddings, tiny_prepared_dir,
