@@ -7,7 +7,8 @@ Writes the nine txt files of a `training` split (text only: no image files) at e
 fraction of ROPE's real training size (`../shared/cope_reference.md`: 187,431 products,
 3,025,236 product pages, 5,837,716 short videos, 3,464,116 live clips), parses each in a
 fresh process with `rope_format.load_rope(root, "training", check_files=False,
-num_frames=T)`, and records the seconds and the process's peak RSS. A linear fit of
+num_frames=T)`, and records the seconds and the process's peak RSS (`VmHWM`, which
+covers the parse and the interpreter). A linear fit of
 seconds and of peak RSS against the number of rows, over the fractions, gives the full
 size, with the fit's residuals. `--full` also parses the full size once.
 
@@ -99,14 +100,18 @@ _PARSE = """
 import json, resource, sys, time
 from data_pipelines import rope_format
 root, num_frames = sys.argv[1], int(sys.argv[2])
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/status") as status:
+    baseline = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
 start = time.perf_counter()
 catalog = rope_format.load_rope(root, "training", check_files=False,
                                 **({"num_frames": num_frames} if num_frames else {}))
 seconds = time.perf_counter() - start
 frames = sum(len(c.frames) for c in catalog.videos.values())
-print(json.dumps({"seconds": seconds, "peak_rss_kib": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss, "import_rss_kib": baseline,
+# VmHWM: this process image's own peak (ru_maxrss would carry the launching process's
+# peak over fork + exec)
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+print(json.dumps({"seconds": seconds, "peak_rss_kib": peak, "import_rss_kib": baseline,
     "pages": len(catalog.pages), "videos": len(catalog.videos), "lives": len(catalog.lives),
     "video_frames_kept": frames, "problems": len(catalog.problems)}))
 """
