@@ -225,7 +225,7 @@ def make_dataset(root: str) -> tuple[str, str]:
   rope_dir, prepared_dir = os.path.join(root, "rope"), os.path.join(root, "prepared")
   synthetic.generate(rope_dir, products=16, test_products=8, frames_per_clip=4,
                      image_size=32, seed=0)
-  prepare.prepare(rope_dir, prepared_dir, shard_size=16, num_workers=1, progress=False,
+  prepare.prepare(rope_dir, prepared_dir, num_shards=3, progress=False,
                   log=lambda line: None)
   return rope_dir, prepared_dir
 
