@@ -208,7 +208,8 @@ def attention_comparison(topology: str, images: int, length: int, heads: int, he
   config.model.attention='xla' runs) and the Pallas TPU flash-attention kernel (lengths
   padded to its 128-token blocks, padding masked by segment ids). Per-chip temporaries,
   peak bytes and XLA's cost figures of each."""
-  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
   mesh = jax.sharding.Mesh(np.array(topology_devices(topology)[:1]), ("chip",))
   spec = jax.ShapeDtypeStruct((images, length, heads, head_dim), dtype,
                               sharding=jax.sharding.NamedSharding(mesh,
@@ -364,7 +365,8 @@ def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
   """The largest HBM allocations of the compiled step, from the memory-usage report XLA
   writes with `xla_dump_to` (its default memory space): [{'mib', 'shapes'}], largest
   first, each allocation (offset, size) once."""
-  reports = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations-memory-usage-report.txt")))
+  reports = sorted(glob.glob(
+      os.path.join(dump_dir, "*after_optimizations-memory-usage-report.txt")))
   if not reports:
     return []
   with open(reports[-1]) as f:
