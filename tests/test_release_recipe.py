@@ -473,6 +473,12 @@ def test_stage1_trains_and_stage2_starts_from_its_checkpoint(tiny_prepared_dir,
     assert f"loss/{term}" not in metrics, term
   # Stage 2's first update runs at λ(0) = 0: its step-1 model is the one it started from.
   started = model_params_at(tmp_path / "stage2", 1)
-  assert started.keys() == trained.keys()
+  # Stage 1's in-domain ASR terms trained the clip heads' text projections; stage 2, as
+  # released, reads no clip text and has none: everything else starts where stage 1 ended.
+  clip_text = {path for path in trained
+               if path.split("/")[0] in ("video_head", "live_head") and "/fc0/" in path}
+  assert len(clip_text) == 4
+  assert started.keys() == trained.keys() - clip_text
   for path, value in trained.items():
-    np.testing.assert_array_equal(started[path], value, err_msg=path)
+    if path not in clip_text:
+      np.testing.assert_array_equal(started[path], value, err_msg=path)
