@@ -4,6 +4,17 @@
 # Usage: bash scripts/demo.sh [WORKDIR]   (default ./demo_run; reruns reuse what is there)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh" requirements.txt
+# The test requirements add libtpu (TPU compiles without a TPU). On a host without TPU
+# chips or a CUDA plugin, keep JAX from trying to start a TPU backend (it fails noisily).
+if [ -z "${JAX_PLATFORMS:-}" ] && python - <<'PY'
+import glob, importlib.util, sys
+no_tpu_chips = not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")
+no_cuda = not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+sys.exit(0 if importlib.util.find_spec("libtpu") and no_tpu_chips and no_cuda else 1)
+PY
+then
+  export JAX_PLATFORMS=cpu
+fi
 workdir="${1:-demo_run}"
 config="configs/synthetic_tiny.py"
 overrides=(
