@@ -223,7 +223,8 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   since = time.perf_counter()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  model = torch_reference.ReferenceCOPE(config.model).to(device)
+  model = torch_reference.ReferenceCOPE(
+      config.model, clip_text=state_lib.needs_clip_text(config)).to(device)
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.learning_rate,
                                 weight_decay=config.optim.weight_decay)
   use_amp = device == "cuda"
@@ -260,7 +261,7 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   def step():
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device, dtype=torch.float16, enabled=use_amp):
-      loss = loss_fn(model(to_model_batch(), clip_text=False))
+      loss = loss_fn(model(to_model_batch()))
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

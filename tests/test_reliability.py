@@ -41,6 +41,7 @@ from cope_jax import report
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
+from cope_jax.evaluators import retrieval as retrieval_evaluator
 from cope_jax.search import directions
 from data_pipelines import transforms
 from tests import tiny_configs
@@ -316,7 +317,8 @@ def test_evaluation_results_are_replaced_only_when_complete_and_are_strict_json(
     metrics["page_to_video"] = dict(metrics.get("page_to_video", {}), mAP=float("nan"))
     return metrics
 
-  monkeypatch.setattr(directions, "retrieval_directions", with_a_nan)
+  monkeypatch.setattr(retrieval_evaluator.Evaluator, "directions_fn",
+                      staticmethod(with_a_nan))
   evaluate.run(config, workdir)
   with open(os.path.join(workdir, "eval", "metrics.json"), encoding="utf-8") as f:
     written = _strict_json(f.read())
