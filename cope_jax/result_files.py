@@ -253,13 +253,7 @@ def replaced_directory(final_dir: str) -> Iterator[str]:
   """
   with _fresh_staging(final_dir) as staging:
     yield staging
-    _settle(staging)
-  parent, name = os.path.split(os.path.abspath(final_dir))
-  old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-  if os.path.exists(final_dir):
-    os.replace(final_dir, old)
-  os.replace(staging, final_dir)
-  shutil.rmtree(old, ignore_errors=True)
+    swap_in(staging, final_dir)
 
 
 # ---- a folder staged across runs and processes ------------------------------------------
