@@ -243,4 +243,7 @@ def release_train(init_from, init_allow_missing):
   train.keep_checkpoints = 3
   train.init_from = init_from
   train.init_allow_missing = init_allow_missing
+  # XLA options for the compiled step, 'xla_name=value,...' (not a recipe field). On TPU,
+  # e.g. 'xla_tpu_scheduler_percent_shared_memory_limit=80': see the README's TPU part.
+  train.compiler_options = ""
   return train

@@ -128,6 +128,7 @@ def get_config():
   train.keep_checkpoints = 2
   train.init_from = ""  # converted checkpoint(s) (cope_jax.convert; comma-separated) or a training workdir
   train.init_allow_missing = False
+  train.compiler_options = ""  # XLA options of the compiled step, 'xla_name=value,...'
 
   # ---- device mesh, multi-host, evaluation (as in every config) --------------
   config.mesh = common.mesh_config()

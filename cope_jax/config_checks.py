@@ -6,10 +6,12 @@ Each error names the config field (`config.train.batch_size: ...`) so that a typ
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +62,26 @@ def _leaves(value: Any, prefix: str):
     yield prefix, value
 
 
+def compiler_options(text: str, field: str = "train.compiler_options") -> dict[str, Any]:
+  """'name=value,name=value' -> {name: value} for `jax.jit(compiler_options=...)`.
+
+  Values are Python literals where they parse as one (80, False, 1.5), strings
+  otherwise. XLA options of one backend (`xla_tpu_*`) are unknown to the others, which
+  refuse them when the step compiles."""
+  options: dict[str, Any] = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, equals, value = item.partition("=")
+    name = name.strip()
+    if not equals or not re.fullmatch(r"xla_\w+", name):
+      raise ConfigError(f"config.{field}: {item!r} is not an XLA option 'xla_name=value' "
+                        "(comma-separated)")
+    try:
+      options[name] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      options[name] = value.strip()
+  return options
+
+
 def check_finite_numbers(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for any field holding NaN or +-Inf (`--config.x=inf` parses)."""
   resolved = config.copy_and_resolve_references().to_dict()
@@ -99,6 +121,7 @@ def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -
   _require(config.data.num_frames <= config.model.vision.num_frames, "data.num_frames",
            "more frames than the MIT positional embedding holds (model.vision.num_frames)")
   _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+  compiler_options(config.train.compiler_options)
   _require(config.train.keep_checkpoints >= 2, "train.keep_checkpoints",
            f"must be at least 2 (got {config.train.keep_checkpoints}), so that a damaged "
            "latest checkpoint can fall back to the one before it")

@@ -109,6 +109,20 @@ class TrainingRun:
     return jax.process_index() == 0
 
 
+def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                   optimizer: optax.GradientTransformation, state_shardings: TrainState,
+                   mesh: jax.sharding.Mesh):
+  """`train_step` jitted as training runs it: state in and out with `state_shardings`
+  (donated), the batch split over 'data', XLA options from config.train.compiler_options.
+  (state, batch) -> (state, metrics)."""
+  options = config_checks.compiler_options(config.train.compiler_options)
+  return jax.jit(
+      functools.partial(train_step, model=model, optimizer=optimizer, loss_config=config.loss),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, None), donate_argnums=(0,),
+      compiler_options=options or None)
+
+
 def _check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   for count, what in ((jax.process_count(), "processes"),
                       (mesh.shape["data"], "devices of the 'data' mesh axis")):
@@ -153,10 +167,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
         state.params["model"], state_shardings.params["model"], config)
     state = state.replace(params=dict(state.params, model=model_params))
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, optimizer=optimizer, loss_config=config.loss),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  step_fn = jit_train_step(config, model, optimizer, state_shardings, mesh)
   return TrainingRun(config=config, workdir=workdir, mesh=mesh, state=state,
                      state_shardings=state_shardings, data_iterator=data_iterator,
                      manager=manager, step_fn=step_fn, start_step=int(state.step))

@@ -105,3 +105,17 @@ def test_loss_weights_cover_the_loss_term_table():
                            for term in losses.CONTRASTIVE_TERMS}
   with pytest.raises(ValueError, match="unknown loss terms"):
     common.loss_weights({"video_video": 1.0})
+
+
+def test_compiler_options_parse_and_a_malformed_one_names_the_field():
+  from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+  assert config_checks.compiler_options("") == {}
+  assert config_checks.compiler_options(
+      "xla_tpu_scheduler_percent_shared_memory_limit=80, xla_flag_b=False,xla_c=fast") == {
+          "xla_tpu_scheduler_percent_shared_memory_limit": 80, "xla_flag_b": False,
+          "xla_c": "fast"}
+  for text in ("xla_a", "percent=80", "xla_a=1,,oops=2"):
+    with pytest.raises(config_checks.ConfigError, match=r"config\.train\.compiler_options"):
+      config_checks.compiler_options(text)
+  for name in TOP_LEVEL:  # no config sets XLA options by default
+    assert importlib.import_module(f"configs.{name}").get_config().train.compiler_options == ""
