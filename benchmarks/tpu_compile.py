@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import functools
 import glob
 import json
 import math
@@ -158,16 +157,13 @@ def abstract_batch(spec: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict:
 
 
 def lower_train_step(config, mesh):
-  """The training step (`train.train_step`, jitted as `train.setup` does) lowered over
+  """The training step (`train.jit_train_step`, as training runs it) lowered over
   the abstract state and a global batch. Returns (lowered, abstract state)."""
   abstract = state_lib.abstract_train_state(config, mesh, _num_classes(config))
   state_shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract)
-  step = jax.jit(
-      functools.partial(train.train_step, model=state_lib.build_model(config),
-                        optimizer=optim.make_optimizer(config.optim, config.train.num_steps),
-                        loss_config=config.loss),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  step = train.jit_train_step(config, state_lib.build_model(config),
+                              optim.make_optimizer(config.optim, config.train.num_steps),
+                              state_shardings, mesh)
   batch = abstract_batch(pipelines.pipeline_batch_spec(config), mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     return step.lower(abstract, batch), abstract
@@ -383,6 +379,68 @@ def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
           for row in rows[:count]]
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _value_bytes(shape_text: str, index: str) -> tuple[int, str]:
+  """('f32[8,4]{1,0}' or a tuple shape, '{}' or '{1}') -> (logical bytes, 'f32[8,4]')."""
+  arrays = re.findall(r"\b(\w+)\[([\d,]*)\]", shape_text)
+  if shape_text.lstrip().startswith("("):
+    if index == "{}":
+      return 0, ""  # the tuple itself holds pointers only
+    position = int(index.strip("{}").split(",")[0])
+    arrays = arrays[position:position + 1]
+  total = 0
+  for dtype, dims in arrays:
+    total += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+  return total, " ".join(f"{dtype}[{dims}]" for dtype, dims in arrays)
+
+
+def live_at_peak(dump_dir: str, count: int = 12, min_bytes: int = 2 ** 20
+                 ) -> dict[str, Any]:
+  """What the compiled step holds at its moment of highest memory, from the HLO and
+  the live ranges XLA writes with `xla_dump_to`: {'peak_gib', 'instruction', 'values':
+  [{'shape', 'count', 'mib'}] (largest total first)}. Sizes are logical (no TPU tile
+  padding), values under `min_bytes` are left out, so the peak is a lower estimate."""
+  hlo_files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")))
+  range_files = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations-live-range.txt")))
+  if not hlo_files or not range_files:
+    return {}
+  with open(hlo_files[-1]) as f:
+    shape_of = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) [\w\-]+\(", f.read(),
+                               re.M))
+  with open(range_files[-1]) as f:
+    text = f.read()
+  sequence_text, _, ranges_text = text.partition("BufferLiveRange:")
+  sequence = dict(re.findall(r"^\s+(\d+):(\S+)", sequence_text, re.M))
+  values, changes = [], {}
+  for name, index, begin, end in re.findall(r"^\s+([\w.\-]+)(\{[\d,]*\}):(\d+)-(\d+)\s*$",
+                                            ranges_text, re.M):
+    size, shape = _value_bytes(shape_of.get(name, ""), index)
+    if size < min_bytes:
+      continue
+    begin, end = int(begin), int(end)
+    values.append((begin, end, size, shape))
+    changes[begin] = changes.get(begin, 0) + size
+    changes[end + 1] = changes.get(end + 1, 0) - size
+  held, peak, peak_time = 0, 0, 0
+  for time_step in sorted(changes):
+    held += changes[time_step]
+    if held > peak:
+      peak, peak_time = held, time_step
+  by_shape: dict[str, list[int]] = {}
+  for begin, end, size, shape in values:
+    if begin <= peak_time <= end:
+      entry = by_shape.setdefault(shape, [0, 0])
+      entry[0] += 1
+      entry[1] += size
+  rows = sorted(by_shape.items(), key=lambda item: -item[1][1])[:count]
+  return {"peak_gib": round(peak / GIB, 3), "instruction": sequence.get(str(peak_time), ""),
+          "values": [{"shape": shape, "count": n, "mib": round(size / 2 ** 20, 1)}
+                     for shape, (n, size) in rows]}
+
+
 def _parse_size(text: str) -> float:
   """'1.5GiB' / '512B' -> bytes."""
   match = re.match(r"([\d.]+)\s*([KMGT]?i?B)", text)
@@ -397,7 +455,7 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
 
   `overrides`: config fields ('model.remat_policy': 'dots_saveable', ...) set first;
   `dump_dir`: XLA dumps its buffer assignment there, and the row lists the largest
-  buffers (`largest_buffers`)."""
+  buffers (`largest_buffers`) and what is live at the memory peak (`live_at_peak`)."""
   devices = topology_devices(topology, num_slices)
   chips = len(devices)
   config = make_config(shape, layout=layout)
@@ -452,6 +510,7 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
   row["memory"] = memory_figures(compiled)
   if dump_dir:
     row["largest_buffers"] = largest_buffers(dump_dir)
+    row["live_at_peak"] = live_at_peak(dump_dir)
   row["hbm_gib"] = chip.hbm_bytes / GIB
   memory = row["memory"]
   # What the chip holds at once: arguments, outputs not aliased to them, temporaries
@@ -477,32 +536,43 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
 
 
 def largest_batch(shape: str, topology: str, layout: str, start: int, limit: int,
-                  max_compiles: int, log, overrides: dict[str, Any] | None = None
-                  ) -> tuple[int, list[dict]]:
+                  max_compiles: int, log, overrides: dict[str, Any] | None = None,
+                  known_fits: int = 0, known_fails: int | None = None
+                  ) -> tuple[int, int | None, list[dict]]:
   """The largest per-chip training batch that compiles and fits HBM: doubling from
   `start` until one does not fit (or `limit`), then bisection; at most `max_compiles`.
-  Returns (largest fitting, 0 if none; the rows compiled)."""
-  rows, fits, fails = [], 0, None
-  batch = start
-  while len(rows) < max_compiles:
+
+  `known_fits` / `known_fails`: per-chip batches already compiled (a row of an earlier
+  run) that fit / do not, so the search starts inside that bracket. Returns (largest
+  batch seen to fit, 0 if none; smallest seen not to fit, None if none; the rows
+  compiled): the two are adjacent when the search finished, a bracket otherwise.
+
+  The TPU compiler's footprint is not monotonic in the batch: its scheduler spends the
+  memory the chip has (on a v5e 2x4, 16 per chip compiles to 13.4 GiB held and 24 to
+  6.6), so the answer is the largest batch the search saw fit, not a proven bound."""
+  rows, fits, fails = [], known_fits, known_fails
+  if fails is not None and fits >= fails:
+    raise ValueError(f"known_fits ({fits}) must be below known_fails ({fails})")
+
+  def next_batch():
+    if fails is None:
+      batch = max(start, 2 * fits) if fits else start
+      return batch if batch <= limit else None
+    if fails - fits <= 1:
+      return None
+    return (fits + fails) // 2 if fits else max(1, fails // 2)
+
+  batch = next_batch()
+  while batch is not None and len(rows) < max_compiles:
     row = compile_row(shape, topology, layout, "train", batch, overrides=overrides)
     rows.append(row)
     log(row)
     if row.get("fits"):
-      fits = batch
+      fits = max(fits, batch)
     else:
-      fails = batch
-    if fails is None:
-      if batch * 2 > limit:
-        break
-      batch *= 2
-    else:
-      if fails - fits <= 1:
-        break
-      batch = (fits + fails) // 2 if fits else max(1, fails // 2)
-      if batch in (fits, fails):
-        break
-  return fits, rows
+      fails = batch if fails is None else min(fails, batch)
+    batch = next_batch()
+  return fits, fails, rows
 
 
 # ---- table ---------------------------------------------------------------------------
@@ -562,6 +632,10 @@ def main(argv=None):
   parser.add_argument("--largest_batch", action="store_true",
                       help="bisect the largest per-chip training batch that fits")
   parser.add_argument("--max_compiles", type=int, default=6)
+  parser.add_argument("--known_fits", type=int, default=0,
+                      help="--largest_batch: a per-chip batch known to fit (an earlier row)")
+  parser.add_argument("--known_fails", type=int, default=0,
+                      help="--largest_batch: a per-chip batch known not to fit")
   parser.add_argument("--batch_limit", type=int, default=256)
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
@@ -620,12 +694,17 @@ def main(argv=None):
       for layout in args.layouts.split(","):
         for step in args.steps.split(","):
           if step == "train" and args.largest_batch:
-            fits, _ = largest_batch(shape, topology, layout, per_chip, args.batch_limit,
-                                    args.max_compiles, log, overrides)
+            fits, fails, _ = largest_batch(
+                shape, topology, layout, per_chip, args.batch_limit, args.max_compiles,
+                log, overrides, args.known_fits, args.known_fails or None)
+            exact = fails is not None and fails - fits <= 1
             rows.append({"shape": shape, "topology": topology, "layout": layout,
-                         "largest_per_chip_batch": fits})
+                         "largest_per_chip_batch": fits, "smallest_not_fitting": fails,
+                         "exact": exact, "overrides": overrides})
             write()
-            print(f"  largest per-chip batch that fits: {fits}", flush=True)
+            bound = ("" if exact else f" (not exact: {fails} does not fit)" if fails
+                     else f" (nothing up to --batch_limit {args.batch_limit} failed)")
+            print(f"  largest per-chip batch that fits: {fits}{bound}", flush=True)
             continue
           names = ([f"embed:{d.name}" for d in domains.DOMAINS] if step == "embed"
                    else [step])

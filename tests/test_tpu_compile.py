@@ -51,15 +51,31 @@ def test_libtpu_pin_is_the_one_the_pinned_jax_asks_for():
 
 # ---- the tiny training step compiled for a v5e 2x2 ------------------------------------
 
+SCHEDULER_OPTION = "xla_tpu_scheduler_percent_shared_memory_limit=80"
+
 @pytest.fixture(scope="module")
 def tiny_v5e_step():
   """The tiny config's train step on a v5e 2x2 description: data 2 x model 2, so that
   the batch splits over 'data' and the MLP and attention kernels over 'model'."""
   devices = tpu_compile.topology_devices("v5e:2x2")
   config = tpu_compile.make_config("tiny", global_batch=4, layout="dp_mp2")
+  # A TPU compiler option through the config, as a user sets it (README, TPU).
+  config.train.compiler_options = SCHEDULER_OPTION
   mesh = sharding.make_mesh(config.mesh, devices)
   lowered, abstract = tpu_compile.lower_train_step(config, mesh)
   return lowered.compile(), abstract, mesh
+
+
+def test_the_config_compiler_options_reach_the_compiler():
+  """The option the TPU compile above accepts is unknown to the CPU compiler: compiling
+  the tiny step for the CPU with it fails naming it, so the option is passed."""
+  devices = jax.devices("cpu")[:1]
+  config = tpu_compile.make_config("tiny", global_batch=2)
+  config.train.compiler_options = SCHEDULER_OPTION
+  mesh = sharding.make_mesh(config.mesh, devices)
+  lowered, _ = tpu_compile.lower_train_step(config, mesh)
+  with pytest.raises(Exception, match="xla_tpu_scheduler_percent_shared_memory_limit"):
+    lowered.compile()
 
 
 def test_tiny_train_step_compiles_for_a_v5e_topology(tiny_v5e_step):
@@ -156,11 +172,34 @@ def test_largest_batch_bisects_over_compiles(monkeypatch, start, threshold, want
     return {"per_chip_batch": batch, "fits": batch <= threshold}
 
   monkeypatch.setattr(tpu_compile, "compile_row", fake_compile_row)
-  fits, rows = tpu_compile.largest_batch("stage2", "v5e:2x4", "dp", start, 256, 20,
-                                         lambda row: None)
+  fits, fails, rows = tpu_compile.largest_batch("stage2", "v5e:2x4", "dp", start, 256, 20,
+                                                lambda row: None)
   assert fits == want
+  assert fails == (None if threshold >= 256 else want + 1)
   assert len(rows) == len(compiled) <= 12
   assert all(b <= 256 for b in compiled)
+
+
+def test_largest_batch_starts_inside_a_known_bracket_and_reports_an_unfinished_one(
+    monkeypatch):
+  compiled = []
+
+  def fake_compile_row(shape, topology, layout, step, batch, overrides=None):
+    compiled.append(batch)
+    return {"per_chip_batch": batch, "fits": batch <= 21}
+
+  monkeypatch.setattr(tpu_compile, "compile_row", fake_compile_row)
+  fits, fails, _ = tpu_compile.largest_batch("stage2", "v5e:2x4", "dp", 16, 256, 20,
+                                             lambda row: None, known_fits=16, known_fails=32)
+  assert (fits, fails) == (21, 22)
+  assert compiled == [24, 20, 22, 21]  # never 16 or 32 again
+  compiled.clear()
+  fits, fails, _ = tpu_compile.largest_batch("stage2", "v5e:2x4", "dp", 16, 256, 2,
+                                             lambda row: None, known_fits=16, known_fails=32)
+  assert (fits, fails) == (20, 24) and compiled == [24, 20]  # a bracket, not an answer
+  with pytest.raises(ValueError, match="known_fits"):
+    tpu_compile.largest_batch("stage2", "v5e:2x4", "dp", 16, 256, 2, lambda row: None,
+                              known_fits=32, known_fails=16)
 
 
 def test_attention_auto_is_xla_on_tpu():
@@ -168,3 +207,26 @@ def test_attention_auto_is_xla_on_tpu():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   assert layers.resolve_attention("auto", jnp.bfloat16, "tpu") == "xla"
   assert layers.resolve_attention("auto", jnp.float32, "tpu") == "xla"
+
+
+def test_live_at_peak_reads_xla_live_ranges(tmp_path):
+  """The moment of highest memory and what is live then, from an XLA-style dump."""
+  (tmp_path / "module_0001.step.after_optimizations.txt").write_text(
+      "ENTRY %main {\n"
+      "  %a = f32[1024,1024]{1,0} parameter(0)\n"
+      "  %b = bf16[1024,1024]{1,0} fusion(%a), kind=kLoop\n"
+      "  %c = (f32[512,1024]{1,0}, f32[8]{0}) fusion(%b), kind=kLoop\n"
+      "  ROOT %d = f32[1024,1024]{1,0} add(%a, %a)\n"
+      "}\n")
+  (tmp_path / "module_0001.step.after_optimizations-live-range.txt").write_text(
+      "HloLiveRange (max 3):\n  InstructionSequence:\n    0:a\n    1:b\n    2:c\n    3:d\n"
+      "  BufferLiveRange:\n    a{}:0-1\n    b{}:1-2\n    c{}:2-2\n    c{0}:2-3\n"
+      "    c{1}:2-3\n    d{}:3-3\n")
+  found = tpu_compile.live_at_peak(str(tmp_path))
+  # At 1: a (4 MiB) + b (2 MiB); at 2: b + c{0} (2 MiB); at 3: c{0} + d (4 MiB) = 6 MiB too,
+  # so the first moment of 6 MiB is the peak. c{1} (32 bytes) is under the 1 MiB cut.
+  assert found["peak_gib"] == round(6 * 2 ** 20 / 2 ** 30, 3)
+  assert found["instruction"] == "b"
+  assert found["values"] == [{"shape": "f32[1024,1024]", "count": 1, "mib": 4.0},
+                             {"shape": "bf16[1024,1024]", "count": 1, "mib": 2.0}]
+  assert tpu_compile.live_at_peak(str(tmp_path / "missing")) == {}
