@@ -357,6 +357,16 @@ def is_out_of_memory(error: Exception) -> bool:
       "Ran out of memory" in text)
 
 
+def out_of_memory_figures(message: str) -> dict[str, float]:
+  """The compiler's own figures from its refusal ('... HLO temporaries (16.27G) exceeds
+  available HBM (15.75G).'): {'temp_gib', 'compiler_available_gib'}, or {}."""
+  match = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+                    message)
+  if not match:
+    return {}
+  return {"temp_gib": float(match.group(1)), "compiler_available_gib": float(match.group(2))}
+
+
 def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
   """The largest HBM allocations of the compiled step, from the memory-usage report XLA
   writes with `xla_dump_to` (its default memory space): [{'mib', 'shapes'}], largest
@@ -505,6 +515,7 @@ def compile_row(shape: str, topology: str, layout: str, step: str, per_chip_batc
     row["error"] = "out of memory"
     row["fits"] = False
     row["message"] = str(error).splitlines()[0][:300]
+    row["memory"] = out_of_memory_figures(row["message"])
     return row
   row["compile_seconds"] = round(time.perf_counter() - start, 2)
   row["memory"] = memory_figures(compiled)

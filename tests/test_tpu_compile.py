@@ -230,3 +230,11 @@ def test_live_at_peak_reads_xla_live_ranges(tmp_path):
   assert found["values"] == [{"shape": "f32[1024,1024]", "count": 1, "mib": 4.0},
                              {"shape": "bf16[1024,1024]", "count": 1, "mib": 2.0}]
   assert tpu_compile.live_at_peak(str(tmp_path / "missing")) == {}
+
+
+def test_out_of_memory_figures_are_read_from_the_compilers_refusal():
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (16.27G) exceeds available HBM (15.75G).")
+  assert tpu_compile.out_of_memory_figures(message) == {"temp_gib": 16.27,
+                                                        "compiler_available_gib": 15.75}
+  assert tpu_compile.out_of_memory_figures("RESOURCE_EXHAUSTED: something else") == {}
