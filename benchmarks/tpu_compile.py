@@ -370,7 +370,8 @@ def out_of_memory_figures(message: str) -> dict[str, float]:
 def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
   """The largest HBM allocations of the compiled step, from the memory-usage report XLA
   writes with `xla_dump_to` (its default memory space): [{'mib', 'shapes'}], largest
-  first, each allocation (offset, size) once."""
+  first, each allocation (offset, size) once. Entries whose address ranges overlap are
+  held at different times: what is held at once is `live_at_peak`'s."""
   reports = sorted(glob.glob(
       os.path.join(dump_dir, "*after_optimizations-memory-usage-report.txt")))
   if not reports:
