@@ -390,22 +390,16 @@ def largest_buffers(dump_dir: str, count: int = 12) -> list[dict[str, Any]]:
           for row in rows[:count]]
 
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
-def _value_bytes(shape_text: str, index: str) -> tuple[int, str]:
+def _value_bytes(shape_text: str, index: str) -> tuple[float, str]:
   """('f32[8,4]{1,0}' or a tuple shape, '{}' or '{1}') -> (logical bytes, 'f32[8,4]')."""
-  arrays = re.findall(r"\b(\w+)\[([\d,]*)\]", shape_text)
+  arrays = re.findall(r"\b(\w+)\[([\d,]*)\]", shape_text)  # every element, in order
   if shape_text.lstrip().startswith("("):
     if index == "{}":
       return 0, ""  # the tuple itself holds pointers only
     position = int(index.strip("{}").split(",")[0])
     arrays = arrays[position:position + 1]
-  total = 0
-  for dtype, dims in arrays:
-    total += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-  return total, " ".join(f"{dtype}[{dims}]" for dtype, dims in arrays)
+  text = " ".join(f"{dtype}[{dims}]" for dtype, dims in arrays)
+  return sum(_array_bytes(text)), text
 
 
 def live_at_peak(dump_dir: str, count: int = 12, min_bytes: int = 2 ** 20

@@ -53,6 +53,7 @@ def test_libtpu_pin_is_the_one_the_pinned_jax_asks_for():
 
 SCHEDULER_OPTION = "xla_tpu_scheduler_percent_shared_memory_limit=80"
 
+
 @pytest.fixture(scope="module")
 def tiny_v5e_step():
   """The tiny config's train step on a v5e 2x2 description: data 2 x model 2, so that
