@@ -80,14 +80,6 @@ def _write_json(path: str, value) -> None:
   os.replace(tmp_path, path)
 
 
-def _read_json(path: str):
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
   """Beam PipelineOptions from the flags, or None for the project's shard writer.
 
@@ -290,14 +282,18 @@ def _build_with_shard_writer(builder, rope_dir: str, splits: list[str], staging_
 
 # --- reading -----------------------------------------------------------------------
 
-def _pointer(prepared_dir: str) -> dict:
-  path = os.path.join(prepared_dir, POINTER_NAME)
-  value = _read_json(path)
+def _prepared_json(prepared_dir: str, path: str):
+  """The JSON value of a file `prepare` writes; FileNotFoundError naming it otherwise."""
+  value = rope_shards.read_json(path)
   if value is None:
     raise FileNotFoundError(f"{path} is missing or unreadable: run `python -m "
                             f"data_pipelines.prepare --rope_dir ROPE_DIR --out {prepared_dir}` "
                             "first")
   return value
+
+
+def _pointer(prepared_dir: str) -> dict:
+  return _prepared_json(prepared_dir, os.path.join(prepared_dir, POINTER_NAME))
 
 
 def _check_split(prepared_dir: str, pointer: dict, split: str) -> None:
@@ -334,12 +330,7 @@ def load_products(prepared_dir: str, split: str) -> list[dict]:
   in `product_index` order; indices point into `open_domain(prepared_dir, split, domain)`.
   """
   path = os.path.join(prepared_dir, split, "products.json")
-  value = _read_json(path)
-  if value is None:
-    raise FileNotFoundError(f"{path} is missing or unreadable: run `python -m "
-                            f"data_pipelines.prepare --rope_dir ROPE_DIR --out {prepared_dir}` "
-                            "first")
-  return value["products"]
+  return _prepared_json(prepared_dir, path)["products"]
 
 
 def _define_flags(flag_values) -> None:

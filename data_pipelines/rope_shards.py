@@ -80,7 +80,8 @@ def _write_json_atomically(path: str, value) -> None:
   os.replace(temporary, path)
 
 
-def _read_json(path: str):
+def read_json(path: str):
+  """The JSON value in `path`, or None when the file is missing, unreadable or not JSON."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -112,7 +113,7 @@ class _Shard:
 
   def finished(self) -> dict | None:
     """The done file's record when the shard is complete on disk, else None."""
-    done = _read_json(self.done_path)
+    done = read_json(self.done_path)
     if done is None:
       return None
     try:
@@ -169,7 +170,7 @@ def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
   state = {"fingerprint": build["fingerprint"],
            "rows_digest": _rows_digest(rows_by_name, bounds)}
   state_path = os.path.join(staging_dir, STATE_NAME)
-  if _read_json(state_path) != state:
+  if read_json(state_path) != state:
     if os.path.isdir(staging_dir):
       log(f"starting over in {staging_dir} (inputs or rows changed)")
       shutil.rmtree(staging_dir)

@@ -214,6 +214,19 @@ def test_open_domain_before_prepare_names_the_missing_file(tmp_path):
     prepare.load_products(str(tmp_path), "training")
 
 
+def test_a_damaged_products_file_is_named_with_the_command_that_rebuilds_it(
+    tiny_prepared_dir, tmp_path):
+  out = str(tmp_path / "prepared")
+  shutil.copytree(tiny_prepared_dir, out)
+  products_path = os.path.join(out, "training", "products.json")
+  with open(products_path, "r+", encoding="utf-8") as f:
+    f.truncate(len(f.read()) // 2)  # a half-written file is not JSON
+  with pytest.raises(FileNotFoundError,
+                     match=r"products\.json is missing or unreadable: run .*prepare"):
+    prepare.load_products(out, "training")
+  assert prepare.open_domain(out, "training", "page")  # the pointer is still read
+
+
 # ---- every file of every requested split is checked before anything is written ------
 
 def _damaged_copy(tiny_rope_dir, tmp_path):
