@@ -28,6 +28,7 @@ seconds. JSON default: benchmarks/results/download_rerun.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -76,6 +77,34 @@ def serve(served_dir: str, delay_s: float, port_queue) -> None:
   server.files, server.delay_s = files, delay_s
   port_queue.put(server.server_address[1])
   server.serve_forever()
+
+
+@contextlib.contextmanager
+def image_server(served_dir: str, delay_ms: float):
+  """Runs `serve` over `served_dir` in a separate process; yields the URL prefix of the
+  served images, and kills the server on leaving."""
+  context = multiprocessing.get_context("spawn")
+  port_queue = context.Queue()
+  server = context.Process(target=serve, args=(served_dir, delay_ms / 1000, port_queue),
+                           daemon=True)
+  server.start()
+  try:
+    yield f"http://127.0.0.1:{port_queue.get(timeout=60)}{SERVED_PATH}"
+  finally:
+    server.kill()
+    server.join()
+
+
+def _write_report(out: str, report: dict) -> None:
+  """Adds the machine's description to `report` and writes it as JSON to `out`."""
+  report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(),
+                        "load_average_1min": round(os.getloadavg()[0], 2)},
+            **report}
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {out}")
 
 
 @dataclasses.dataclass
@@ -162,17 +191,8 @@ def main_reruns(args) -> None:
       if _images_named(rope_dir) >= args.rerun_files:
         break
       products = int(products * 1.1) + 1
-    context = multiprocessing.get_context("spawn")
-    port_queue = context.Queue()
-    server = context.Process(target=serve, args=(served, args.delay_ms / 1000, port_queue),
-                             daemon=True)
-    server.start()
-    try:
-      prefix = f"http://127.0.0.1:{port_queue.get(timeout=60)}{SERVED_PATH}"
+    with image_server(served, args.delay_ms) as prefix:
       measurements = measure_reruns(rope_dir, prefix, workers)
-    finally:
-      server.kill()
-      server.join()
   baseline = measurements[1]
   header = (f"{'rerun':<22} {'files':>6} {'quick':>6} {'decoded':>7} {'seconds':>8} "
             f"{'files/s':>9} {'vs full':>8}")
@@ -183,20 +203,13 @@ def main_reruns(args) -> None:
           f"{m.seconds:>8.2f} {m.files_per_s:>9.0f} "
           f"{baseline.seconds / m.seconds:>7.1f}x")
   report = {
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version(),
-                  "load_average_1min": round(os.getloadavg()[0], 2)},
       "setup": {"rerun_files": args.rerun_files, "train_products": products,
                 "jpeg_side": 64, "frames_per_clip": 8, "all_frames": True,
                 "workers": workers, "delay_ms": args.delay_ms},
       "measurements": [dataclasses.asdict(m) for m in measurements],
       "speedup_vs_full": {m.rerun: round(baseline.seconds / m.seconds, 2)
                           for m in measurements}}
-  out = args.out or "benchmarks/results/download_rerun.json"
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  print(f"wrote {out}")
+  _write_report(args.out or "benchmarks/results/download_rerun.json", report)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,18 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     synthetic.generate(rope_dir, products=args.products,
                        test_products=max(2, args.products // 4), frames_per_clip=8,
                        image_size=64, seed=args.seed, url_form_images=served)
-    context = multiprocessing.get_context("spawn")
-    port_queue = context.Queue()
-    server = context.Process(target=serve, args=(served, args.delay_ms / 1000, port_queue),
-                             daemon=True)
-    server.start()
-    try:
-      prefix = f"http://127.0.0.1:{port_queue.get(timeout=60)}{SERVED_PATH}"
+    with image_server(served, args.delay_ms) as prefix:
       measurements = [measure(rope_dir, prefix, workers, 1 if workers == 1 else args.repeats)
                       for workers in worker_counts]
-    finally:
-      server.kill()
-      server.join()
 
   baseline = measurements[0]
   speedups = {m.workers: m.files_per_s / baseline.files_per_s for m in measurements}
@@ -251,9 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{m.workers:>7} {m.files:>6} {m.seconds:>8.2f} {m.files_per_s:>8.1f} "
           f"{m.megabytes_per_s:>6.2f} {speedups[m.workers]:>11.1f}x")
   report = {
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version(),
-                  "load_average_1min": round(os.getloadavg()[0], 2)},
       "setup": {"delay_ms": args.delay_ms, "train_products": args.products,
                 "jpeg_side": 64, "frames_per_clip": 8, "all_frames": True,
                 "server": "http.server ThreadingHTTPServer, HTTP/1.1, separate process",
@@ -261,10 +262,7 @@ def main(argv: list[str] | None = None) -> None:
       "measurements": [dataclasses.asdict(m) for m in measurements],
       "speedup_vs_baseline": {f"{w}_workers": round(r, 2) for w, r in speedups.items()},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  print(f"wrote {args.out}")
+  _write_report(args.out, report)
 
 
 if __name__ == "__main__":
