@@ -95,8 +95,9 @@ def _stored_values(state_dir: str) -> list[tuple[bytes, str, int, int]]:
   """(key, file, offset, length) of every value the OCDBT database of `state_dir` stores
   out of line, read with TensorStore's own dump of its B+tree.
 
-  A data file may also hold bytes no key refers to (a writer's superseded attempts), so
-  damage aimed at a data file's position can miss every array; aimed at a value it cannot.
+  Most files under `ocdbt.process_*/d` are no values at all but the B+tree nodes of the
+  per-process database's successive versions, which the merged root tree no longer reads:
+  damage aimed at the largest data file can miss every array; aimed at a value it cannot.
   """
   base = ts.KvStore.open(f"file://{os.path.abspath(state_dir)}/").result()
   manifest = ts.ocdbt.dump(base).result()
