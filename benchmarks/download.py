@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import http.server
-import json
 import multiprocessing
 import os
 import platform
@@ -40,6 +39,7 @@ import tempfile
 import time
 import urllib.parse
 
+from cope_jax import result_files
 from data_pipelines import download
 from data_pipelines import synthetic
 
@@ -96,14 +96,13 @@ def image_server(served_dir: str, delay_ms: float):
 
 
 def _write_report(out: str, report: dict) -> None:
-  """Adds the machine's description to `report` and writes it as JSON to `out`."""
+  """Adds the machine's description to `report` and writes it as strict JSON to `out`,
+  atomically."""
   report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(),
                         "load_average_1min": round(os.getloadavg()[0], 2)},
             **report}
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  result_files.write_json(out, report, indent=1, sort_keys=False)
   print(f"wrote {out}")
 
 
