@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -411,17 +410,27 @@ def eval_dataset_from_source(
 # ---- entry points on prepared data --------------------------------------------------
 
 
-def _open_prepared(prepared_dir: str, split: str, domains: Sequence[str]):
+def prepared_config(data_config) -> str:
+  """The prepared config a run reads: `data.prepared_config`, "" (the default config of
+  `data.prepared_dir`) when the config has no such field or leaves it empty."""
+  return data_config.get("prepared_config", "") or ""
+
+
+def _open_prepared(prepared_dir: str, split: str, domains: Sequence[str],
+                   config_name: str = ""):
   """Opens the prepared record sources of `domains` of a split, with clear errors."""
-  split_dir = os.path.join(prepared_dir, split)
-  if not os.path.isdir(split_dir):
+  try:
+    splits = prepare.prepared_splits(prepared_dir, config_name)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f"no prepared data in {prepared_dir!r}: {error}") from error
+  if split not in splits:
     raise FileNotFoundError(
-        f"no prepared split {split!r} in {prepared_dir!r} (expected the folder "
-        f"{split_dir!r}; run `python -m data_pipelines.prepare`)")
+        f"no prepared split {split!r} in {prepared_dir!r} (prepared: {', '.join(splits)}; "
+        "run `python -m data_pipelines.prepare`)")
   sources = {}
   for domain in domains:
     try:
-      sources[domain] = prepare.open_domain(prepared_dir, split, domain)
+      sources[domain] = prepare.open_domain(prepared_dir, split, domain, config_name)
     except (FileNotFoundError, OSError) as error:
       raise FileNotFoundError(
           f"no prepared {domain!r} records for split {split!r} in {prepared_dir!r}: "
@@ -439,8 +448,9 @@ def make_train_dataset(config, process_index: int = 0,
   """
   data_config = config.data
   sources = _open_prepared(data_config.prepared_dir, data_config.train_split,
-                           domains.NAMES)
-  products = prepare.load_products(data_config.prepared_dir, data_config.train_split)
+                           domains.NAMES, prepared_config(data_config))
+  products = prepare.load_products(data_config.prepared_dir, data_config.train_split,
+                                   prepared_config(data_config))
   tokenizer = tokenizer_lib.Tokenizer(data_config.vocab_path)
   return train_dataset_from_sources(config, products, sources, tokenizer,
                                     process_index, process_count)
@@ -455,7 +465,8 @@ def make_eval_dataset(config, domain: str, split: str | None = None,
   """
   domains.get(domain)  # ValueError for an unknown domain, before any file is opened
   split = split or config.data.eval_split
-  sources = _open_prepared(config.data.prepared_dir, split, (domain,))
+  sources = _open_prepared(config.data.prepared_dir, split, (domain,),
+                           prepared_config(config.data))
   tokenizer = tokenizer_lib.Tokenizer(config.data.vocab_path)
   return eval_dataset_from_source(config, domain, sources[domain], tokenizer,
                                   process_index, process_count)

@@ -31,13 +31,29 @@ docstring describes splits, record order and configs). It
      equal an uninterrupted build's, in the same order. A progress bar shows images/s
      and the time left. With a Beam runner, TFDS's own writer builds the dataset (a
      killed Beam build starts again);
-  3. writes what the readers open:
+  3. writes what the readers open, for this config and as the default of OUT:
 
   OUT/tfds/rope/<config>/<version>/   the TFDS dataset: `tfds.data_source("rope/<config>",
                                       data_dir="OUT/tfds", split="training_video")`
-  OUT/<split>/products.json           the product table (`load_products`)
-  OUT/dataset.json                    which config / version the readers open
-  OUT/prepare_report.json             counts per split and domain, and every problem
+  OUT/configs/<config>/               the config's reader files: dataset.json (config,
+                                      version, splits, record counts, fingerprint),
+                                      <split>/products.json (the product table) and
+                                      prepare_report.json (counts, every problem)
+  OUT/dataset.json                    the default config (the one the latest prepare
+  OUT/<split>/products.json           wrote): copies of its dataset.json, product
+  OUT/prepare_report.json             tables and report
+
+Configs live side by side: a prepare with other options (`--num_frames`,
+`--max_image_side`) adds its config and makes it the default, and every config prepared
+before stays readable by name, with its own report. Readers that name no config read
+the default; a job that must read the data it was trained on names its config
+(`open_domain(..., config_name=...)`) and compares `dataset_identity`. An OUT written
+before configs lived side by side (OUT/dataset.json of format 2) is still read, and the
+next prepare into it keeps its config in OUT/configs/.
+
+A split with no usable product (no record with a usable image: e.g. the images are not
+downloaded yet) stops prepare with an error saying why, before anything is encoded; the
+default config is not changed (exit status 1).
 
 Every row that the catalog reader (`rope_format.load_rope`) refuses and every image that
 does not decode is in the report's `problems` with its txt file and line: stage "read"
@@ -45,8 +61,8 @@ or "decode". A clip keeps its frames that decode; a record none of whose images 
 is left out (and reported). Products keep their `product_index` (sorted product-id
 order) even when all their records are left out.
 
-Readers call `open_domain` and `load_products` (docs/interfaces.md) and never open the
-files by hand.
+Readers call `open_domain`, `load_products`, `prepared_configs` and `dataset_identity`
+(docs/interfaces.md) and never open the files by hand.
 """
 
 from __future__ import annotations
@@ -67,9 +83,13 @@ from data_pipelines import rope_tfds
 
 REPORT_NAME = "prepare_report.json"
 POINTER_NAME = "dataset.json"
+PRODUCTS_NAME = "products.json"
 TFDS_SUBDIR = "tfds"
+CONFIGS_SUBDIR = "configs"  # OUT/configs/<config>/: each prepared config's reader files
 BUILDING_SUBDIR = ".building"  # shard-writer builds in progress (resumable)
-POINTER_FORMAT = 2  # 1: the msgpack shards of earlier versions (no dataset.json)
+# 3: configs side by side in OUT/configs/; 2: one config per OUT (OUT/dataset.json and
+# OUT/<split>/products.json only, still read); 1: the msgpack shards of earlier versions
+POINTER_FORMAT = 3
 
 
 def _write_json(path: str, value) -> None:
@@ -107,10 +127,10 @@ def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):
   return beam_pipeline_options.PipelineOptions(flags)
 
 
-def _remove_stale(out_dir: str, dataset_dir: str, splits: Sequence[str], staging_dir: str,
-                  log) -> None:
+def _remove_stale(out_dir: str, dataset_dir: str, staging_dir: str, log) -> None:
   """Removes what earlier or killed runs left that this run's outputs replace (a
-  staging folder of other inputs or options; the one of this build is kept)."""
+  staging folder of other inputs or options, the files of the format-1 layout; the
+  staging folder of this build is kept)."""
   building_dir = os.path.join(out_dir, BUILDING_SUBDIR)
   if os.path.isdir(building_dir):
     for name in os.listdir(building_dir):
@@ -130,9 +150,7 @@ def _remove_stale(out_dir: str, dataset_dir: str, splits: Sequence[str], staging
       continue
     for name in os.listdir(split_dir):
       path = os.path.join(split_dir, name)
-      old_layout = (name.endswith((".array_record", ".complete.json"))
-                    or name.startswith(".tmp-"))
-      if old_layout or (split not in splits and name == "products.json"):
+      if name.endswith((".array_record", ".complete.json")) or name.startswith(".tmp-"):
         if os.path.isdir(path):
           shutil.rmtree(path)
         else:
@@ -164,6 +182,9 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
   Raises:
     rope_tfds.RopeFilesError (a FileNotFoundError): no split in `rope_dir`, or a
       requested split lacks some of its nine files (all named); nothing is written then.
+    rope_tfds.NoUsableProductError (a ValueError): a split has no usable product (the
+      message says why: e.g. image files not found, run download first); the default
+      config is not changed.
     ValueError: bad option values.
   """
   if workers < 1 or num_frames < 0 or max_image_side < 0 or (num_shards or 1) < 1:
@@ -188,7 +209,8 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
   dataset_dir = os.fspath(builder.data_path)
   staging_dir = os.path.join(out_dir, BUILDING_SUBDIR, f"{config.name}-{fingerprint[:16]}")
   os.makedirs(out_dir, exist_ok=True)
-  _remove_stale(out_dir, dataset_dir, splits, staging_dir, log)
+  _remove_stale(out_dir, dataset_dir, staging_dir, log)
+  _keep_single_config_folder(out_dir, log)
 
   build_info = rope_tfds.read_build_info(dataset_dir)
   shard_counts = {"written": 0, "reused": 0}
@@ -199,10 +221,10 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
       rope_shards.remove_work_files(dataset_dir)  # killed right after the rename
   else:
     changed = os.path.exists(dataset_dir)
-    if changed:  # built from other inputs: stale (TFDS would delete it first too)
-      shutil.rmtree(dataset_dir)
+    if changed and beam_options is not None:  # built from other inputs: stale (TFDS
+      shutil.rmtree(dataset_dir)  # builds into an empty folder; the shard writer
       builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
-                               file_format=rope_tfds.FILE_FORMAT)
+                               file_format=rope_tfds.FILE_FORMAT)  # replaces it at the end)
     runner = (f"the shard writer ({workers} process{'es' if workers > 1 else ''})"
               if beam_options is None else "Apache Beam")
     log(f"{config.name}: building {', '.join(splits)} into {dataset_dir} with {runner}"
@@ -223,11 +245,10 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
                          "the build?)")
 
   split_reports = {}
+  products_by_split = {}
   for split in splits:
     products = rope_tfds.read_products(dataset_dir, split)
-    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    _write_json(os.path.join(out_dir, split, "products.json"),
-                {"fingerprint": fingerprint, "products": products})
+    products_by_split[split] = products
     counts = build_info["splits"][split]["domains"]
     split_reports[split] = {
         "fingerprint": fingerprint,
@@ -241,13 +262,19 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
                         "shards": counts[d]["shards"], "status": status}
                     for d in domains.NAMES},
     }
-  relative_dataset_dir = os.path.relpath(dataset_dir, out_dir)
-  _write_json(os.path.join(out_dir, POINTER_NAME), {
+    if not any(p[d] for p in products for d in domains.NAMES):
+      raise rope_tfds.NoUsableProductError(
+          rope_tfds.no_usable_product_message(rope_dir, split, [
+              p for p in build_info["problems"] if p["split"] == split])
+          + f"; the dataset in {dataset_dir} was left as it is, and the default config "
+          f"of {out_dir} was not changed")
+  pointer = {
       "format": POINTER_FORMAT, "name": rope_tfds.DATASET_NAME, "config": config.name,
       "version": str(builder.version), "data_dir": TFDS_SUBDIR,
-      "dataset_dir": relative_dataset_dir, "splits": splits, "fingerprint": fingerprint,
-      "records": {split: {d: split_reports[split]["domains"][d]["records"] for d in domains.NAMES}
-                  for split in splits}})
+      "dataset_dir": os.path.relpath(dataset_dir, out_dir), "splits": splits,
+      "fingerprint": fingerprint,
+      "records": {split: {d: split_reports[split]["domains"][d]["records"]
+                          for d in domains.NAMES} for split in splits}}
   problems = build_info["problems"]
   report = {
       "rope_dir": os.path.abspath(rope_dir),
@@ -259,8 +286,57 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
                "generated_with": build_info["generated_with"]},
       "status": status, "shards": shard_counts,
       "splits": split_reports, "num_problems": len(problems), "problems": problems}
-  _write_json(os.path.join(out_dir, REPORT_NAME), report)
+  _write_reader_files(out_dir, config.name, pointer, products_by_split, report)
   return report
+
+
+def _write_reader_files(out_dir: str, config: str, pointer: dict,
+                        products_by_split: dict[str, list[dict]], report: dict) -> None:
+  """Writes the config's own reader files, then makes it the default of `out_dir`.
+
+  OUT/configs/<config>/ gets dataset.json, prepare_report.json and <split>/products.json
+  (other configs' folders are not touched); then the same files at the top of OUT:
+  the products tables, prepare_report.json, and dataset.json last (the switch).
+  """
+  config_dir = os.path.join(out_dir, CONFIGS_SUBDIR, config)
+  for directory in (config_dir, out_dir):
+    for split, products in products_by_split.items():
+      os.makedirs(os.path.join(directory, split), exist_ok=True)
+      _write_json(os.path.join(directory, split, PRODUCTS_NAME),
+                  {"fingerprint": pointer["fingerprint"], "products": products})
+    for split in rope_format.SPLITS:  # a split this prepare did not prepare
+      path = os.path.join(directory, split, PRODUCTS_NAME)
+      if split not in products_by_split and os.path.exists(path):
+        os.remove(path)
+    _write_json(os.path.join(directory, REPORT_NAME), report)
+    _write_json(os.path.join(directory, POINTER_NAME), pointer)
+
+
+def _keep_single_config_folder(out_dir: str, log) -> None:
+  """Gives the config of an OUT written before configs lived side by side (format 2:
+  OUT/dataset.json, OUT/<split>/products.json) its own OUT/configs/<config>/ folder,
+  so that it stays readable by name once another config becomes the default."""
+  pointer = rope_shards.read_json(os.path.join(out_dir, POINTER_NAME))
+  if not isinstance(pointer, dict) or pointer.get("format") != 2:
+    return
+  config_dir = os.path.join(out_dir, CONFIGS_SUBDIR, pointer["config"])
+  if os.path.exists(os.path.join(config_dir, POINTER_NAME)):
+    return
+  tables = {split: rope_shards.read_json(os.path.join(out_dir, split, PRODUCTS_NAME))
+            for split in pointer["splits"]}
+  if any(table is None for table in tables.values()):
+    log(f"{out_dir}: the product tables of {pointer['config']} are incomplete; it is "
+        "not kept as a config of its own (prepare it again to read it)")
+    return
+  log(f"{out_dir}: keeping {pointer['config']} (prepared before configs lived side by "
+      f"side) in {config_dir}")
+  for split, table in tables.items():
+    os.makedirs(os.path.join(config_dir, split), exist_ok=True)
+    _write_json(os.path.join(config_dir, split, PRODUCTS_NAME), table)
+  report = rope_shards.read_json(os.path.join(out_dir, REPORT_NAME))
+  if isinstance(report, dict) and report.get("tfds", {}).get("config") == pointer["config"]:
+    _write_json(os.path.join(config_dir, REPORT_NAME), report)
+  _write_json(os.path.join(config_dir, POINTER_NAME), {**pointer, "format": POINTER_FORMAT})
 
 
 def _build_with_shard_writer(builder, rope_dir: str, splits: list[str], staging_dir: str,
@@ -275,6 +351,8 @@ def _build_with_shard_writer(builder, rope_dir: str, splits: list[str], staging_
   rope_tfds.write_build_files(epath.Path(staging_dir), build, result["decode_problems"],
                               result["split_counts"], "shard_writer")
   os.makedirs(os.path.dirname(dataset_dir), exist_ok=True)
+  if os.path.exists(dataset_dir):  # built from other inputs: readable until now
+    shutil.rmtree(dataset_dir)
   os.replace(staging_dir, dataset_dir)
   rope_shards.remove_work_files(dataset_dir)
   return {"written": result["shards_written"], "reused": result["shards_reused"]}
@@ -292,26 +370,96 @@ def _prepared_json(prepared_dir: str, path: str):
   return value
 
 
-def _pointer(prepared_dir: str) -> dict:
-  return _prepared_json(prepared_dir, os.path.join(prepared_dir, POINTER_NAME))
+def prepared_configs(prepared_dir: str) -> list[str]:
+  """The names of the configs prepared in `prepared_dir` (sorted; [] when none).
+
+  Each has its reader files in OUT/configs/<config>/; an OUT written before configs
+  lived side by side holds one, named by its OUT/dataset.json.
+  """
+  configs_dir = os.path.join(prepared_dir, CONFIGS_SUBDIR)
+  names = set()
+  if os.path.isdir(configs_dir):
+    names = {name for name in os.listdir(configs_dir)
+             if os.path.isfile(os.path.join(configs_dir, name, POINTER_NAME))}
+  default = rope_shards.read_json(os.path.join(prepared_dir, POINTER_NAME))
+  if isinstance(default, dict) and default.get("format") == 2 and "config" in default:
+    names.add(default["config"])
+  return sorted(names)
+
+
+def default_config(prepared_dir: str) -> str:
+  """The config readers open when they name none: the one the latest prepare wrote."""
+  return _pointer(prepared_dir, "")[0]["config"]
+
+
+def _pointer(prepared_dir: str, config_name: str) -> tuple[dict, str]:
+  """(dataset.json of `config_name` ("": the default config), the folder holding its
+  <split>/products.json).
+
+  Raises:
+    FileNotFoundError: nothing prepared there, or `config_name` is not prepared there
+      (the message names it and the configs that are).
+  """
+  default_path = os.path.join(prepared_dir, POINTER_NAME)
+  if not config_name:
+    default = _prepared_json(prepared_dir, default_path)
+    _check_format(default_path, default)
+    if default["format"] == 2:
+      return default, prepared_dir
+    config_name = default["config"]
+  config_dir = os.path.join(prepared_dir, CONFIGS_SUBDIR, config_name)
+  path = os.path.join(config_dir, POINTER_NAME)
+  if os.path.exists(path):
+    pointer = _prepared_json(prepared_dir, path)
+    _check_format(path, pointer)
+    return pointer, config_dir
+  default = rope_shards.read_json(default_path)
+  if isinstance(default, dict) and default.get("format") == 2 and (
+      default.get("config") == config_name):
+    return default, prepared_dir
+  configs = prepared_configs(prepared_dir)
+  raise FileNotFoundError(
+      f"the prepared config {config_name!r} is not in {prepared_dir!r} (prepared there: "
+      f"{', '.join(configs) if configs else 'none'}); prepare it with `python -m "
+      f"data_pipelines.prepare --rope_dir ROPE_DIR --out {prepared_dir}` and the options "
+      "its name says (--num_frames, --max_image_side)")
+
+
+def _check_format(path: str, pointer) -> None:
+  if (not isinstance(pointer, dict) or pointer.get("format") not in (2, POINTER_FORMAT)
+      or "config" not in pointer):
+    found = pointer.get("format") if isinstance(pointer, dict) else None
+    raise FileNotFoundError(
+        f"{path} has format {found!r}, not {POINTER_FORMAT} (or 2): written by another "
+        "version; run `python -m data_pipelines.prepare` again")
 
 
 def _check_split(prepared_dir: str, pointer: dict, split: str) -> None:
   if split not in pointer["splits"]:
     raise FileNotFoundError(f"split {split!r} was not prepared in {prepared_dir!r} "
-                            f"(prepared: {', '.join(pointer['splits'])})")
+                            f"for {pointer['config']} (prepared: "
+                            f"{', '.join(pointer['splits'])})")
 
 
-def open_domain(prepared_dir: str, split: str, domain: str) -> rope_records.RecordSource:
+def prepared_splits(prepared_dir: str, config_name: str = "") -> list[str]:
+  """The ROPE splits prepared for `config_name` ("": the default config)."""
+  return list(_pointer(prepared_dir, config_name)[0]["splits"])
+
+
+def open_domain(prepared_dir: str, split: str, domain: str,
+                config_name: str = "") -> rope_records.RecordSource:
   """The records of `domain` (a name of `domains.NAMES`) of a prepared split.
 
   Items: pages `{"id", "product_id", "product_index", "text", "image": bytes}`; videos and
   lives `{"id", "product_id", "product_index", "text", "frames": [bytes] (time order),
   "frame_keys": [int]}`. Random access (`len`, `[i]`), usable by
   `grain.MapDataset.source`, picklable.
+
+  `config_name`: the prepared config to read ("": the default, the latest prepared);
+  FileNotFoundError naming the configs there when it is not prepared in `prepared_dir`.
   """
   domains.get(domain)  # ValueError naming the known domains
-  pointer = _pointer(prepared_dir)
+  pointer, _ = _pointer(prepared_dir, config_name)
   _check_split(prepared_dir, pointer, split)
   name = rope_tfds.split_name(split, domain)
   if pointer["records"][split][domain] == 0:
@@ -324,13 +472,53 @@ def open_domain(prepared_dir: str, split: str, domain: str) -> rope_records.Reco
                             f"{dataset_dir} first)") from e
 
 
-def load_products(prepared_dir: str, split: str) -> list[dict]:
+def load_products(prepared_dir: str, split: str, config_name: str = "") -> list[dict]:
   """[{"product_id", "product_index", "page": [record index], "video": [...], "live": [...]}]
 
-  in `product_index` order; indices point into `open_domain(prepared_dir, split, domain)`.
+  in `product_index` order; indices point into `open_domain(prepared_dir, split, domain,
+  config_name)`. `config_name` as for `open_domain`.
   """
-  path = os.path.join(prepared_dir, split, "products.json")
+  pointer, products_dir = _pointer(prepared_dir, config_name)
+  _check_split(prepared_dir, pointer, split)
+  path = os.path.join(products_dir, split, PRODUCTS_NAME)
   return _prepared_json(prepared_dir, path)["products"]
+
+
+def dataset_identity(prepared_dir: str, config_name: str = "") -> dict:
+  """What identifies a prepared config, for a run to record and a later job to compare.
+
+  Strict JSON, the same on every call and after a rerun of prepare that skips or
+  rebuilds the same inputs, wherever OUT lives:
+
+    {"name": "rope", "config": "frames8_side256", "version": "1.0.0",
+     "num_frames": 8, "max_image_side": 256,
+     "fingerprint": sha256 of the txt files and the options (the build's),
+     "metadata_digest": sha256 of the dataset's metadata: the features, each TFDS
+       split's record count and bytes, the product tables and the problems,
+     "splits": {split: {"products": n, "records": {domain: n}}}}
+
+  Two identities are the same data when they are equal (a rebuild after the txt files
+  or the images changed gives another fingerprint or digest).
+
+  Raises:
+    FileNotFoundError: the config is not prepared there, or its dataset folder is gone.
+  """
+  pointer, _ = _pointer(prepared_dir, config_name)
+  dataset_dir = os.path.join(prepared_dir, pointer["dataset_dir"])
+  build_info = rope_tfds.read_build_info(dataset_dir)
+  if build_info is None:
+    raise FileNotFoundError(f"{os.path.join(dataset_dir, rope_tfds.BUILD_INFO_NAME)} is "
+                            "missing or unreadable: run `python -m data_pipelines.prepare` "
+                            "again")
+  return {
+      "name": pointer["name"], "config": pointer["config"], "version": pointer["version"],
+      "num_frames": build_info["config"]["num_frames"],
+      "max_image_side": build_info["config"]["max_side"],
+      "fingerprint": pointer["fingerprint"],
+      "metadata_digest": rope_tfds.metadata_digest(dataset_dir),
+      "splits": {split: {"products": build_info["splits"][split]["products"],
+                         "records": dict(pointer["records"][split])}
+                 for split in pointer["splits"]}}
 
 
 def _define_flags(flag_values) -> None:
@@ -371,9 +559,13 @@ def _main(args) -> None:
     counts = ", ".join(f"{d} {c['records']}" for d, c in entry["domains"].items())
     print(f"{split}: {entry['products']} products ({entry['products_with_all_domains']} with "
           f"all three domains); records: {counts}")
-  print(f"{report['tfds']['config']} ({report['status']}): {report['tfds']['dataset_dir']}")
+  config = report["tfds"]["config"]
+  print(f"{config} ({report['status']}): {report['tfds']['dataset_dir']}")
+  others = [name for name in prepared_configs(args.out) if name != config]
+  print(f"{config} is the default config of {args.out}"
+        + (f"; also prepared there: {', '.join(others)}" if others else ""))
   print(f"{report['num_problems']} problem(s); report: "
-        f"{os.path.join(args.out, REPORT_NAME)}")
+        f"{os.path.join(args.out, CONFIGS_SUBDIR, config, REPORT_NAME)}")
 
 
 def main(argv: list[str] | None = None) -> None:

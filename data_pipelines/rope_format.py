@@ -68,6 +68,7 @@ SPLITS = ("training", "test")
 MISSING_TEXT = "空"
 IMAGE_SUBDIR = "images"
 DOWNLOAD_REPORT = "download_report.json"  # written by data_pipelines.download
+IMAGE_NOT_FOUND = rope_txt.IMAGE_NOT_FOUND  # in the reason of each image file not on disk
 
 _IN_IMAGE_DIR, _IN_ROOT, rope_txt.ABSENT = 0, 1, 2  # where a media row's image was found
 _ITERATION_BLOCK = 4096  # records converted to Python objects at a time

@@ -160,6 +160,29 @@ class RopeFilesError(FileNotFoundError):
   """A requested split lacks some of its nine txt files (the message lists each one)."""
 
 
+class NoUsableProductError(ValueError):
+  """A requested split has no record that can be stored (the message says why)."""
+
+
+def no_usable_product_message(rope_dir: str, rope_split: str, problems: list[dict]) -> str:
+  """Why `rope_split` of `rope_dir` has no usable product, from the reader's problems:
+  the images are missing (run download first), or no row is usable."""
+  def example(p):
+    return f"{p['file']} line {p['line']}: {p['reason']}"
+
+  not_found = [p for p in problems if rope_format.IMAGE_NOT_FOUND in p["reason"]]
+  if not_found:
+    return (f"split {rope_split!r} of {rope_dir!r} has no usable product: "
+            f"{len(not_found):,} of its {len(problems):,} problems are image files not "
+            f"found (first: {example(not_found[0])}); run `python -m "
+            f"data_pipelines.download --rope_dir {rope_dir} --url_prefix URL` first, or put "
+            f"the images in {os.path.join(rope_dir, rope_format.IMAGE_SUBDIR)}")
+  first = "; ".join(example(p) for p in problems[:3])
+  return (f"split {rope_split!r} of {rope_dir!r} has no usable product: no page, video or "
+          f"live has a pair row and a usable image ({len(problems):,} problems"
+          + (f"; first: {first})" if problems else ")"))
+
+
 def present_splits(rope_dir: str) -> list[str]:
   """The ROPE splits of which `rope_dir` holds at least one of the nine txt files."""
   return [split for split in rope_format.SPLITS
@@ -371,6 +394,8 @@ def plan_build(rope_dir: str, splits: Sequence[str], config: RopeConfig
                ) -> tuple[dict, dict[str, list[dict]]]:
   """Reads the catalogs: (the build's description, the rows of each non-empty TFDS split).
 
+  Raises NoUsableProductError, before anything is encoded, when a split has no record.
+
   The description {rope_dir, rope_splits, fingerprint, config, splits: {rope split:
   {product_ids, read_problems, frames_skipped_by_download, rows: {domain: [(key,
   product_index)]}}}} is what `write_build_files` needs besides the decode problems.
@@ -383,6 +408,9 @@ def plan_build(rope_dir: str, splits: Sequence[str], config: RopeConfig
   for rope_split in splits:
     catalog = rope_format.load_rope(rope_dir, rope_split,
                                     num_frames=config.num_frames or None)
+    if not any(len(catalog.domain(domain)) for domain in domains.NAMES):
+      raise NoUsableProductError(no_usable_product_message(rope_dir, rope_split,
+                                                           catalog.problems))
     product_ids = list(catalog.products)
     product_index = {p: i for i, p in enumerate(product_ids)}
     entry = {"product_ids": product_ids, "read_problems": catalog.problems,
@@ -473,6 +501,44 @@ def read_build_info(dataset_dir: str) -> dict | None:
     return json.loads((epath.Path(dataset_dir) / BUILD_INFO_NAME).read_text(encoding="utf-8"))
   except (OSError, ValueError):
     return None
+
+
+def metadata_digest(dataset_dir: str) -> str:
+  """sha256 of what defines the records of a built dataset, besides their bytes: the
+  features, each TFDS split's record count and bytes, the product tables, the counts
+  and problems of rope_build.json. Not the shard layout, the writer or the folder's
+  place, so every build of the same inputs and options gives the same digest.
+
+  Raises:
+    FileNotFoundError: a metadata file is missing or unreadable.
+  """
+  folder = epath.Path(dataset_dir)
+
+  def read(name: str) -> bytes:
+    try:
+      return (folder / name).read_bytes()
+    except OSError as e:
+      raise FileNotFoundError(f"{folder / name} is missing or unreadable ({e}): run "
+                              "`python -m data_pipelines.prepare` again") from e
+
+  info = json.loads(read("dataset_info.json"))
+  build = json.loads(read(BUILD_INFO_NAME))
+  described = {
+      "features": json.loads(read("features.json")),
+      "splits": {split["name"]: {"records": sum(int(n) for n in split["shardLengths"]),
+                                 "bytes": int(split.get("numBytes", 0))}
+                 for split in info.get("splits", [])},
+      "products": {rope_split: hashlib.sha256(
+          read(f"{PRODUCTS_PREFIX}{rope_split}.json")).hexdigest()
+                   for rope_split in build["rope_splits"]},
+      "build": {"format": build["format"], "fingerprint": build["fingerprint"],
+                "config": build["config"], "problems": build["problems"],
+                "splits": {rope_split: {"products": entry["products"],
+                                        "records": {d: c["records"]
+                                                    for d, c in entry["domains"].items()}}
+                           for rope_split, entry in build["splits"].items()}}}
+  text = json.dumps(described, sort_keys=True, ensure_ascii=False, allow_nan=False)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_products(dataset_dir: str, rope_split: str) -> list[dict]:

@@ -33,6 +33,7 @@ from data_pipelines import transforms
 
 MISSING_TEXT = "空"  # the text of an id without one
 IMAGE_SUBDIR = "images"
+IMAGE_NOT_FOUND = "not found (looked in"  # in the reason of each image file not on disk
 IN_IMAGE_DIR, IN_ROOT, ABSENT = 0, 1, 2  # where a media row's image was found
 _RESOLVE_BLOCK = 1 << 16  # image names looked up on disk at a time
 BLOCK_BYTES = 1 << 24  # 16 MiB of a txt file at a time: its transient copies stay small
@@ -468,6 +469,6 @@ def drop_absent(media: Media, is_clip: bool, sampled_frames: int | None,
   skipped = int((absent & ~expected).sum())
   names = media.sorted_names(expected).to_pylist()
   for line, name in zip(media.lines[expected].tolist(), names):
-    report.add(line, f"image file {name} not found (looked in {IMAGE_SUBDIR}/ and the "
+    report.add(line, f"image file {name} {IMAGE_NOT_FOUND} {IMAGE_SUBDIR}/ and the "
                      "dataset root)")
   return media.subset(~absent), skipped

@@ -208,23 +208,178 @@ def test_num_frames_keeps_the_frames_training_samples(tmp_path):
 
 
 def test_open_domain_before_prepare_names_the_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match=prepare.POINTER_NAME):
-    prepare.open_domain(str(tmp_path), "training", "page")
-  with pytest.raises(FileNotFoundError, match="products.json"):
-    prepare.load_products(str(tmp_path), "training")
+  for read in (lambda: prepare.open_domain(str(tmp_path), "training", "page"),
+               lambda: prepare.load_products(str(tmp_path), "training"),
+               lambda: prepare.dataset_identity(str(tmp_path))):
+    with pytest.raises(FileNotFoundError, match=rf"{prepare.POINTER_NAME} is missing .*run "
+                                                r"`python -m data_pipelines\.prepare"):
+      read()
+  assert prepare.prepared_configs(str(tmp_path)) == []
 
 
 def test_a_damaged_products_file_is_named_with_the_command_that_rebuilds_it(
     tiny_prepared_dir, tmp_path):
   out = str(tmp_path / "prepared")
   shutil.copytree(tiny_prepared_dir, out)
-  products_path = os.path.join(out, "training", "products.json")
+  products_path = os.path.join(out, prepare.CONFIGS_SUBDIR, prepare.default_config(out),
+                               "training", "products.json")
   with open(products_path, "r+", encoding="utf-8") as f:
     f.truncate(len(f.read()) // 2)  # a half-written file is not JSON
   with pytest.raises(FileNotFoundError,
                      match=r"products\.json is missing or unreadable: run .*prepare"):
     prepare.load_products(out, "training")
   assert prepare.open_domain(out, "training", "page")  # the pointer is still read
+
+
+# ---- several configs in one OUT, each read by name; the identity of a prepared config --
+
+def _records(prepared_dir, config_name=""):
+  return {(split, domain): list(prepare.open_domain(prepared_dir, split, domain,
+                                                    config_name))
+          for split in prepare.prepared_splits(prepared_dir, config_name)
+          for domain in domains.NAMES}
+
+
+@pytest.fixture(scope="module")
+def small_rope_dir(tmp_path_factory):
+  rope_dir = str(tmp_path_factory.mktemp("small") / "rope")
+  synthetic.generate(rope_dir, products=4, test_products=2, frames_per_clip=5,
+                     image_size=24, seed=3)
+  return rope_dir
+
+
+def test_two_configs_live_side_by_side_and_each_is_read_by_name(small_rope_dir, tmp_path):
+  out = str(tmp_path / "prepared")
+  first = prepare.prepare(small_rope_dir, out, num_frames=2, max_image_side=16, **QUIET)
+  first_name = first["tfds"]["config"]
+  assert first_name == "frames2_side16" and prepare.default_config(out) == first_name
+  first_records, first_identity = _records(out), prepare.dataset_identity(out)
+  first_products = {s: prepare.load_products(out, s) for s in rope_format.SPLITS}
+
+  second = prepare.prepare(small_rope_dir, out, **QUIET)  # every frame, as released
+  second_name = second["tfds"]["config"]
+  assert second_name == "all_frames_original"
+  assert prepare.prepared_configs(out) == sorted([first_name, second_name])
+  assert prepare.default_config(out) == second_name  # the latest is the default
+
+  # The first config reads exactly as before the second prepare, by name.
+  assert _records(out, first_name) == first_records
+  assert {s: prepare.load_products(out, s, first_name)
+          for s in rope_format.SPLITS} == first_products
+  assert prepare.dataset_identity(out, first_name) == first_identity
+  # The default now reads the second, whose clips keep every frame.
+  default_records = _records(out)
+  assert default_records == _records(out, second_name) != first_records
+  video = ("training", "video")
+  assert {len(item["frames"]) for item in first_records[video]} == {2}
+  assert {len(item["frames"]) for item in default_records[video]} == {5}
+  assert max(Image.open(io.BytesIO(item["image"])).size[0]
+             for item in first_records[("training", "page")]) == 16
+
+  # Both reports are kept; the top-level one is the latest prepare's.
+  for report in (first, second):
+    config_report = _report(os.path.join(out, prepare.CONFIGS_SUBDIR,
+                                          report["tfds"]["config"]))
+    assert config_report == json.loads(json.dumps(report))
+  assert _report(out) == json.loads(json.dumps(second))
+
+  # Identities: strict JSON, name the config and its counts, differ between configs.
+  second_identity = prepare.dataset_identity(out)
+  assert second_identity == prepare.dataset_identity(out, second_name)
+  assert json.loads(json.dumps(second_identity, allow_nan=False)) == second_identity
+  assert (first_identity["config"], second_identity["config"]) == (first_name, second_name)
+  assert (first_identity["num_frames"], first_identity["max_image_side"]) == (2, 16)
+  assert first_identity["fingerprint"] != second_identity["fingerprint"]
+  assert first_identity["metadata_digest"] != second_identity["metadata_digest"]
+  for split in rope_format.SPLITS:
+    assert second_identity["splits"][split] == {
+        "products": second["splits"][split]["products"],
+        "records": {d: c["records"] for d, c in second["splits"][split]["domains"].items()}}
+
+  # A config that is not prepared there is refused, naming it and those that are.
+  for read in (lambda: prepare.open_domain(out, "training", "page", "frames8_side256"),
+               lambda: prepare.load_products(out, "training", "frames8_side256"),
+               lambda: prepare.dataset_identity(out, "frames8_side256")):
+    with pytest.raises(FileNotFoundError,
+                       match=r"config 'frames8_side256' is not in .*\(prepared there: "
+                             r"all_frames_original, frames2_side16\)"):
+      read()
+
+  # Preparing the first again (up to date) makes it the default, unchanged.
+  again = prepare.prepare(small_rope_dir, out, num_frames=2, max_image_side=16, **QUIET)
+  assert again["status"] == "skipped (up to date)"
+  assert prepare.default_config(out) == first_name and _records(out) == first_records
+  assert prepare.dataset_identity(out) == first_identity
+
+
+def test_identity_is_the_same_for_a_rebuild_elsewhere_and_changes_with_the_data(
+    small_rope_dir, tmp_path):
+  rope_dir = str(tmp_path / "rope")
+  shutil.copytree(small_rope_dir, rope_dir)
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  prepare.prepare(rope_dir, one, splits=["test"], num_shards=1, **QUIET)
+  prepare.prepare(rope_dir, two, splits=["test"], num_shards=2, workers=2, **QUIET)
+  assert prepare.dataset_identity(one) == prepare.dataset_identity(two)
+  identity = prepare.dataset_identity(one)
+  with open(os.path.join(rope_dir, "test_page_titles.txt"), "a", encoding="utf-8") as f:
+    f.write("\n")  # a blank line: a problem, the same records
+  prepare.prepare(rope_dir, one, splits=["test"], **QUIET)
+  changed = prepare.dataset_identity(one)
+  assert changed["config"] == identity["config"]
+  assert changed["splits"] == identity["splits"]
+  assert changed["fingerprint"] != identity["fingerprint"]
+  assert changed["metadata_digest"] != identity["metadata_digest"]
+
+
+def test_a_folder_of_one_config_from_before_is_read_and_kept(small_rope_dir, tmp_path):
+  out = str(tmp_path / "prepared")
+  prepare.prepare(small_rope_dir, out, num_frames=2, **QUIET)
+  records, identity = _records(out), prepare.dataset_identity(out)
+  # The layout of format 2: OUT/dataset.json and OUT/<split>/products.json only.
+  shutil.rmtree(os.path.join(out, prepare.CONFIGS_SUBDIR))
+  pointer_path = os.path.join(out, prepare.POINTER_NAME)
+  with open(pointer_path, encoding="utf-8") as f:
+    pointer = json.load(f)
+  with open(pointer_path, "w", encoding="utf-8") as f:
+    json.dump({**pointer, "format": 2}, f)
+  assert prepare.prepared_configs(out) == ["frames2_original"]
+  assert _records(out) == _records(out, "frames2_original") == records
+  assert prepare.dataset_identity(out, "frames2_original") == identity
+  with pytest.raises(FileNotFoundError, match=r"'all_frames_original' is not in .*"
+                                              r"prepared there: frames2_original\)"):
+    prepare.load_products(out, "training", "all_frames_original")
+
+  prepare.prepare(small_rope_dir, out, **QUIET)  # another config: the old one is kept
+  assert prepare.prepared_configs(out) == ["all_frames_original", "frames2_original"]
+  assert _records(out, "frames2_original") == records
+  assert prepare.dataset_identity(out, "frames2_original") == identity
+
+
+def test_prepare_without_usable_products_exits_1_saying_why(small_rope_dir, tmp_path):
+  rope_dir, out = str(tmp_path / "rope"), str(tmp_path / "prepared")
+  shutil.copytree(small_rope_dir, rope_dir)
+  prepare.prepare(rope_dir, out, splits=["test"], **QUIET)
+  before, records = _files(out), _records(out)
+  shutil.rmtree(os.path.join(rope_dir, rope_format.IMAGE_SUBDIR))  # not downloaded yet
+  with pytest.raises(SystemExit) as exit_info:
+    prepare.main(["--rope_dir", rope_dir, "--out", out, "--num_frames", "2"])
+  assert exit_info.value.code == 1
+  message = str(exit_info.value)
+  assert "NoUsableProductError" in message and "has no usable product" in message
+  assert "image files not found" in message
+  assert "run `python -m data_pipelines.download" in message
+  # Nothing of the earlier preparation changed; no dataset of the new config.
+  assert _files(out) == before and _records(out) == records
+  assert prepare.prepared_configs(out) == ["all_frames_original"]
+  assert not os.path.exists(os.path.join(out, prepare.TFDS_SUBDIR, "rope", "frames2_original"))
+
+  # As a program: exit status 1, the reason on stderr.
+  process = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.prepare", "--rope_dir", rope_dir, "--out",
+       str(tmp_path / "other"), "--splits", "test"],
+      cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+  assert process.returncode == 1, process.stderr[-2000:]
+  assert "has no usable product" in process.stderr and "download" in process.stderr
 
 
 # ---- every file of every requested split is checked before anything is written ------
