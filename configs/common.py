@@ -127,6 +127,7 @@ def rope_vitb16_data():
   data = ml_collections.ConfigDict()
   data.rope_dir = ""  # ROPE-format directory (nine txt files per split + images)
   data.prepared_dir = ""  # ArrayRecord shards written by data_pipelines.prepare
+  data.prepared_config = ""  # e.g. frames8_side256 ("": the most recent prepare)
   data.vocab_path = ""  # the rbt vocabulary (21,128 entries)
   data.train_split = "training"
   data.eval_split = "test"

@@ -21,6 +21,9 @@ def get_config():
   config.data = data = ml_collections.ConfigDict()
   data.rope_dir = "demo_run/rope"  # ROPE-format directory (nine txt files per split + images)
   data.prepared_dir = "demo_run/prepared"  # ArrayRecord shards written by data_pipelines.prepare
+  # Which prepared config of prepared_dir to read ("": its most recent prepare when a
+  # run starts; a run records the one it read, and later jobs read that one).
+  data.prepared_config = ""
   data.vocab_path = "demo_run/rope/vocab.txt"  # WordPiece vocabulary (rbt vocab for real data)
   data.train_split = "training"
   data.eval_split = "test"

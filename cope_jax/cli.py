@@ -29,15 +29,49 @@ error_paragraph = command_line.error_paragraph
 _BackgroundErrorReports = command_line.BackgroundErrorReports
 
 
+def _recorded_config(workdir: str):
+  from cope_jax import run_record  # pylint: disable=g-import-not-at-top
+
+  return run_record.recorded_config(workdir)
+
+
 def command(prog: str, doc: str, *, workdir_help: str | None = None,
             workdir_required: bool = True, define_flags=None, required: tuple[str, ...] = (),
             config: bool | str = True,
             config_help: str = "config file: a get_config() returning a ConfigDict "
-                               "(configs/*.py)") -> command_line.Command:
-  """A `Command` of a model job (by default with a required --config)."""
-  return command_line.Command(prog=prog, doc=doc, define_flags=define_flags,
-                              required=required, config=config, config_help=config_help,
-                              workdir_help=workdir_help, workdir_required=workdir_required)
+                               "(configs/*.py)",
+            config_from_workdir: bool | None = None) -> command_line.Command:
+  """A `Command` of a model job (by default with a required --config).
+
+  A job on a training workdir (`workdir_help` given, a --config taken) takes the run's
+  recorded config when it is given --workdir without --config (`run_record`), and has
+  the flag --allow_config_change for running with other model or data fields than the
+  run's (`config_from_workdir=False`: neither).
+  """
+  if config_from_workdir is None:
+    config_from_workdir = workdir_help is not None and config is not False
+  if config_from_workdir:
+    own_flags = define_flags
+
+    def define_flags(flag_values, own_flags=own_flags):
+      from absl import flags  # pylint: disable=g-import-not-at-top
+
+      if own_flags is not None:
+        own_flags(flag_values)
+      flags.DEFINE_bool("allow_config_change", False, "run with model or input-data "
+                        "fields other than the run's (WORKDIR/run.json); refused otherwise",
+                        flag_values=flag_values)
+  return command_line.Command(
+      prog=prog, doc=doc, define_flags=define_flags, required=required, config=config,
+      config_help=config_help, workdir_help=workdir_help, workdir_required=workdir_required,
+      config_from_workdir=_recorded_config if config_from_workdir else None)
+
+
+def job_options(args: types.SimpleNamespace) -> dict:
+  """What `run_record.begin_job` / `begin_training` take from a job's command line."""
+  return {"allow_change": bool(getattr(args, "allow_config_change", False)),
+          "config_source": getattr(args, "config_source", None) or "",
+          "overrides": tuple(getattr(args, "config_overrides", ()) or ())}
 
 
 def _initialize_distributed(args: types.SimpleNamespace) -> None:
@@ -53,13 +87,14 @@ def run_job(cmd: command_line.Command, job: Callable[[types.SimpleNamespace], An
   command_line.run(cmd, job, argv, before_job=_initialize_distributed)
 
 
-def run(job: Callable[[ml_collections.ConfigDict, str], Any], workdir_help: str,
+def run(job: Callable[..., Any], workdir_help: str,
         prog: str = "", doc: str = "", define_flags=None, required: tuple[str, ...] = (),
         argv: Sequence[str] | None = None) -> None:
-  """Runs `job(config, workdir)` as a command with --config and --workdir (both required)."""
+  """Runs `job(config, workdir, allow_change=, config_source=, overrides=)` as a command
+  with --config and --workdir (see `command`: --workdir alone takes the run's config)."""
   import __main__  # pylint: disable=g-import-not-at-top
 
   prog = prog or f"python -m {getattr(__main__.__spec__, 'name', 'cope_jax')}"
   cmd = command(prog, doc or (__main__.__doc__ or ""), workdir_help=workdir_help,
                 define_flags=define_flags, required=required)
-  run_job(cmd, lambda args: job(args.config, args.workdir), argv)
+  run_job(cmd, lambda args: job(args.config, args.workdir, **job_options(args)), argv)

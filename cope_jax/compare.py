@@ -46,6 +46,7 @@ from cope_jax import compare_report
 from cope_jax import export_format
 from cope_jax import release_format
 from cope_jax import result_files
+from cope_jax import run_record
 from cope_jax.search import directions
 from cope_jax.search import exact
 from cope_jax.search import metrics as search_metrics
@@ -345,6 +346,18 @@ def topk_overlap(reference: Mapping[str, DomainEmbeddings],
   return result
 
 
+def _side_provenance(side: Side) -> dict[str, Any] | None:
+  """Where an export side's rows come from (its manifest: checkpoint step, config digest,
+  prepared data, code); None for the release's files, which do not say."""
+  if side.format != EXPORT:
+    return None
+  manifest = export_format.read_manifest_fields(side.path)
+  return {"checkpoint_step": manifest.get("checkpoint_step"),
+          "checkpoint": manifest.get("checkpoint"),
+          "config_digest": manifest.get("config_hash"),
+          "prepared_data": manifest.get("prepared_data"), "code": manifest.get("code")}
+
+
 def compare(reference_dir: str, rope_dir: str, split: str, candidate_dir: str | None = None,
             out_dir: str = DEFAULT_OUT, one_shot_draws: int = 5) -> dict[str, Any]:
   """Reads, evaluates and compares; writes compare.json, compare.md and the plot.
@@ -390,7 +403,9 @@ def compare(reference_dir: str, rope_dir: str, split: str, candidate_dir: str | 
       "one_shot_draws": int(one_shot_draws),
       "pair_file_problems": pair_problems,
       "sides": {side.label: {"path": side.path, "format": side.format, "dim": side.dim,
-                             "domains": side.summary} for side in sides},
+                             "domains": side.summary, "provenance": _side_provenance(side)}
+                for side in sides},
+      "code": run_record.code_version(),
       "evaluated_ids": {domain: len(rows) for domain, rows in evaluated[REFERENCE].items()},
       "metrics": metrics,
       "recall_at_k": {"ks": list(range(1, CURVE_MAX_K + 1)), **curves},

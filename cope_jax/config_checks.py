@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from cope_jax.search import faiss_index
 from cope_jax.search import index as search_index
 from data_pipelines import domains
 
@@ -130,6 +131,12 @@ def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -
   search_kinds = ("auto", "exact", *search_index.INDEX_KINDS)  # the one index table
   _require(config.eval.search in search_kinds, "eval.search",
            f"must be one of {search_kinds}, got {config.eval.search!r}")
+  _require(config.eval.index in search_index.INDEX_KINDS, "eval.index",
+           f"must be one of {tuple(search_index.INDEX_KINDS)}, got {config.eval.index!r}")
+  check_index_installed(config.eval.search, "eval.search")
+  if config.eval.search == "auto":
+    check_index_installed(config.eval.index, "eval.index")
+  check_init_from(config)
   if need_data:
     for field in ("rope_dir", "prepared_dir", "vocab_path"):
       _require(bool(config.data[field]), f"data.{field}", "is empty: set it to a path")
@@ -141,6 +148,55 @@ def check_config(config: ml_collections.ConfigDict, *, need_data: bool = True) -
       _require(config.model.text.vocab_size == vocab_size, "model.text.vocab_size",
                f"{config.model.text.vocab_size} differs from the {vocab_size} entries of "
                f"{config.data.vocab_path}")
+
+
+def check_index_installed(kind: str, field: str) -> None:
+  """ConfigError naming `field` when index kind `kind` needs a package that is not
+  installed (faiss for faiss_hnsw), so that the job stops before it embeds anything."""
+  if kind == faiss_index.KIND:
+    try:
+      faiss_index.import_faiss()
+    except ImportError as error:
+      raise ConfigError(f"config.{field}: {error}") from None
+
+
+def _conversion_record(directory: str) -> dict | None:
+  path = os.path.join(directory, "conversion.json")
+  if not os.path.isfile(path):
+    return None  # a training workdir, or a parameter checkpoint without its record
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise ConfigError(f"config.train.init_from: {path} is not readable ({error})") from None
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """ConfigError before any model is built when `config.train.init_from` names partial
+  conversions (`cope_jax.convert`'s conversion.json) that together leave parameters
+  uninitialised while `train.init_allow_missing` is off.
+
+  The clip heads' text projections are left to the later check (`state`): whether a
+  run has them depends on its loss terms."""
+  parts = [part.strip() for part in config.train.init_from.split(",") if part.strip()]
+  left_by_all = None
+  for part in parts:
+    if not os.path.isdir(part):
+      return  # loading it says what is missing; a trained run no longer needs it
+    record = _conversion_record(part)
+    left = set(record.get("left_initialised", ())) if record else set()
+    left_by_all = left if left_by_all is None else left_by_all & left
+  clip_text_projections = tuple(f"{d.head}/fc0/" for d in domains.DOMAINS if d.is_clip)
+  missing = sorted(path for path in (left_by_all or ())
+                   if not path.startswith(clip_text_projections))
+  if missing and not config.train.init_allow_missing:
+    shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8
+                                      else "")
+    raise ConfigError(
+        f"config.train.init_from: {config.train.init_from!r} leaves {len(missing)} model "
+        f"parameter(s) uninitialised (its conversion.json says so): {shown}. Set "
+        "config.train.init_allow_missing=True to start them from initialisation, or add the "
+        "checkpoint that holds them (comma-separated).")
 
 
 def resolve_vocab_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -155,28 +211,8 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   """sha256 (hex) of the config's JSON with sorted keys: identifies the model run."""
   text = config.to_json(sort_keys=True)
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
-def known_splits(prepared_dir: str) -> list[str]:
-  """The prepared splits of `prepared_dir`: its folders holding a products.json."""
-  if not os.path.isdir(prepared_dir):
-    return []
-  return sorted(name for name in os.listdir(prepared_dir)
-                if os.path.isfile(os.path.join(prepared_dir, name, "products.json")))
-
-
-def split_record_counts(prepared_dir: str, split: str) -> dict[str, int]:
-  """domain -> number of prepared records of `split` (0 when the domain is absent)."""
-  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
-
-  counts = {}
-  for name in domains.NAMES:
-    try:
-      counts[name] = len(prepare.open_domain(prepared_dir, split, name))
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-      counts[name] = 0
-  return counts
-
-
-def check_split(prepared_dir: str, split: str, field: str, min_domains: int = 1) -> dict[str, int]:
+def check_split(prepared_dir: str, split: str, field: str, min_domains: int = 1,
+                config_name: str = "") -> dict[str, int]:
   """Raises ConfigError unless `split` is prepared with records in >= `min_domains` domains.
 
   Args:
@@ -185,22 +221,30 @@ def check_split(prepared_dir: str, split: str, field: str, min_domains: int = 1)
     field: what set the split, named in the error ("config.data.eval_split", "--split").
     min_domains: 2 for a retrieval evaluation (a direction needs two domains), 1 for an
       export.
+    config_name: the prepared config (`config.data.prepared_config`; "": the default).
 
   Returns:
     The record count of each domain.
   """
-  known = known_splits(prepared_dir)
-  if split not in known:
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+
+  try:
+    identity = prepare.dataset_identity(prepared_dir, config_name)
+  except FileNotFoundError as error:
+    raise ConfigError(f"{field}: {error}") from None
+  records = {name: entry["records"] for name, entry in identity["splits"].items()}
+  known = sorted(records)
+  if split not in records:
     raise ConfigError(
-        f"{field}: no split {split!r} in {prepared_dir} (known splits: "
+        f"{field}: no split {split!r} in {prepared_dir} ({identity['config']}; known splits: "
         f"{', '.join(known) if known else 'none; run python -m data_pipelines.prepare'})")
-  counts = split_record_counts(prepared_dir, split)
+  counts = {name: int(records[split].get(name, 0)) for name in domains.NAMES}
   present = [name for name, count in counts.items() if count > 0]
   if len(present) < min_domains:
     what = ("no retrieval direction can be evaluated" if min_domains > 1
             else "there is nothing to export")
     raise ConfigError(
-        f"{field}: split {split!r} of {prepared_dir} holds "
+        f"{field}: split {split!r} of {prepared_dir} ({identity['config']}) holds "
         + ", ".join(f"{count} {name}" for name, count in counts.items())
         + f" records; {what} (known splits: {', '.join(known)})")
   return counts

@@ -28,6 +28,7 @@ from cope_jax import embed
 from cope_jax import evaluators
 from cope_jax import report
 from cope_jax import result_files
+from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import workdir_lock
@@ -45,7 +46,8 @@ def eval_split_embeddings(config: ml_collections.ConfigDict, model_params,
 
   def embed_domain(domain: str) -> embed.DomainEmbeddings | None:
     try:
-      num_records = len(prepare.open_domain(config.data.prepared_dir, split, domain))
+      num_records = len(prepare.open_domain(config.data.prepared_dir, split, domain,
+                                                config_name=config.data.prepared_config))
     except FileNotFoundError as error:
       logging.warning("split %r has no %s records (%s): its directions are skipped", split,
                       domain, error)
@@ -65,12 +67,13 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   """Runs the evaluators of `config.evals` (those in `names`, default all) on the eval
   split's embeddings and writes metrics.json + report."""
   config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
-                            "config.data.eval_split", min_domains=2)
+                            "config.data.eval_split", min_domains=2,
+                            config_name=config.data.prepared_config)
   built = evaluators.build(config)
   embeddings = eval_split_embeddings(config, model_params, mesh)
   metrics = evaluators.run(built, embeddings, names)
-  metrics["checkpoint_step"] = int(step)
-  metrics["checkpoint"] = source
+  # Where the numbers come from: checkpoint step, config digest, prepared data, code.
+  metrics.update(run_record.provenance(config, step, source))
   metrics["split"] = config.data.eval_split
   metrics["num_items"] = {domain: len(e) for domain, e in embeddings.all().items()}
   if jax.process_index() == 0:
@@ -83,24 +86,31 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   return metrics
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, **job_options) -> dict:
+  """Evaluates the checkpoint of `workdir` (see the module docstring).
+
+  `job_options`: `run_record.begin_job`'s (allow_change, config_source, overrides): the
+  config is checked against the run's record in `workdir`, if any.
+  """
   # One writer of the workdir's outputs at a time (re-entrant: training's own evaluation).
   with workdir_lock.hold(workdir, "evaluate", enabled=jax.process_index() == 0):
-    return _run(config, workdir)
+    return _run(config, workdir, **job_options)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: str, **job_options) -> dict:
   config_checks.check_config(config)
+  config = run_record.begin_job(config, workdir, "evaluate",
+                                writer=jax.process_index() == 0, **job_options)
   config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
-                            "config.data.eval_split", min_domains=2)
-  config = config_checks.resolve_vocab_size(config)
+                            "config.data.eval_split", min_domains=2,
+                            config_name=config.data.prepared_config)
   mesh = sharding.make_mesh(config.mesh)
   params, step, source = state_lib.load_model_params(config, workdir, mesh)
   return evaluate_params(config, workdir, params, step, mesh, source)
 
 
-def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
-  metrics = run(config, workdir)
+def _main(config: ml_collections.ConfigDict, workdir: str, **job_options) -> None:
+  metrics = run(config, workdir, **job_options)
   if jax.process_index() == 0:
     print(report.summary_table(metrics))
     print(f"\nwrote {os.path.join(workdir, 'eval', 'metrics.json')}")

@@ -62,6 +62,7 @@ from cope_jax import embed
 from cope_jax import export_format
 from cope_jax import release_format
 from cope_jax import result_files
+from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state
 from cope_jax import workdir_lock
@@ -79,17 +80,20 @@ FORMATS = ("parquet", "release")  # --format: this project's Parquet + index, or
 
 def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                       split: str | None = None, rope_dir: str | None = None,
-                      resume: bool = False, output_format: str = "parquet") -> export_format.Manifest:
+                      resume: bool = False, output_format: str = "parquet",
+                      **job_options) -> export_format.Manifest:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
-  See `_export_embeddings` for the arguments. When `out_dir` lies inside `workdir`,
-  the workdir's lock is held throughout (one writer of a workdir at a time).
+  See `_export_embeddings` for the arguments; `job_options` are `run_record.begin_job`'s
+  (the config is checked against the run's record in `workdir`). When `out_dir` lies
+  inside `workdir`, the workdir's lock is held throughout (one writer of a workdir at a
+  time).
   """
   inside = os.path.abspath(out_dir).startswith(os.path.abspath(workdir) + os.sep)
   with workdir_lock.hold(workdir, "export", enabled=inside and jax.process_index() == 0):
     try:
       return _export_embeddings(config, workdir, out_dir, split=split, rope_dir=rope_dir,
-                                resume=resume, output_format=output_format)
+                                resume=resume, output_format=output_format, **job_options)
     except BaseException:
       if jax.process_index() == 0:
         _clean_failed_staging(out_dir)
@@ -113,8 +117,8 @@ def _clean_failed_staging(out_dir: str) -> None:
 
 def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                        split: str | None = None, rope_dir: str | None = None,
-                       resume: bool = False,
-                       output_format: str = "parquet") -> export_format.Manifest:
+                       resume: bool = False, output_format: str = "parquet",
+                       **job_options) -> export_format.Manifest:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
   Args:
@@ -140,17 +144,22 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
     raise ValueError("--resume keeps Parquet files listed in a manifest: it applies to "
                      "--format parquet only")
   config_checks.check_config(config, need_data=not rope_dir)
+  if output_format == "parquet":
+    config_checks.check_index_installed(config.eval.index, "eval.index")
+  process_index, process_count = jax.process_index(), jax.process_count()
+  # The run's config (or this one, checked against it); with --rope_dir other data.
+  config = run_record.begin_job(config, workdir, "export", check_data=not rope_dir,
+                                writer=process_index == 0, **job_options)
   model_hash = config_checks.config_hash(config)
   model_config = json.loads(config.to_json(sort_keys=True))  # kept to name differences
   split_field = "--split" if split else "config.data.eval_split"
   split = split or config.data.eval_split
-  process_index, process_count = jax.process_index(), jax.process_count()
   os.makedirs(out_dir, exist_ok=True)
   if rope_dir:
     config = _with_prepared_data(config, rope_dir, out_dir)
     config_checks.check_config(config)
-  config_checks.check_split(config.data.prepared_dir, split, split_field)  # before any output
-  config = config_checks.resolve_vocab_size(config)
+  config_checks.check_split(config.data.prepared_dir, split, split_field,  # before any output
+                            config_name=config.data.prepared_config)
   # Every file goes into the staging folder, which replaces out_dir once all are written.
   staging = result_files.shared_staging_path(out_dir)
   if process_index == 0:
@@ -167,6 +176,8 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
   mesh = sharding.make_mesh(config.mesh)
   model_params, step, source = state.load_model_params(config, workdir, mesh)
   manifest.checkpoint_step, manifest.checkpoint = int(step), source
+  origin = run_record.provenance(config, step, source)
+  manifest.prepared_data, manifest.code = origin["prepared_data"], origin["code"]
   if output_format == "release":
     summary = _export_release(config, model_params, mesh, split, staging, manifest)
     _swap_in(staging, out_dir, _is_release_file)
@@ -177,7 +188,7 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
 
   model = state.build_model(config)
   for domain in domains.NAMES:
-    if not _has_records(config.data.prepared_dir, split, domain):
+    if not _has_records(config, split, domain):
       logging.warning("split %r has no %s records: nothing exported for it", split, domain)
       manifest.domains.pop(domain, None)
       continue
@@ -252,7 +263,7 @@ def _export_release(config, model_params, mesh, split: str, out_dir: str,
                       "the folder until one of the two is moved", out_dir, export_format.MANIFEST_FILE)
   model = state.build_model(config)
   for domain in domains.NAMES:
-    if not _has_records(config.data.prepared_dir, split, domain):
+    if not _has_records(config, split, domain):
       logging.warning("split %r has no %s records: nothing exported for it", split, domain)
       continue
     times = None
@@ -260,7 +271,8 @@ def _export_release(config, model_params, mesh, split: str, out_dir: str,
       record_range = pipelines.make_eval_dataset(config, domain, split, process_index,
                                                  process_count).record_range
       times = release_format.clip_times(
-          prepare.open_domain(config.data.prepared_dir, split, domain), record_range)
+          prepare.open_domain(config.data.prepared_dir, split, domain,
+                              config_name=config.data.prepared_config), record_range)
     batches = ((ids, product_ids,
                 export_format.normalise_rows(embeddings, f"{domain} embeddings"))
                for ids, product_ids, embeddings in embed.iter_embedding_batches(
@@ -279,11 +291,12 @@ def _export_release(config, model_params, mesh, split: str, out_dir: str,
   return summary
 
 
-def _has_records(prepared_dir: str, split: str, domain: str) -> bool:
+def _has_records(config: ml_collections.ConfigDict, split: str, domain: str) -> bool:
   """Whether the prepared split holds any record of `domain`."""
   from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
   try:
-    return len(prepare.open_domain(prepared_dir, split, domain)) > 0
+    return len(prepare.open_domain(config.data.prepared_dir, split, domain,
+                                   config_name=config.data.prepared_config)) > 0
   except FileNotFoundError:
     return False
 
@@ -301,7 +314,8 @@ def _with_prepared_data(config: ml_collections.ConfigDict, rope_dir: str,
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("cope_jax.export: prepared")
   config = config.copy_and_resolve_references()
-  config.data.prepared_dir = prepared_dir
+  config.data.prepared_dir = os.path.abspath(prepared_dir)
+  config.data.prepared_config = prepare.dataset_identity(prepared_dir)["config"]
   return config
 
 
@@ -395,8 +409,8 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
   Args:
     out_dir: a folder written by `export_embeddings`.
     domain: 'page' | 'video' | 'live'.
-    config_hash: when given, the hash (`config_hash(config)`) of the model the
-      caller's queries come from; an index of another model is refused.
+    config_hash: when given, the digest (`run_record.config_digest(config)`) of the
+      model the caller's queries come from; an index of another model is refused.
     dim: when given, the caller's embedding dimension; another dimension is refused.
 
   Raises:
@@ -437,7 +451,7 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
 def _main(args) -> None:
   manifest = export_embeddings(args.config, args.workdir, args.out, split=args.split or None,
                                rope_dir=args.rope_dir or None, resume=args.resume,
-                               output_format=args.format)
+                               output_format=args.format, **cli.job_options(args))
   if jax.process_index() == 0:
     counts = ", ".join(f"{d}: {e.count}" for d, e in manifest.domains.items())
     layout = " in the release's format" if args.format == "release" else ""

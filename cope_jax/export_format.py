@@ -204,6 +204,10 @@ class Manifest:
   checkpoint: str = ""
   prepared_dir: str = ""
   process_count: int = 1
+  # Where the rows come from (`run_record.provenance`): the prepared dataset's name,
+  # config, version and fingerprint, and the code's version and git commit.
+  prepared_data: dict[str, Any] | None = None
+  code: dict[str, Any] | None = None
   columns: list[str] = dataclasses.field(default_factory=lambda: list(PARQUET_SCHEMA.names))
   domains: dict[str, DomainExport] = dataclasses.field(default_factory=dict)
   format_version: int = MANIFEST_FORMAT_VERSION
@@ -273,6 +277,18 @@ class CheckedRows:
   product_ids: np.ndarray
   embeddings: np.ndarray
   where: np.ndarray
+
+
+def read_manifest_fields(folder: str) -> dict[str, Any]:
+  """The fields of `folder`'s manifest.json as written, whatever its format version (an
+  export of another version, or a folder written by another tool in this format); {}
+  when it is missing or not a JSON object."""
+  try:
+    with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
+      fields = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return fields if isinstance(fields, dict) else {}
 
 
 def read_checked(folder: str) -> dict[str, CheckedRows]:

@@ -243,6 +243,17 @@ def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDi
                  f"`{config.data.prepared_dir}`")
   else:
     lines.append(f"- split: `{metrics.get('split')}`")
+  prepared = metrics.get("prepared_data")
+  if prepared:
+    lines.append(f"- prepared data: `{prepared.get('name')}/{prepared.get('config')}` "
+                 f"{prepared.get('version')} (fingerprint "
+                 f"`{str(prepared.get('fingerprint'))[:12]}`)")
+  code = metrics.get("code") or {}
+  if metrics.get("config_digest"):
+    commit = code.get("git_commit")
+    lines.append(f"- config digest `{metrics['config_digest'][:12]}`; code "
+                 f"{code.get('version')}" + (f" at `{commit[:12]}`" if commit else "")
+                 + (" (with local changes)" if code.get("git_dirty") else ""))
   num_items = metrics.get("num_items") or {}
   if num_items:
     lines.append("- items: " + ", ".join(f"{count} {domain}s"
@@ -347,10 +358,11 @@ def _write_examples(eval_dir: str, embeddings: Mapping[str, embed.DomainEmbeddin
   from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
 
   prepared_dir, split = config.data.prepared_dir, config.data.eval_split
-  products = prepare.load_products(prepared_dir, split)
+  config_name = config.data.prepared_config
+  products = prepare.load_products(prepared_dir, split, config_name=config_name)
   images = {domain: report_examples.RecordImages(
-      prepare.open_domain(prepared_dir, split, domain), products, domain)
-            for domain in embeddings}
+      prepare.open_domain(prepared_dir, split, domain, config_name=config_name), products,
+      domain) for domain in embeddings}
   path = os.path.join(eval_dir, EXAMPLES_FILE)
   page = report_examples.examples_html(embeddings, images, num_examples,
                        title=f"COPE retrieval examples ({split} split)")
@@ -414,7 +426,7 @@ def _command():
 
   return cli.command(
       "python -m cope_jax.report", __doc__, config="",
-      config_help="the run's config file (optional: names the prepared data in the report)",
+      config_help="a config file (optional: names the prepared data in the report)",
       workdir_help="training directory whose eval/metrics.json the report is written from")
 
 
@@ -423,8 +435,15 @@ def _job(args) -> None:
 
   if not os.path.isdir(args.workdir):
     raise FileNotFoundError(f"--workdir {args.workdir}: no such folder")
+  config = args.config
+  if config is not None:  # the run's own (--workdir alone), or one checked against it
+    from cope_jax import cli  # pylint: disable=g-import-not-at-top
+    from cope_jax import run_record  # pylint: disable=g-import-not-at-top
+
+    config = run_record.begin_job(config, args.workdir, "report", check_data=False,
+                                  **cli.job_options(args))
   with workdir_lock.hold(args.workdir, "report"):
-    paths = rewrite_report(args.workdir, args.config)
+    paths = rewrite_report(args.workdir, config)
   print("wrote " + ", ".join(paths))
 
 

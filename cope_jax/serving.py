@@ -119,7 +119,8 @@ def _storable(array: np.ndarray) -> np.ndarray:
 def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
                      batch_size: int | None = None,
                      platforms: Sequence[str] | None = None,
-                     domains: Sequence[str] = domain_registry.NAMES) -> dict:
+                     domains: Sequence[str] = domain_registry.NAMES,
+                     provenance: dict | None = None) -> dict:
   """Exports `COPE.embed` of each domain of `COPE(config.model)` to `out_dir`.
 
   Args:
@@ -130,6 +131,8 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
     batch_size: a fixed batch size, or None for a symbolic one.
     platforms: e.g. ("cpu", "cuda"); None exports for the current backend only.
     domains: the domains to export (all by default).
+    provenance: where the parameters come from (`run_record.provenance`: checkpoint
+      step, config digest, prepared data, code), recorded in the manifest.
 
   Returns:
     The manifest written to `out_dir/serving_manifest.json`.
@@ -154,7 +157,7 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
               "batch_size": batch_size, "embedding_dim": int(config.model.emb_dim),
               "config_hash": config_checks.config_hash(config),
               "model_config_hash": config_checks.config_hash(config.model),
-              "jax_version": jax.__version__, "domains": {}}
+              "jax_version": jax.__version__, "provenance": provenance, "domains": {}}
   for domain in domains:
     inputs = domain_inputs(config, domain)
     abstract_inputs = {name: jax.ShapeDtypeStruct((batch,) + shape, dtype)
@@ -298,7 +301,9 @@ def _define_flags(flag_values) -> None:
 
 
 def _job(args) -> None:
+  from cope_jax import cli  # pylint: disable=g-import-not-at-top
   from cope_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from cope_jax import run_record  # pylint: disable=g-import-not-at-top
   from cope_jax import sharding  # pylint: disable=g-import-not-at-top
   from cope_jax import state  # pylint: disable=g-import-not-at-top
   from cope_jax import workdir_lock  # pylint: disable=g-import-not-at-top
@@ -306,7 +311,9 @@ def _job(args) -> None:
   for domain in args.domains:
     _domain(domain)
   config_checks.check_config(args.config)
-  config = config_checks.resolve_vocab_size(args.config)
+  # The run's config (or this one, checked against it); serving reads no data.
+  config = run_record.begin_job(args.config, args.workdir, "serving", check_data=False,
+                                writer=jax.process_index() == 0, **cli.job_options(args))
   mesh = sharding.make_mesh(config.mesh)
   params, step, source = state.load_model_params(config, args.workdir, mesh)
   out = os.path.abspath(args.out)
@@ -314,7 +321,8 @@ def _job(args) -> None:
   with workdir_lock.hold(args.workdir, "serving", enabled=inside and jax.process_index() == 0):
     if jax.process_index() == 0:
       manifest = export_embedders(config, params, out, batch_size=args.batch_size,
-                                  platforms=args.platforms or None, domains=args.domains)
+                                  platforms=args.platforms or None, domains=args.domains,
+                                  provenance=run_record.provenance(config, step, source))
       print(f"wrote the serving artifacts of {', '.join(manifest['domains'])} (step {step} "
             f"of {source}) to {out}")
 

@@ -70,7 +70,8 @@ def classifier_size(config: ml_collections.ConfigDict) -> int:
   """Rows of the product classifier: the training products (0 without that loss)."""
   if config.loss.classify_weight <= 0:
     return 0
-  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split))
+  return len(prepare.load_products(config.data.prepared_dir, config.data.train_split,
+                                   config_name=config.data.prepared_config))
 
 
 def zero_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:

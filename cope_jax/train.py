@@ -45,6 +45,7 @@ from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
 from cope_jax import result_files
+from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import workdir_lock
@@ -132,13 +133,19 @@ def _check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.shard
           f"{count} {what}")
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
-  """Checks the config, builds mesh, state and data, resumes from the last checkpoint."""
+def setup(config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool = False,
+          config_source: str = "", overrides: Sequence[str] = ()) -> TrainingRun:
+  """Checks the config, records the run (or checks a resumed one against its record,
+  `run_record.check_training`; written by `record_training` once ready), builds mesh, state and data, resumes from the last
+  checkpoint."""
   config_checks.check_config(config)
+  config, resumed_run = run_record.check_training(config, workdir, allow_change=allow_change)
+  config_checks.check_split(config.data.prepared_dir, config.data.train_split,
+                            "config.data.train_split", config_name=config.data.prepared_config)
   if any(int(entry.get("every", 0)) for entry in config.evals.values()):
     config_checks.check_split(config.data.prepared_dir, config.data.eval_split,
-                              "config.data.eval_split", min_domains=2)
-  config = config_checks.resolve_vocab_size(config)
+                              "config.data.eval_split", min_domains=2,
+                              config_name=config.data.prepared_config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   _check_batch_divisibility(config, mesh)
@@ -168,6 +175,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainingRun:
     state = state.replace(params=dict(state.params, model=model_params))
 
   step_fn = jit_train_step(config, model, optimizer, state_shardings, mesh)
+  if jax.process_index() == 0:
+    run_record.record_training(config, workdir, resumed_run, allow_change=allow_change,
+                               config_source=config_source, overrides=overrides)
   return TrainingRun(config=config, workdir=workdir, mesh=mesh, state=state,
                      state_shardings=state_shardings, data_iterator=data_iterator,
                      manager=manager, step_fn=step_fn, start_step=int(state.step))
@@ -359,14 +369,15 @@ def run_steps(run: TrainingRun, hooks: Sequence[Hook]) -> TrainState:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       evaluate_fn: EvaluateFn | None = None) -> dict[str, float]:
+                       evaluate_fn: EvaluateFn | None = None, **run_options) -> dict[str, float]:
   """Trains (resuming if a checkpoint exists) and returns the last logged metrics.
 
   `evaluate_fn`, when given, runs where an evaluator of `config.evals` is due (`every`).
+  `run_options`: `setup`'s (allow_change, config_source, overrides).
   """
   # One writer per workdir (process 0 writes its outputs): a second run stops here.
   with workdir_lock.hold(workdir, "train", enabled=jax.process_index() == 0):
-    run = setup(config, workdir)
+    run = setup(config, workdir, **run_options)
     hooks = default_hooks(run, evaluate_fn)
     run_steps(run, hooks)
   return next(hook.last_logged for hook in hooks if isinstance(hook, Logger))
@@ -378,8 +389,9 @@ def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
           for key in stacked[0] if key != "finite"}
 
 
-def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
-  metrics = train_and_evaluate(config, workdir, evaluate_fn=evaluate.evaluate_params)
+def _main(config: ml_collections.ConfigDict, workdir: str, **run_options) -> None:
+  metrics = train_and_evaluate(config, workdir, evaluate_fn=evaluate.evaluate_params,
+                               **run_options)
   print(result_files.dumps({"process_index": jax.process_index(), "final_metrics": metrics},
                            sort_keys=True))
 

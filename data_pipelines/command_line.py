@@ -91,6 +91,8 @@ class Command:
     config_help: the help line of --config.
     workdir_help: the help line of --workdir (None: no --workdir).
     workdir_required: whether --workdir must be given.
+    config_from_workdir: WORKDIR -> the config recorded there, or None: where a command
+      given --workdir without --config takes its config (overrides apply to it).
   """
   prog: str
   doc: str
@@ -100,6 +102,7 @@ class Command:
   config_help: str = "config file: a get_config() returning a ConfigDict"
   workdir_help: str | None = None
   workdir_required: bool = True
+  config_from_workdir: Callable[[str], Any] | None = None
 
 
 # ---- errors -------------------------------------------------------------------------
@@ -253,14 +256,25 @@ def check_override_paths(config: Any, paths: Sequence[str]) -> None:
           f"{part!r}); {hint}Fields of {level}: {shown}")
 
 
-def _config_argument(argv: Sequence[str]) -> str | None:
+def _flag_argument(argv: Sequence[str], name: str) -> str | None:
+  """The value of `--name VALUE` / `--name=VALUE` in `argv` (the last one), or None."""
+  value = None
   for i, arg in enumerate(argv):
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1]
-    for prefix in ("--config=", "-config="):
+    if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+      value = argv[i + 1]
+    for prefix in (f"--{name}=", f"-{name}="):
       if arg.startswith(prefix):
-        return arg[len(prefix):]
-  return None
+        value = arg[len(prefix):]
+  return value
+
+
+def _config_argument(argv: Sequence[str]) -> str | None:
+  return _flag_argument(argv, "config")
+
+
+def override_arguments(argv: Sequence[str]) -> list[str]:
+  """The `--config.<path>=value` arguments of `argv`, as typed."""
+  return [arg for arg in argv if _OVERRIDE.match(arg)]
 
 
 def load_config_file(path: str) -> Any:
@@ -312,7 +326,7 @@ def _flag_left(flag: flags.Flag, required: bool, command: Command) -> str:
 def help_text(command: Command, flag_values: flags.FlagValues) -> str:
   """What --help prints: usage, the docstring's first paragraph, one line per flag."""
   required = set(command.required)
-  if command.config is True:
+  if command.config is True and command.config_from_workdir is None:
     required.add("config")
   if command.workdir_help is not None and command.workdir_required:
     required.add("workdir")
@@ -326,6 +340,8 @@ def help_text(command: Command, flag_values: flags.FlagValues) -> str:
   for flag in _own_flags(flag_values):
     left = _flag_left(flag, flag.name in required, command)
     description = _one_line(flag.help)  # an enum's starts with <value|value>
+    if flag.name == "config" and command.config_from_workdir is not None:
+      description += " (default: the run's own, from WORKDIR/run.json)"
     rows.append((left, description))
     if flag.name == "config":
       rows.append(("--config.FIELD=VALUE", "override one field of the config, e.g. "
@@ -356,14 +372,19 @@ def _own_flags(flag_values: flags.FlagValues) -> list[flags.Flag]:
 
 
 def _define_common_flags(command: Command, flag_values: flags.FlagValues,
-                         argv: Sequence[str]) -> None:
+                         argv: Sequence[str], recorded_config: Any = None) -> None:
   if command.config is not False:
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-    default = command.config if isinstance(command.config, str) and command.config else None
-    config_flags.DEFINE_config_file("config", default, command.config_help,
-                                    flag_values=flag_values, lock_config=True,
-                                    sys_argv=list(argv))
+    if recorded_config is not None:  # --workdir without --config: the run's own
+      config_flags.DEFINE_config_dict("config", recorded_config, command.config_help,
+                                      flag_values=flag_values, lock_config=True,
+                                      sys_argv=list(argv))
+    else:
+      default = command.config if isinstance(command.config, str) and command.config else None
+      config_flags.DEFINE_config_file("config", default, command.config_help,
+                                      flag_values=flag_values, lock_config=True,
+                                      sys_argv=list(argv))
   if command.workdir_help is not None:
     flags.DEFINE_string("workdir", None, command.workdir_help, flag_values=flag_values)
   if command.define_flags is not None:
@@ -412,14 +433,24 @@ def parse(command: Command, argv: Sequence[str]) -> types.SimpleNamespace:
     Exception: whatever loading the config file raised.
   """
   argv = list(argv)
+  recorded_config, config_source = None, None
   if command.config is not False:
     paths = override_paths(argv[1:])
-    config_path = _config_argument(argv[1:]) or (
-        command.config if isinstance(command.config, str) and command.config else None)
-    if config_path:  # loaded first so that its errors and typos are a user's error (1)
-      check_override_paths(load_config_file(config_path), paths)
+    config_path = _config_argument(argv[1:])
+    workdir = _flag_argument(argv[1:], "workdir") if command.workdir_help is not None else None
+    if config_path is None and workdir and command.config_from_workdir is not None:
+      recorded_config = command.config_from_workdir(workdir)
+      if recorded_config is not None:
+        config_source = os.path.join(workdir, "run.json")
+        check_override_paths(recorded_config, paths)
+    if recorded_config is None:
+      config_path = config_path or (
+          command.config if isinstance(command.config, str) and command.config else None)
+      config_source = config_path
+      if config_path:  # loaded first so that its errors and typos are a user's error (1)
+        check_override_paths(load_config_file(config_path), paths)
   flag_values = flags.FlagValues()
-  _define_common_flags(command, flag_values, argv)
+  _define_common_flags(command, flag_values, argv, recorded_config)
   try:
     rest = flag_values(argv)
   except flags.Error as error:
@@ -433,8 +464,15 @@ def parse(command: Command, argv: Sequence[str]) -> types.SimpleNamespace:
     required.insert(1 if command.config is True else 0, "workdir")
   missing = [f"--{name}" for name in required if flag_values[name].value is None]
   if missing:
-    raise UsageError(f"missing {', '.join(missing)}")
+    hint = ""
+    if "--config" in missing and command.config_from_workdir is not None:
+      hint = (" (a --workdir that holds a run's run.json gives its config; "
+              f"{flag_values['workdir'].value or 'the --workdir'} holds none)")
+    raise UsageError(f"missing {', '.join(missing)}{hint}")
   values = {flag.name: flag.value for flag in _own_flags(flag_values)}
+  if command.config is not False:
+    values["config_source"] = config_source
+    values["config_overrides"] = override_arguments(argv[1:])
   if command.config is not False and values.get("config") is not None:
     _check_config_loaded(values["config"])
   return types.SimpleNamespace(**values)

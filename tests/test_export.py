@@ -20,6 +20,7 @@ from cope_jax import embed
 from cope_jax import export
 from cope_jax import export_format
 from cope_jax import release_format
+from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax.search import exact
@@ -120,7 +121,7 @@ def test_manifest_names_the_model_and_dimension(exported, weights):
   config, out_dir, _, manifest = exported
   with open(os.path.join(out_dir, "manifest.json")) as f:
     assert json.load(f) == manifest
-  assert manifest["config_hash"] == config_checks.config_hash(config)
+  assert manifest["config_hash"] == run_record.config_digest(config)
   assert manifest["embedding_dim"] == config.model.emb_dim == 16
   assert manifest["checkpoint_step"] == 0  # converted weights, no training checkpoint
   assert manifest["checkpoint"] == weights[0]
@@ -153,7 +154,7 @@ def test_exported_index_finds_the_in_process_neighbours(exported, in_process):
   config, out_dir, _, _ = exported
   queries = in_process["video"].embeddings
   for domain in ("page", "live"):
-    loaded = export.load_exported_index(out_dir, domain, config_hash=config_checks.config_hash(config),
+    loaded = export.load_exported_index(out_dir, domain, config_hash=run_record.config_digest(config),
                                         dim=config.model.emb_dim)
     assert list(loaded.ids) == list(in_process[domain].ids)
     built, _ = search_index.build_index("scann", in_process[domain].embeddings, config.eval,
@@ -173,7 +174,7 @@ def test_index_of_another_model_or_dimension_is_refused(exported):
   other = config.copy_and_resolve_references()
   other.model.emb_dim = 32
   with pytest.raises(export_format.ExportMismatchError, match="another model"):
-    export.load_exported_index(out_dir, "page", config_hash=config_checks.config_hash(other))
+    export.load_exported_index(out_dir, "page", config_hash=run_record.config_digest(other))
   with pytest.raises(export_format.ExportMismatchError, match="32"):
     export.load_exported_index(out_dir, "page", dim=32)
   with pytest.raises(FileNotFoundError, match="manifest"):

@@ -39,13 +39,17 @@ from cope_jax import export
 from cope_jax import export_format
 from cope_jax import metrics_writer
 from cope_jax import report
+from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax.evaluators import retrieval as retrieval_evaluator
 from cope_jax.search import directions
+from data_pipelines import prepare
+from data_pipelines import synthetic
 from data_pipelines import transforms
 from tests import tiny_configs
+from tests.conftest import TINY_ROPE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4  # checkpoints at steps 2 and 4 (checkpoint_every=2, keep_checkpoints=2)
@@ -238,8 +242,12 @@ def test_resume_with_another_emb_dim_lists_parameters_and_names_the_field(
   workdir = _copy(trained, tmp_path / "run")
   config = _config(tiny_prepared_dir, tiny_rope_dir)
   config.model.emb_dim = 32
-  with pytest.raises(checkpoint_fit.CheckpointMismatchError) as error:
+  # The run's record refuses it first, naming the field ...
+  with pytest.raises(run_record.RunMismatchError, match=r"model\.emb_dim: run 16, now 32"):
     train.train_and_evaluate(config, workdir)
+  # ... and the checkpoint itself, when the change is said to be meant.
+  with pytest.raises(checkpoint_fit.CheckpointMismatchError) as error:
+    train.train_and_evaluate(config, workdir, allow_change=True)
   message = str(error.value)
   assert message.startswith(f"checkpoint step 4 ({workdir}/checkpoints/4) does not fit")
   assert "params/model/page_head/fc1/kernel: checkpoint (16, 16) vs model (16, 32)" in message
@@ -295,16 +303,19 @@ def test_evaluate_with_unknown_or_empty_split_stops_and_keeps_results(
     evaluate.run(config, workdir)
   _assert_unchanged(workdir, previous)
 
-  # A split folder without records (a prepare that found nothing for it).
-  prepared = shutil.copytree(tiny_prepared_dir, tmp_path / "prepared")
-  os.makedirs(prepared / "empty")
-  shutil.copy(prepared / "test" / "products.json", prepared / "empty" / "products.json")
-  config = _config(str(prepared), tiny_rope_dir)
-  config.data.eval_split = "empty"
+  # A split with records of one domain only (its pair files of the others are empty):
+  # no direction can be evaluated. Other data than the run's: allowed, to get there.
+  rope_dir = tmp_path / "rope"
+  synthetic.generate(str(rope_dir), **TINY_ROPE)
+  for name in ("test_product_videos_pair.txt", "test_product_lives_pair.txt"):
+    (rope_dir / name).write_text("", encoding="utf-8")
+  prepared = tmp_path / "prepared"
+  prepare.prepare(str(rope_dir), str(prepared), progress=False, log=lambda line: None)
+  config = _config(str(prepared), str(rope_dir))
   with pytest.raises(config_checks.ConfigError,
-                     match=r"split 'empty' .* 0 page, 0 video, 0 live records; no retrieval "
-                           r"direction can be evaluated"):
-    evaluate.run(config, workdir)
+                     match=r"split 'test' .* holds \d+ page, 0 video, 0 live records; no "
+                           r"retrieval direction can be evaluated"):
+    evaluate.run(config, workdir, allow_change=True)
   _assert_unchanged(workdir, previous)
 
 
