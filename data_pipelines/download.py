@@ -2,7 +2,8 @@
 
   python -m data_pipelines.download --rope_dir /data/rope --url_prefix https://HOST/PATH/ \
       [--split training|test|all] [--out DIR] [--num_frames 8] [--all_frames] \
-      [--workers 32] [--timeout 30] [--retries 5] [--max_side PX] [--verify quick|full]
+      [--workers 32] [--timeout 30] [--retries 5] [--max_side PX] [--verify quick|full] \
+      [--max_failure_rate 0.01]
 
 The release's nine txt files per split name each image by file name only
 (`eae32f52-2a9a-11ee-a32e-507c6f3c3e56.jpg`). The URL of an image is the prefix followed
@@ -56,6 +57,15 @@ Requests. `--workers` coroutines each hold at most one request, and the connecto
     attempts (refused, unreachable, unknown host, connect timeout) in a row with no
     response in between, the run stops with a message naming the prefix (exit status
     1). Nothing is lost: files already written stay.
+
+Exit status. 0 when every image is present in the end, or when the images that
+failed are at most `--max_failure_rate` (default 0.01: 1%) of the images requested
+(those fetched, those already present and those that failed); 1 otherwise, and when
+the run stopped early. The last lines say how many failed, of how many, and where they
+are listed (`download_failures.jsonl`); rerunning the same command retries them. A few
+dead links are usual in a web-hosted release (`prepare` lists the records they leave
+without images); a larger share usually means a wrong prefix or a throttling server.
+`--max_failure_rate 0` asks for every image.
 
 Files. Each body is written to a temporary file in `OUT/.partial/`, then renamed into
 place with `os.replace`, so a name in OUT is always a complete, checked image; a kill -9
@@ -127,6 +137,7 @@ _CHECK_BATCH = 512  # present files checked per batch, in a thread
 # Up to this many requests the planning pass's are kept for the run (about 300 B each);
 # beyond, each media file is read a second time as the run reaches it.
 _PLAN_KEPT_REQUESTS = 1_000_000
+DEFAULT_MAX_FAILURE_RATE = 0.01  # the command's exit rule (see "Exit status")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +160,23 @@ class Options:
 
 class DownloadAborted(RuntimeError):
   """The run stopped early (the prefix is unreachable); the ledger says what was done."""
+
+
+class TooManyFailures(RuntimeError):
+  """More images failed than `max_failure_rate` allows; the ledger lists each one."""
+
+
+def failure_rate_problem(counts: dict, max_failure_rate: float, failures_path: str
+                         ) -> str | None:
+  """Why a finished run breaks the exit rule (failed > max_failure_rate * requested),
+  or None when it keeps it."""
+  failed, requested = counts["failed"], counts["requested"]
+  if failed <= max_failure_rate * requested:
+    return None
+  return (f"{failed:,} of the {requested:,} images requested failed "
+          f"({failed / requested:.2%}, more than --max_failure_rate "
+          f"{max_failure_rate:g}); each is listed in {failures_path}: rerun the same "
+          "command to retry them")
 
 
 # --- files already present ---------------------------------------------------------
@@ -331,14 +359,19 @@ def download(rope_dir: str, url_prefix: str, *, split: str = "all", out: str | N
              backoff: float = 1.0, max_backoff: float = 60.0,
              max_retry_after: float = 600.0, abort_after: int = 100,
              verify: str = "quick", seed: int = 0, progress: bool = True,
+             max_failure_rate: float | None = None,
              log: Callable[[str], None] = print) -> dict:
   """Fetches the images of `split` of `rope_dir` from `url_prefix`; returns the report.
 
   See the module docstring for what is fetched, the retry policy and the ledger.
+  `max_failure_rate`: the most images that may fail, as a share of those requested
+  (None: no limit, the caller reads the report's counts).
   Raises:
     ValueError: an option is out of range or the prefix is not an http(s) URL.
     FileNotFoundError: a txt file that names the images is missing.
     DownloadAborted: the prefix is unreachable (the ledger is written first).
+    TooManyFailures: more than `max_failure_rate` of the images failed (the ledger is
+      written first).
   """
   parsed = urllib.parse.urlsplit(url_prefix)
   if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -354,6 +387,8 @@ def download(rope_dir: str, url_prefix: str, *, split: str = "all", out: str | N
       raise ValueError(f"--{name} must be > 0, got {value}")
   if verify not in VERIFY_CHOICES:
     raise ValueError(f"--verify must be {' or '.join(VERIFY_CHOICES)}, got {verify!r}")
+  if max_failure_rate is not None and not 0 <= max_failure_rate <= 1:
+    raise ValueError(f"--max_failure_rate must be in [0, 1], got {max_failure_rate}")
   if split not in (*rope_format.SPLITS, "all"):
     raise ValueError(f"--split must be training, test or all, got {split!r}")
   splits = download_plan.resolve_splits(rope_dir, split)
@@ -410,6 +445,10 @@ def download(rope_dir: str, url_prefix: str, *, split: str = "all", out: str | N
       + f"; ledger: {ledger.report_path}, {ledger.failures_path}")
   if abort_message:
     raise DownloadAborted(abort_message)
+  if max_failure_rate is not None:
+    problem = failure_rate_problem(counts, max_failure_rate, ledger.failures_path)
+    if problem:
+      raise TooManyFailures(problem)
   return report
 
 
@@ -443,6 +482,9 @@ def _define_flags(flag_values) -> None:
   flags.DEFINE_enum("verify", "quick", list(VERIFY_CHOICES), "how files already present "
                     "are checked: quick (size, JPEG header and trailer, once decoded whole) "
                     "or full (decode each)", **define)
+  flags.DEFINE_float("max_failure_rate", DEFAULT_MAX_FAILURE_RATE, "exit status 1 when "
+                     "more than this share of the images requested failed (0: any "
+                     "failure)", **define)
   flags.DEFINE_bool("no_progress", False, "no progress bar", **define)
 
 
@@ -456,7 +498,8 @@ def _main(args) -> None:
            timeout=args.timeout, retries=args.retries, max_side=args.max_side,
            backoff=args.backoff, max_backoff=args.max_backoff,
            max_retry_after=args.max_retry_after, abort_after=args.abort_after,
-           verify=args.verify, progress=not args.no_progress)
+           verify=args.verify, progress=not args.no_progress,
+           max_failure_rate=args.max_failure_rate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -385,6 +385,36 @@ def test_kill_9_mid_run_loses_nothing_complete(rope_dir, server, release):
   assert not set(server.requests) & complete  # nothing complete was fetched again
 
 
+def test_exit_status_follows_the_max_failure_rate(rope_dir, server, release, capsys):
+  def main(*flags):
+    download.main(["--rope_dir", rope_dir, "--url_prefix", server.prefix, "--num_frames",
+                   str(NUM_FRAMES), "--workers", "4", "--retries", "0", "--no_progress",
+                   *flags])
+
+  main("--max_failure_rate", "0")  # every image fetched: success even with no margin
+  assert _ledger(rope_dir)[0]["counts"]["failed"] == 0
+  requested = len(release["expected"])
+  victims = _page_names(rope_dir)[:2]
+  for victim in victims:
+    server.always[victim] = "404"
+    os.remove(os.path.join(rope_dir, "images", victim))
+  capsys.readouterr()
+  main("--max_failure_rate", str(3 / requested))  # 2 failed: under the rate
+  assert "2 failed" in capsys.readouterr().out
+  assert 2 / requested > download.DEFAULT_MAX_FAILURE_RATE
+  for flags in ([], ["--max_failure_rate", str(1 / requested)]):  # [] : the default
+    with pytest.raises(SystemExit) as exit_info:
+      main(*flags)
+    assert exit_info.value.code == 1
+    assert (f"TooManyFailures: 2 of the {requested} images requested failed "
+            f"({2 / requested:.2%}, more than --max_failure_rate") in str(exit_info.value)
+    assert download.FAILURES_NAME in str(exit_info.value)
+  report, failures, _ = check_ledger_agrees_with_disk(rope_dir, expected=release["expected"])
+  assert set(failures) == set(victims) and report["status"] == "complete"
+  with pytest.raises(SystemExit, match="max_failure_rate must be in"):
+    main("--max_failure_rate", "1.5")
+
+
 def test_retry_after_accepts_seconds_and_http_dates():
   now = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
   assert http_fetch.retry_after_seconds("7", now) == 7.0

@@ -329,6 +329,25 @@ def test_eval_on_prepared_data_covers_the_split(tiny_rope_dir, tiny_prepared_dir
   assert ids == [source[index]["id"] for index in range(len(source))]
 
 
+def test_pipelines_read_the_prepared_config_the_run_names(tiny_rope_dir, tmp_path):
+  out = str(tmp_path / "prepared")
+  quiet = {"progress": False, "log": lambda line: None}
+  first = prepare.prepare(tiny_rope_dir, out, splits=["test"], max_image_side=16, **quiet)
+  prepare.prepare(tiny_rope_dir, out, splits=["training"], **quiet)  # the default now
+  config = _prepared_config(tiny_rope_dir, out)
+  with pytest.raises(FileNotFoundError, match=r"no prepared split 'test' .*prepared: "
+                                              r"training"):
+    pipelines.make_eval_dataset(config, "video", split="test")
+  config.data.prepared_config = first["tfds"]["config"]
+  eval_data = pipelines.make_eval_dataset(config, "video", split="test")
+  source = prepare.open_domain(out, "test", "video", first["tfds"]["config"])
+  ids = [i for batch in eval_data for i in batch["id"][batch["valid"]]]
+  assert ids == [item["id"] for item in source] and len(ids) == eval_data.num_records > 0
+  config.data.prepared_config = "frames8_side256"
+  with pytest.raises(FileNotFoundError, match="'frames8_side256' is not in"):
+    pipelines.make_eval_dataset(config, "video", split="test")
+
+
 def test_missing_domain_is_a_clear_error(tiny_rope_dir, tiny_prepared_dir, tmp_path):
   prepared_copy = tmp_path / "prepared"
   shutil.copytree(tiny_prepared_dir, prepared_copy)
