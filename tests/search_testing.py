@@ -78,8 +78,14 @@ def tied_retrieval_data(seed=0):
 
 
 
-def clustered_search_data(seed=0, num_gallery=4000, num_queries=300, dim=64):
+def clustered_search_data(seed=0, num_gallery=4000, num_queries=300, dim=64, num_held_out=0):
+  """queries [num_queries, dim], gallery [num_gallery, dim] around 100 shared centres,
+  and with `num_held_out` > 0 also held-out queries [num_held_out, dim] from the same
+  centres (drawn last: the queries and gallery do not depend on num_held_out)."""
   rng = np.random.default_rng(seed)
   centers = unit_embeddings(rng, 100, dim)
-  return (clustered_embeddings(rng, centers, num_queries, 0.6),
-          clustered_embeddings(rng, centers, num_gallery, 0.6))
+  queries = clustered_embeddings(rng, centers, num_queries, 0.6)
+  gallery = clustered_embeddings(rng, centers, num_gallery, 0.6)
+  if not num_held_out:
+    return queries, gallery
+  return queries, gallery, clustered_embeddings(rng, centers, num_held_out, 0.6)

@@ -3,17 +3,32 @@
 The end-to-end path (an evaluator added by one file and one config entry, run by the
 trainer on its own schedule and by `cope_jax.evaluate`) is in tests/test_train.py; the
 metrics' equality with compare's in tests/test_evaluate_compare_agree.py.
+
+`python -m tests.test_evaluators KIND...` prints the default evaluators' metrics of
+`clustered_domain_embeddings` with each search kind (JSON): the rerun, in a process of
+its own, that the reproducibility test compares with.
 """
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
 from cope_jax import evaluators
+from cope_jax import result_files
 from cope_jax.search import directions
+from cope_jax.search import scann_index
 from cope_jax.search.embeddings import DomainEmbeddings
 from data_pipelines import domains
 from tests import tiny_configs
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEARCH_KINDS = ("exact", "scann", "faiss_hnsw", "approx_topk")
 
 
 def random_embeddings(seed=0, per_domain=12, products=4):
@@ -26,6 +41,65 @@ def random_embeddings(seed=0, per_domain=12, products=4):
         domain, np.array([f"{domain}{i}" for i in range(per_domain)], object),
         np.array([f"p{i % products}" for i in range(per_domain)], object), values)
   return result
+
+
+def clustered_domain_embeddings(domain_names=domains.NAMES[:2],
+                                per_domain=scann_index.TREE_MIN_GALLERY + 100, products=400,
+                                dim=32, seed=0):
+  """Each domain's items [per_domain, dim] around their product's centre (unit rows),
+  each product in every domain: retrieval that finds much, but not all."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(products, dim))
+  result = {}
+  for domain in domain_names:
+    product = rng.integers(0, products, per_domain)
+    values = centres[product] + 0.9 * rng.normal(size=(per_domain, dim))
+    values = (values / np.linalg.norm(values, axis=1, keepdims=True)).astype(np.float32)
+    result[domain] = DomainEmbeddings(
+        domain, np.array([f"{domain}{i}" for i in range(per_domain)], object),
+        np.array([f"p{i}" for i in product], object), values)
+  return result
+
+
+def search_kind_metrics(kind: str) -> dict:
+  """The default evaluators' metrics of `clustered_domain_embeddings` (two domains: two
+  directions) searched with `kind` (every gallery through the index)."""
+  config = tiny_configs.training_config("unused", "unused")
+  config.eval.update({"search": kind, "index_min_gallery": 0, "tune_queries": 200,
+                      "recall_check_queries": 200, "one_shot_draws": 2,
+                      "hnsw_m": 16, "hnsw_ef_construction": 64})
+  data = clustered_domain_embeddings()
+  source = evaluators.EmbeddingSource(data.get, domains.NAMES)
+  return evaluators.run(evaluators.build(config), source)
+
+
+@pytest.fixture(scope="module")
+def rerun_metrics():
+  """Each search kind's metrics as a separate process computes them: kind -> JSON."""
+  kinds = [kind for kind in SEARCH_KINDS
+           if kind != "faiss_hnsw" or importlib.util.find_spec("faiss")]
+  result = subprocess.run([sys.executable, "-m", "tests.test_evaluators", *kinds],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", SEARCH_KINDS)
+def test_metrics_are_bit_identical_on_a_rerun(kind, rerun_metrics):
+  """The retrieval and one-shot metrics of one set of embeddings, serialised as
+  metrics.json is, are the same bytes in this process and in another one, for every
+  search kind; ScaNN's galleries are large enough for a tree, tuned to the target."""
+  if kind == "faiss_hnsw":
+    pytest.importorskip("faiss")
+  metrics = search_kind_metrics(kind)
+  assert result_files.dumps(metrics, sort_keys=True) == rerun_metrics[kind]
+  assert metrics["search"] == kind
+  evaluated = [m for m in metrics.values() if isinstance(m, dict) and "R@10" in m]
+  assert len(evaluated) == 2
+  assert all(0.0 < m["R@10"] < 1.0 and "one_shot_accuracy" in m for m in evaluated)
+  if kind == "scann":
+    assert all(m["index"]["parameters"]["num_leaves"] > 0 and m["index"]["tuned"]
+               for m in evaluated)
 
 
 def test_default_evaluators_give_the_metrics_of_evaluate_directions():
@@ -74,3 +148,8 @@ def test_two_evaluators_disagreeing_on_a_metric_is_an_error():
   merged = directions.merge_metrics({"page_to_video": {"R@1": 0.5}},
                                     {"page_to_video": {"one_shot_accuracy": 0.2}, "x": 1})
   assert merged == {"page_to_video": {"R@1": 0.5, "one_shot_accuracy": 0.2}, "x": 1}
+
+
+if __name__ == "__main__":
+  print(json.dumps({kind: result_files.dumps(search_kind_metrics(kind), sort_keys=True)
+                    for kind in sys.argv[1:]}))

@@ -6,7 +6,10 @@ graph keeping `ef_search` candidates: the search-time setting the recall tuning
 (`cope_jax.search.tuning`) sweeps.
 
 faiss-cpu is pinned in requirements-search.txt (the development requirements include
-it); the runtime requirements do not.
+it); the runtime requirements do not. Its HNSW build is deterministic: one gallery gives
+the same graph whatever the number of OpenMP threads (faiss-cpu 1.15.1 builds with
+`hnsw_add_vertices_deterministic`; releases before it inserted the items in an
+unspecified order when several threads ran, and a warning says so).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import os
 from typing import ClassVar
 
+from absl import logging
 import numpy as np
 
 from cope_jax.search.embeddings import check_embeddings
@@ -74,6 +78,10 @@ class FaissHnswIndex:
     gallery = check_embeddings("gallery", gallery)
     if gallery.shape[0] == 0:
       raise ValueError("gallery: cannot build an HNSW index over an empty gallery")
+    if not hasattr(faiss, "hnsw_add_vertices_deterministic"):
+      logging.warning("faiss %s builds HNSW graphs that can differ from build to build "
+                      "with several threads; requirements-search.txt pins a release "
+                      "whose build is deterministic", getattr(faiss, "__version__", "?"))
     index = faiss.IndexHNSWFlat(gallery.shape[1], parameters.m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = parameters.ef_construction
     index.add(np.ascontiguousarray(gallery))

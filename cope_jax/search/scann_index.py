@@ -10,6 +10,16 @@ With SOAR (`soar_lambda` > 0) every item is also stored in a second leaf, chosen
 that the two leaves' errors are near orthogonal: more recall per leaf searched, for
 about twice the codes and a longer build.
 
+A build is deterministic: one gallery and one set of parameters give the same tree,
+codes and search results every time, whatever the number of threads. The tree's
+k-means starts from k-means++ centres drawn with the seeded generator (`BUILD_SEED`,
+written into ScaNN's config with the AH training's seeds). ScaNN's random
+initialisation does not follow its seed (its draws pass through a hash set whose
+iteration order varies): two builds over one gallery gave different trees, and the
+settings tuned on them differed. k-means++ costs build time: 1.9x the CPU time of a
+build at 100k x 128 (632 leaves) and 2.4x at 250k x 128 (1000 leaves) on a shared
+2-core CPU (`benchmarks/search_reproducibility.py`).
+
 ScaNN itself is imported only when an index is built or loaded.
 """
 
@@ -35,6 +45,9 @@ TRAINING_SAMPLE_SIZE = 250_000  # most items the tree and the AH codebooks train
 AH_DIMENSIONS_PER_BLOCK = 2
 AH_ANISOTROPIC_THRESHOLD = 0.2
 DEFAULT_NUM_NEIGHBORS = 10  # the searcher's own default; every search passes its k
+# Seeds the tree's k-means (PartitioningConfig.clustering_seed) and the AH codebooks'
+# sampling and k-means (AsymmetricHasherConfig.sampling_seed, clustering_seed).
+BUILD_SEED = 0
 _ASSETS_FILE = "scann_assets.pbtxt"
 
 
@@ -58,6 +71,42 @@ def _leaves_grid(num_leaves: int) -> list[int]:
 def _reorder_grid(k: int) -> list[int]:
   """Reorder sizes, most thorough first: 64k down to k."""
   return [k * factor for factor in (64, 32, 16, 8, 4, 2, 1)]
+
+
+def _with_fields(config: str, message: str, fields: str) -> str:
+  """ScaNN's text config with `fields` added at the start of its one `message {` block."""
+  opening = f"{message} {{"
+  if config.count(opening) != 1:
+    raise RuntimeError(f"ScaNN's config holds {config.count(opening)} '{opening}' blocks, "
+                       "expected one (has the scann package changed?)")
+  return config.replace(opening, f"{opening}\n{fields}\n")
+
+
+def searcher_config(gallery: np.ndarray, parameters: ScannParameters,
+                    random_init: bool = False) -> str:
+  """ScaNN's text config for `parameters` over gallery [G, D], with the build seeded.
+
+  `random_init` (ScaNN's random k-means initialisation instead of k-means++) makes
+  builds differ from one another; only `benchmarks/search_reproducibility.py` sets it,
+  to measure what the deterministic build costs.
+  """
+  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+
+  builder = scann_ops_pybind.builder(
+      gallery, min(DEFAULT_NUM_NEIGHBORS, gallery.shape[0]), "dot_product")
+  if parameters.num_leaves == 0:
+    return builder.score_brute_force().create_config()
+  builder = builder.tree(num_leaves=parameters.num_leaves,
+                         num_leaves_to_search=parameters.leaves_to_search,
+                         training_sample_size=parameters.training_sample_size,
+                         soar_lambda=parameters.soar_lambda or None,
+                         random_init=random_init)
+  builder = builder.score_ah(AH_DIMENSIONS_PER_BLOCK,
+                             anisotropic_quantization_threshold=AH_ANISOTROPIC_THRESHOLD)
+  config = builder.reorder(parameters.reorder).create_config()
+  config = _with_fields(config, "partitioning", f"clustering_seed: {BUILD_SEED}")
+  return _with_fields(config, "asymmetric_hash",
+                      f"clustering_seed: {BUILD_SEED}\nsampling_seed: {BUILD_SEED}")
 
 
 class ScannIndex:
@@ -113,19 +162,8 @@ class ScannIndex:
     gallery = check_embeddings("gallery", gallery)
     if gallery.shape[0] == 0:
       raise ValueError("gallery: cannot build a ScaNN index over an empty gallery")
-    builder = scann_ops_pybind.builder(
-        gallery, min(DEFAULT_NUM_NEIGHBORS, gallery.shape[0]), "dot_product")
-    if parameters.num_leaves == 0:
-      builder = builder.score_brute_force()
-    else:
-      builder = builder.tree(num_leaves=parameters.num_leaves,
-                             num_leaves_to_search=parameters.leaves_to_search,
-                             training_sample_size=parameters.training_sample_size,
-                             soar_lambda=parameters.soar_lambda or None)
-      builder = builder.score_ah(AH_DIMENSIONS_PER_BLOCK,
-                                 anisotropic_quantization_threshold=AH_ANISOTROPIC_THRESHOLD)
-      builder = builder.reorder(parameters.reorder)
-    return cls(builder.build(), parameters, gallery.shape[0], gallery.shape[1])
+    searcher = scann_ops_pybind.create_searcher(gallery, searcher_config(gallery, parameters))
+    return cls(searcher, parameters, gallery.shape[0], gallery.shape[1])
 
   def with_search_parameters(self, **changes) -> ScannIndex:
     """The same built searcher with other `leaves_to_search` / `reorder`."""
