@@ -13,9 +13,9 @@ from flax import linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 
 from cope_jax import sharding
+from cope_jax.base import progress
 from cope_jax.models import cope
 from cope_jax.search.embeddings import DomainEmbeddings
 from data_pipelines import domains
@@ -55,18 +55,19 @@ def iter_embedding_batches(config: ml_collections.ConfigDict, model: nn.Module, 
       config, domain, split=split, process_index=jax.process_index(),
       process_count=jax.process_count())
   embed_fn = make_embed_fn(model, domain, mesh)
-  progress = tqdm.tqdm(total=dataset.num_records, desc=f"embed {domain}", unit="item",
-                       disable=not show_progress or jax.process_index() != 0,
-                       dynamic_ncols=True)
+  # Process 0 shows the whole split's progress: the processes embed equal parts of it
+  # in step, so its own part times the process count.
+  shown = progress.bar(dataset.num_records, desc=f"embed {domain}", unit="item",
+                       disable=not show_progress or jax.process_index() != 0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     for host_batch in dataset:
       batch = sharding.host_batch_to_global(host_batch, mesh)
       batch_embeddings = _local_rows(embed_fn(model_params, batch))
       valid = np.asarray(host_batch["valid"], bool)
-      progress.update(int(valid.sum()))
+      shown.update(min(int(valid.sum()) * jax.process_count(), shown.total - shown.n))
       yield (np.asarray(host_batch["id"])[valid], np.asarray(host_batch["product_id"])[valid],
              np.asarray(batch_embeddings, np.float32)[valid])
-  progress.close()
+  shown.close()
 
 
 def embed_split(config: ml_collections.ConfigDict, model: nn.Module, model_params, domain: str,

@@ -113,6 +113,7 @@ def _main(config: ml_collections.ConfigDict, workdir: str, **job_options) -> Non
   metrics = run(config, workdir, **job_options)
   if jax.process_index() == 0:
     print(report.summary_table(metrics))
+    print(report.search_line(metrics))
     print(f"\nwrote {os.path.join(workdir, 'eval', 'metrics.json')}")
 
 

@@ -83,6 +83,18 @@ def format_value(value: Any, kind: str) -> str:
 # The table.
 
 
+def search_line(metrics: Mapping[str, Any]) -> str:
+  """'search: exact', or for an index its recall@10 against exact search and why median
+  rank and mAP are not shown (an index returns the top 10 only)."""
+  search = metrics.get("search", "exact")
+  line = f"search: {search}"
+  index_recall = metrics.get(f"{search}_recall@10_vs_exact")  # any index kind
+  if index_recall is not None:
+    line += (f" (recall@10 against exact search: {100.0 * index_recall:.1f}%; median rank "
+             "and mAP need the whole ranking: exact search only)")
+  return line
+
+
 def summary_table(metrics: Mapping[str, Any]) -> str:
   """A Markdown table of the six directions, in the layout of the paper's tables.
 
@@ -258,12 +270,8 @@ def _markdown_report(metrics: Mapping[str, Any], config: ml_collections.ConfigDi
   if num_items:
     lines.append("- items: " + ", ".join(f"{count} {domain}s"
                                          for domain, count in num_items.items()))
-  search = metrics.get("search", "exact")
-  search_line = f"- search: {search}"
-  index_recall = metrics.get(f"{search}_recall@10_vs_exact")  # any index kind
-  if index_recall is not None:
-    search_line += f" (recall@10 against exact search: {100.0 * index_recall:.1f}%)"
-  lines += [search_line, "", "## Results (%)", "", summary_table(metrics), ""]
+  lines += [f"- {search_line(metrics)}", "", "## Results (%)", "", summary_table(metrics),
+            ""]
   lines.append("R@K, mAP and accuracies in percent; chance R@1: the R@1 of a random "
                "ranking of the same gallery.")
   lines += ["", "## Figures and examples", ""]

@@ -354,8 +354,8 @@ def _check_vocabulary(record: Mapping[str, Any], config: ml_collections.ConfigDi
 def _append_job(workdir: str, job: str, config: ml_collections.ConfigDict,
                 record: Mapping[str, Any] | None, config_source: str,
                 overrides: Sequence[str], allowed: bool) -> None:
-  if not os.path.isdir(workdir):
-    return
+  if job != "train" and record is None:
+    return  # not a run's folder (weights converted, never trained here)
   entry = {"job": job, "time": _now(), "config_source": config_source,
            "overrides": list(overrides), "config_digest": config_checks.config_hash(config)}
   if record is not None:

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from cope_jax import augment
+from cope_jax.base import progress
 from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
@@ -253,9 +253,12 @@ class Logger:
                                                 start_step=run.start_step)
     self._flops_per_step = flops.train_flops_per_example(config) * config.train.batch_size
     self._peak_flops = flops.peak_flops_per_device()
-    self._progress = tqdm.tqdm(total=config.train.num_steps, initial=run.start_step,
-                               desc="train", unit="step", disable=not run.is_chief,
-                               dynamic_ncols=True)
+    # The bar starts once the first step has run: its rate and time left would
+    # otherwise count the compilation.
+    self._progress = None
+    self._created = time.perf_counter()
+    if run.is_chief and run.start_step < config.train.num_steps:
+      print("compiling the training step (the first step waits for it)", flush=True)
     self._window: list[dict[str, jax.Array]] = []
     self._window_start = time.perf_counter()
     self._previous_loss = None  # the step before this one, waited for (see above)
@@ -267,7 +270,14 @@ class Logger:
       jax.block_until_ready(self._previous_loss)
     self._previous_loss = metrics["loss"]
     self._window.append(metrics)
-    self._progress.update(1)
+    if self._progress is None:
+      if self._run.is_chief:
+        print(f"step {step} done {time.perf_counter() - self._created:.1f} s after start-up "
+              "(compilation included)", flush=True)
+      self._progress = progress.bar(config.train.num_steps, desc="train", unit="step",
+                                    initial=step, disable=not self._run.is_chief)
+    else:
+      self._progress.update(1)
     if not _is_boundary(step, config.train.log_every, config.train.num_steps):
       return
     elapsed = time.perf_counter() - self._window_start
@@ -290,7 +300,8 @@ class Logger:
     self._window, self._window_start = [], time.perf_counter()
 
   def close(self):
-    self._progress.close()
+    if self._progress is not None:
+      self._progress.close()
     self._writer.close()
 
 
@@ -351,6 +362,9 @@ def run_steps(run: TrainingRun, hooks: Sequence[Hook]) -> TrainState:
   run.state = None  # donated to the first step: never read it again
   rules = sharding.logical_axis_rules(run.config.mesh)
   step = run.start_step
+  if step >= run.config.train.num_steps and run.is_chief:
+    print(f"already at step {step} of {run.config.train.num_steps}: nothing to train "
+          "(a larger --config.train.num_steps trains on)", flush=True)
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
       while step < run.config.train.num_steps:
@@ -380,7 +394,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run = setup(config, workdir, **run_options)
     hooks = default_hooks(run, evaluate_fn)
     run_steps(run, hooks)
-  return next(hook.last_logged for hook in hooks if isinstance(hook, Logger))
+  logged = next(hook.last_logged for hook in hooks if isinstance(hook, Logger))
+  if not logged:  # nothing trained now: the last metrics the run logged
+    records = metrics_writer.read_metrics(workdir)
+    logged = {key: value for key, value in records[-1].items() if key != "step"} if records else {}
+  return logged
 
 
 def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -114,8 +114,22 @@ def hold(workdir: str, role: str, enabled: bool = True) -> Iterator[None]:
   if not enabled:
     yield
     return
+  created = not os.path.exists(workdir)
   acquire(workdir, role)
   try:
     yield
   finally:
     release(workdir)
+    if created:
+      _remove_if_only_the_lock(workdir)
+
+
+def _remove_if_only_the_lock(workdir: str) -> None:
+  """Removes a workdir this job created and left holding nothing but its lock file (a
+  job that failed before it wrote anything: a mistyped --workdir leaves no folder)."""
+  try:
+    if os.listdir(workdir) == [LOCK_FILE]:
+      os.remove(os.path.join(workdir, LOCK_FILE))
+      os.rmdir(workdir)
+  except OSError:
+    pass  # another job took it over meanwhile

@@ -20,8 +20,8 @@ import threading
 import time
 
 import numpy as np
-import tqdm
 
+from cope_jax.base import progress as progress_display
 from data_pipelines import rope_format
 
 REPORT_NAME = rope_format.DOWNLOAD_REPORT
@@ -112,8 +112,8 @@ class Ledger:
     self.failed_by_reason: collections.Counter = collections.Counter()
     self._start = time.monotonic()
     self._failures = open(self.failures_path, "w", encoding="utf-8")
-    self._bar = tqdm.tqdm(total=plan.requests, unit="file", smoothing=0.05,
-                          disable=not progress, dynamic_ncols=True)
+    self._bar = progress_display.bar(plan.requests, desc="download", unit="file",
+                                     disable=not progress, smoothing=0.05)
     self._last_postfix = 0.0
     self.write_report("running")
 

@@ -238,4 +238,4 @@ def test_report_states_the_index_recall_of_any_index_kind(kind, tiny_prepared_di
   metrics = dict(_hand_made_metrics(), search=kind, **{f"{kind}_recall@10_vs_exact": 0.983})
   text = report._markdown_report(metrics, _report_config(tiny_prepared_dir, tiny_rope_dir),
                                  artefacts={}, notes=[], problems=[])
-  assert f"- search: {kind} (recall@10 against exact search: 98.3%)" in text
+  assert f"- search: {kind} (recall@10 against exact search: 98.3%;" in text
