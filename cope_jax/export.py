@@ -243,8 +243,7 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
 def _is_parquet_export_file(name: str) -> bool:
   """Whether an entry of an export folder belongs to the Parquet export (replaced by a
   new one) rather than being carried over (prepared/, a release export, other files)."""
-  return (name in (export_format.MANIFEST_FILE, export_format.INDEX_DIR)
-          or name.removesuffix(".tmp").endswith(".parquet"))
+  return export_format.is_export_entry(name)
 
 
 def _is_release_file(name: str) -> bool:

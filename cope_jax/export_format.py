@@ -73,6 +73,13 @@ def parquet_name(domain: str, process_index: int, process_count: int) -> str:
   return f"{domain}-{process_index}-of-{process_count}.parquet"
 
 
+def is_export_entry(name: str) -> bool:
+  """Whether an entry of an export folder belongs to the Parquet export (replaced by a
+  new one) rather than being carried over (prepared/, a release export, other files)."""
+  return (name in (MANIFEST_FILE, INDEX_DIR)
+          or name.removesuffix(".tmp").endswith(".parquet"))
+
+
 def normalise_rows(embeddings: np.ndarray, where: str = "embeddings") -> np.ndarray:
   """[N, D] -> float32 rows of unit L2 norm. A row already of unit length (within
   UNIT_NORM_TOLERANCE) is returned bit for bit; others are divided by their norm, computed

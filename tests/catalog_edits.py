@@ -8,6 +8,9 @@ from data_pipelines import domains
 from data_pipelines import rope_format
 
 NEW_TITLE_SUFFIX = " 正品 包邮 新款"
+BROKEN_PAGE_ID = "990000000000001"
+BROKEN_IMAGE = "broken-page.jpg"  # in the catalog's root: not a decodable image
+MALFORMED_ROW = "a row without any separator"
 
 
 def _lines(path):
@@ -40,9 +43,11 @@ def change_catalog(root, split="test", added_products=2):
   """Changes `split` of the ROPE folder `root` in place, as a shop's catalog changes
   overnight: the records of the first `added_products` products of the training split
   are added to it (pairs, texts and images), the first page gets a new title and the
-  first video is taken down.
+  first video is taken down. And two faults: a page whose image does not decode
+  (BROKEN_PAGE_ID: dropped with a decode problem) and a malformed titles row.
 
-  Returns {"added" | "changed" | "removed": {domain: [ids]}}.
+  Returns {"added" | "changed" | "removed": {domain: [ids]}, "malformed": (txt file,
+  line), "broken": (txt file, line of the broken image)}.
   """
   other = next(s for s in rope_format.SPLITS if s != split)
   page = domains.get("page")
@@ -83,4 +88,17 @@ def change_catalog(root, split="test", added_products=2):
     column = (lambda line: line.split(",", 1)[1].strip()) if role == "pair" else _first_field
     _write(path, [line for line in lines if column(line) != removed])
   result["removed"]["video"] = [removed]
+
+  with open(os.path.join(root, BROKEN_IMAGE), "wb") as f:
+    f.write(b"\xff\xd8 not a JPEG")
+  product = _first_field(_lines(os.path.join(root, rope_format.file_name(split, page.files.pair)))[0])
+  for role, line in (("pair", f"{product}, {BROKEN_PAGE_ID}"),
+                     ("text", f"{BROKEN_PAGE_ID}, 粉色纯色抱枕"),
+                     ("media", f"{BROKEN_PAGE_ID}, {BROKEN_IMAGE}")):
+    path = os.path.join(root, rope_format.file_name(split, getattr(page.files, role)))
+    _write(path, _lines(path) + [line])
+    if role == "media":
+      result["broken"] = (os.path.basename(path), len(_lines(path)))
+  _write(titles_path, _lines(titles_path) + [MALFORMED_ROW])
+  result["malformed"] = (os.path.basename(titles_path), len(_lines(titles_path)))
   return result
