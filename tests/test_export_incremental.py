@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -22,11 +23,14 @@ from cope_jax import result_files
 from data_pipelines import domains
 from data_pipelines import prepare
 from tests import catalog_edits
+from tests import multiprocess
 from tests import test_export_whole
 from tests import test_serving
 from tests import tiny_configs
 
 SPLIT = "test"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI_PROCESS_TOLERANCE = 1e-6  # rows embedded in other batches and on other devices
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +199,42 @@ def _relabelled(folder, out, config=None, checkpoint_step=None) -> str:
     manifest.checkpoint_step = checkpoint_step
   manifest.write(str(out))
   return str(out)
+
+
+@pytest.mark.slow
+def test_two_processes_export_since_as_one_does(exports, catalog, tmp_path):
+  """Two JAX processes digest their parts of the records, embed the new and changed
+  ones together and each write its part: the rows of the one-process full export, the
+  carried ones bit for bit."""
+  config, _, rope_dir, prepared = catalog
+  out = tmp_path / "out"
+  multiprocess.run_two_processes([
+      sys.executable, "-m", "cope_jax.export", "--config",
+      os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"),
+      *tiny_configs.command_line_overrides(prepared, rope_dir),
+      f"--config.train.num_steps={config.train.num_steps}",
+      f"--config.train.init_from={config.train.init_from}",
+      f"--workdir={tmp_path / 'run'}", f"--out={out}", f"--split={SPLIT}",
+      f"--since={exports['first']}"])
+  manifest = export_format.Manifest.read(str(out))
+  incremental = export_format.Manifest.read(exports["incremental"])
+  assert manifest.process_count == 2
+  assert manifest.lineage["domains"] == incremental.lineage["domains"]
+  for domain in domains.NAMES:
+    entry = manifest.domains[domain]
+    assert entry.embedded == incremental.domains[domain].embedded
+    assert [f["file"] for f in entry.files] == [
+        export_format.parquet_name(domain, p, 2) for p in range(2)]
+    assert all(f["rows"] > 0 for f in entry.files)
+    got, want = _rows(str(out), domain), _rows(exports["full"], domain)
+    assert got.ids.tolist() == want.ids.tolist()
+    assert got.content_digests.tolist() == want.content_digests.tolist()
+    np.testing.assert_allclose(got.embeddings, want.embeddings, atol=MULTI_PROCESS_TOLERANCE)
+    earlier = _rows(exports["first"], domain)
+    carried = {i: row for row, (i, d) in enumerate(zip(earlier.ids.tolist(),
+                                                        earlier.content_digests.tolist()))
+               if d in set(got.content_digests.tolist())}
+    rows = [got.ids.tolist().index(i) for i in carried]
+    assert len(rows) == manifest.lineage["domains"][domain]["carried"]
+    np.testing.assert_array_equal(got.embeddings[rows].view(np.uint32),
+                                  earlier.embeddings[list(carried.values())].view(np.uint32))
