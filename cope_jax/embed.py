@@ -54,6 +54,16 @@ def iter_embedding_batches(config: ml_collections.ConfigDict, model: nn.Module, 
   dataset = pipelines.make_eval_dataset(
       config, domain, split=split, process_index=jax.process_index(),
       process_count=jax.process_count())
+  yield from iter_dataset_embeddings(config, model, model_params, dataset, mesh,
+                                     show_progress)
+
+
+def iter_dataset_embeddings(config: ml_collections.ConfigDict, model: nn.Module, model_params,
+                            dataset: pipelines.EvalDataset, mesh: jax.sharding.Mesh,
+                            show_progress: bool = True):
+  """`iter_embedding_batches` over the batches of `dataset` (this process's part of an
+  `pipelines.eval_dataset_from_source`, every process yielding as many batches)."""
+  domain = dataset.domain
   embed_fn = make_embed_fn(model, domain, mesh)
   # Process 0 shows the whole split's progress: the processes embed equal parts of it
   # in step, so its own part times the process count.
@@ -88,17 +98,24 @@ def embed_split(config: ml_collections.ConfigDict, model: nn.Module, model_param
       embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32))
 
 
-def gather_to_all(local: DomainEmbeddings) -> DomainEmbeddings:
-  """Concatenates every process's rows (in process order) on every process."""
+def gather_objects(value) -> list:
+  """Every process's `value` (picklable), in process order, on every process."""
   if jax.process_count() == 1:
-    return local
+    return [value]
   from jax.experimental import multihost_utils
-  payload = np.frombuffer(pickle.dumps((local.ids, local.product_ids, local.embeddings)), np.uint8)
+  payload = np.frombuffer(pickle.dumps(value), np.uint8)
   sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64))
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[:payload.size] = payload
   gathered = multihost_utils.process_allgather(padded)
-  parts = [pickle.loads(gathered[i, :int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]
+  return [pickle.loads(gathered[i, :int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]
+
+
+def gather_to_all(local: DomainEmbeddings) -> DomainEmbeddings:
+  """Concatenates every process's rows (in process order) on every process."""
+  if jax.process_count() == 1:
+    return local
+  parts = gather_objects((local.ids, local.product_ids, local.embeddings))
   return DomainEmbeddings(
       domain=local.domain,
       ids=np.concatenate([p[0] for p in parts]),

@@ -1,13 +1,15 @@
 r"""Exports embeddings and search indices: `python -m cope_jax.export`.
 
   python -m cope_jax.export --config configs/synthetic_tiny.py --workdir DIR --out OUT \
-      [--split test] [--rope_dir ROPE_DIR] [--resume] [--format parquet|release]
+      [--split test] [--rope_dir ROPE_DIR] [--resume] [--since EARLIER_EXPORT] \
+      [--format parquet|release]
 
 Embeds every record of a split (default `config.data.eval_split`) with the model of
 DIR (its latest checkpoint, as `cope_jax.evaluate` picks it) and writes
 
-  OUT/<domain>-<p>-of-<n>.parquet   columns id, product_id, domain (string) and
-                                    embedding (list<float32>, L2-normalised); one
+  OUT/<domain>-<p>-of-<n>.parquet   columns id, product_id, domain (string),
+                                    embedding (list<float32>, L2-normalised) and
+                                    content_digest (a digest of the item's inputs); one
                                     file per domain and JAX process
   OUT/index/<domain>/               a dot-product index (kind `config.eval.index`, search
                                     tuned to `config.eval.target_recall`) over all
@@ -16,7 +18,8 @@ DIR (its latest checkpoint, as `cope_jax.evaluate` picks it) and writes
                                     that order; `index.json` names its kind
   OUT/manifest.json                 checkpoint, config hash, embedding dimension,
                                     counts and files per domain, and per domain the
-                                    index kind, its parameters and measured recall
+                                    index kind, its parameters and measured recall;
+                                    with --since, the lineage
 
 With `--format release` it writes the PyTorch release's embedding files instead, exactly
 as its `infer.py` does, for downstream jobs that read them (`cope_jax.release_format`):
@@ -27,7 +30,18 @@ as its `infer.py` does, for downstream jobs that read them (`cope_jax.release_fo
                                     with the first and last frame timestamps (epoch ms)
                                     of the clip's prepared record
 
-and no Parquet, index or manifest (--resume applies to the Parquet format only).
+and no Parquet, index or manifest (--resume and --since apply to the Parquet format
+only).
+
+With `--since EARLIER_EXPORT` (an export of the same model and split, made by this
+command or by `cope_jax.embed_beam`; it may be OUT itself) only the items EARLIER lacks
+or whose inputs changed (their `content_digest` differs) are embedded; its other rows
+are carried over bit for bit and the items the split no longer has are left out
+(`cope_jax.incremental`). The result is a complete export, the same as a full export of
+the split (the carried rows are those the earlier export computed), and the manifest's
+`lineage` names EARLIER and counts the rows added, changed, carried over and removed
+per domain. An export of another config, checkpoint or split is refused, naming the
+field that differs.
 
 With --rope_dir a ROPE-format directory is prepared into OUT/prepared first and read
 from there. The export is written whole: every process writes into one staging folder
@@ -60,6 +74,8 @@ from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import export_format
+from cope_jax import export_index
+from cope_jax import incremental
 from cope_jax import release_format
 from cope_jax import result_files
 from cope_jax import run_record
@@ -68,9 +84,11 @@ from cope_jax import state
 from cope_jax import workdir_lock
 from cope_jax.search import index as search_index
 from data_pipelines import domains
+from data_pipelines import eval_inputs
 
 PREPARED_DIR = "prepared"
-INDEX_RECALL_K = 10  # the index is tuned to and checked at recall@10 against exact search
+INDEX_RECALL_K = export_index.INDEX_RECALL_K
+DIGEST_CHUNK = 256  # records read at a time to compute content digests
 FORMATS = ("parquet", "release")  # --format: this project's Parquet + index, or the release's
 
 
@@ -81,7 +99,7 @@ FORMATS = ("parquet", "release")  # --format: this project's Parquet + index, or
 def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                       split: str | None = None, rope_dir: str | None = None,
                       resume: bool = False, output_format: str = "parquet",
-                      **job_options) -> export_format.Manifest:
+                      since: str | None = None, **job_options) -> export_format.Manifest:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
   See `_export_embeddings` for the arguments; `job_options` are `run_record.begin_job`'s
@@ -93,20 +111,22 @@ def export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: 
   with workdir_lock.hold(workdir, "export", enabled=inside and jax.process_index() == 0):
     try:
       return _export_embeddings(config, workdir, out_dir, split=split, rope_dir=rope_dir,
-                                resume=resume, output_format=output_format, **job_options)
+                                resume=resume, output_format=output_format, since=since,
+                                **job_options)
     except BaseException:
       if jax.process_index() == 0:
-        _clean_failed_staging(out_dir)
+        _clean_failed_staging(out_dir, resumable=not since)
       raise
 
 
-def _clean_failed_staging(out_dir: str) -> None:
+def _clean_failed_staging(out_dir: str, resumable: bool = True) -> None:
   """After a failure: the staging folder's partial files go; its complete domains and
-  manifest stay for a --resume (a fresh export removes them), an empty one goes."""
+  manifest stay for a --resume (a fresh export removes them), an empty one goes, and so
+  does that of an incremental export (which starts again)."""
   staging = result_files.shared_staging_path(out_dir)
   if not os.path.isdir(staging):
     return
-  if not os.path.isfile(os.path.join(staging, export_format.MANIFEST_FILE)):
+  if not resumable or not os.path.isfile(os.path.join(staging, export_format.MANIFEST_FILE)):
     shutil.rmtree(staging, ignore_errors=True)
     return
   for root, _, names in os.walk(staging):
@@ -118,7 +138,7 @@ def _clean_failed_staging(out_dir: str) -> None:
 def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                        split: str | None = None, rope_dir: str | None = None,
                        resume: bool = False, output_format: str = "parquet",
-                       **job_options) -> export_format.Manifest:
+                       since: str | None = None, **job_options) -> export_format.Manifest:
   """Embeds `split` with the model of `workdir` and writes Parquet, indices, manifest.
 
   Args:
@@ -133,6 +153,8 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
       an existing manifest of the same model.
     output_format: "parquet" (Parquet, index, manifest) or "release" (the release's
       `{rank}_{item,photo,live}` files only; see the module docstring).
+    since: an earlier export of the same model and split: embed only what it lacks or
+      what changed, carry its other rows over (`cope_jax.incremental`).
 
   Returns:
     The manifest written to `out_dir/manifest.json` (for "release", the same fields
@@ -143,6 +165,12 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
   if resume and output_format != "parquet":
     raise ValueError("--resume keeps Parquet files listed in a manifest: it applies to "
                      "--format parquet only")
+  if since and output_format != "parquet":
+    raise ValueError("--since carries rows of an earlier Parquet export over: it applies "
+                     "to --format parquet only")
+  if since and resume:
+    raise ValueError("--since and --resume together: an interrupted incremental export "
+                     "starts again (it embeds only what changed); drop --resume")
   config_checks.check_config(config, need_data=not rope_dir)
   if output_format == "parquet":
     config_checks.check_index_installed(config.eval.index, "eval.index")
@@ -168,10 +196,12 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
 
   manifest = export_format.Manifest(config_hash=model_hash, embedding_dim=int(config.model.emb_dim),
                       split=split, config=model_config,
-                      prepared_dir=config.data.prepared_dir, process_count=process_count)
+                      prepared_dir=config.data.prepared_dir, process_count=process_count,
+                      content_digest=eval_inputs.CONTENT_DIGEST)
   previous = export_format.Manifest.read(staging) if resume else None
   if previous is not None:
     previous.check_same_run(manifest, out_dir)  # before the (slow) model load
+  earlier = incremental.EarlierExport.open(since, manifest) if since else None
 
   mesh = sharding.make_mesh(config.mesh)
   model_params, step, source = state.load_model_params(config, workdir, mesh)
@@ -185,18 +215,25 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
   if previous is not None:
     previous.check_same_run(manifest, out_dir)
     manifest.domains = dict(previous.domains)
+  if earlier is not None:
+    earlier.check(manifest)  # the checkpoint, now known
 
   model = state.build_model(config)
+  plans = {}
   for domain in domains.NAMES:
     if not _has_records(config, split, domain):
       logging.warning("split %r has no %s records: nothing exported for it", split, domain)
       manifest.domains.pop(domain, None)
       continue
-    manifest.domains[domain] = _export_domain(
+    manifest.domains[domain], plan = _export_domain(
         config, model, model_params, mesh, domain, split, staging,
-        manifest.domains.get(domain) if resume else None)
+        manifest.domains.get(domain) if resume else None, earlier)
+    if plan is not None:
+      plans[domain] = plan
     if process_index == 0:
       manifest.write(staging)  # the progress a --resume continues from
+  if earlier is not None:
+    manifest.lineage = earlier.lineage(plans)
   if process_index == 0:
     manifest.write(staging)
   _swap_in(staging, out_dir, _is_parquet_export_file)
@@ -206,8 +243,7 @@ def _export_embeddings(config: ml_collections.ConfigDict, workdir: str, out_dir:
 def _is_parquet_export_file(name: str) -> bool:
   """Whether an entry of an export folder belongs to the Parquet export (replaced by a
   new one) rather than being carried over (prepared/, a release export, other files)."""
-  return (name in (export_format.MANIFEST_FILE, export_format.INDEX_DIR)
-          or name.removesuffix(".tmp").endswith(".parquet"))
+  return export_format.is_export_entry(name)
 
 
 def _is_release_file(name: str) -> bool:
@@ -320,38 +356,127 @@ def _with_prepared_data(config: ml_collections.ConfigDict, rope_dir: str,
 
 
 def _export_domain(config, model, model_params, mesh, domain: str, split: str, out_dir: str,
-                   previous_entry: export_format.DomainExport | None) -> export_format.DomainExport:
-  """Writes this process's Parquet file and (process 0) the index of one domain."""
+                   previous_entry: export_format.DomainExport | None,
+                   earlier: incremental.EarlierExport | None
+                   ) -> tuple[export_format.DomainExport, incremental.DomainPlan | None]:
+  """Writes this process's Parquet file and (process 0) the index of one domain.
+
+  Returns the manifest entry and what was done with each row (None: the domain was
+  complete in `previous_entry`, a --resume's manifest, and read back).
+  """
   process_index, process_count = jax.process_index(), jax.process_count()
   names = [export_format.parquet_name(domain, p, process_count) for p in range(process_count)]
-  own_name = names[process_index]
-  own_path = os.path.join(out_dir, own_name)
+  own_path = os.path.join(out_dir, names[process_index])
   index_dir = os.path.join(out_dir, export_format.INDEX_DIR, domain)
   all_complete = previous_entry is not None and all(
       previous_entry.file_complete(out_dir, name) for name in names)
   if (all_complete and previous_entry.index_complete
       and os.path.isfile(os.path.join(index_dir, search_index.INDEX_FILE))):
     logging.info("export %s: complete in the manifest, kept", domain)
-    return previous_entry
+    return previous_entry, None
 
-  if previous_entry is not None and previous_entry.file_complete(out_dir, own_name):
-    logging.info("export %s: %s complete, read back", domain, own_name)
-    local = export_format.read_parquet([own_path], domain)
+  plan = None
+  if all_complete:
+    logging.info("export %s: files complete, read back", domain)
+    rows = export_format.read_rows([os.path.join(out_dir, name) for name in names], domain)
+    embedded = previous_entry.embedded
   else:
-    batches = embed.iter_embedding_batches(config, model, model_params, domain, mesh, split)
+    rows, plan = _domain_rows(config, model, model_params, mesh, domain, split, earlier)
+    start, stop = _record_range(len(rows), process_index, process_count)
     try:
-      local = export_format.write_parquet(own_path, domain, batches, int(config.model.emb_dim))
+      export_format.write_rows(own_path, rows.take(np.arange(start, stop)))
     except OSError as error:  # Arrow's messages name no file
       raise result_files.write_error(own_path, error) from None
-  gathered = embed.gather_to_all(local)
-  counts = _gather_counts(len(local))
-  entry = export_format.DomainExport(count=len(gathered),
-                       files=[{"file": name, "rows": rows} for name, rows in zip(names, counts)],
-                       index=f"{export_format.INDEX_DIR}/{domain}")
-  if process_index == 0 and len(gathered):
-    entry = dataclasses.replace(entry, index_complete=True,
-                                **_write_index(gathered.embeddings, index_dir, config.eval))
-  return entry
+    embedded = len(plan.embed)
+  counts = [stop - start for start, stop in (_record_range(len(rows), p, process_count)
+                                             for p in range(process_count))]
+  entry = export_format.DomainExport(count=len(rows),
+                       files=[{"file": name, "rows": count} for name, count in zip(names, counts)],
+                       index=f"{export_format.INDEX_DIR}/{domain}", embedded=embedded)
+  if process_index == 0 and len(rows):
+    entry = dataclasses.replace(entry, index_complete=True, **export_index.write_index(
+        rows.embeddings, index_dir, config.eval))
+  return entry, plan
+
+
+def _record_range(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """The contiguous rows [start, stop) of a domain that process `process_index` writes
+  (the part the eval pipeline gives it)."""
+  return (num_records * process_index // process_count,
+          num_records * (process_index + 1) // process_count)
+
+
+class _Records:
+  """The records at `indices` of a record source, in that order: a record source
+  itself (`len`, `[i]`), picklable when the source is."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, position: int) -> dict:
+    return self._source[int(self._indices[position])]
+
+
+def _content_keys(source, start: int, stop: int, domain: str,
+                  num_frames: int) -> tuple[list[str], list[str], list[str]]:
+  """(ids, product ids, content digests) of the records [start, stop) of `source`."""
+  spec = domains.get(domain)
+  ids, product_ids, digests = [], [], []
+  for first in range(start, stop, DIGEST_CHUNK):
+    for record in source.__getitems__(range(first, min(stop, first + DIGEST_CHUNK))):
+      ids.append(str(record["id"]))
+      product_ids.append(str(record["product_id"]))
+      digests.append(eval_inputs.content_digest(record, spec, num_frames))
+  return ids, product_ids, digests
+
+
+def _domain_rows(config, model, model_params, mesh, domain: str, split: str,
+                 earlier: incremental.EarlierExport | None
+                 ) -> tuple[export_format.ExportRows, incremental.DomainPlan]:
+  """Every row of `domain` (all processes'), in record order, and the plan that made
+  them: each process digests its part of the records; the rows to embed (all, or with
+  `earlier` those it lacks or that changed) are embedded by all processes together, the
+  others carried over from `earlier`."""
+  from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+  from data_pipelines import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  process_index, process_count = jax.process_index(), jax.process_count()
+  dim = int(config.model.emb_dim)
+  source = prepare.open_domain(config.data.prepared_dir, split, domain,
+                               config_name=config.data.prepared_config)
+  start, stop = _record_range(len(source), process_index, process_count)
+  parts = embed.gather_objects(_content_keys(source, start, stop, domain,
+                                             config.data.num_frames))
+  ids, product_ids, digests = ([value for part in parts for value in part[column]]
+                               for column in range(3))
+  earlier_rows = earlier.rows(domain) if earlier is not None else None
+  plan = (earlier.plan(domain, ids, digests, earlier_rows) if earlier is not None
+          else incremental.full_plan(domain, len(ids)))
+  if earlier is not None:
+    logging.info("export %s: %s", domain, ", ".join(f"{count} {what}"
+                                                    for what, count in plan.counts.items()))
+  embedded = np.zeros((0, dim), np.float32)
+  if len(plan.embed):
+    dataset = pipelines.eval_dataset_from_source(
+        config, domain, _Records(source, plan.embed),
+        tokenizer_lib.Tokenizer(config.data.vocab_path), process_index, process_count)
+    batches = list(embed.iter_dataset_embeddings(config, model, model_params, dataset, mesh))
+    local_ids = np.concatenate([batch[0] for batch in batches])
+    local_embeddings = np.concatenate([batch[2] for batch in batches])
+    gathered = embed.gather_objects((local_ids, local_embeddings))
+    embedded_ids = np.concatenate([part[0] for part in gathered])
+    embedded = np.concatenate([part[1] for part in gathered])
+    if embedded_ids.tolist() != [ids[i] for i in plan.embed]:
+      raise RuntimeError(f"export {domain}: the embedded rows are not the records asked for")
+  rows = incremental.assemble(domain, ids, product_ids, digests, plan, embedded, dim,
+                              earlier_rows)
+  return dataclasses.replace(rows, embeddings=export_format.normalise_rows(
+      rows.embeddings, f"{domain} embeddings")), plan
 
 
 def _gather_counts(local_count: int) -> list[int]:
@@ -361,26 +486,6 @@ def _gather_counts(local_count: int) -> list[int]:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   counts = multihost_utils.process_allgather(np.array([local_count], np.int64))
   return [int(c) for c in np.asarray(counts).reshape(-1)]
-
-
-def _write_index(embeddings: np.ndarray, index_dir: str, eval_config) -> dict[str, Any]:
-  """Builds the index of kind `eval_config.index`, tuned to `eval_config.target_recall`
-  with held-out rows of the gallery as queries, and saves it into `index_dir`,
-  replacing an old one. Returns the manifest fields describing it.
-
-  Written into a staging folder that replaces `index_dir` once complete (index folders
-  are relocatable). The manifest marks the index complete only after this returns.
-  """
-  index, info = search_index.build_index(eval_config.index, embeddings, eval_config,
-                                         INDEX_RECALL_K)
-  try:
-    with result_files.replaced_directory(index_dir) as staging:
-      search_index.save_index(index, staging)
-  except OSError as error:
-    raise result_files.write_error(index_dir, error) from None
-  tuning = {key: value for key, value in info.items() if key not in ("kind", "parameters")}
-  return {"index_kind": info["kind"], "index_parameters": info["parameters"],
-          "index_tuning": tuning}
 
 
 # ----------------------------------------------------------------------------
@@ -451,12 +556,15 @@ def load_exported_index(out_dir: str, domain: str, config_hash: str | None = Non
 def _main(args) -> None:
   manifest = export_embeddings(args.config, args.workdir, args.out, split=args.split or None,
                                rope_dir=args.rope_dir or None, resume=args.resume,
-                               output_format=args.format, **cli.job_options(args))
+                               output_format=args.format, since=args.since or None,
+                               **cli.job_options(args))
   if jax.process_index() == 0:
     counts = ", ".join(f"{d}: {e.count}" for d, e in manifest.domains.items())
     layout = " in the release's format" if args.format == "release" else ""
     print(f"exported checkpoint step {manifest.checkpoint_step} ({counts}) to "
           f"{args.out}{layout}")
+    if manifest.lineage is not None:
+      print(incremental.describe_lineage(manifest))
 
 
 def _define_flags(flag_values) -> None:
@@ -471,6 +579,9 @@ def _define_flags(flag_values) -> None:
                       "and export instead of config.data.prepared_dir", **define)
   flags.DEFINE_bool("resume", False, "continue an interrupted export, or keep the domains "
                     "complete in OUT/manifest.json", **define)
+  flags.DEFINE_string("since", "", "an earlier export of the same model and split (OUT "
+                      "itself, say): embed only the items it lacks or whose inputs "
+                      "changed, carry its other rows over", **define)
   flags.DEFINE_enum("format", "parquet", FORMATS, "parquet: Parquet files, search index "
                     "and manifest; release: the PyTorch release's {rank}_item/_photo/_live "
                     "files", **define)

@@ -1,13 +1,17 @@
 """The on-disk format of `cope_jax.export`: one module that writes and reads it.
 
-  OUT/<domain>-<p>-of-<n>.parquet   columns id, product_id, domain (string) and embedding
-                                    (list<float32>, unit L2 norm); one file per domain and
-                                    JAX process, row groups of ROW_GROUP_ROWS rows
+  OUT/<domain>-<p>-of-<n>.parquet   columns id, product_id, domain (string), embedding
+                                    (list<float32>, unit L2 norm) and content_digest
+                                    (string: `data_pipelines.eval_inputs.content_digest`
+                                    of the item's inputs); one file per domain and JAX
+                                    process, row groups of ROW_GROUP_ROWS rows
   OUT/index/<domain>/               the dot-product index over the domain's rows, in the
                                     order of the files the manifest lists for it
   OUT/manifest.json                 `Manifest`: model (config hash, config, checkpoint),
-                                    embedding dimension, split, per domain its files with
-                                    their row counts and its index
+                                    embedding dimension, split, the job that wrote it,
+                                    per domain its files with their row counts, the rows
+                                    embedded by this job and its index; for an
+                                    incremental export (`--since`) its lineage
 
 Writers (`cope_jax.export`) and readers (`cope_jax.compare`, `load_exported_index`,
 downstream jobs) use this module alone, as both sides of the release's text files use
@@ -25,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +43,9 @@ from cope_jax.search.embeddings import DomainEmbeddings
 from data_pipelines import domains
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT_VERSION = 3  # 2: index folders hold index.json; 3: the config itself
+# 2: index folders hold index.json; 3: the config itself; 4: a content digest per row,
+# the writer, rows embedded per domain and the lineage of an incremental export
+MANIFEST_FORMAT_VERSION = 4
 INDEX_DIR = "index"
 ROW_GROUP_ROWS = 8192  # rows per Parquet row group (batches are buffered up to this)
 # A row whose L2 norm is within this of 1 counts as unit length and is kept as it is
@@ -51,6 +57,7 @@ PARQUET_SCHEMA = pa.schema([
     ("product_id", pa.string()),
     ("domain", pa.string()),
     ("embedding", pa.list_(pa.float32())),
+    ("content_digest", pa.string()),
 ])
 
 
@@ -64,6 +71,13 @@ class ExportFormatError(ValueError):
 
 def parquet_name(domain: str, process_index: int, process_count: int) -> str:
   return f"{domain}-{process_index}-of-{process_count}.parquet"
+
+
+def is_export_entry(name: str) -> bool:
+  """Whether an entry of an export folder belongs to the Parquet export (replaced by a
+  new one) rather than being carried over (prepared/, a release export, other files)."""
+  return (name in (MANIFEST_FILE, INDEX_DIR)
+          or name.removesuffix(".tmp").endswith(".parquet"))
 
 
 def normalise_rows(embeddings: np.ndarray, where: str = "embeddings") -> np.ndarray:
@@ -89,64 +103,112 @@ def normalise_rows(embeddings: np.ndarray, where: str = "embeddings") -> np.ndar
 # Parquet.
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportRows:
+  """One domain's rows of an export, in file order: ids [N], product_ids [N],
+  content_digests [N] (str; None where a file holds none), embeddings [N, D] float32."""
+  domain: str
+  ids: np.ndarray
+  product_ids: np.ndarray
+  content_digests: np.ndarray
+  embeddings: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def take(self, rows: np.ndarray) -> ExportRows:
+    """The rows at positions `rows` [M] int, in that order."""
+    rows = np.asarray(rows, np.int64)
+    return ExportRows(self.domain, self.ids[rows], self.product_ids[rows],
+                      self.content_digests[rows], self.embeddings[rows])
+
+  def as_domain_embeddings(self) -> DomainEmbeddings:
+    return DomainEmbeddings(domain=self.domain, ids=self.ids, product_ids=self.product_ids,
+                            embeddings=self.embeddings)
+
+
+def empty_rows(domain: str, dim: int) -> ExportRows:
+  nothing = np.zeros((0,), object)
+  return ExportRows(domain, nothing, nothing.copy(), nothing.copy(),
+                    np.zeros((0, dim), np.float32))
+
+
 def embeddings_table(domain: str, ids: Sequence[str], product_ids: Sequence[str],
-                     embeddings: np.ndarray) -> pa.Table:
-  """A Parquet-schema table of one batch: ids [b], product_ids [b], embeddings [b, D].
+                     embeddings: np.ndarray,
+                     content_digests: Sequence[str | None] | None = None) -> pa.Table:
+  """A Parquet-schema table of one batch: ids [b], product_ids [b], embeddings [b, D],
+  content_digests [b] (None: null digests, which a later `--since` embeds again).
 
   The embeddings are written as given: normalise them first (`normalise_rows`).
   """
   embeddings = np.asarray(embeddings, np.float32)
   num_rows, dim = embeddings.shape
-  if len(ids) != num_rows or len(product_ids) != num_rows:
-    raise ValueError(f"{domain}: {len(ids)} ids and {len(product_ids)} product ids for "
-                     f"{num_rows} embeddings")
+  if content_digests is None:
+    content_digests = [None] * num_rows
+  if len(ids) != num_rows or len(product_ids) != num_rows or len(content_digests) != num_rows:
+    raise ValueError(f"{domain}: {len(ids)} ids, {len(product_ids)} product ids and "
+                     f"{len(content_digests)} content digests for {num_rows} embeddings")
   offsets = pa.array(np.arange(0, (num_rows + 1) * dim, dim, dtype=np.int32))
   embedding_column = pa.ListArray.from_arrays(offsets, pa.array(embeddings.reshape(-1)))
   return pa.Table.from_arrays(
       [pa.array([str(i) for i in ids], pa.string()),
        pa.array([str(p) for p in product_ids], pa.string()),
        pa.array([domain] * num_rows, pa.string()),
-       embedding_column],
+       embedding_column,
+       pa.array([None if d is None else str(d) for d in content_digests], pa.string())],
       schema=PARQUET_SCHEMA)
 
 
-def write_parquet(path: str, domain: str, batches: Iterable[tuple[np.ndarray, np.ndarray,
-                                                                    np.ndarray]],
-                  dim: int, row_group_rows: int = ROW_GROUP_ROWS) -> DomainEmbeddings:
-  """Streams (ids [b], product_ids [b], embeddings [b, D]) batches into `path`.
+def write_rows(path: str, rows: ExportRows, row_group_rows: int = ROW_GROUP_ROWS) -> ExportRows:
+  """Writes `rows` into the Parquet file `path`, in row groups of `row_group_rows`.
 
-  Rows are buffered into row groups of about `row_group_rows`. The file appears under
-  its final name only once complete (written as `<path>.tmp`, then renamed).
+  Embeddings are normalised first (`normalise_rows`: unit rows stay bit for bit). The
+  file appears under its final name only once complete (written as `<path>.tmp`, then
+  renamed).
 
   Returns:
-    The rows written (L2-normalised embeddings), for building the index.
+    The rows written (normalised), for building the index.
   """
+  domain = rows.domain
+  embeddings = normalise_rows(rows.embeddings, f"{domain} embeddings")
+  written = dataclasses.replace(rows, embeddings=embeddings)
   temporary = path + ".tmp"
-  ids, product_ids, embeddings = [], [], []
-  pending: list[pa.Table] = []
-  pending_rows = 0
   with pq.ParquetWriter(temporary, PARQUET_SCHEMA) as writer:
-    for batch_ids, batch_product_ids, batch_embeddings in batches:
-      batch_embeddings = normalise_rows(batch_embeddings, f"{domain} embeddings")
-      table = embeddings_table(domain, batch_ids, batch_product_ids, batch_embeddings)
-      if table.num_rows == 0:
-        continue
-      ids.append(np.asarray(batch_ids, object))
-      product_ids.append(np.asarray(batch_product_ids, object))
-      embeddings.append(batch_embeddings)
-      pending.append(table)
-      pending_rows += table.num_rows
-      if pending_rows >= row_group_rows:
-        writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
-        pending, pending_rows = [], 0
-    if pending:
-      writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+    for start in range(0, len(rows), row_group_rows):
+      part = slice(start, start + row_group_rows)
+      writer.write_table(embeddings_table(domain, rows.ids[part], rows.product_ids[part],
+                                          embeddings[part], rows.content_digests[part]),
+                         row_group_size=row_group_rows)
   os.replace(temporary, path)
-  return DomainEmbeddings(
-      domain=domain,
-      ids=np.concatenate(ids) if ids else np.zeros((0,), object),
-      product_ids=np.concatenate(product_ids) if product_ids else np.zeros((0,), object),
-      embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32))
+  return written
+
+
+def read_rows(paths: Sequence[str], domain: str) -> ExportRows:
+  """Every row of exported Parquet files (content digests included), concatenated in
+  the given order. ExportFormatError naming the file when one cannot be read."""
+  tables = []
+  for path in paths:
+    try:
+      table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as error:
+      raise ExportFormatError(f"{path}: not a readable export Parquet file ({error})") from None
+    if "content_digest" not in table.column_names:  # written before digests were kept
+      table = table.append_column("content_digest",
+                                  pa.nulls(table.num_rows, pa.string()))
+    tables.append(table.select(PARQUET_SCHEMA.names))
+  if not tables:
+    return empty_rows(domain, 0)
+  table = pa.concat_tables(tables)
+  embeddings = np.zeros((table.num_rows, 0), np.float32)
+  if table.num_rows:
+    values = table.column("embedding").combine_chunks().flatten().to_numpy()
+    embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
+  return ExportRows(domain=domain,
+                    ids=np.asarray(table.column("id").to_pylist(), object),
+                    product_ids=np.asarray(table.column("product_id").to_pylist(), object),
+                    content_digests=np.asarray(table.column("content_digest").to_pylist(),
+                                               object),
+                    embeddings=embeddings)
 
 
 def read_parquet(paths: Sequence[str], domain: str,
@@ -180,6 +242,9 @@ class DomainExport:
   index_kind: str | None = None
   index_parameters: dict[str, Any] | None = None
   index_tuning: dict[str, Any] | None = None
+  # Rows this job embedded (the others were carried over from the export named in the
+  # manifest's lineage); None for --format release.
+  embedded: int | None = None
 
   def file_complete(self, out_dir: str, name: str) -> bool:
     """Whether file `name` is listed here and holds the listed number of rows."""
@@ -211,9 +276,23 @@ class Manifest:
   columns: list[str] = dataclasses.field(default_factory=lambda: list(PARQUET_SCHEMA.names))
   domains: dict[str, DomainExport] = dataclasses.field(default_factory=dict)
   format_version: int = MANIFEST_FORMAT_VERSION
+  # The job that wrote the export ("cope_jax.export", "cope_jax.embed_beam") and what it
+  # read besides the model (the Beam job: ROPE folder, split, serving artifact).
+  writer: str = "cope_jax.export"
+  inputs: dict[str, Any] | None = None
+  # What the content_digest column holds (`data_pipelines.eval_inputs.CONTENT_DIGEST`).
+  content_digest: str = ""
+  # An incremental export's origin: {"since": the earlier export's folder,
+  # "since_manifest_sha256", "since_writer", "domains": {domain: {"added", "changed",
+  # "carried", "removed"}}}; None for an export made in full.
+  lineage: dict[str, Any] | None = None
 
   # Fields that must agree for --resume to keep an earlier export's files.
   IDENTITY = ("config_hash", "embedding_dim", "split", "checkpoint_step")
+  # Fields that must agree for --since to carry an earlier export's rows over: the same
+  # model (config and checkpoint), split and digest definition.
+  SINCE_IDENTITY = ("config_hash", "embedding_dim", "checkpoint_step", "checkpoint", "split",
+                    "content_digest")
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -252,17 +331,37 @@ class Manifest:
   def check_same_run(self, other: Manifest, out_dir: str) -> None:
     """ExportMismatchError naming the first identity field where `other` differs (and,
     for the config, which fields differ)."""
-    for key in self.IDENTITY:
+    difference = self.difference(other, self.IDENTITY)
+    if difference:
+      raise ExportMismatchError(
+          f"{os.path.join(out_dir, MANIFEST_FILE)}: --resume with a different {difference}; "
+          "use a new --out folder or remove the old export")
+
+  def check_since(self, other: Manifest, since_dir: str) -> None:
+    """ExportMismatchError unless `other` (the export being made) may carry this
+    export's rows over: the first `SINCE_IDENTITY` field that differs is named with
+    both values (for the config, the fields that differ). Fields `other` does not know
+    yet (None, "") are skipped: check again once they are set."""
+    difference = self.difference(other, self.SINCE_IDENTITY)
+    if difference:
+      raise ExportMismatchError(
+          f"{os.path.join(since_dir, MANIFEST_FILE)}: --since an export of another "
+          f"model or data: {difference}. Its rows are not what this job would write; "
+          "export in full (without --since)")
+
+  def difference(self, other: Manifest, keys: Sequence[str]) -> str:
+    """'<field> (<self> -> <other>)' for the first of `keys` where both are known and
+    differ (the config hash: the config fields that differ); '' when none does."""
+    for key in keys:
       mine, theirs = getattr(self, key), getattr(other, key)
-      if mine is None or theirs is None or mine == theirs:
+      if mine in (None, "") or theirs in (None, "") or mine == theirs:
         continue
       detail = f"manifest: {mine!r}, this run: {theirs!r}"
       if key == "config_hash":
         detail = "fields that differ, manifest -> this run: " + "; ".join(
             config_checks.config_differences(self.config, other.config))
-      raise ExportMismatchError(
-          f"{os.path.join(out_dir, MANIFEST_FILE)}: --resume with a different {key} "
-          f"({detail}); use a new --out folder or remove the old export")
+      return f"{key} ({detail})"
+    return ""
 
 
 # ----------------------------------------------------------------------------

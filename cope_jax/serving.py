@@ -15,9 +15,14 @@ Layout of the output directory:
                            `fn(params, inputs) -> {name: [B, D] float32}`, the
                            `COPE.embed(..., domain)` computation, for each domain
   params.npz               the model parameters, flattened with '/'-joined keys
+  vocab.txt                the WordPiece vocabulary the text inputs are tokenised with
+                           (a copy of config.data.vocab_path, when that file exists)
   serving_manifest.json    per domain: the artifact, its inputs (name, shape, dtype; 'b' is
                            the batch dimension) and outputs; embedding_dim, batch_size,
-                           platforms, config_hash, the JAX version that exported it
+                           platforms, config_hash, the config itself (the input sizes and
+                           eval settings a batch job over the artifact needs, e.g.
+                           `cope_jax.embed_beam`), the vocabulary file and its sha256,
+                           the JAX version that exported it
 
 Design: the parameters are an argument of the exported function, not constants folded
 into it, so the artifacts depend only on the architecture (config.model and the input
@@ -34,6 +39,7 @@ as the exporting one (jax.export's compatibility guarantees).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -46,6 +52,7 @@ from data_pipelines import domains as domain_registry
 
 MANIFEST = "serving_manifest.json"
 PARAMS_FILE = "params.npz"
+VOCAB_FILE = "vocab.txt"
 BATCH_DIM = "b"
 FORMAT_VERSION = 1
 
@@ -153,10 +160,18 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
 
   from cope_jax import result_files  # pylint: disable=g-import-not-at-top
 
+  vocab_path = config.data.get("vocab_path", "")
+  has_vocab = bool(vocab_path) and os.path.isfile(vocab_path)
+  vocabulary = None
+  if has_vocab:
+    with open(vocab_path, "rb") as f:
+      vocabulary = {"file": VOCAB_FILE, "sha256": hashlib.sha256(f.read()).hexdigest()}
   manifest = {"format_version": FORMAT_VERSION, "params_file": PARAMS_FILE,
               "batch_size": batch_size, "embedding_dim": int(config.model.emb_dim),
               "config_hash": config_checks.config_hash(config),
               "model_config_hash": config_checks.config_hash(config.model),
+              "config": json.loads(config.to_json(sort_keys=True)),
+              "vocabulary": vocabulary,
               "jax_version": jax.__version__, "provenance": provenance, "domains": {}}
   for domain in domains:
     inputs = domain_inputs(config, domain)
@@ -189,6 +204,9 @@ def export_embedders(config, model_params: Mapping[str, Any], out_dir: str,
     with result_files.staged_file(os.path.join(staging, PARAMS_FILE)) as temporary:
       with open(temporary, "wb") as f:
         np.savez(f, **{path: _storable(value) for path, value in _flatten(params).items()})
+    if has_vocab:
+      with open(vocab_path, "rb") as f:
+        result_files.write_bytes(os.path.join(staging, VOCAB_FILE), f.read())
     # Shapes and names only: no NaN.
     result_files.write_text(os.path.join(staging, MANIFEST),
                             json.dumps(manifest, indent=2, allow_nan=False) + "\n")
@@ -244,18 +262,34 @@ def load_embedder(out_dir: str, domain: str, params: Any = None
   The returned function checks input names and shapes against the manifest and casts
   integer inputs of another width (e.g. int64 token ids) to the exported dtype.
   """
+  return load_embedders(out_dir, (domain,), params)[domain]
+
+
+def load_embedders(out_dir: str, domains: Sequence[str] | None = None, params: Any = None
+                   ) -> dict[str, Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]]:
+  """`load_embedder` of several domains (default: every exported one), reading and
+  placing the parameters once for all of them."""
   manifest = read_manifest(out_dir)
-  if domain not in manifest["domains"]:
-    raise ServingError(f"{out_dir}: no exported domain {domain!r} "
-                       f"(have {sorted(manifest['domains'])})")
-  entry = manifest["domains"][domain]
-  with open(os.path.join(out_dir, entry["file"]), "rb") as f:
-    exported = jax_export.deserialize(bytearray(f.read()))
-  if params is None:
-    params = _load_params(os.path.join(out_dir, manifest["params_file"]), exported)
+  domains = list(manifest["domains"]) if domains is None else list(domains)
+  for domain in domains:
+    if domain not in manifest["domains"]:
+      raise ServingError(f"{out_dir}: no exported domain {domain!r} "
+                         f"(have {sorted(manifest['domains'])})")
+  exported = {}
+  for domain in domains:
+    with open(os.path.join(out_dir, manifest["domains"][domain]["file"]), "rb") as f:
+      exported[domain] = jax_export.deserialize(bytearray(f.read()))
+  if params is None and domains:  # every domain's function takes the same parameters
+    params = _load_params(os.path.join(out_dir, manifest["params_file"]),
+                          exported[domains[0]])
   device_params = jax.device_put(params)
+  return {domain: _embedder(domain, manifest["domains"][domain]["inputs"], exported[domain],
+                            device_params) for domain in domains}
+
+
+def _embedder(domain: str, specs: Mapping[str, Any], exported: jax_export.Exported,
+              device_params: Any):
   call = jax.jit(exported.call)
-  specs = entry["inputs"]
 
   def embed(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     missing = sorted(set(specs) - set(inputs))

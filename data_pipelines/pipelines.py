@@ -25,9 +25,9 @@ float32 [B, 4] (top, left, height, width as shares of the image) and
 `<media key>_flip` bool [B] (`pipeline_batch_spec` gives that layout).
 
 Evaluation (`make_eval_dataset`): every record of one domain of a split, in record
-order, with eval transforms; the last batch is padded to `eval.batch_size` with rows
-whose `valid` is False. Process p takes the p-th contiguous part; all processes yield
-the same number of batches.
+order, with eval transforms (rows built by `eval_inputs`); the last batch is padded to
+`eval.batch_size` with rows whose `valid` is False. Process p takes the p-th contiguous
+part; all processes yield the same number of batches.
 
 Batches are dicts of NumPy arrays; the keys and shapes are those of
 `docs/interfaces.md` (`batch_spec` gives them for a config).
@@ -45,6 +45,7 @@ import grain
 import numpy as np
 
 from data_pipelines import domains
+from data_pipelines import eval_inputs
 from data_pipelines import prepare
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
@@ -170,13 +171,8 @@ def _decode_images(record: Mapping[str, Any], domain: domains.Domain, num_frames
   """A record's pixels as uint8 [H, W, 3] images: the image of an image domain, the T
   segment-middle frames of a clip."""
   name = f"{domain.name} {record['id']}"
-  if not domain.is_clip:
-    return [transforms.decode_jpeg(record["image"], name, min_side)]
-  frames = record["frames"]
-  if not frames:
-    raise ValueError(f"{domain.name} record {record['id']!r} has no frames")
-  return [transforms.decode_jpeg(frames[index], name, min_side)
-          for index in transforms.sample_frame_indices(len(frames), num_frames)]
+  return [transforms.decode_jpeg(data, name, min_side)
+          for data in eval_inputs.model_frames(record, domain, num_frames)]
 
 
 def _encode_text(tokenizer: tokenizer_lib.Tokenizer, text: str, max_length: int):
@@ -256,13 +252,11 @@ class _EvalExample:
     if record_index < 0:
       return self._padding()
     record = self._source[record_index]
-    pixels = np.stack([transforms.eval_transform(image, options.image_size)
-                       for image in _decode_images(record, domain, options.num_frames)])
     example = {"id": str(record["id"]), "product_id": str(record["product_id"]),
-               "valid": np.bool_(True),
-               domain.media_key: pixels if domain.is_clip else pixels[0]}
-    example[domain.text_ids_key], example[domain.text_mask_key] = _encode_text(
-        self._tokenizer, record["text"], getattr(options, domain.text_length_field))
+               "valid": np.bool_(True)}
+    example.update(eval_inputs.eval_inputs(
+        record, domain, self._tokenizer, options.image_size, options.num_frames,
+        getattr(options, domain.text_length_field)))
     return example
 
   def _padding(self) -> dict[str, Any]:

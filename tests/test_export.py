@@ -101,11 +101,12 @@ def test_parquet_files_have_the_named_columns_and_counts(exported, tiny_prepared
   for domain in domains.NAMES:
     path = os.path.join(out_dir, f"{domain}-0-of-1.parquet")
     schema = pq.read_schema(path)
-    assert schema.names == ["id", "product_id", "domain", "embedding"]
+    assert schema.names == ["id", "product_id", "domain", "embedding", "content_digest"]
     assert schema.field("id").type == pa.string()
     assert schema.field("product_id").type == pa.string()
     assert schema.field("domain").type == pa.string()
     assert schema.field("embedding").type == pa.list_(pa.float32())
+    assert schema.field("content_digest").type == pa.string()
     table = pq.read_table(path)
     num_records = len(prepare.open_domain(tiny_prepared_dir, "test", domain))
     assert table.num_rows == num_records > 0

@@ -5,6 +5,7 @@ tolerance is tight: max abs difference <= 1e-5 on L2-normalised float32 embeddin
 """
 
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -110,6 +111,27 @@ def test_manifest_describes_every_domain(serving_dir, config):
   assert video["outputs"]["video_embedding"]["shape"] == ["b", config.model.emb_dim]
   for domain in domains.NAMES:
     assert os.path.isfile(os.path.join(serving_dir, f"{domain}.jax_exported"))
+  # The config it was made with (a batch job reads the input sizes there); no vocabulary
+  # file here, since this config's data.vocab_path does not exist.
+  assert manifest["config"] == json.loads(config.to_json(sort_keys=True))
+  assert manifest["vocabulary"] is None
+  assert not os.path.exists(os.path.join(serving_dir, serving.VOCAB_FILE))
+
+
+def test_the_vocabulary_travels_with_the_artifact(config, params, tmp_path):
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n红\n", encoding="utf-8")
+  with_vocab = config.copy_and_resolve_references()
+  with_vocab.data.vocab_path = str(vocab)
+  out = tmp_path / "serving"
+  manifest = serving.export_embedders(with_vocab, params, str(out), domains=("page",))
+  assert (out / serving.VOCAB_FILE).read_bytes() == vocab.read_bytes()
+  assert manifest["vocabulary"] == {
+      "file": serving.VOCAB_FILE, "sha256": hashlib.sha256(vocab.read_bytes()).hexdigest()}
+  embedders = serving.load_embedders(str(out))
+  assert list(embedders) == ["page"]
+  batch = domain_batch(config, "page", 2, seed=5)
+  assert_close(embedders["page"](batch), apply_domain(config, params, "page", batch))
 
 
 @pytest.mark.parametrize("domain", domains.NAMES)
