@@ -72,8 +72,9 @@ import numpy as np
 import PIL.Image
 
 from configs import synthetic_tiny
-from cope_jax import result_files
-from data_pipelines import domains
+from cope_jax.base import batch as batch_contract
+from cope_jax.base import result_files
+from cope_jax.base import domains
 from data_pipelines import pipelines
 from data_pipelines import prepare
 from data_pipelines import rope_format
@@ -433,7 +434,7 @@ def naive_batches(config, seed: int = 0):
 
 def measure_naive(config, shape: str, source: str, num_batches: int) -> Measurement:
   batches = naive_batches(config)
-  spec = pipelines.batch_spec(config)
+  spec = batch_contract.batch_spec(config)
   first_batch = next(batches)
   assert {k: (v.shape, v.dtype) for k, v in first_batch.items()} == spec
   first, seconds = _time_batches(batches, num_batches)

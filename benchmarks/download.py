@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.parse
 
-from cope_jax import result_files
+from cope_jax.base import result_files
 from data_pipelines import download
 from data_pipelines import synthetic
 

@@ -50,10 +50,10 @@ import numpy as np
 from configs import synthetic_tiny
 from cope_jax import checkpoints
 from cope_jax import export_format
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import sharding
 from cope_jax import state
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 from data_pipelines import synthetic
 

@@ -36,7 +36,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
 from configs import synthetic_tiny
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import weight_mapping
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig

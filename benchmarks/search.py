@@ -46,7 +46,7 @@ import jax
 import numpy as np
 
 from configs import synthetic_tiny
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax.search import exact
 from cope_jax.search import index as search_index
 from cope_jax.search import metrics
@@ -395,7 +395,7 @@ def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
   import tempfile  # pylint: disable=g-import-not-at-top
   from cope_jax import config_checks, embed, sharding  # pylint: disable=g-import-not-at-top
   from cope_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from data_pipelines import domains, prepare, synthetic  # pylint: disable=g-import-not-at-top
+  from cope_jax.base import domains, prepare, synthetic  # pylint: disable=g-import-not-at-top
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:

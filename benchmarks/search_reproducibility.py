@@ -37,7 +37,7 @@ import numpy as np
 from benchmarks.search import DATA
 from benchmarks.search import product_embeddings
 from configs import synthetic_tiny
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax.search import exact
 from cope_jax.search import metrics
 from cope_jax.search import scann_index

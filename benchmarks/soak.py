@@ -40,6 +40,8 @@ sys.path.insert(0, REPO_ROOT)
 
 from tests import tiny_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from cope_jax.base import workdir as workdir_layout
+
 TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a step folder being written
 POLL_SECONDS = 0.002
 LIFE_TIMEOUT_SECONDS = 300
@@ -79,7 +81,7 @@ def subprocess_env(cache_dir: str | None, platform: str = "cpu") -> dict[str, st
 
 def _logged_steps(workdir: str) -> int:
   try:
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    with open(workdir_layout.training_log(workdir), encoding="utf-8") as f:
       return sum(1 for _ in f)
   except FileNotFoundError:
     return 0
@@ -87,7 +89,7 @@ def _logged_steps(workdir: str) -> int:
 
 def _writing(workdir: str) -> bool:
   try:
-    return any(TMP_MARKER in name for name in os.listdir(os.path.join(workdir, "checkpoints")))
+    return any(TMP_MARKER in name for name in os.listdir(workdir_layout.checkpoints_dir(workdir)))
   except FileNotFoundError:
     return False
 
@@ -148,7 +150,7 @@ def final_params(workdir: str, step: int) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  manager = ocp.CheckpointManager(workdir_layout.checkpoints_dir(os.path.abspath(workdir)),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
@@ -271,7 +273,7 @@ def main() -> None:
                     platform=args.platform)
   print_table(result)
   result["machine"] = {"cpu_count": os.cpu_count(), "platform": args.platform}
-  from cope_jax import result_files  # pylint: disable=g-import-not-at-top
+  from cope_jax.base import result_files  # pylint: disable=g-import-not-at-top
 
   result_files.write_json(args.out, result, indent=1, sort_keys=False)
   print(f"wrote {args.out} (logs of each run under {root}/logs)")

@@ -44,6 +44,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the Logger's progress bar (read at
 from benchmarks import data_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import rope_vitb16
 from configs import synthetic_tiny
+from cope_jax.base import workdir as workdir_layout
 from cope_jax import sharding
 from cope_jax import train
 from data_pipelines import prepare
@@ -91,7 +92,7 @@ def real_loop(config, workdir: str) -> dict:
   state = train.run_steps(run, hooks)
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - start
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+  with open(workdir_layout.training_log(workdir), encoding="utf-8") as f:
     windows = [json.loads(line) for line in f]
   steady = windows[1:] or windows
   result = {

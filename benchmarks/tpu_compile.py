@@ -62,15 +62,16 @@ sys.path.insert(0, REPO_ROOT)
 from configs import rope_vitb16  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import rope_vitb16_stage1
 from configs import synthetic_tiny
+from cope_jax.base import batch as batch_contract
 from cope_jax import embed as embed_lib
 from cope_jax import flops as model_flops
 from cope_jax import optim
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax.search import approx_topk
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import pipelines
 
 GIB = 2 ** 30
@@ -164,7 +165,7 @@ def lower_train_step(config, mesh):
   step = train.jit_train_step(config, state_lib.build_model(config),
                               optim.make_optimizer(config.optim, config.train.num_steps),
                               state_shardings, mesh)
-  batch = abstract_batch(pipelines.pipeline_batch_spec(config), mesh)
+  batch = abstract_batch(batch_contract.pipeline_batch_spec(config), mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     return step.lower(abstract, batch), abstract
 
@@ -176,7 +177,7 @@ def lower_embed_step(config, mesh, domain: str, batch_size: int):
   config.eval.batch_size = batch_size
   params = state_lib.abstract_model_params(config, mesh)
   embed_fn = embed_lib.make_embed_fn(state_lib.build_model(config), domain, mesh)
-  batch = abstract_batch(pipelines.eval_batch_spec(config, domain), mesh)
+  batch = abstract_batch(batch_contract.eval_batch_spec(config, domain), mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
     return embed_fn.lower(params, batch)
 

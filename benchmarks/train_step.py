@@ -45,14 +45,15 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import rope_vitb16  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic_tiny
+from cope_jax.base import batch as batch_contract
 from cope_jax import flops as model_flops
 from cope_jax import losses
 from cope_jax import optim
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import pipelines
 
 VOCAB_SIZE = {"tiny": 1000, "paper": 21128}
@@ -80,7 +81,7 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """A random training batch with the pipeline's layout (`pipeline_batch_spec`)."""
   rng = np.random.default_rng(seed)
   batch = {}
-  for key, (shape, dtype) in pipelines.pipeline_batch_spec(config).items():
+  for key, (shape, dtype) in batch_contract.pipeline_batch_spec(config).items():
     if dtype == np.uint8:
       batch[key] = rng.integers(0, 256, shape, dtype=np.uint8)
     elif key.endswith("_crop_box"):  # (top, left, height, width) shares: area 0.64-1
@@ -92,7 +93,7 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     elif key == "product_index":
       batch[key] = np.arange(shape[0], dtype=np.int32)
   for domain in domains.DOMAINS:  # ids and right-padded masks
-    b, length = pipelines.batch_spec(config)[domain.text_ids_key][0]
+    b, length = batch_contract.batch_spec(config)[domain.text_ids_key][0]
     ids = rng.integers(5, config.model.text.vocab_size, (b, length), dtype=np.int32)
     mask = np.ones((b, length), np.int32)
     mask[:, length // 2:] = rng.integers(0, 2, (b, length - length // 2)) == 1
@@ -232,7 +233,7 @@ def time_torch(config, batch, steps: int, warmup: int) -> dict:
   mean = torch.tensor(torch_reference.IMAGENET_MEAN, device=device).view(3, 1, 1)
   std = torch.tensor(torch_reference.IMAGENET_STD, device=device).view(3, 1, 1)
   tensors = {k: torch.from_numpy(v).to(device) for k, v in batch.items()
-             if k in pipelines.batch_spec(config)}
+             if k in batch_contract.batch_spec(config)}
 
   def to_model_batch():
     model_batch = dict(tensors)

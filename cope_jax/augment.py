@@ -4,7 +4,7 @@ With `config.data.augment_on = "device"` the input pipeline sends every frame re
 to a fixed square canvas, uint8 [B, (T,) canvas, canvas, 3], with each example's crop
 box (float32 [B, 4]: top, left, height, width as shares of the image) and flip (bool
 [B]), drawn on the host by the torchvision-style sampler of
-`data_pipelines.transforms` (`pipelines.crop_box_key` / `flip_key` name the keys).
+`data_pipelines.transforms` (`cope_jax.base.batch.crop_box_key` / `flip_key` name the keys).
 `augment_batch`, called at the top of the jitted train step, turns those into the
 [B, (T,) size, size, 3] uint8 pixels the host path would have produced: the same box
 and flip for every frame of a clip, bilinear resampling with PIL's antialiasing
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from data_pipelines import domains
-from data_pipelines import pipelines
+from cope_jax.base import batch as batch_contract
+from cope_jax.base import domains
 
 
 def crop_resize_flip(images: jax.Array, crop_boxes: jax.Array, flips: jax.Array,
@@ -72,7 +72,7 @@ def augment_batch(batch: Mapping[str, jax.Array], size: int) -> dict[str, jax.Ar
   """
   result = dict(batch)
   for domain in domains.DOMAINS:
-    box_key, flip_key = pipelines.crop_box_key(domain), pipelines.flip_key(domain)
+    box_key, flip_key = batch_contract.crop_box_key(domain), batch_contract.flip_key(domain)
     if box_key not in result:
       continue
     result[domain.media_key] = crop_resize_flip(

@@ -43,8 +43,8 @@ import apache_beam as beam
 from apache_beam.ml.inference import base as inference
 import numpy as np
 
-from cope_jax import serving
-from data_pipelines import domains
+from cope_jax.base import domains
+from cope_jax import serving_artifact
 from data_pipelines import eval_inputs
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
@@ -196,7 +196,7 @@ class ServingModelHandler(inference.ModelHandler[tuple[str, Mapping[str, np.ndar
 
   def load_model(self) -> LoadedArtifact:
     started = time.perf_counter()
-    embedders = serving.load_embedders(self._serving_dir)
+    embedders = serving_artifact.load_embedders(self._serving_dir)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if self._report_dir:
       loaded = sorted(name for name in sys.modules if name.startswith("cope_jax"))

@@ -41,9 +41,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from cope_jax.base import workdir as workdir_layout
 from cope_jax import checkpoint_fit
 from cope_jax import checkpoint_integrity
-from cope_jax import result_files
+from cope_jax.base import result_files
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -70,7 +71,7 @@ class _Damaged(Exception):
 def checkpoint_manager(workdir: str, keep: int = 2, async_save: bool = True,
                        read_only: bool = False) -> ocp.CheckpointManager:
   """The manager of `WORKDIR/checkpoints` (atomic step directories, keep-N)."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  directory = os.path.abspath(workdir_layout.checkpoints_dir(workdir))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
@@ -318,7 +319,7 @@ def restore_verified(workdir: str, abstract_tree: Any, step: int | None = None, 
     FileNotFoundError: `step` is not in the directory.
     CheckpointMismatchError, NoIntactCheckpointError: see `restore_latest_intact`.
   """
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not os.path.isdir(workdir_layout.checkpoints_dir(workdir)):
     if step is not None:
       raise FileNotFoundError(f"no checkpoint {step}: {workdir}/checkpoints does not exist")
     return None, None
@@ -382,7 +383,7 @@ def load_params(directory: str) -> dict:
   if "," in directory:
     return _merge_disjoint([load_params(part.strip()) for part in directory.split(",")],
                            directory)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
+  if os.path.isdir(workdir_layout.checkpoints_dir(directory)):
     return {"model": load_training_model_params(directory)}
   path = os.path.abspath(os.path.join(directory, "params"))
   if not os.path.isdir(path):
@@ -408,7 +409,7 @@ def load_training_model_params(workdir: str) -> dict:
     raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
   saved = None
   for step in steps:  # the shapes of one run's steps agree: the newest readable metadata
-    path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), STATE_ITEM))
+    path = os.path.abspath(os.path.join(workdir_layout.checkpoints_dir(workdir), str(step), STATE_ITEM))
     try:
       saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
     except Exception:  # pylint: disable=broad-except  # damage: restore_verified says which

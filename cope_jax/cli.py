@@ -1,4 +1,4 @@
-"""The model jobs' side of the command-line layer (`data_pipelines/command_line.py`).
+"""The model jobs' side of the command-line layer (`cope_jax/base/command_line.py`).
 
 The jobs (train, evaluate, export, convert, report, serving) take `--config FILE` (with
 `--config.a.b=value` overrides) and most take `--workdir DIR`; before the job runs,
@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from data_pipelines import command_line
+from cope_jax.base import command_line
 
 TRACEBACK_ENV = command_line.TRACEBACK_ENV
 error_paragraph = command_line.error_paragraph

@@ -45,13 +45,13 @@ import numpy as np
 from cope_jax import compare_report
 from cope_jax import export_format
 from cope_jax import release_format
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import run_record
 from cope_jax.search import directions
 from cope_jax.search import exact
 from cope_jax.search import metrics as search_metrics
 from cope_jax.search.embeddings import DomainEmbeddings
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_format
 
 from cope_jax.compare_report import CANDIDATE, EXAMPLES, JSON_FILE, MARKDOWN_FILE
@@ -463,7 +463,7 @@ def _main(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """The command line (`argv`: the arguments after the program name)."""
-  from data_pipelines import command_line  # pylint: disable=g-import-not-at-top
+  from cope_jax.base import command_line  # pylint: disable=g-import-not-at-top
 
   command = command_line.Command(
       "python -m cope_jax.compare",

@@ -1,6 +1,6 @@
 """The files `cope_jax.compare` writes: compare.json, compare.md and the R@K plot.
 
-  write(out_dir, result)        all three, each written whole (`cope_jax.result_files`)
+  write(out_dir, result)        all three, each written whole (`cope_jax.base.result_files`)
   markdown(result)              compare.md from the compare.json dict
   retrieval_section(result)     its retrieval table, also printed on the console
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from cope_jax import report
-from cope_jax import result_files
-from data_pipelines import domains
+from cope_jax import eval_report
+from cope_jax.base import result_files
+from cope_jax.base import domains
 
 REFERENCE, CANDIDATE = "reference", "candidate"
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "compare.json", "compare.md", "recall_at_k.png"
@@ -47,7 +47,7 @@ def _label(name: str) -> str:
 
 
 def _value(value, percent: bool) -> str:
-  return report.format_value(value, report.PERCENT if percent else report.NUMBER)
+  return eval_report.format_value(value, eval_report.PERCENT if percent else eval_report.NUMBER)
 
 
 def _difference(value, percent: bool) -> str:
@@ -196,4 +196,4 @@ def plot_recall_curves(curves: Mapping[str, Any], path: str) -> None:
   except BaseException:
     plt.close(figure)
     raise
-  report.save_figure(figure, path)
+  eval_report.save_figure(figure, path)

@@ -19,7 +19,7 @@ import ml_collections
 
 from cope_jax.search import faiss_index
 from cope_jax.search import index as search_index
-from data_pipelines import domains
+from cope_jax.base import domains
 
 _DTYPES = ("float32", "bfloat16", "float16")
 

@@ -60,7 +60,7 @@ from cope_jax import config_checks
 from cope_jax import losses
 from cope_jax import state
 from cope_jax import weight_mapping
-from data_pipelines import domains
+from cope_jax.base import domains
 
 KINDS = ("cope", "xclip", "clip_vit", "bert")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

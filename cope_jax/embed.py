@@ -18,7 +18,7 @@ from cope_jax import sharding
 from cope_jax.base import progress
 from cope_jax.models import cope
 from cope_jax.search.embeddings import DomainEmbeddings
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import pipelines
 
 

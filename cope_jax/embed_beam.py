@@ -73,11 +73,11 @@ from cope_jax import config_checks
 from cope_jax import export_format
 from cope_jax import export_index
 from cope_jax import incremental
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import run_record
-from cope_jax import serving
-from data_pipelines import command_line
-from data_pipelines import domains
+from cope_jax.base import command_line
+from cope_jax import serving_artifact
+from cope_jax.base import domains
 from data_pipelines import eval_inputs
 from data_pipelines import rope_format
 
@@ -217,8 +217,8 @@ def _is_job_entry(name: str) -> bool:
 def read_artifact(serving_dir: str) -> dict[str, Any]:
   """The serving manifest, its sha256 and config, checked to hold what the job needs:
   every domain, the config and the vocabulary."""
-  manifest = serving.read_manifest(serving_dir)
-  path = os.path.join(serving_dir, serving.MANIFEST)
+  manifest = serving_artifact.read_manifest(serving_dir)
+  path = os.path.join(serving_dir, serving_artifact.MANIFEST)
   if not manifest.get("config") or not manifest.get("vocabulary"):
     raise ServingArtifactError(
         f"{path}: no config or vocabulary in the serving artifact (written by an earlier "

@@ -22,17 +22,18 @@ from absl import logging
 import jax
 import ml_collections
 
+from cope_jax.base import workdir as workdir_layout
 from cope_jax import cli
 from cope_jax import config_checks
 from cope_jax import embed
 from cope_jax import evaluators
-from cope_jax import report
-from cope_jax import result_files
+from cope_jax import eval_report
+from cope_jax.base import result_files
 from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import workdir_lock
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 
 
@@ -77,12 +78,12 @@ def evaluate_params(config: ml_collections.ConfigDict, workdir: str, model_param
   metrics["split"] = config.data.eval_split
   metrics["num_items"] = {domain: len(e) for domain, e in embeddings.all().items()}
   if jax.process_index() == 0:
-    eval_dir = os.path.join(workdir, "eval")
+    eval_dir = workdir_layout.eval_dir(workdir)
     # Swapped in once all are written, metrics.json last.
-    with result_files.staged_directory(eval_dir, last=(report.METRICS_FILE,)) as staging:
-      result_files.write_json(os.path.join(staging, "metrics.json"), metrics)
-      report.write_report(staging, metrics, embeddings.all(), config, workdir)
-    result_files.append_json_line(os.path.join(eval_dir, "history.jsonl"), metrics)
+    with result_files.staged_directory(eval_dir, last=(workdir_layout.METRICS_FILE,)) as staging:
+      result_files.write_json(os.path.join(staging, workdir_layout.METRICS_FILE), metrics)
+      eval_report.write_report(staging, metrics, embeddings.all(), config, workdir)
+    result_files.append_json_line(workdir_layout.history_file(workdir), metrics)
   return metrics
 
 
@@ -112,9 +113,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, **job_options) -> dict
 def _main(config: ml_collections.ConfigDict, workdir: str, **job_options) -> None:
   metrics = run(config, workdir, **job_options)
   if jax.process_index() == 0:
-    print(report.summary_table(metrics))
-    print(report.search_line(metrics))
-    print(f"\nwrote {os.path.join(workdir, 'eval', 'metrics.json')}")
+    print(eval_report.summary_table(metrics))
+    print(eval_report.search_line(metrics))
+    print(f"\nwrote {workdir_layout.metrics_file(workdir)}")
 
 
 def main(argv=None) -> None:

@@ -77,13 +77,13 @@ from cope_jax import export_format
 from cope_jax import export_index
 from cope_jax import incremental
 from cope_jax import release_format
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state
 from cope_jax import workdir_lock
 from cope_jax.search import index as search_index
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import eval_inputs
 
 PREPARED_DIR = "prepared"

@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cope_jax import config_checks
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax.search.embeddings import DomainEmbeddings
-from data_pipelines import domains
+from cope_jax.base import domains
 
 MANIFEST_FILE = "manifest.json"
 # 2: index folders hold index.json; 3: the config itself; 4: a content digest per row,

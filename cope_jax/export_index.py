@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax.search import index as search_index
 
 INDEX_RECALL_K = 10  # the index is tuned to and checked at recall@10 against exact search

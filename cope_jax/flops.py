@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from cope_jax import losses
-from data_pipelines import domains
+from cope_jax.base import domains
 
 
 def _transformer_layer_flops(tokens: int, width: int, mlp_dim: int) -> int:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from cope_jax.models import layers
-from data_pipelines import domains
+from cope_jax.base import domains
 
 # The loss-term table: term name -> (embedding a, embedding b), keys of the model's
 # output dict (`cope_jax.models.cope`). Each term is a symmetric InfoNCE between the two.

@@ -12,7 +12,8 @@ import json
 import os
 import time
 
-from cope_jax import result_files
+from cope_jax.base import workdir as workdir_layout
+from cope_jax.base import result_files
 
 
 class MetricsWriter:
@@ -26,11 +27,11 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = workdir_layout.training_log(workdir)
     _drop_records_after(path, start_step)
     self._jsonl = open(path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tensorboard = SummaryWriter(workdir_layout.tensorboard_dir(workdir))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._enabled:
@@ -72,7 +73,7 @@ def _drop_records_after(path: str, start_step: int | None) -> None:
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The records of `WORKDIR/metrics.jsonl` in file order ([] when there is none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = workdir_layout.training_log(workdir)
   if not os.path.exists(path):
     return []
   records = []

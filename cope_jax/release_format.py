@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from data_pipelines import domains
+from cope_jax.base import domains
 
 _FILE_PATTERN = re.compile(
     r"^(?P<rank>\d+)_(?P<release_name>%s)$"

@@ -14,7 +14,7 @@ import numpy as np
 
 from cope_jax import embed
 from cope_jax.search import exact
-from data_pipelines import domains
+from cope_jax.base import domains
 
 EXAMPLES_SEED = 0
 EXAMPLES_TOP_K = 5

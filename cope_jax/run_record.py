@@ -49,12 +49,13 @@ from typing import Any
 import ml_collections
 
 import cope_jax
+from cope_jax.base import workdir as workdir_layout
 from cope_jax import config_checks
-from cope_jax import result_files
+from cope_jax.base import result_files
 from data_pipelines import prepare
 
-RUN_FILE = "run.json"
-JOBS_FILE = "jobs.jsonl"
+RUN_FILE = workdir_layout.RUN_FILE
+JOBS_FILE = workdir_layout.JOBS_FILE
 RUN_FORMAT = 1
 ALLOW_CHANGE_FLAG = "--allow_config_change"
 
@@ -93,7 +94,7 @@ class Difference:
 
 
 def run_path(workdir: str) -> str:
-  return os.path.join(workdir, RUN_FILE)
+  return workdir_layout.run_file(workdir)
 
 
 def load(workdir: str) -> dict | None:
@@ -362,11 +363,11 @@ def _append_job(workdir: str, job: str, config: ml_collections.ConfigDict,
     entry["changed_fields"] = changed_fields(record["config"], _config_json(config))
     if allowed and entry["changed_fields"]:
       entry["allowed_by"] = ALLOW_CHANGE_FLAG
-  result_files.append_json_line(os.path.join(workdir, JOBS_FILE), entry)
+  result_files.append_json_line(workdir_layout.jobs_file(workdir), entry)
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  directory = os.path.join(workdir, "checkpoints")
+  directory = workdir_layout.checkpoints_dir(workdir)
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 

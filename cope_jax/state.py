@@ -27,14 +27,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from cope_jax.base import batch as batch_contract
 from cope_jax import checkpoints
 from cope_jax import losses
 from cope_jax import optim
 from cope_jax import sharding
 from cope_jax.models import cope as cope_model
 from cope_jax.models.config import ModelConfig
-from data_pipelines import domains
-from data_pipelines import pipelines
+from cope_jax.base import domains
 from data_pipelines import prepare
 
 
@@ -76,7 +76,7 @@ def classifier_size(config: ml_collections.ConfigDict) -> int:
 
 def zero_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
   """A training batch of zeros with the pipeline's shapes (for init and compilation)."""
-  spec = pipelines.batch_spec(config)
+  spec = batch_contract.batch_spec(config)
   return {key: np.zeros((batch_size,) + tuple(shape[1:]), dtype)
           for key, (shape, dtype) in spec.items()}
 

@@ -44,7 +44,7 @@ from cope_jax import flops
 from cope_jax import losses
 from cope_jax import metrics_writer
 from cope_jax import optim
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib

@@ -33,7 +33,7 @@ import numpy as np
 from cope_jax.models import cope
 from cope_jax.models import fusion
 from cope_jax.models.config import ModelConfig
-from data_pipelines import domains
+from cope_jax.base import domains
 
 # (pattern on the renamed PyTorch key, Flax path template ('.'-separated), layout)
 RULES = (

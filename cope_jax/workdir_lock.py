@@ -35,7 +35,9 @@ import threading
 import time
 from collections.abc import Iterator
 
-LOCK_FILE = ".lock"
+from cope_jax.base import workdir as workdir_layout
+
+LOCK_FILE = workdir_layout.LOCK_FILE
 
 
 class WorkdirLockedError(RuntimeError):

@@ -120,8 +120,8 @@ from collections.abc import Callable
 
 import aiohttp
 
-from data_pipelines import command_line
-from data_pipelines import domains
+from cope_jax.base import command_line
+from cope_jax.base import domains
 from data_pipelines import download_ledger
 from data_pipelines import download_plan
 from data_pipelines import http_fetch

@@ -13,7 +13,7 @@ import os
 import re
 import urllib.parse
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_format
 from data_pipelines import transforms
 

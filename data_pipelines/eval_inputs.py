@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import transforms
 
 # Names the digest's definition; bump when what it covers changes (an export records it,

@@ -22,7 +22,7 @@ resizes and flips here, and batches carry uint8 [.., image_size, image_size, 3] 
 and leaves the crop, resize and flip to the jitted train step (`cope_jax.augment`):
 batches then carry canvas-sized pixels plus, per domain, `<media key>_crop_box`
 float32 [B, 4] (top, left, height, width as shares of the image) and
-`<media key>_flip` bool [B] (`pipeline_batch_spec` gives that layout).
+`<media key>_flip` bool [B] (`cope_jax.base.batch.pipeline_batch_spec` gives that layout).
 
 Evaluation (`make_eval_dataset`): every record of one domain of a split, in record
 order, with eval transforms (rows built by `eval_inputs`); the last batch is padded to
@@ -30,7 +30,7 @@ order, with eval transforms (rows built by `eval_inputs`); the last batch is pad
 part; all processes yield the same number of batches.
 
 Batches are dicts of NumPy arrays; the keys and shapes are those of
-`docs/interfaces.md` (`batch_spec` gives them for a config).
+`docs/interfaces.md` (`cope_jax/base/batch.py` gives them for a config).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from absl import flags
 import grain
 import numpy as np
 
-from data_pipelines import domains
+from cope_jax.base import batch as batch_contract
+from cope_jax.base import domains
 from data_pipelines import eval_inputs
 from data_pipelines import prepare
 from data_pipelines import tokenizer as tokenizer_lib
@@ -55,79 +56,6 @@ _STRING_KEYS = ("id", "product_id")
 
 # Source of the records of one domain: `len()` and `[i]` -> record dict.
 RecordSource = Any
-
-
-AUGMENT_ON = ("host", "device")
-
-
-def crop_box_key(domain: domains.Domain) -> str:
-  """Batch key of a domain's crop boxes (device-side augmentation): float32 [B, 4]."""
-  return f"{domain.media_key}_crop_box"
-
-
-def flip_key(domain: domains.Domain) -> str:
-  """Batch key of a domain's flips (device-side augmentation): bool [B]."""
-  return f"{domain.media_key}_flip"
-
-
-def batch_spec(config, process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shapes and dtypes of a per-process training batch as the model sees it (after
-  augmentation): {key: (shape, dtype)}."""
-  batch_size = _per_process_batch_size(config.train.batch_size, process_count)
-  spec = {"product_index": ((batch_size,), np.dtype(np.int32))}
-  for domain in domains.DOMAINS:
-    spec.update(_domain_spec(config.data, domain, batch_size))
-  return spec
-
-
-def pipeline_batch_spec(config, process_count: int = 1
-                        ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shapes and dtypes of a per-process training batch as the pipeline yields it.
-
-  `batch_spec` with host augmentation; with `data.augment_on="device"` the pixels are
-  canvas-sized and each domain adds its crop boxes and flips.
-  """
-  spec = batch_spec(config, process_count)
-  options = _ExampleOptions.from_config(config.data)
-  if options.augment_on == "host":
-    return spec
-  for domain in domains.DOMAINS:
-    shape, dtype = spec[domain.media_key]
-    side = options.canvas_size
-    spec[domain.media_key] = (shape[:-3] + (side, side, 3), dtype)
-    spec[crop_box_key(domain)] = ((shape[0], 4), np.dtype(np.float32))
-    spec[flip_key(domain)] = ((shape[0],), np.dtype(np.bool_))
-  return spec
-
-
-def eval_batch_spec(config, domain: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shapes and dtypes of the array entries of an eval batch (`id`, `product_id` aside)."""
-  batch_size = config.eval.batch_size
-  spec = {"valid": ((batch_size,), np.dtype(np.bool_))}
-  spec.update(_domain_spec(config.data, domains.get(domain), batch_size))
-  return spec
-
-
-def _media_shape(data_config, domain: domains.Domain) -> tuple[int, ...]:
-  """One example's pixels: [S, S, 3] for an image domain, [T, S, S, 3] for a clip."""
-  size = data_config.image_size
-  return (data_config.num_frames, size, size, 3) if domain.is_clip else (size, size, 3)
-
-
-def _domain_spec(data_config, domain: domains.Domain, batch_size: int):
-  text_shape = (batch_size, data_config[domain.text_length_field])
-  return {domain.media_key: ((batch_size,) + _media_shape(data_config, domain),
-                             np.dtype(np.uint8)),
-          domain.text_ids_key: (text_shape, np.dtype(np.int32)),
-          domain.text_mask_key: (text_shape, np.dtype(np.int32))}
-
-
-def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
-  if global_batch_size % process_count:
-    raise ValueError(
-        f"train.batch_size={global_batch_size} is not divisible by the process "
-        f"count {process_count}")
-  return global_batch_size // process_count
 
 
 # ---- examples -----------------------------------------------------------------------
@@ -149,8 +77,8 @@ class _ExampleOptions:
   @classmethod
   def from_config(cls, data_config) -> _ExampleOptions:
     augment_on = data_config.augment_on
-    if augment_on not in AUGMENT_ON:
-      raise ValueError(f"config.data.augment_on must be one of {AUGMENT_ON}, got "
+    if augment_on not in batch_contract.AUGMENT_ON:
+      raise ValueError(f"config.data.augment_on must be one of {batch_contract.AUGMENT_ON}, got "
                        f"{augment_on!r}")
     canvas_size = data_config.canvas_size or data_config.image_size
     if canvas_size < data_config.image_size:
@@ -211,8 +139,8 @@ class _TrainExample:
       if on_device:
         clip = transforms.canvas_clip(images, rng, options.canvas_size, options.crop_scale)
         pixels = clip.frames
-        example[crop_box_key(domain)] = clip.crop_box
-        example[flip_key(domain)] = np.bool_(clip.flip)
+        example[batch_contract.crop_box_key(domain)] = clip.crop_box
+        example[batch_contract.flip_key(domain)] = np.bool_(clip.flip)
       else:
         pixels = transforms.train_transform_clip(images, rng, options.image_size,
                                                  options.crop_scale)
@@ -326,11 +254,11 @@ def train_dataset_from_sources(
     process_index, process_count: this process and the number of processes.
 
   Returns:
-    An infinite `grain.IterDataset` of batches (see `pipeline_batch_spec`).
+    An infinite `grain.IterDataset` of batches (see `batch_contract.pipeline_batch_spec`).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  batch_size = _per_process_batch_size(config.train.batch_size, process_count)
+  batch_size = batch_contract.per_process_batch_size(config.train.batch_size, process_count)
   usable = train_products(products)
   if len(usable) < process_count:
     raise ValueError(
@@ -355,7 +283,7 @@ class EvalDataset:
   """Eval batches of one domain for this process.
 
   Iterate it (any number of times) for the batches: dicts with `id`, `product_id`
-  (object [B]), `valid` (bool [B]) and the domain's arrays (`eval_batch_spec`).
+  (object [B]), `valid` (bool [B]) and the domain's arrays (`batch_contract.eval_batch_spec`).
 
   Attributes:
     dataset: the underlying `grain.IterDataset`.
@@ -437,7 +365,7 @@ def make_train_dataset(config, process_index: int = 0,
   """Infinite training batches of this process from `config.data.prepared_dir`.
 
   Each batch holds `config.train.batch_size // process_count` rows; keys, shapes and
-  dtypes are `pipeline_batch_spec(config, process_count)`. The iterator is checkpointable
+  dtypes are `batch_contract.pipeline_batch_spec(config, process_count)`. The iterator is checkpointable
   (`get_state` / `set_state`).
   """
   data_config = config.data

@@ -74,8 +74,8 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from data_pipelines import command_line
-from data_pipelines import domains
+from cope_jax.base import command_line
+from cope_jax.base import domains
 from data_pipelines import rope_format
 from data_pipelines import rope_records
 from data_pipelines import rope_shards

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import images
 from data_pipelines import rope_format
 from data_pipelines import transforms

@@ -60,7 +60,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_txt
 from data_pipelines import transforms
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from data_pipelines import domains
+from cope_jax.base import domains
 
 
 class RecordSource:

@@ -83,7 +83,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_examples
 from data_pipelines import rope_format
 

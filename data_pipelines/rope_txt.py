@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import transforms
 
 MISSING_TEXT = "空"  # the text of an id without one

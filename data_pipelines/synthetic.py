@@ -42,8 +42,8 @@ import string
 
 import numpy as np
 
-from data_pipelines import command_line
-from data_pipelines import domains
+from cope_jax.base import command_line
+from cope_jax.base import domains
 from data_pipelines import rope_format
 from data_pipelines import synthetic_faults as faults_lib
 from data_pipelines import synthetic_world as world

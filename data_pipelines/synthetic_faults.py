@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import synthetic_world as world
 
 # The ROPE files of each domain (fault injectors name the file they damage).

@@ -4,7 +4,7 @@ added, a title changed and a video removed (the incremental export and Beam job 
 import os
 import shutil
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_format
 
 NEW_TITLE_SUFFIX = " 正品 包邮 新款"

@@ -3,7 +3,7 @@
 - The import graph of the library (`cope_jax`, `data_pipelines`, `configs`), counting
   imports inside functions too, has no cycle.
 - Configs import nothing from the library.
-- Each domain and each retrieval direction is defined once, in `data_pipelines/domains.py`:
+- Each domain and each retrieval direction is defined once, in `cope_jax/base/domains.py`:
   no other library module spells the domain list, a direction, or branches on a domain
   name.
 """
@@ -11,10 +11,11 @@
 import ast
 import pathlib
 import re
+import sys
 
 import pytest
 
-from data_pipelines import domains
+from cope_jax.base import domains
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("cope_jax", "data_pipelines", "configs")
@@ -188,3 +189,91 @@ def test_the_export_format_is_read_and_written_in_one_module():
     if re.search(r"^MANIFEST_FILE\s*=", source, re.M):
       offenders.append(f"{path.relative_to(ROOT)}: defines MANIFEST_FILE")
   assert not offenders, offenders
+
+
+# ---- the layers of docs/architecture.md, lowest first ----------------------------------
+# A module imports from its own layer or a lower one; "data" and "model" are side by side
+# above the base (neither imports the other). Functions' own imports count too.
+JOB_MODULES = ("cope_jax.train", "cope_jax.evaluate", "cope_jax.export", "cope_jax.convert",
+               "cope_jax.compare", "cope_jax.report", "cope_jax.serving",
+               "cope_jax.embed_beam", "cope_jax.cli", "cope_jax.distributed")
+MODEL_MODULES = ("cope_jax.models", "cope_jax.losses", "cope_jax.optim", "cope_jax.sharding",
+                 "cope_jax.search", "cope_jax.augment", "cope_jax.flops")
+MAY_IMPORT = {
+    "base": {"base"},
+    "data": {"base", "data"},
+    "model": {"base", "model"},
+    "run": {"base", "data", "model", "run"},
+    "jobs": {"base", "data", "model", "run", "jobs"},
+    "testing": {"base", "data", "model", "run", "jobs", "testing"},
+    "configs": {"configs"},
+}
+# What the base may import besides the standard library and itself.
+BASE_THIRD_PARTY = {"numpy", "absl", "ml_collections", "tqdm"}
+
+
+def _within(module: str, prefixes) -> bool:
+  return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
+def layer_of(module: str) -> str:
+  if module == "cope_jax" or _within(module, ("cope_jax.base",)):
+    return "base"
+  if _within(module, ("data_pipelines",)):
+    return "data"
+  if _within(module, ("configs",)):
+    return "configs"
+  if _within(module, ("cope_jax.testing",)):
+    return "testing"
+  if _within(module, MODEL_MODULES):
+    return "model"
+  if _within(module, JOB_MODULES):
+    return "jobs"
+  return "run"
+
+
+def test_every_import_keeps_the_layer_order():
+  graph = import_graph()
+  against = [f"{module} ({layer_of(module)}) imports {imported} ({layer_of(imported)})"
+             for module, imported_modules in sorted(graph.items())
+             for imported in sorted(imported_modules)
+             if layer_of(imported) not in MAY_IMPORT[layer_of(module)]]
+  assert not against, "\n".join(against)
+
+
+def test_the_layer_check_catches_an_import_against_the_order():
+  assert layer_of("cope_jax.models.cope") == "model" and layer_of("data_pipelines.prepare") == "data"
+  assert "data" not in MAY_IMPORT["model"] and "model" not in MAY_IMPORT["data"]
+  assert "run" not in MAY_IMPORT["base"] and "jobs" not in MAY_IMPORT["run"]
+  assert layer_of("cope_jax.base.domains") == "base" and layer_of("cope_jax.state") == "run"
+
+
+def _third_party_imports(path: pathlib.Path) -> set[str]:
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    if isinstance(node, ast.Import):
+      found |= {alias.name.split(".")[0] for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.add(node.module.split(".")[0])
+  return found - set(sys.stdlib_module_names) - {"__future__", "cope_jax"}
+
+
+def test_the_base_pulls_in_no_framework():
+  """The base is importable by every layer: no JAX, Grain, TFDS or model code."""
+  for path in sorted((ROOT / "cope_jax" / "base").glob("*.py")):
+    extra = _third_party_imports(path) - BASE_THIRD_PARTY
+    assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}"
+
+
+def test_state_and_augment_do_not_import_the_pipelines_or_grain():
+  graph = import_graph()
+  for module in ("cope_jax.state", "cope_jax.augment"):
+    assert "data_pipelines.pipelines" not in graph[module], module
+    path = ROOT / (module.replace(".", "/") + ".py")
+    assert "grain" not in _third_party_imports(path), module
+
+
+def test_no_benchmark_imports_the_tests():
+  for path in sorted((ROOT / "benchmarks").glob("*.py")):
+    imported = _imports(path, {"tests"})
+    assert not imported, f"{path.relative_to(ROOT)} imports {sorted(imported)}"

@@ -10,10 +10,11 @@ import pytest
 from scipy import stats
 
 from configs import synthetic_tiny
+from cope_jax.base import batch as batch_contract
 from cope_jax import augment
 from cope_jax import checkpoints
 from cope_jax import train
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import pipelines
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
@@ -176,7 +177,7 @@ def _batches(config, data, tokenizer, count=3):
 
 def test_device_mode_batches_augment_to_the_host_mode_batches(textured_data, tokenizer):
   host_config, device_config = _config("host"), _config("device")
-  spec = pipelines.pipeline_batch_spec(device_config)
+  spec = batch_contract.pipeline_batch_spec(device_config)
   for host, device in zip(_batches(host_config, textured_data, tokenizer),
                           _batches(device_config, textured_data, tokenizer)):
     assert {key: (value.shape, value.dtype) for key, value in device.items()} == spec

@@ -1,4 +1,4 @@
-"""Every entry point goes through one command-line layer (`data_pipelines/command_line.py`):
+"""Every entry point goes through one command-line layer (`cope_jax/base/command_line.py`):
 --help lists its own flags with their defaults, one line each; a typo'd config field is
 named with the nearest valid fields (exit 1, one paragraph); a malformed command line is
 a usage error (exit 2).
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from data_pipelines import command_line
+from cope_jax.base import command_line
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py")

@@ -21,10 +21,10 @@ import pytest
 
 from cope_jax import compare
 from cope_jax import export_format
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax import release_format
 from cope_jax.search import metrics as search_metrics
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_format
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

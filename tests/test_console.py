@@ -11,7 +11,7 @@ import pytest
 from cope_jax import evaluate
 from cope_jax import train
 from cope_jax.base import progress
-from data_pipelines import command_line
+from cope_jax.base import command_line
 from tests import tiny_configs
 
 CONFIG_FILE = "configs/synthetic_tiny.py"

@@ -21,7 +21,7 @@ import time
 from PIL import Image
 import pytest
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import download
 from data_pipelines import http_fetch
 from data_pipelines import images

@@ -34,8 +34,9 @@ from cope_jax import export_format
 from cope_jax import run_record
 from cope_jax import serving
 from cope_jax import sharding
+from cope_jax import serving_artifact
 from cope_jax import state
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 from tests import catalog_edits
 from tests import test_export_whole
@@ -218,7 +219,7 @@ def test_a_killed_run_leaves_the_export_as_it_was(setup, tmp_path):
 def test_an_artifact_without_config_or_vocabulary_is_refused_before_writing(setup, tmp_path):
   serving_dir = str(tmp_path / "serving")
   shutil.copytree(setup["serving"], serving_dir)
-  path = os.path.join(serving_dir, serving.MANIFEST)
+  path = os.path.join(serving_dir, serving_artifact.MANIFEST)
   with open(path, encoding="utf-8") as f:
     manifest = json.load(f)
   manifest["vocabulary"] = None

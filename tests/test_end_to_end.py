@@ -13,7 +13,7 @@ import pytest
 
 from cope_jax import evaluate
 from cope_jax import train
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import download
 from data_pipelines import prepare
 from data_pipelines import rope_format

@@ -21,7 +21,7 @@ from cope_jax import evaluate
 from cope_jax import export
 from cope_jax import train
 from cope_jax.search import index as search_index
-from data_pipelines import domains
+from cope_jax.base import domains
 from tests import tiny_configs
 
 # The metrics metrics.json and compare.json both report per direction.

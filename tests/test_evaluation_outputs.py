@@ -13,8 +13,8 @@ import pytest
 from cope_jax import checkpoints
 from cope_jax import config_checks
 from cope_jax import evaluate
-from cope_jax import report
-from cope_jax import result_files
+from cope_jax import eval_report
+from cope_jax.base import result_files
 from tests import test_serving
 from tests import tiny_configs
 
@@ -40,7 +40,7 @@ def _folder(path) -> dict[str, bytes]:
   return found
 
 
-@pytest.mark.parametrize("failing", [report.METRICS_FILE, report.EXAMPLES_FILE])
+@pytest.mark.parametrize("failing", [eval_report.METRICS_FILE, eval_report.EXAMPLES_FILE])
 def test_a_failed_write_keeps_the_previous_evaluation(config, tmp_path, monkeypatch, failing):
   workdir = tmp_path / "run"
   eval_dir = workdir / "eval"
@@ -72,7 +72,7 @@ def test_a_failed_write_keeps_the_previous_evaluation(config, tmp_path, monkeypa
   assert after == before  # byte-identical; no temporary file, no staging folder
   assert sorted(os.listdir(workdir)) == [".lock", "eval"]
 
-  if failing != report.METRICS_FILE:
+  if failing != eval_report.METRICS_FILE:
     return
   monkeypatch.undo()
   previous_umask = os.umask(0o022)

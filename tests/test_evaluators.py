@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from cope_jax import evaluators
-from cope_jax import result_files
+from cope_jax.base import result_files
 from cope_jax.search import directions
 from cope_jax.search import scann_index
 from cope_jax.search.embeddings import DomainEmbeddings
-from data_pipelines import domains
+from cope_jax.base import domains
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax.search import exact
 from cope_jax.search import index as search_index
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 from tests import multiprocess
 from tests import tiny_configs

@@ -19,8 +19,8 @@ from cope_jax import compare
 from cope_jax import config_checks
 from cope_jax import export
 from cope_jax import export_format
-from cope_jax import result_files
-from data_pipelines import domains
+from cope_jax.base import result_files
+from cope_jax.base import domains
 from data_pipelines import prepare
 from tests import catalog_edits
 from tests import multiprocess

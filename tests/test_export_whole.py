@@ -21,9 +21,9 @@ from cope_jax import checkpoints
 from cope_jax import config_checks
 from cope_jax import export
 from cope_jax import export_format
-from cope_jax import result_files
-from cope_jax import serving
-from data_pipelines import domains
+from cope_jax.base import result_files
+from cope_jax.base import domains
+from cope_jax import serving_artifact
 from data_pipelines import pipelines
 from tests import test_serving
 from tests import tiny_configs
@@ -179,7 +179,7 @@ def test_serving_command_matches_the_export_in_a_process_without_model_code(
     batch = next(iter(pipelines.make_eval_dataset(config, domain, "test")))
     assert batch["valid"][0]
     item_ids[domain] = str(batch["id"][0])
-    for name in serving.domain_inputs(config, domain):
+    for name in serving_artifact.domain_inputs(config, domain):
       inputs[name] = np.asarray(batch[name][:1])
   np.savez(tmp_path / "inputs.npz", **inputs)
   served = subprocess.run(

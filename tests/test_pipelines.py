@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 
 from configs import synthetic_tiny
+from cope_jax.base import batch as batch_contract
 from data_pipelines import pipelines
 from data_pipelines import prepare
 from data_pipelines import tokenizer as tokenizer_lib
@@ -116,14 +117,14 @@ def _channel_means(images):
 def test_train_batch_layout_matches_batch_spec(fake_data, tokenizer):
   config = _config(batch_size=4)
   batch = next(iter(_train_dataset(fake_data, tokenizer, config)))
-  spec = pipelines.batch_spec(config)
+  spec = batch_contract.batch_spec(config)
   assert set(batch) == set(spec)
   for key, (shape, dtype) in spec.items():
     assert batch[key].shape == shape, key
     assert batch[key].dtype == dtype, key
   assert spec["video_frames"][0] == (4, 2, 16, 16, 3)
   assert spec["page_title_ids"][0] == (4, 12)
-  assert pipelines.batch_spec(config, process_count=2)["live_frames"][0][0] == 2
+  assert batch_contract.batch_spec(config, process_count=2)["live_frames"][0][0] == 2
 
 
 def test_train_rows_show_records_of_their_product(fake_data, tokenizer):
@@ -244,7 +245,7 @@ def test_eval_covers_every_record_once_with_padding(fake_data, tokenizer, domain
   batches = list(eval_data)
   assert len(batches) == eval_data.num_batches == len(eval_data)
   assert eval_data.num_records == len(sources[domain])
-  spec = pipelines.eval_batch_spec(config, domain)
+  spec = batch_contract.eval_batch_spec(config, domain)
   for batch in batches:
     for key, (shape, dtype) in spec.items():
       assert batch[key].shape == shape and batch[key].dtype == dtype, key
@@ -312,7 +313,7 @@ def test_train_on_prepared_data(tiny_rope_dir, tiny_prepared_dir):
   dataset = pipelines.make_train_dataset(config)
   usable = {product["product_index"] for product in pipelines.train_products(
       prepare.load_products(tiny_prepared_dir, "training"))}
-  spec = pipelines.batch_spec(config)
+  spec = batch_contract.batch_spec(config)
   for batch in _take(iter(dataset), 2):
     assert {key: (value.shape, value.dtype) for key, value in batch.items()} == spec
     assert set(batch["product_index"].tolist()) <= usable

@@ -14,7 +14,7 @@ import grain
 from PIL import Image
 import pytest
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 from data_pipelines import rope_format
 from data_pipelines import rope_shards

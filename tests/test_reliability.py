@@ -38,7 +38,7 @@ from cope_jax import evaluate
 from cope_jax import export
 from cope_jax import export_format
 from cope_jax import metrics_writer
-from cope_jax import report
+from cope_jax import eval_report
 from cope_jax import run_record
 from cope_jax import sharding
 from cope_jax import state as state_lib
@@ -331,7 +331,7 @@ def test_evaluation_results_are_replaced_only_when_complete_and_are_strict_json(
       f.write("# half")
     raise OSError("disk full")
 
-  monkeypatch.setattr(report, "write_report", half_a_report)
+  monkeypatch.setattr(eval_report, "write_report", half_a_report)
   with pytest.raises(OSError, match="disk full"):
     evaluate.run(config, workdir)
   _assert_unchanged(workdir, previous)
@@ -404,7 +404,7 @@ def test_refused_export_resume_names_the_fields_that_differ(exported, trained,
 
 
 def test_json_outputs_write_null_for_nan_and_inf(tmp_path):
-  from cope_jax import result_files  # pylint: disable=g-import-not-at-top
+  from cope_jax.base import result_files  # pylint: disable=g-import-not-at-top
 
   path = tmp_path / "out.json"
   result_files.write_json(str(path), {"nan": float("nan"), "inf": np.float32(np.inf),

@@ -11,10 +11,10 @@ from PIL import Image
 import pytest
 
 from cope_jax import embed
-from cope_jax import report
+from cope_jax import eval_report
 from cope_jax import report_examples
 from cope_jax.search import metrics as search_metrics
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 from tests import tiny_configs
 
@@ -49,7 +49,7 @@ def _table_rows(table):
 
 
 def test_summary_table_shows_percentages_and_skipped_directions():
-  rows = _table_rows(report.summary_table(_hand_made_metrics()))
+  rows = _table_rows(eval_report.summary_table(_hand_made_metrics()))
   assert rows[0] == ["direction", "R@1", "R@5", "R@10", "median rank", "mAP",
                      "one-shot acc.", "chance R@1"]
   assert set("".join(rows[1])) <= set("-:")
@@ -64,7 +64,7 @@ def test_summary_table_shows_percentages_and_skipped_directions():
 
 
 def test_summary_table_marks_absent_directions():
-  rows = _table_rows(report.summary_table({"page_to_video": _direction_metrics(
+  rows = _table_rows(eval_report.summary_table({"page_to_video": _direction_metrics(
       0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 0.1)}))
   assert len(rows) == 2 + 6
   assert rows[3][1] == "skipped: not evaluated"
@@ -106,7 +106,7 @@ def _numpy_recall_curve(query, gallery, max_k):
 
 def test_recall_curve_matches_a_numpy_reference(tiny_embeddings):
   query, gallery = tiny_embeddings["video"], tiny_embeddings["page"]
-  curve = report.recall_curve(query, gallery, max_k=50)
+  curve = eval_report.recall_curve(query, gallery, max_k=50)
   assert curve.shape == (50,)
   assert np.all(np.diff(curve) >= 0) and curve[-1] == 1.0
   # The gallery has fewer than 50 items: the tail repeats R@G.
@@ -119,8 +119,8 @@ def test_recall_curve_matches_a_numpy_reference(tiny_embeddings):
 
 def test_recall_curve_samples_a_bounded_number_of_queries(tiny_embeddings):
   query, gallery = tiny_embeddings["page"], tiny_embeddings["live"]
-  first = report.recall_curve(query, gallery, max_k=5, max_queries=7, seed=3)
-  again = report.recall_curve(query, gallery, max_k=5, max_queries=7, seed=3)
+  first = eval_report.recall_curve(query, gallery, max_k=5, max_queries=7, seed=3)
+  again = eval_report.recall_curve(query, gallery, max_k=5, max_queries=7, seed=3)
   np.testing.assert_array_equal(first, again)
   # Each R@K of 7 sampled queries is a multiple of 1/7 (all queries are usable here).
   np.testing.assert_allclose(first * 7, np.round(first * 7), atol=1e-9)
@@ -159,7 +159,7 @@ def test_write_report_makes_every_artefact(tiny_embeddings, tiny_prepared_dir, t
   _write_training_log(workdir)
   config = _report_config(tiny_prepared_dir, tiny_rope_dir, examples=3)
   metrics = _hand_made_metrics()
-  written = report.write_report(eval_dir, metrics, tiny_embeddings, config, workdir)
+  written = eval_report.write_report(eval_dir, metrics, tiny_embeddings, config, workdir)
   names = sorted(os.path.basename(p) for p in written)
   assert names == ["examples.html", "recall_curves.png", "report.md", "training_curves.png"]
   assert _is_png(os.path.join(eval_dir, "recall_curves.png"))
@@ -169,7 +169,7 @@ def test_write_report_makes_every_artefact(tiny_embeddings, tiny_prepared_dir, t
   assert "step 42" in markdown and "`test`" in markdown
   assert "31 pages" in markdown and "29 videos" in markdown
   assert "search: exact" in markdown
-  assert report.summary_table(metrics) in markdown
+  assert eval_report.summary_table(metrics) in markdown
   for name in ("recall_curves.png", "training_curves.png", "examples.html"):
     assert f"({name})" in markdown
   assert "Problems" not in markdown
@@ -209,10 +209,10 @@ def test_report_survives_plot_failures_and_a_missing_log(tiny_embeddings, tiny_p
   def broken_plot(*args, **kwargs):
     raise RuntimeError("renderer exploded")
 
-  monkeypatch.setattr(report, "plot_recall_curves", broken_plot)
+  monkeypatch.setattr(eval_report, "plot_recall_curves", broken_plot)
   eval_dir = str(tmp_path / "eval")
   config = _report_config(tiny_prepared_dir, tiny_rope_dir, examples=1)
-  written = report.write_report(eval_dir, _hand_made_metrics(), tiny_embeddings, config,
+  written = eval_report.write_report(eval_dir, _hand_made_metrics(), tiny_embeddings, config,
                                 str(tmp_path / "no_training"))
   assert sorted(os.path.basename(p) for p in written) == ["examples.html", "report.md"]
   markdown = open(os.path.join(eval_dir, "report.md"), encoding="utf-8").read()
@@ -225,7 +225,7 @@ def test_training_curves_plot_every_logged_loss_term(tmp_path):
   _write_training_log(str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  keys = report.training_curve_keys(records)
+  keys = eval_report.training_curve_keys(records)
   assert keys["loss"] == ["loss"]
   assert keys["terms"] == ["loss/a_term_the_report_never_heard_of", "loss/page_video",
                            "loss/video_live"]
@@ -236,6 +236,6 @@ def test_training_curves_plot_every_logged_loss_term(tmp_path):
 def test_report_states_the_index_recall_of_any_index_kind(kind, tiny_prepared_dir,
                                                           tiny_rope_dir):
   metrics = dict(_hand_made_metrics(), search=kind, **{f"{kind}_recall@10_vs_exact": 0.983})
-  text = report._markdown_report(metrics, _report_config(tiny_prepared_dir, tiny_rope_dir),
+  text = eval_report._markdown_report(metrics, _report_config(tiny_prepared_dir, tiny_rope_dir),
                                  artefacts={}, notes=[], problems=[])
   assert f"- search: {kind} (recall@10 against exact search: 98.3%;" in text

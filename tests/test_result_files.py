@@ -1,4 +1,4 @@
-"""Result files are written whole (`cope_jax.result_files`): a write that fails part-way
+"""Result files are written whole (`cope_jax.base.result_files`): a write that fails part-way
 (a file-size limit standing in for a full disk) leaves the previous file or folder
 byte-identical, no temporary file, and an error naming the file; files get the umask's
 permissions. The report command under such a limit."""
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from cope_jax import report
-from cope_jax import result_files
+from cope_jax import eval_report
+from cope_jax.base import result_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def test_files_get_the_umask_mode_not_0600(tmp_path, umask_022):
 
 WRITER = """
 import sys
-from cope_jax import result_files
+from cope_jax.base import result_files
 kind, path = sys.argv[1:]
 if kind == "file":
   result_files.write_text(path, "new " * 10_000)
@@ -164,7 +164,7 @@ def test_report_command_rewrites_the_report_and_keeps_it_when_a_write_fails(tmp_
   assert failed.returncode == 1, failed.stderr
   lines = failed.stderr.strip().splitlines()
   assert len(lines) == 2 and lines[0].startswith("error: ResultWriteError: ")
-  assert report.TRAINING_CURVES_FILE in lines[0] and "File too large" in lines[0]
+  assert eval_report.TRAINING_CURVES_FILE in lines[0] and "File too large" in lines[0]
   assert _files(workdir) == {**before, ".lock": _files(workdir)[".lock"]}
 
   done = _report_command(workdir)
@@ -175,7 +175,7 @@ def test_report_command_rewrites_the_report_and_keeps_it_when_a_write_fails(tmp_
   assert written["metrics.json"] == before[os.path.join("eval", "metrics.json")]
   markdown = written["report.md"].decode()
   assert "| page → video | 50.0 | 75.0 | 100.0 | 2 | 50.0 | 50.0 | 10.0 |" in markdown
-  assert f"![training curves]({report.TRAINING_CURVES_FILE})" in markdown
-  assert f"({report.EXAMPLES_FILE})" in markdown  # the kept page is linked
+  assert f"![training curves]({eval_report.TRAINING_CURVES_FILE})" in markdown
+  assert f"({eval_report.EXAMPLES_FILE})" in markdown  # the kept page is linked
   for name in ("report.md", "training_curves.png"):
     assert stat.S_IMODE(os.stat(os.path.join(workdir, "eval", name)).st_mode) == 0o644

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_format
 from data_pipelines import rope_txt
 from data_pipelines import synthetic

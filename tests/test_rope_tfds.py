@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import prepare
 from data_pipelines import rope_examples
 from data_pipelines import rope_format

@@ -29,8 +29,9 @@ from cope_jax import export
 from cope_jax import run_record
 from cope_jax import serving
 from cope_jax import train
+from cope_jax import serving_artifact
 from cope_jax.search import faiss_index
-from data_pipelines import command_line
+from cope_jax.base import command_line
 from data_pipelines import prepare
 from tests import tiny_configs
 
@@ -148,7 +149,7 @@ def test_outputs_say_where_they_come_from(trained, tiny_rope_dir, tmp_path):
 
   serving_dir = str(tmp_path / "serving")
   serving.main(["--workdir", workdir, "--out", serving_dir, "--domains", "page"])
-  served = json.load(open(os.path.join(serving_dir, serving.MANIFEST)))
+  served = json.load(open(os.path.join(serving_dir, serving_artifact.MANIFEST)))
   assert served["provenance"]["config_digest"] == record["config_digest"]
   assert served["provenance"]["checkpoint_step"] == manifest["checkpoint_step"]
   assert served["provenance"]["prepared_data"]["config"] == record["prepared_data"]["config"]

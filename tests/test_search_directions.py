@@ -9,7 +9,7 @@ from cope_jax.search import directions
 from cope_jax.search import exact
 from cope_jax.search import metrics
 from cope_jax.search.embeddings import DomainEmbeddings
-from data_pipelines import domains
+from cope_jax.base import domains
 from tests.search_testing import clustered_search_data
 from tests.search_testing import eval_config
 from tests.search_testing import reference_metrics

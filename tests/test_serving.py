@@ -20,9 +20,10 @@ import pytest
 pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
 
 from cope_jax import serving  # pylint: disable=g-import-not-at-top
+from cope_jax import serving_artifact
 from cope_jax import state
 from cope_jax.models import cope
-from data_pipelines import domains
+from cope_jax.base import domains
 from tests import tiny_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,10 +38,10 @@ def tiny_config():
 
 
 def domain_batch(config, domain, batch_size, seed=0):
-  """Random inputs of one domain with the shapes `serving.domain_inputs` declares."""
+  """Random inputs of one domain with the shapes `serving_artifact.domain_inputs` declares."""
   rng = np.random.default_rng(seed)
   batch = {}
-  for name, (shape, dtype) in serving.domain_inputs(config, domain).items():
+  for name, (shape, dtype) in serving_artifact.domain_inputs(config, domain).items():
     if name.endswith("_mask"):
       lengths = rng.integers(1, shape[0] + 1, batch_size)
       batch[name] = (np.arange(shape[0])[None] < lengths[:, None]).astype(dtype)
@@ -69,7 +70,7 @@ def apply_domain(config, params, domain, batch):
   """The in-process model's embeddings (jit-compiled: eager Flax is slow on CPU)."""
   apply = jax.jit(functools.partial(
       state.build_model(config).apply, domain=domain,
-      outputs=serving.domain_outputs(config, domain), method=cope.COPE.embed))
+      outputs=serving_artifact.domain_outputs(config, domain), method=cope.COPE.embed))
   return apply({"params": params}, batch)
 
 
@@ -98,7 +99,7 @@ def serving_dir(config, params, tmp_path_factory):
 
 
 def test_manifest_describes_every_domain(serving_dir, config):
-  manifest = serving.read_manifest(serving_dir)
+  manifest = serving_artifact.read_manifest(serving_dir)
   assert set(manifest["domains"]) == set(domains.NAMES)
   assert manifest["batch_size"] is None and manifest["embedding_dim"] == config.model.emb_dim
   side = config.data.image_size
@@ -115,7 +116,7 @@ def test_manifest_describes_every_domain(serving_dir, config):
   # file here, since this config's data.vocab_path does not exist.
   assert manifest["config"] == json.loads(config.to_json(sort_keys=True))
   assert manifest["vocabulary"] is None
-  assert not os.path.exists(os.path.join(serving_dir, serving.VOCAB_FILE))
+  assert not os.path.exists(os.path.join(serving_dir, serving_artifact.VOCAB_FILE))
 
 
 def test_the_vocabulary_travels_with_the_artifact(config, params, tmp_path):
@@ -125,10 +126,10 @@ def test_the_vocabulary_travels_with_the_artifact(config, params, tmp_path):
   with_vocab.data.vocab_path = str(vocab)
   out = tmp_path / "serving"
   manifest = serving.export_embedders(with_vocab, params, str(out), domains=("page",))
-  assert (out / serving.VOCAB_FILE).read_bytes() == vocab.read_bytes()
+  assert (out / serving_artifact.VOCAB_FILE).read_bytes() == vocab.read_bytes()
   assert manifest["vocabulary"] == {
-      "file": serving.VOCAB_FILE, "sha256": hashlib.sha256(vocab.read_bytes()).hexdigest()}
-  embedders = serving.load_embedders(str(out))
+      "file": serving_artifact.VOCAB_FILE, "sha256": hashlib.sha256(vocab.read_bytes()).hexdigest()}
+  embedders = serving_artifact.load_embedders(str(out))
   assert list(embedders) == ["page"]
   batch = domain_batch(config, "page", 2, seed=5)
   assert_close(embedders["page"](batch), apply_domain(config, params, "page", batch))
@@ -137,12 +138,12 @@ def test_the_vocabulary_travels_with_the_artifact(config, params, tmp_path):
 @pytest.mark.parametrize("domain", domains.NAMES)
 def test_round_trip_matches_model_apply(serving_dir, config, params, domain):
   batch = domain_batch(config, domain, 3, seed=1)
-  got = serving.load_embedder(serving_dir, domain)(batch)
+  got = serving_artifact.load_embedder(serving_dir, domain)(batch)
   assert_close(got, apply_domain(config, params, domain, batch))
 
 
 def test_symbolic_batch_serves_other_batch_sizes(serving_dir, config, params):
-  embed = serving.load_embedder(serving_dir, "video")
+  embed = serving_artifact.load_embedder(serving_dir, "video")
   for batch_size in (1, 5):
     batch = domain_batch(config, "video", batch_size, seed=batch_size)
     got = embed(batch)
@@ -153,51 +154,51 @@ def test_symbolic_batch_serves_other_batch_sizes(serving_dir, config, params):
 def test_artifact_is_independent_of_the_weights(serving_dir, config):
   other_params = random_params(config, seed=7)
   batch = domain_batch(config, "page", 2, seed=2)
-  got = serving.load_embedder(serving_dir, "page", params=other_params)(batch)
+  got = serving_artifact.load_embedder(serving_dir, "page", params=other_params)(batch)
   assert_close(got, apply_domain(config, other_params, "page", batch))
 
 
 def test_fixed_batch_size_export_rejects_other_sizes(config, params, tmp_path):
   serving.export_embedders(config, params, str(tmp_path), batch_size=2, domains=("live",))
-  manifest = serving.read_manifest(str(tmp_path))
+  manifest = serving_artifact.read_manifest(str(tmp_path))
   assert set(manifest["domains"]) == {"live"}
   assert manifest["domains"]["live"]["inputs"]["live_frames"]["shape"][0] == 2
-  embed = serving.load_embedder(str(tmp_path), "live")
+  embed = serving_artifact.load_embedder(str(tmp_path), "live")
   batch = domain_batch(config, "live", 2, seed=3)
   assert_close(embed(batch), apply_domain(config, params, "live", batch))
-  with pytest.raises(serving.ServingError, match="live_frames"):
+  with pytest.raises(serving_artifact.ServingError, match="live_frames"):
     embed(domain_batch(config, "live", 3))
 
 
 def test_bad_inputs_and_directories_are_clear_errors(serving_dir, config, tmp_path):
-  embed = serving.load_embedder(serving_dir, "page")
+  embed = serving_artifact.load_embedder(serving_dir, "page")
   batch = domain_batch(config, "page", 2)
-  with pytest.raises(serving.ServingError, match="page_title_mask"):
+  with pytest.raises(serving_artifact.ServingError, match="page_title_mask"):
     embed({k: v for k, v in batch.items() if k != "page_title_mask"})
-  with pytest.raises(serving.ServingError, match="page_image"):
+  with pytest.raises(serving_artifact.ServingError, match="page_image"):
     embed(dict(batch, page_image=batch["page_image"][:, :-1]))
-  with pytest.raises(serving.ServingError, match="dtype float32"):
+  with pytest.raises(serving_artifact.ServingError, match="dtype float32"):
     embed(dict(batch, page_image=batch["page_image"].astype(np.float32)))
   # int64 token ids (what tokenizers often return) are cast to the exported int32.
   wide = dict(batch, page_title_ids=batch["page_title_ids"].astype(np.int64))
   np.testing.assert_array_equal(embed(wide)["page_embedding"], embed(batch)["page_embedding"])
-  with pytest.raises(serving.ServingError, match="serving_manifest.json"):
-    serving.load_embedder(str(tmp_path), "page")
-  with pytest.raises(serving.ServingError, match="'shop'"):
-    serving.load_embedder(serving_dir, "shop")
+  with pytest.raises(serving_artifact.ServingError, match="serving_manifest.json"):
+    serving_artifact.load_embedder(str(tmp_path), "page")
+  with pytest.raises(serving_artifact.ServingError, match="'shop'"):
+    serving_artifact.load_embedder(serving_dir, "shop")
 
 
 SERVE_SCRIPT = """
 import sys
 import numpy as np
-from cope_jax import serving
-from data_pipelines import domains
+from cope_jax import serving_artifact
+from cope_jax.base import domains
 
 serving_dir, inputs_path, outputs_path = sys.argv[1:]
 inputs = np.load(inputs_path)
 outputs = {}
 for domain in domains.NAMES:
-  embed = serving.load_embedder(serving_dir, domain)
+  embed = serving_artifact.load_embedder(serving_dir, domain)
   outputs.update(embed({k: inputs[k] for k in inputs.files if k.startswith(domain)}))
 np.savez(outputs_path, **outputs)
 loaded = sorted(m for m in sys.modules if m.startswith(("cope_jax", "flax", "torch")))
@@ -220,7 +221,8 @@ def test_a_process_without_the_model_code_serves_the_same_embeddings(
        str(tmp_path / "outputs.npz")], cwd=tmp_path, capture_output=True, text=True,
       timeout=300, env={**os.environ, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "modules: ['cope_jax', 'cope_jax.serving']" in result.stdout
+  assert ("modules: ['cope_jax', 'cope_jax.base', 'cope_jax.base.domains', "
+          "'cope_jax.serving_artifact']") in result.stdout
   with np.load(tmp_path / "outputs.npz") as outputs:
     got = {name: outputs[name] for name in outputs.files}
   assert_close(got, want)
@@ -232,14 +234,14 @@ def test_a_process_without_the_model_code_serves_the_same_embeddings(
 SERVE_ONE_ITEM = """
 import json, sys
 import numpy as np
-from cope_jax import serving
-from data_pipelines import domains
+from cope_jax import serving_artifact
+from cope_jax.base import domains
 
 serving_dir, inputs_path, outputs_path = sys.argv[1:]
 inputs = np.load(inputs_path)
 outputs = {}
 for domain in domains.NAMES:
-  embed = serving.load_embedder(serving_dir, domain)
+  embed = serving_artifact.load_embedder(serving_dir, domain)
   name = domains.get(domain).embedding_key
   outputs[name] = embed({k: inputs[k] for k in inputs.files if k.startswith(domain)})[name]
 np.savez(outputs_path, **outputs)

@@ -22,7 +22,7 @@ from cope_jax import evaluate
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
-from data_pipelines import domains
+from cope_jax.base import domains
 from tests import tiny_configs
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import tokenizers
 
-from data_pipelines import domains
+from cope_jax.base import domains
 from data_pipelines import rope_format
 from data_pipelines import synthetic
 from data_pipelines import synthetic_faults

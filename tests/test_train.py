@@ -13,7 +13,7 @@ from cope_jax import checkpoints
 from cope_jax import config_checks
 from cope_jax import evaluate
 from cope_jax import train
-from data_pipelines import domains
+from cope_jax.base import domains
 from tests import tiny_configs
 
 

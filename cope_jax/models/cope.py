@@ -5,7 +5,7 @@
   embeddings = model.apply(variables, batch, train=True, outputs=("page_embedding", ...))
   video = model.apply(variables, eval_batch, "video", method=COPE.embed)
 
-The domains come from `data_pipelines.domains`. Batch keys per domain (docs/interfaces.md):
+The domains come from `cope_jax.base.domains`. Batch keys per domain (docs/interfaces.md):
 the pixels `<domain>.media_key` (`page_image` [B, S, S, 3] for an image domain,
 `video_frames` [B, T, S, S, 3] for a clip domain; uint8, normalised in the model, or float
 already normalised) and the text `<domain>.text_ids_key` / `text_mask_key` [B, L] int32.
@@ -32,7 +32,7 @@ from cope_jax.models import layers
 from cope_jax.models import text
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
-from data_pipelines import domains
+from cope_jax.base import domains
 
 
 def embedding_names(domain: domains.Domain) -> tuple[str, str, str]:

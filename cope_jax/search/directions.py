@@ -1,6 +1,6 @@
 """Cross-domain retrieval and one-shot metrics for every direction of the domain registry.
 
-A direction (`data_pipelines.domains.DIRECTIONS`) searches one domain's gallery with
+A direction (`cope_jax.base.domains.DIRECTIONS`) searches one domain's gallery with
 another domain's queries. Small galleries are ranked exactly (`metrics.retrieval_metrics`:
 R@K, median rank, mAP); from `config.eval.index_min_gallery` items on (search "auto")
 an index of kind `config.eval.index` returns the top-k, tuned to
@@ -20,7 +20,7 @@ from cope_jax.search import index as search_index
 from cope_jax.search import metrics
 from cope_jax.search.embeddings import DomainEmbeddings
 from cope_jax.search.embeddings import check_embeddings
-from data_pipelines import domains
+from cope_jax.base import domains
 
 ONE_SHOT_SEED = 0
 RECALL_K = 10  # an index's recall is tuned and reported at recall@10 against exact search

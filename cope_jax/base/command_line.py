@@ -43,6 +43,8 @@ from typing import Any
 from absl import flags
 from absl import logging
 
+from cope_jax.base import workdir as workdir_layout
+
 TRACEBACK_ENV = "COPE_TRACEBACK"
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
@@ -441,7 +443,7 @@ def parse(command: Command, argv: Sequence[str]) -> types.SimpleNamespace:
     if config_path is None and workdir and command.config_from_workdir is not None:
       recorded_config = command.config_from_workdir(workdir)
       if recorded_config is not None:
-        config_source = os.path.join(workdir, "run.json")
+        config_source = workdir_layout.run_file(workdir)
         check_override_paths(recorded_config, paths)
     if recorded_config is None:
       config_path = config_path or (
