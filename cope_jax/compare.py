@@ -39,7 +39,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from cope_jax import compare_report
@@ -252,13 +251,6 @@ def read_pairs(rope_dir: str, split: str) -> tuple[dict[str, dict[str, str]], di
 # Evaluating and comparing.
 
 
-def _eval_config(one_shot_draws: int) -> ml_collections.ConfigDict:
-  """`config.eval` for exact search (both sides ranked without an index's error)."""
-  return ml_collections.ConfigDict({
-      "search": "exact", "index": "scann", "index_min_gallery": 0,
-      "one_shot_draws": int(one_shot_draws)})
-
-
 def normalised(embeddings: np.ndarray, label: str, domain: str, ids: np.ndarray) -> np.ndarray:
   """[N, D] -> float32 rows of unit L2 norm (`export_format.normalise_rows`: a row already
   of unit length is kept as it is, so an export is scored exactly as evaluate scored it)."""
@@ -280,7 +272,9 @@ def evaluate(embeddings: Mapping[str, DomainEmbeddings], one_shot_draws: int
   """The six directions' metrics (`directions.evaluate_directions`, exact) and the R@K
   curve of each evaluated direction (K = 1..CURVE_MAX_K)."""
   ks = tuple(range(1, CURVE_MAX_K + 1))
-  results = directions.evaluate_directions(embeddings, _eval_config(one_shot_draws), ks)
+  # Both sides ranked exactly, without an index's error.
+  results = directions.evaluate_directions(
+      embeddings, directions.ExactSearch(one_shot_draws=int(one_shot_draws)), ks)
   curves = {}
   for name in domains.DIRECTION_NAMES:
     entry = results[name]

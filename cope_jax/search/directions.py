@@ -10,6 +10,7 @@ recall@10 against exact search on held-out queries alongside.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,14 @@ from cope_jax.base import domains
 
 ONE_SHOT_SEED = 0
 RECALL_K = 10  # an index's recall is tuned and reported at recall@10 against exact search
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactSearch:
+  """The evaluation settings of exact ranking: what the directions read of `config.eval`
+  when nothing is searched through an index (`cope_jax.compare` scores both sides so)."""
+  one_shot_draws: int = 5
+  search: str = "exact"
 
 
 def choose_search(num_gallery: int, eval_config) -> str:
