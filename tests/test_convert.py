@@ -1,8 +1,8 @@
 """`python -m cope_jax.convert`: PyTorch checkpoints of four kinds -> parameter checkpoints.
 
-Parity is checked against the independent PyTorch reference (tests/torch_reference.py)
-and Hugging Face's BertModel: float32 on CPU, max abs difference <= 1e-4 for features
-and L2-normalised embeddings (values of order 1).
+Parity is checked against the independent PyTorch reference
+(cope_jax/testing/torch_reference.py) and Hugging Face's BertModel: float32 on CPU, max
+abs difference <= 1e-4 for features and L2-normalised embeddings (values of order 1).
 """
 
 import hashlib
@@ -31,7 +31,7 @@ from cope_jax.models import text
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
 from tests import tiny_configs
-from tests import torch_reference
+from cope_jax.testing import torch_reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-4

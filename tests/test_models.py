@@ -1,4 +1,5 @@
-"""COPE encoders in Flax against an independent PyTorch reference (tests/torch_reference.py).
+"""COPE encoders in Flax against an independent PyTorch reference
+(cope_jax/testing/torch_reference.py).
 
 Tolerances (float32 on CPU): per-module features max abs diff <= 1e-4 (features of
 order 1); L2-normalised embeddings <= 1e-4; gradients rtol 1e-3 with atol 1e-5 times
@@ -26,7 +27,7 @@ from cope_jax.models import fusion
 from cope_jax.models import text
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
-from tests import torch_reference
+from cope_jax.testing import torch_reference
 
 BATCH, FRAMES, IMAGE, TITLE_LENGTH = 3, 3, 32, 7
 ATOL = 1e-4

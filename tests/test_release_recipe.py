@@ -1,7 +1,7 @@
 """The released training recipe: optimiser-step parity with PyTorch, and the two stages.
 
 Parity. The project's `train.train_step` and the release's optimiser set-up
-(`tests/torch_reference.py`: parameter groups with the always-true fusion test,
+(`cope_jax/testing/torch_reference.py`: parameter groups with the always-true fusion test,
 `torch.optim.AdamW(groups, lr=...)` with PyTorch's default weight decay,
 `clip_grad_norm_` on the model only, `LambdaLR` stepped every 10 steps) run 30 steps side
 by side from the same converted weights, on fixed batches, float32 on CPU, the seven
@@ -62,7 +62,7 @@ from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax import weight_mapping
 from tests import tiny_configs
-from tests import torch_reference
+from cope_jax.testing import torch_reference
 
 VOCAB_SIZE = 50
 NUM_CLASSES = 12
