@@ -29,6 +29,7 @@ from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
 from cope_jax.testing import parity
 from cope_jax.testing import torch_reference
+from data_pipelines import domains
 
 BATCH, FRAMES, IMAGE, TITLE_LENGTH = 3, 3, 32, 7
 ATOL = 1e-4
@@ -214,6 +215,28 @@ def test_embed_returns_what_is_asked_from_the_domains_keys_only(params, model_co
                 method=cope.COPE.embed)
   with pytest.raises(ValueError, match="unknown embeddings"):
     model.apply({"params": params}, batch, outputs=("video_title_embedding",))
+
+
+@pytest.mark.parametrize("use_asr_text", [False, True], ids=["released", "asr_fused"])
+def test_reference_embeds_each_domain_from_its_keys_as_the_model_does(use_asr_text):
+  """`ReferenceCOPE.embed` (one domain's batch, as the release's inference embeds): the
+  retrieval embedding its forward pass gives, and the Flax model's `embed`."""
+  model_config = tiny_model_config(use_asr_text=use_asr_text)
+  reference = parity.build_reference(model_config, seed=6)
+  params = weight_mapping.torch_state_dict_to_flax(parity.numpy_state_dict(reference),
+                                                   model_config)
+  batch = make_batch(seed=7)
+  with torch.no_grad():
+    everything = reference(parity.torch_batch(batch))
+  for domain in domains.DOMAINS:
+    own = {k: v for k, v in batch.items() if k.startswith(domain.name + "_")}
+    with torch.no_grad():
+      got = reference.embed(parity.torch_batch(own), domain.name)
+    np.testing.assert_allclose(got.numpy(), everything[domain.embedding_key].numpy(),
+                               atol=1e-6, err_msg=domain.name)
+    flax_embedding = build(model_config).apply({"params": params}, own, domain.name,
+                                               method=cope.COPE.embed)
+    assert parity.max_abs_diff(flax_embedding[domain.embedding_key], got) <= ATOL
 
 
 def test_asr_text_extension_matches_reference():
