@@ -492,19 +492,19 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
     for side in SIDES:
       steps = np.asarray(runs[side][0]["steps"])
       values = np.asarray([run["curves"][key] for run in runs[side]], np.float64)
-      label = "JAX (this project)" if side == JAX else "PyTorch (the release's set-up)"
       axes.plot(steps, values.mean(axis=0), color=colours[side],
                 linestyle="-" if side == JAX else "--",
-                label=f"{label}: mean, band of {len(values)} seeds")
+                label="JAX" if side == JAX else "PyTorch (release)")
       axes.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colours[side],
                         alpha=0.25, linewidth=0)
     axes.set_title("total loss (weighted)" if key == "loss" else key.removeprefix("loss/"),
                    fontsize="medium")
     axes.set_xlabel("step")
     axes.grid(alpha=0.3)
-    if index == 0:
-      axes.legend(fontsize="small")
-  figure.suptitle(title, fontsize="medium")
+    if index == 0:  # the curves fall from the upper left: the upper right is free
+      axes.legend(fontsize="small", loc="upper right")
+  figure.suptitle(f"{title}\nlines: the mean over the seeds; bands: lowest to highest seed "
+                  f"(window means every {runs[JAX][0]['steps'][0]} steps)", fontsize="medium")
   report.save_figure(figure, path)
 
 
