@@ -4,12 +4,12 @@ r"""Visual-encoder forward throughput: the Flax encoder vs the PyTorch reference
   python -m benchmarks.encoder_forward --jax_dtype bfloat16    # GPU: bf16 compute in both
 
 Both frameworks run the same architecture with the same weights (the PyTorch reference
-encoder of `tests/torch_reference.py`, converted with `cope_jax/weight_mapping.py`) on the
-same uint8 clips [batch, T, S, S, 3], normalisation included. Shapes: `tiny` (the vision
-settings of configs/synthetic_tiny.py) and `vitb16` (configs/rope_vitb16.py: 224 px,
-T = 8). JAX runs on its default backend; PyTorch on CUDA when JAX is on a GPU and CUDA
-is available, else on the CPU with --torch_threads threads. Prints a table and writes
-JSON to benchmarks/results/encoder_forward_<backend>.json.
+encoder of `cope_jax/testing/torch_reference.py`, converted with
+`cope_jax/weight_mapping.py`) on the same uint8 clips [batch, T, S, S, 3], normalisation
+included. Shapes: `tiny` (the vision settings of configs/synthetic_tiny.py) and `vitb16`
+(configs/rope_vitb16.py: 224 px, T = 8). JAX runs on its default backend; PyTorch on
+CUDA when JAX is on a GPU and CUDA is available, else on the CPU with --torch_threads
+threads. Prints a table and writes JSON to benchmarks/results/encoder_forward_<backend>.json.
 
 Reading the numbers: on a CPU shared with other processes, PyTorch's OpenMP threads
 suffer most from oversubscription (the JSON records the load average; compare with
@@ -60,7 +60,7 @@ def random_clips(vision_config, batch_size: int, seed: int = 0) -> np.ndarray:
 def reference_encoder(config, seed: int = 0):
   """The PyTorch reference encoder with seeded weights, and the same weights for Flax."""
   import torch  # pylint: disable=g-import-not-at-top
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  from cope_jax.testing import torch_reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   encoder = torch_reference.randomize_(torch_reference.VisualEncoder(config.vision), seed)
   state_dict = {f"visual_encoder.{k}": v.detach().numpy()
@@ -91,7 +91,7 @@ def time_calls(run, iterations: int, warmup: int) -> tuple[float, float]:
 def benchmark_shape(shape: str, batch_size: int, iterations: int, warmup: int,
                     jax_dtype: str, torch_device: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  from cope_jax.testing import torch_reference  # pylint: disable=g-import-not-at-top
   config = model_config(shape)
   torch_model, params = reference_encoder(config)
   clips = random_clips(config.vision, batch_size)

@@ -10,7 +10,7 @@ r"""Train-step throughput: this implementation vs the PyTorch reference model, s
 For each shape, JAX setting (attention kernel x remat policy x augmentation) and batch
 size, JAX runs one jit-compiled `train.train_step` (AdamW inside the step, compute dtype
 from --dtype) on a random batch; PyTorch runs the reference model of
-`tests/torch_reference.py` on the same batch (float32 on CPU; fp16 autocast +
+`cope_jax/testing/torch_reference.py` on the same batch (float32 on CPU; fp16 autocast +
 GradScaler on CUDA, as the release trains) at the same batch size. Batch size `max`
 doubles the batch from the largest listed one, for the first setting, until the step no
 longer fits in memory (records the largest that fits). `--augment_on device` feeds canvas-sized frames with
@@ -220,7 +220,7 @@ def group_costs(top_ops: list[dict], all_ops: bool = False) -> list[tuple[str, f
 def time_torch(config, batch, steps: int, warmup: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  from cope_jax.testing import torch_reference  # pylint: disable=g-import-not-at-top
   since = time.perf_counter()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)

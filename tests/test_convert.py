@@ -1,8 +1,8 @@
 """`python -m cope_jax.convert`: PyTorch checkpoints of four kinds -> parameter checkpoints.
 
-Parity is checked against the independent PyTorch reference (tests/torch_reference.py)
-and Hugging Face's BertModel: float32 on CPU, max abs difference <= 1e-4 for features
-and L2-normalised embeddings (values of order 1).
+Parity is checked against the independent PyTorch reference
+(cope_jax/testing/torch_reference.py) and Hugging Face's BertModel: float32 on CPU, max
+abs difference <= 1e-4 for features and L2-normalised embeddings (values of order 1).
 """
 
 import hashlib
@@ -30,8 +30,10 @@ from cope_jax.models import cope
 from cope_jax.models import text
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
+from cope_jax.testing import parity
+from cope_jax.testing import torch_reference
+from cope_jax.base import domains
 from tests import tiny_configs
-from tests import torch_reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -59,41 +61,18 @@ def tiny_shapes():
   return shapes
 
 
-def build_reference(model_config, seed=0):
-  torch.manual_seed(seed)
-  return torch_reference.randomize_(torch_reference.ReferenceCOPE(model_config), seed).eval()
-
-
 def make_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  side, frames = config.data.image_size, config.data.num_frames
+  """Two rows, one padded; the clips' ASR tokens are the titles reversed, so that the
+  converted clip heads' text projections are checked as well."""
   length = config.data.title_max_length
-  mask = (np.arange(length)[None] < np.array([[length], [3]])).astype(np.int32)
-  batch = {"page_image": rng.integers(0, 256, (BATCH, side, side, 3), dtype=np.uint8),
-           "page_title_ids": rng.integers(1, VOCAB_SIZE, (BATCH, length)).astype(np.int32)
-                             * mask,
-           "page_title_mask": mask}
-  for domain in ("video", "live"):
-    batch[f"{domain}_frames"] = rng.integers(0, 256, (BATCH, frames, side, side, 3),
-                                             dtype=np.uint8)
-    # ASR tokens too: the converted clip heads' text projections are checked as well.
-    batch[f"{domain}_asr_ids"] = batch["page_title_ids"][::-1].copy()
-    batch[f"{domain}_asr_mask"] = mask[::-1].copy()
+  batch = parity.random_batch(seed, batch_size=BATCH, image_size=config.data.image_size,
+                              num_frames=config.data.num_frames, text_length=length,
+                              vocab_size=VOCAB_SIZE, text_lengths=[length, 3], asr=False)
+  for domain in domains.DOMAINS:
+    if domain.is_clip:
+      batch[domain.text_ids_key] = batch["page_title_ids"][::-1].copy()
+      batch[domain.text_mask_key] = batch["page_title_mask"][::-1].copy()
   return batch
-
-
-def torch_batch(batch):
-  return {key: (torch_reference.normalize_uint8_nhwc(value) if value.dtype == np.uint8
-                else torch.from_numpy(value.astype(np.int64)))
-          for key, value in batch.items()}
-
-
-def flat(tree):
-  return flax.traverse_util.flatten_dict(tree, sep="/")
-
-
-def max_abs_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +82,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def reference(config):
-  return build_reference(config.model)
+  return parity.build_reference(config.model)
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +121,10 @@ def test_cli_conversion_reproduces_reference_embeddings(converted_dir, reference
   got = jax.jit(cope.COPE(ModelConfig.from_config(config.model)).apply)(
       {"params": params}, batch)
   with torch.no_grad():
-    want = reference(torch_batch(batch))
+    want = reference(parity.torch_batch(batch))
   assert set(got) == set(want)
   for name in want:
-    assert max_abs_diff(got[name], want[name]) <= ATOL, name
+    assert parity.max_abs_diff(got[name], want[name]) <= ATOL, name
 
 
 def test_conversion_json_accounts_for_every_tensor(converted_dir, release_checkpoint, config):
@@ -168,8 +147,8 @@ def test_converted_dir_initialises_training(converted_dir, config):
   state, shardings = state_lib.create_train_state(config, mesh, num_classes=4)
   model_params = state_lib.load_converted_weights(state.params["model"],
                                                   shardings.params["model"], config)
-  loaded = flat(checkpoints.load_params(converted_dir)["model"])
-  started = flat(flax.linen.meta.unbox(model_params))
+  loaded = parity.flat(checkpoints.load_params(converted_dir)["model"])
+  started = parity.flat(flax.linen.meta.unbox(model_params))
   assert set(started) == set(loaded)
   for path, value in loaded.items():
     np.testing.assert_array_equal(np.asarray(started[path]), value, err_msg=path)
@@ -197,7 +176,7 @@ def test_xclip_checkpoint_gives_the_visual_encoder_only(reference, config, tmp_p
   got = jax.jit(encoder.apply)({"params": params["visual_encoder"]}, frames)
   with torch.no_grad():
     want = reference.visual_encoder(torch_reference.normalize_uint8_nhwc(frames))
-  assert max_abs_diff(got, want) <= ATOL
+  assert parity.max_abs_diff(got, want) <= ATOL
 
   # A partial checkpoint needs init_allow_missing, and the error says so.
   fresh = {"visual_encoder": jax.tree.map(np.zeros_like, params["visual_encoder"]),
@@ -261,7 +240,7 @@ def test_bert_model_directory_gives_the_text_encoder(config, tmp_path):
   with torch.no_grad():
     want = hf_model(input_ids=torch.from_numpy(ids.astype(np.int64)),
                     attention_mask=torch.from_numpy(mask.astype(np.int64))).pooler_output
-  assert max_abs_diff(got, want) <= ATOL
+  assert parity.max_abs_diff(got, want) <= ATOL
 
   # The same weights from an MLM model's state dict: `bert.` prefix, `cls.*` head skipped.
   mlm_state = {f"bert.{k}": v for k, v in hf_model.state_dict().items()}
@@ -296,7 +275,7 @@ def test_safetensors_file_converts_like_the_pickle(reference, release_checkpoint
 def test_wrong_width_names_the_key_and_both_shapes(config, tmp_path):
   wide = tiny_config()
   wide.model.vision.width = 48
-  state_dict = build_reference(wide.model).state_dict()
+  state_dict = parity.build_reference(wide.model).state_dict()
   path = tmp_path / "wide.pth"
   torch.save({"state_dict": state_dict}, path)
   with pytest.raises(weight_mapping.WeightMappingError) as error:
@@ -346,8 +325,8 @@ def test_stage1_config_initialises_the_clip_text_projections_on_purpose(
   assert np.std(kernel) > 0 and not np.array_equal(kernel, params["live_head"]["fc0"]["kernel"])
   # Everything the release holds is loaded as it is: the same embeddings as the reference.
   stage2 = convert.convert(release_checkpoint, "cope", tiny_recipe_config("rope_vitb16"))[0]
-  for path, value in flat(stage2.params).items():
-    np.testing.assert_array_equal(flat(params)[path], value, err_msg=path)
+  for path, value in parity.flat(stage2.params).items():
+    np.testing.assert_array_equal(parity.flat(params)[path], value, err_msg=path)
 
 
 def test_a_truly_missing_key_is_refused_by_name(reference, tmp_path):

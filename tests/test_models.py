@@ -1,4 +1,5 @@
-"""COPE encoders in Flax against an independent PyTorch reference (tests/torch_reference.py).
+"""COPE encoders in Flax against an independent PyTorch reference
+(cope_jax/testing/torch_reference.py).
 
 Tolerances (float32 on CPU): per-module features max abs diff <= 1e-4 (features of
 order 1); L2-normalised embeddings <= 1e-4; gradients rtol 1e-3 with atol 1e-5 times
@@ -26,7 +27,9 @@ from cope_jax.models import fusion
 from cope_jax.models import text
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
-from tests import torch_reference
+from cope_jax.testing import parity
+from cope_jax.testing import torch_reference
+from cope_jax.base import domains
 
 BATCH, FRAMES, IMAGE, TITLE_LENGTH = 3, 3, 32, 7
 ATOL = 1e-4
@@ -65,47 +68,15 @@ def paper_model_config():
 
 
 def make_batch(seed=0):
-  """A numpy batch in the model's format (uint8 images, int32 ids and masks)."""
-  rng = np.random.default_rng(seed)
-  lengths = np.array([TITLE_LENGTH, 4, 1])  # padded rows, one with [CLS] only
-
-  def tokens():
-    ids = rng.integers(1, 50, (BATCH, TITLE_LENGTH)).astype(np.int32)
-    mask = (np.arange(TITLE_LENGTH)[None] < lengths[:, None]).astype(np.int32)
-    return ids * mask, mask
-
-  batch = {"page_image": rng.integers(0, 256, (BATCH, IMAGE, IMAGE, 3), dtype=np.uint8)}
-  batch["page_title_ids"], batch["page_title_mask"] = tokens()
-  for domain in ("video", "live"):
-    batch[f"{domain}_frames"] = rng.integers(
-        0, 256, (BATCH, FRAMES, IMAGE, IMAGE, 3), dtype=np.uint8)
-    batch[f"{domain}_asr_ids"], batch[f"{domain}_asr_mask"] = tokens()
-  return batch
-
-
-def torch_batch(batch):
-  """The numpy batch as the reference takes it: normalised NCHW floats, int64 ids."""
-  converted = {}
-  for key, value in batch.items():
-    if value.dtype == np.uint8:
-      converted[key] = torch_reference.normalize_uint8_nhwc(value)
-    else:
-      converted[key] = torch.from_numpy(value.astype(np.int64))
-  return converted
+  """A numpy batch in the model's format (uint8 images, int32 ids and masks): padded
+  title and ASR rows, one with [CLS] only."""
+  return parity.random_batch(seed, batch_size=BATCH, image_size=IMAGE, num_frames=FRAMES,
+                             text_length=TITLE_LENGTH, vocab_size=50,
+                             text_lengths=[TITLE_LENGTH, 4, 1])
 
 
 def nhwc(images: torch.Tensor) -> np.ndarray:
   return np.moveaxis(images.numpy(), -3, -1)
-
-
-def build_reference(model_config, seed=0):
-  torch.manual_seed(seed)
-  model = torch_reference.ReferenceCOPE(model_config)
-  return torch_reference.randomize_(model, seed).eval()
-
-
-def numpy_state_dict(module: torch.nn.Module) -> dict:
-  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +86,13 @@ def model_config():
 
 @pytest.fixture(scope="module")
 def reference(model_config):
-  return build_reference(model_config)
+  return parity.build_reference(model_config)
 
 
 @pytest.fixture(scope="module")
 def params(reference, model_config):
-  return weight_mapping.torch_state_dict_to_flax(numpy_state_dict(reference), model_config)
-
-
-def max_abs_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+  return weight_mapping.torch_state_dict_to_flax(parity.numpy_state_dict(reference),
+                                                 model_config)
 
 
 # ---- per-module parity --------------------------------------------------------------
@@ -139,18 +107,18 @@ def test_text_encoder_pooler_matches_hf_bert(reference, params, model_config):
     want = reference.text_encoder(*[torch.from_numpy(batch[k].astype(np.int64))
                                     for k in ("page_title_ids", "page_title_mask")])
   assert got.shape == (BATCH, model_config.text.hidden_size)
-  assert max_abs_diff(got, want) <= ATOL
+  assert parity.max_abs_diff(got, want) <= ATOL
 
 
 @pytest.mark.parametrize("num_frames", [FRAMES, 1], ids=["clip", "page"])
 def test_visual_encoder_matches_reference(reference, params, model_config, num_frames):
-  frames = torch_batch(make_batch())["video_frames"][:, :num_frames]
+  frames = parity.torch_batch(make_batch())["video_frames"][:, :num_frames]
   encoder = vision.VisualEncoder(ModelConfig.from_config(model_config).vision)
   got = jax.jit(encoder.apply)({"params": params["visual_encoder"]}, nhwc(frames))
   with torch.no_grad():
     want = reference.visual_encoder(frames)
   assert got.shape == (BATCH, model_config.vision.output_dim)
-  assert max_abs_diff(got, want) <= ATOL
+  assert parity.max_abs_diff(got, want) <= ATOL
 
 
 def test_fusion_heads_match_reference(reference, params, model_config):
@@ -163,7 +131,7 @@ def test_fusion_heads_match_reference(reference, params, model_config):
     fused, text_proj, visual_proj = reference.item_fusion_model(
         torch.from_numpy(title), torch.from_numpy(visual))
   for key, want in (("fused", fused), ("text", text_proj), ("visual", visual_proj)):
-    assert max_abs_diff(got[key], want) <= ATOL, key
+    assert parity.max_abs_diff(got[key], want) <= ATOL, key
 
   # As released, a clip head has fc1 only: no text projection.
   assert not hasattr(reference.photo_fusion_model, "fc0")
@@ -173,7 +141,7 @@ def test_fusion_heads_match_reference(reference, params, model_config):
   with torch.no_grad():
     _, _, want = reference.photo_fusion_model(None, torch.from_numpy(visual))
   assert set(got) == {"visual"}
-  assert max_abs_diff(got["visual"], want) <= ATOL
+  assert parity.max_abs_diff(got["visual"], want) <= ATOL
   with pytest.raises(ValueError, match="no text projection"):
     video_head.apply({"params": params["video_head"]}, visual, title)
 
@@ -183,17 +151,17 @@ def test_clip_text_projection_extension_matches_reference(model_config):
   text with fc0, without fusing it; checked against the reference's opt-in extension."""
   reference = torch_reference.randomize_(
       torch_reference.ReferenceCOPE(model_config, clip_text=True), 4).eval()
-  params = weight_mapping.torch_state_dict_to_flax(numpy_state_dict(reference),
+  params = weight_mapping.torch_state_dict_to_flax(parity.numpy_state_dict(reference),
                                                    model_config, clip_text=True)
   assert set(params["video_head"]) == set(params["live_head"]) == {"fc0", "fc1"}
   model = cope.COPE(ModelConfig.from_config(model_config, clip_text=True))
   batch = make_batch(seed=5)
   got = model.apply({"params": params}, batch)
   with torch.no_grad():
-    want = reference(torch_batch(batch))
+    want = reference(parity.torch_batch(batch))
   assert set(got) == set(want) == set(cope.ALL_EMBEDDINGS)
   for name in want:
-    assert max_abs_diff(got[name], want[name]) <= ATOL, name
+    assert parity.max_abs_diff(got[name], want[name]) <= ATOL, name
 
 
 # ---- end to end ---------------------------------------------------------------------
@@ -203,7 +171,7 @@ def test_all_embeddings_match_reference_end_to_end(reference, params, model_conf
   batch = make_batch()
   got = jax.jit(build(model_config).apply)({"params": params}, batch)  # uint8 images
   with torch.no_grad():
-    want = reference(torch_batch(batch))
+    want = reference(parity.torch_batch(batch))
   # As released: every page embedding, and each clip's retrieval and visual embedding;
   # a clip's text embedding exists only with its text projection (the extension).
   released = {"page_embedding", "page_text_embedding", "page_visual_embedding",
@@ -215,7 +183,7 @@ def test_all_embeddings_match_reference_end_to_end(reference, params, model_conf
   for name in want:
     assert got[name].shape == (BATCH, model_config.emb_dim)
     np.testing.assert_allclose(np.linalg.norm(got[name], axis=-1), 1.0, atol=1e-5)
-    assert max_abs_diff(got[name], want[name]) <= ATOL, name
+    assert parity.max_abs_diff(got[name], want[name]) <= ATOL, name
 
 
 def test_embed_returns_what_is_asked_from_the_domains_keys_only(params, model_config):
@@ -249,18 +217,40 @@ def test_embed_returns_what_is_asked_from_the_domains_keys_only(params, model_co
     model.apply({"params": params}, batch, outputs=("video_title_embedding",))
 
 
+@pytest.mark.parametrize("use_asr_text", [False, True], ids=["released", "asr_fused"])
+def test_reference_embeds_each_domain_from_its_keys_as_the_model_does(use_asr_text):
+  """`ReferenceCOPE.embed` (one domain's batch, as the release's inference embeds): the
+  retrieval embedding its forward pass gives, and the Flax model's `embed`."""
+  model_config = tiny_model_config(use_asr_text=use_asr_text)
+  reference = parity.build_reference(model_config, seed=6)
+  params = weight_mapping.torch_state_dict_to_flax(parity.numpy_state_dict(reference),
+                                                   model_config)
+  batch = make_batch(seed=7)
+  with torch.no_grad():
+    everything = reference(parity.torch_batch(batch))
+  for domain in domains.DOMAINS:
+    own = {k: v for k, v in batch.items() if k.startswith(domain.name + "_")}
+    with torch.no_grad():
+      got = reference.embed(parity.torch_batch(own), domain.name)
+    np.testing.assert_allclose(got.numpy(), everything[domain.embedding_key].numpy(),
+                               atol=1e-6, err_msg=domain.name)
+    flax_embedding = build(model_config).apply({"params": params}, own, domain.name,
+                                               method=cope.COPE.embed)
+    assert parity.max_abs_diff(flax_embedding[domain.embedding_key], got) <= ATOL
+
+
 def test_asr_text_extension_matches_reference():
   model_config = tiny_model_config(use_asr_text=True)
-  reference = build_reference(model_config, seed=3)
-  params = weight_mapping.torch_state_dict_to_flax(numpy_state_dict(reference),
+  reference = parity.build_reference(model_config, seed=3)
+  params = weight_mapping.torch_state_dict_to_flax(parity.numpy_state_dict(reference),
                                                    model_config)
   assert "fc0" in params["video_head"] and "attention_pooling" in params["live_head"]
   batch = make_batch(seed=2)
   got = build(model_config).apply({"params": params}, batch)
   with torch.no_grad():
-    want = reference(torch_batch(batch))
+    want = reference(parity.torch_batch(batch))
   for name in want:
-    assert max_abs_diff(got[name], want[name]) <= ATOL, name
+    assert parity.max_abs_diff(got[name], want[name]) <= ATOL, name
 
 
 def contrastive_loss(a, b, xp_log_softmax, temperature=0.05):
@@ -283,7 +273,7 @@ def test_gradients_match_reference(reference, params, model_config):
   jax_value, jax_grads = jax.jit(jax.value_and_grad(jax_loss))(params)
 
   reference.zero_grad()
-  e = reference(torch_batch(batch))
+  e = reference(parity.torch_batch(batch))
   torch_value = sum(contrastive_loss(e[a], e[b], torch.log_softmax) for a, b in pairs)
   torch_value.backward()
   torch_grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
@@ -310,7 +300,7 @@ def test_gradients_match_reference(reference, params, model_config):
 
 def test_mapping_accepts_module_prefix_and_drops_released_unused_keys(reference,
                                                                       params, model_config):
-  state_dict = {f"module.{k}": v for k, v in numpy_state_dict(reference).items()}
+  state_dict = {f"module.{k}": v for k, v in parity.numpy_state_dict(reference).items()}
   # A key some releases carry that the Flax model does not create.
   state_dict["module.text_encoder.bert_model.embeddings.position_ids"] = np.arange(16)[None]
   converted = weight_mapping.torch_state_dict_to_flax(state_dict, model_config)
@@ -322,7 +312,7 @@ def test_mapping_accepts_module_prefix_and_drops_released_unused_keys(reference,
 
 
 def test_mapping_reports_wrong_shape_with_key_and_both_shapes(reference, model_config):
-  state_dict = numpy_state_dict(reference)
+  state_dict = parity.numpy_state_dict(reference)
   key = "visual_encoder.visual.transformer.resblocks.1.attn.in_proj_weight"
   state_dict[key] = np.zeros((96, 31), np.float32)
   with pytest.raises(weight_mapping.WeightMappingError) as error:
@@ -333,7 +323,7 @@ def test_mapping_reports_wrong_shape_with_key_and_both_shapes(reference, model_c
 
 
 def test_mapping_reports_unknown_and_missing_keys(reference, model_config):
-  state_dict = numpy_state_dict(reference)
+  state_dict = parity.numpy_state_dict(reference)
   state_dict["visual_encoder.visual.extra_token"] = np.zeros((32,), np.float32)
   del state_dict["item_fusion_model.fc1.bias"]
   with pytest.raises(weight_mapping.WeightMappingError) as error:

@@ -1,7 +1,7 @@
 """The released training recipe: optimiser-step parity with PyTorch, and the two stages.
 
 Parity. The project's `train.train_step` and the release's optimiser set-up
-(`tests/torch_reference.py`: parameter groups with the always-true fusion test,
+(`cope_jax/testing/torch_reference.py`: parameter groups with the always-true fusion test,
 `torch.optim.AdamW(groups, lr=...)` with PyTorch's default weight decay,
 `clip_grad_norm_` on the model only, `LambdaLR` stepped every 10 steps) run 30 steps side
 by side from the same converted weights, on fixed batches, float32 on CPU, the seven
@@ -44,7 +44,6 @@ import functools
 import json
 from unittest import mock
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +60,9 @@ from cope_jax import optim
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax import weight_mapping
+from cope_jax.testing import parity
+from cope_jax.testing import torch_reference
 from tests import tiny_configs
-from tests import torch_reference
 
 VOCAB_SIZE = 50
 NUM_CLASSES = 12
@@ -78,25 +78,12 @@ REGULAR_RTOL = 3e-3  # tolerance per unit of summed lr for the other elements
 ADAM_RATIO = 1.31  # bound on |m̂ / √v̂| over 30 steps (module docstring)
 NOISY_SHARE = 0.05  # most elements must be held to the tight tolerance
 
-# The seven cross-domain terms as the released forward computes them (embedding pairs).
-CROSS_DOMAIN_PAIRS = {
-    "page_visual_video": ("page_visual_embedding", "video_embedding"),
-    "page_visual_live": ("page_visual_embedding", "live_embedding"),
-    "video_live": ("video_embedding", "live_embedding"),
-    "page_video": ("page_embedding", "video_embedding"),
-    "page_live": ("page_embedding", "live_embedding"),
-    "page_text_video": ("page_text_embedding", "video_embedding"),
-    "page_text_live": ("page_text_embedding", "live_embedding"),
-}
-CLASSIFIED = ("page_embedding", "video_embedding", "live_embedding")
-
-
 def parity_config(grad_clip_groups=("text", "visual", "fusion")):
   config = tiny_configs.training_config("unused_prepared", "unused_rope", num_steps=STEPS)
   config.model.text.vocab_size = VOCAB_SIZE
   config.train.batch_size = BATCH
   for term in config.loss.weights:
-    config.loss.weights[term] = 1.0 if term in CROSS_DOMAIN_PAIRS else 0.0
+    config.loss.weights[term] = 1.0 if term in parity.CROSS_DOMAIN_TERMS else 0.0
   config.loss.classify_weight = 1.0
   optim_config = config.optim
   optim_config.learning_rate = LR
@@ -113,44 +100,10 @@ def parity_config(grad_clip_groups=("text", "visual", "fusion")):
 
 
 def make_batch(config, seed):
-  rng = np.random.default_rng(seed)
-  side, frames = config.data.image_size, config.data.num_frames
-  length = config.data.title_max_length
-  lengths = rng.integers(2, length + 1, BATCH)
-  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-  batch = {"page_image": rng.integers(0, 256, (BATCH, side, side, 3), dtype=np.uint8),
-           "page_title_ids": rng.integers(1, VOCAB_SIZE, (BATCH, length)).astype(np.int32)
-                             * mask,
-           "page_title_mask": mask,
-           "product_index": rng.permutation(NUM_CLASSES)[:BATCH].astype(np.int32)}
-  for domain in ("video", "live"):
-    batch[f"{domain}_frames"] = rng.integers(0, 256, (BATCH, frames, side, side, 3),
-                                             dtype=np.uint8)
-  return batch
-
-
-def torch_batch(batch):
-  return {key: (torch_reference.normalize_uint8_nhwc(value) if value.dtype == np.uint8
-                else torch.from_numpy(value.astype(np.int64)))
-          for key, value in batch.items()}
-
-
-def torch_loss(embeddings, labels, classifier, loss_config):
-  """The release's objective: symmetric smoothed InfoNCE per term + the margin loss."""
-  targets = torch.arange(labels.shape[0])
-  total = 0.0
-  for a, b in CROSS_DOMAIN_PAIRS.values():
-    logits = embeddings[a] @ embeddings[b].T / loss_config.temperature
-    smoothing = loss_config.label_smoothing
-    total = total + 0.5 * (
-        torch.nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing)
-        + torch.nn.functional.cross_entropy(logits.T, targets, label_smoothing=smoothing))
-  return total + loss_config.classify_weight * sum(
-      classifier(embeddings[name], labels) for name in CLASSIFIED)
-
-
-def flat(tree):
-  return flax.traverse_util.flatten_dict(tree, sep="/")
+  return parity.random_batch(seed, batch_size=BATCH, image_size=config.data.image_size,
+                             num_frames=config.data.num_frames,
+                             text_length=config.data.title_max_length, vocab_size=VOCAB_SIZE,
+                             asr=False, num_classes=NUM_CLASSES)
 
 
 def torch_tree(model, classifier, config, shapes, values):
@@ -173,10 +126,10 @@ def torch_tree(model, classifier, config, shapes, values):
     tree = {"model": weight_mapping.torch_state_dict_to_flax(state, config.model)}
   if values == "no_grad":
     tree["classifier"] = {"centers": np.zeros(classifier.weight.shape, np.float32)}
-    return flat(tree)
+    return parity.flat(tree)
   value = classifier.weight if values == "param" else classifier.weight.grad
   tree["classifier"] = {"centers": value.detach().numpy().copy()}
-  return flat(tree)
+  return parity.flat(tree)
 
 
 class Run:
@@ -227,10 +180,10 @@ class Run:
     jax_lrs = {group: np.float32(schedule(update))
                for group, schedule in self.schedules.items()}
     torch_lrs = self.release.group_lrs()
-    jax_grads = (flat(jax.device_get(self.jax_gradients(self.state.params, batch)))
+    jax_grads = (parity.flat(jax.device_get(self.jax_gradients(self.state.params, batch)))
                  if self.jax_gradients else None)
     self.state, _ = self.train_step(self.state, batch)
-    embeddings = self.reference(torch_batch(batch))  # as released
+    embeddings = self.reference(parity.torch_batch(batch))  # as released
     labels = torch.from_numpy(batch["product_index"].astype(np.int64))
     grads = {}
 
@@ -242,12 +195,12 @@ class Run:
       if self.jax_gradients:
         grads.update(torch_tree(self.reference, self.classifier, self.config, self.shapes,
                                 "grad"))
-    model_norm = self.release.step(
-        torch_loss(embeddings, labels, self.classifier, self.config.loss), keep_gradients)
+    loss, _ = parity.release_loss(embeddings, labels, self.classifier, self.config.loss)
+    model_norm = self.release.step(loss, keep_gradients)
     return jax_lrs, torch_lrs, jax_grads, grads, model_norm
 
   def parameters(self):
-    return (flat(jax.device_get(self.state.params)),
+    return (parity.flat(jax.device_get(self.state.params)),
             torch_tree(self.reference, self.classifier, self.config, self.shapes, "param"))
 
 
@@ -270,7 +223,7 @@ def test_release_groups_put_the_whole_model_outside_the_encoders_in_fusion():
   params = weight_mapping.torch_state_dict_to_flax(
       {k: v.detach().numpy() for k, v in model.state_dict().items()}, config.model)
   by_group = {}
-  for path in flat(params):
+  for path in parity.flat(params):
     by_group.setdefault(group_of("model/" + path), set()).add(path.split("/")[0])
   assert by_group == {"text": {"text_encoder"}, "visual": {"visual_encoder"},
                       "fusion": {"page_head", "video_head", "live_head"}}
@@ -422,7 +375,7 @@ def shrink(config, prepared_dir, rope_dir, num_steps):
 def model_params_at(workdir, step):
   manager = checkpoints.checkpoint_manager(str(workdir), read_only=True)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return flat(jax.device_get(restored["state"]["params"]["model"]))
+  return parity.flat(jax.device_get(restored["state"]["params"]["model"]))
 
 
 @pytest.mark.slow
@@ -431,8 +384,8 @@ def test_init_from_joins_disjoint_parameter_checkpoints(tmp_path):
   text = {"model": {"text_encoder": {"w": np.ones(2, np.float32)}}}
   checkpoints.save_params(str(tmp_path / "visual"), visual)
   checkpoints.save_params(str(tmp_path / "text"), text)
-  joined = flat(checkpoints.load_params(f"{tmp_path / 'visual'},{tmp_path / 'text'}"))
-  want = {**flat(visual), **flat(text)}
+  joined = parity.flat(checkpoints.load_params(f"{tmp_path / 'visual'},{tmp_path / 'text'}"))
+  want = {**parity.flat(visual), **parity.flat(text)}
   assert joined.keys() == want.keys()
   for path, value in want.items():
     np.testing.assert_array_equal(joined[path], value)
@@ -458,7 +411,7 @@ def test_stage1_trains_and_stage2_starts_from_its_checkpoint(tiny_prepared_dir,
   for term in rope_vitb16.CROSS_DOMAIN_WEIGHTS:
     assert f"loss/{term}" not in records[-1], term
   assert records[-1]["loss"] < records[0]["loss"]
-  trained = flat(checkpoints.load_training_model_params(str(tmp_path / "stage1")))
+  trained = parity.flat(checkpoints.load_training_model_params(str(tmp_path / "stage1")))
   np.testing.assert_equal(trained, model_params_at(tmp_path / "stage1", 6))
 
   # Stage 2's config, pointed at the stage-1 training workdir (its latest step).

@@ -227,25 +227,44 @@ class ReferenceCOPE(nn.Module):
     self.photo_fusion_model = FusionHead(clip_text_dim, output_dim, emb_dim)
     self.live_fusion_model = FusionHead(clip_text_dim, output_dim, emb_dim)
 
+  # The clip domains' heads, by the release's names.
+  CLIP_HEADS = {"video": "photo_fusion_model", "live": "live_fusion_model"}
+
   def forward(self, batch):
     """batch: the model's batch dict as torch tensors, images normalised NCHW."""
+    outputs = self._page_outputs(batch)
+    for domain in self.CLIP_HEADS:
+      outputs.update(self._clip_outputs(batch, domain))
+    return {name: F.normalize(value, dim=-1) for name, value in outputs.items()}
+
+  def embed(self, batch, domain):
+    """One domain's retrieval embeddings [batch, emb_dim], L2-normalised, from that
+    domain's entries of `batch` alone, as the release's inference embeds each domain on
+    its own (`{rank}_item`, `{rank}_photo`, `{rank}_live`): the page's fused embedding, a
+    clip's visual one (fused with `use_asr_text`)."""
+    outputs = (self._clip_outputs(batch, domain) if domain in self.CLIP_HEADS
+               else self._page_outputs(batch))
+    return F.normalize(outputs[f"{domain}_embedding"], dim=-1)
+
+  def _page_outputs(self, batch):
     title = self.text_encoder(batch["page_title_ids"], batch["page_title_mask"])
     page_visual = self.visual_encoder(batch["page_image"][:, None])
     page, page_text, page_visual = self.item_fusion_model(title, page_visual)
-    outputs = {"page_embedding": page, "page_text_embedding": page_text,
-               "page_visual_embedding": page_visual}
-    for domain, head in (("video", self.photo_fusion_model),
-                         ("live", self.live_fusion_model)):
-      visual = self.visual_encoder(batch[f"{domain}_frames"])
-      asr = None
-      if hasattr(head, "fc0"):
-        asr = self.text_encoder(batch[f"{domain}_asr_ids"], batch[f"{domain}_asr_mask"])
-      fused, asr_projection, visual = head(asr, visual)
-      outputs[f"{domain}_embedding"] = fused if self.use_asr_text else visual
-      outputs[f"{domain}_visual_embedding"] = visual
-      if asr_projection is not None:
-        outputs[f"{domain}_text_embedding"] = asr_projection
-    return {name: F.normalize(value, dim=-1) for name, value in outputs.items()}
+    return {"page_embedding": page, "page_text_embedding": page_text,
+            "page_visual_embedding": page_visual}
+
+  def _clip_outputs(self, batch, domain):
+    head = getattr(self, self.CLIP_HEADS[domain])
+    visual = self.visual_encoder(batch[f"{domain}_frames"])
+    asr = None
+    if hasattr(head, "fc0"):
+      asr = self.text_encoder(batch[f"{domain}_asr_ids"], batch[f"{domain}_asr_mask"])
+    fused, asr_projection, visual = head(asr, visual)
+    outputs = {f"{domain}_embedding": fused if self.use_asr_text else visual,
+               f"{domain}_visual_embedding": visual}
+    if asr_projection is not None:
+      outputs[f"{domain}_text_embedding"] = asr_projection
+    return outputs
 
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
