@@ -15,7 +15,7 @@ best of the builds), whether every build returns the same top-10 lists and score
 cost of determinism is the ratio of the two build times.
 
 Tuning (`--part tuning`): on `--galleries` clustered galleries (the tests' gallery,
-`tests.search_testing.clustered_search_data`, seeds 0..N-1: 4000 items, 300 queries)
+`cope_jax.testing.search_data.clustered_search_data`, seeds 0..N-1: 4000 items, 300 queries)
 the ScaNN index is built once and tuned to each target on 150 of the queries with each
 lower-bound rule (`tuning.RecallBound`: the project's default, and the mean less one
 standard error it replaced); the recall of the chosen settings is measured on the other
@@ -42,7 +42,7 @@ from cope_jax.search import exact
 from cope_jax.search import metrics
 from cope_jax.search import scann_index
 from cope_jax.search import tuning
-from tests.search_testing import clustered_search_data
+from cope_jax.testing.search_data import clustered_search_data
 
 K = 10
 NUM_QUERIES = 1000  # build part: queries searched after each build

@@ -3,7 +3,7 @@ r"""Kill -9 soak: training killed at random moments resumes to the uninterrupted
   python -m benchmarks.soak --kills 20            # about 10 minutes on 2 CPU cores
   python -m benchmarks.soak --kills 5             # what tests/test_reliability.py runs
 
-Trains the tiny test config (`tests/tiny_configs.py`) on a synthetic ROPE dataset made in
+Trains the tiny test config (`cope_jax/testing/tiny_configs.py`) on a synthetic ROPE dataset made in
 a temporary folder, 8 fake CPU devices: first without interruption (the reference), then
 the same command again and again, each time killed with SIGKILL. Half of the kills (the
 even ones) strike while a checkpoint is being written (as soon as Orbax's temporary step
@@ -38,7 +38,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from tests import tiny_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cope_jax.testing import tiny_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from cope_jax.base import workdir as workdir_layout
 

@@ -66,6 +66,7 @@ from cope_jax.base import batch as batch_contract
 from cope_jax import embed as embed_lib
 from cope_jax import flops as model_flops
 from cope_jax import optim
+from cope_jax.testing import tiny_configs
 from cope_jax.base import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
@@ -122,14 +123,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
 def make_config(shape: str, global_batch: int | None = None, layout: str = "dp"):
   """The run config of `shape` with the mesh of `layout` (model axis 1 unless dp_mp2)."""
   if shape == "tiny":
-    config = synthetic_tiny.get_config()
-    from tests import tiny_configs  # pylint: disable=g-import-not-at-top
-    for field, value in tiny_configs.SMALL_FIELDS.items():
-      section, *path = field.split(".")
-      node = config[section]
-      for part in path[:-1]:
-        node = node[part]
-      node[path[-1]] = value
+    config = tiny_configs.shrink(synthetic_tiny.get_config())
     config.model.text.vocab_size = 1000
     config.model.dtype = "bfloat16"
   else:

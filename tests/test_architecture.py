@@ -205,7 +205,7 @@ MAY_IMPORT = {
     "model": {"base", "model"},
     "run": {"base", "data", "model", "run"},
     "jobs": {"base", "data", "model", "run", "jobs"},
-    "testing": {"base", "data", "model", "run", "jobs", "testing"},
+    "testing": {"base", "data", "model", "run", "jobs", "testing", "configs"},
     "configs": {"configs"},
 }
 # What the base may import besides the standard library and itself.

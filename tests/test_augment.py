@@ -19,7 +19,7 @@ from data_pipelines import pipelines
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
 from tests import test_train
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 
 def _textured(height, width, seed):

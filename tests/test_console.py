@@ -12,7 +12,7 @@ from cope_jax import evaluate
 from cope_jax import train
 from cope_jax.base import progress
 from cope_jax.base import command_line
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 CONFIG_FILE = "configs/synthetic_tiny.py"
 

@@ -33,7 +33,7 @@ from cope_jax.models.config import ModelConfig
 from cope_jax.testing import parity
 from cope_jax.testing import torch_reference
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-4

@@ -41,7 +41,7 @@ from data_pipelines import prepare
 from tests import catalog_edits
 from tests import test_export_whole
 from tests import test_serving
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = "test"

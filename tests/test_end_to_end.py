@@ -19,7 +19,7 @@ from data_pipelines import prepare
 from data_pipelines import rope_format
 from data_pipelines import synthetic
 from tests import image_server
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 FRAMES_PER_CLIP = 6
 NUM_FRAMES = 2  # data.num_frames of tiny_configs

@@ -22,7 +22,7 @@ from cope_jax import export
 from cope_jax import train
 from cope_jax.search import index as search_index
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 # The metrics metrics.json and compare.json both report per direction.
 SHARED_METRICS = ("R@1", "R@5", "R@10", "median_rank", "mAP", "one_shot_accuracy")

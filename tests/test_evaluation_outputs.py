@@ -16,7 +16,7 @@ from cope_jax import evaluate
 from cope_jax import eval_report
 from cope_jax.base import result_files
 from tests import test_serving
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 
 @pytest.fixture(scope="module")

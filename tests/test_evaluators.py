@@ -25,7 +25,7 @@ from cope_jax.search import directions
 from cope_jax.search import scann_index
 from cope_jax.search.embeddings import DomainEmbeddings
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_KINDS = ("exact", "scann", "faiss_hnsw", "approx_topk")
@@ -132,7 +132,7 @@ def test_only_the_named_evaluators_run():
 @pytest.mark.parametrize("entry, message", [
     ({"every": 1}, "'type' field"),
     ({"type": "no_such_evaluator"}, r"config.evals.broken.type='no_such_evaluator': no module"),
-    ({"type": "tests.tiny_configs"}, "defines no Evaluator"),
+    ({"type": "cope_jax.testing.tiny_configs"}, "defines no Evaluator"),
     ({"type": "retrieval", "every": -1}, r"config.evals.broken.every must be >= 0"),
 ])
 def test_a_bad_entry_is_named(entry, message):

@@ -28,7 +28,7 @@ from cope_jax.search import index as search_index
 from cope_jax.base import domains
 from data_pipelines import prepare
 from tests import multiprocess
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORM_TOLERANCE = 1e-5  # float32 rows: |norm - 1|

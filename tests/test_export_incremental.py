@@ -26,7 +26,7 @@ from tests import catalog_edits
 from tests import multiprocess
 from tests import test_export_whole
 from tests import test_serving
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 SPLIT = "test"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

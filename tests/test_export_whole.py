@@ -26,7 +26,7 @@ from cope_jax.base import domains
 from cope_jax import serving_artifact
 from data_pipelines import pipelines
 from tests import test_serving
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

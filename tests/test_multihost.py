@@ -6,7 +6,7 @@ import sys
 
 from cope_jax import checkpoints
 from tests import multiprocess
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

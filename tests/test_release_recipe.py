@@ -62,7 +62,7 @@ from cope_jax import train
 from cope_jax import weight_mapping
 from cope_jax.testing import parity
 from cope_jax.testing import torch_reference
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 VOCAB_SIZE = 50
 NUM_CLASSES = 12
@@ -347,12 +347,7 @@ def test_clipping_the_classifier_too_would_break_parity(tmp_path):
 
 def shrink(config, prepared_dir, rope_dir, num_steps):
   """A recipe config at the test size: tiny shapes, data, float32, a per-step schedule."""
-  for field, value in tiny_configs.SMALL_FIELDS.items():
-    section, *path = field.split(".")
-    node = config[section]
-    for part in path[:-1]:
-      node = node[part]
-    node[path[-1]] = value
+  tiny_configs.shrink(config)
   config.data.prepared_dir, config.data.rope_dir = str(prepared_dir), str(rope_dir)
   config.data.vocab_path = f"{rope_dir}/vocab.txt"
   config.data.num_workers = 0

@@ -48,7 +48,7 @@ from cope_jax.search import directions
 from data_pipelines import prepare
 from data_pipelines import synthetic
 from data_pipelines import transforms
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 from tests.conftest import TINY_ROPE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

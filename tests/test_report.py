@@ -16,7 +16,7 @@ from cope_jax import report_examples
 from cope_jax.search import metrics as search_metrics
 from cope_jax.base import domains
 from data_pipelines import prepare
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 DIRECTION_LABELS = ("page → video", "video → page", "page → live", "live → page",
                     "video → live", "live → video")

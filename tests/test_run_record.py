@@ -33,7 +33,7 @@ from cope_jax import serving_artifact
 from cope_jax.search import faiss_index
 from cope_jax.base import command_line
 from data_pipelines import prepare
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 CONFIG_FILE = "configs/synthetic_tiny.py"
 NUM_STEPS = 2

@@ -10,10 +10,10 @@ from cope_jax.search import exact
 from cope_jax.search import metrics
 from cope_jax.search.embeddings import DomainEmbeddings
 from cope_jax.base import domains
-from tests.search_testing import clustered_search_data
-from tests.search_testing import eval_config
-from tests.search_testing import reference_metrics
-from tests.search_testing import unit_embeddings
+from cope_jax.testing.search_data import clustered_search_data
+from cope_jax.testing.search_data import eval_config
+from cope_jax.testing.search_data import reference_metrics
+from cope_jax.testing.search_data import unit_embeddings
 
 
 def domain_embeddings(seed=8):

@@ -18,10 +18,10 @@ from cope_jax.search import index as search_index
 from cope_jax.search import metrics
 from cope_jax.search import scann_index
 from cope_jax.search import tuning
-from tests.search_testing import clustered_search_data
-from tests.search_testing import eval_config
-from tests.search_testing import integer_embeddings
-from tests.search_testing import unit_embeddings
+from cope_jax.testing.search_data import clustered_search_data
+from cope_jax.testing.search_data import eval_config
+from cope_jax.testing.search_data import integer_embeddings
+from cope_jax.testing.search_data import unit_embeddings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("scann", "faiss_hnsw")

@@ -1,15 +1,15 @@
 """Tests for cope_jax.search.exact and cope_jax.search.metrics against NumPy references
-(`tests/search_testing.py`)."""
+(`cope_jax/testing/search_data.py`)."""
 
 import numpy as np
 import pytest
 
 from cope_jax.search import exact
 from cope_jax.search import metrics as search_metrics
-from tests.search_testing import integer_embeddings
-from tests.search_testing import reference_metrics
-from tests.search_testing import tied_retrieval_data
-from tests.search_testing import unit_embeddings
+from cope_jax.testing.search_data import integer_embeddings
+from cope_jax.testing.search_data import reference_metrics
+from cope_jax.testing.search_data import tied_retrieval_data
+from cope_jax.testing.search_data import unit_embeddings
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from cope_jax import serving_artifact
 from cope_jax import state
 from cope_jax.models import cope
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5

@@ -23,7 +23,7 @@ from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 
 def _trained(config, workdir):

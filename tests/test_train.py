@@ -14,7 +14,7 @@ from cope_jax import config_checks
 from cope_jax import evaluate
 from cope_jax import train
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 
 def _final_params(workdir, step):

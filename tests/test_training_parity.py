@@ -22,7 +22,7 @@ import pytest
 from benchmarks import training_parity
 from cope_jax.testing import parity
 from cope_jax.base import domains
-from tests import tiny_configs
+from cope_jax.testing import tiny_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY, SEEDS = 24, 6, 2

@@ -1,4 +1,5 @@
-"""Data and NumPy references shared by the search tests.
+"""Search data (clustered unit embeddings, tied scores) and NumPy references, for the
+search tests and the search benchmarks.
 
 Metric references are brute-force NumPy written here from the definitions: they sort
 the whole gallery per query and walk the ranking. Tie data uses embeddings with small

@@ -1,20 +1,26 @@
-"""Configs for tests: the synthetic_tiny recipe shrunk further so a step takes milliseconds."""
+"""Configs for tests and benchmarks: the synthetic_tiny recipe shrunk further so a step
+takes milliseconds."""
 
 from configs import synthetic_tiny
 
 
 def training_config(prepared_dir, rope_dir, num_steps=4):
-  config = synthetic_tiny.get_config()
+  config = shrink(synthetic_tiny.get_config())
   config.data.prepared_dir = str(prepared_dir)
   config.data.rope_dir = str(rope_dir)
   config.data.vocab_path = f"{rope_dir}/vocab.txt"
+  config.train.num_steps = num_steps
+  return config
+
+
+def shrink(config):
+  """`config` with the small shapes of SMALL_FIELDS (changed in place; returned)."""
   for field, value in SMALL_FIELDS.items():
     section, *path = field.split(".")
     node = config[section]
     for part in path[:-1]:
       node = node[part]
     node[path[-1]] = value
-  config.train.num_steps = num_steps
   return config
 
 
