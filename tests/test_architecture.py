@@ -9,6 +9,7 @@
 """
 
 import ast
+import importlib
 import pathlib
 import re
 import sys
@@ -277,3 +278,15 @@ def test_no_benchmark_imports_the_tests():
   for path in sorted((ROOT / "benchmarks").glob("*.py")):
     imported = _imports(path, {"tests"})
     assert not imported, f"{path.relative_to(ROOT)} imports {sorted(imported)}"
+
+
+def test_every_library_module_imports():
+  """Every module of the library imports (the quick tier runs this too, so that it
+  covers every module)."""
+  failed = []
+  for module in sorted(import_graph()):
+    try:
+      importlib.import_module(module)
+    except Exception as error:  # pylint: disable=broad-except
+      failed.append(f"{module}: {type(error).__name__}: {error}")
+  assert not failed, "\n".join(failed)

@@ -87,3 +87,18 @@ def test_a_job_failing_before_it_writes_leaves_no_folder(overrides, tmp_path):
                 "--config.train.batch_size=3"])  # not divisible by the 8 devices
   assert not typo.exists()
   assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_library_warnings_are_left_out_at_the_default_verbosity():
+  import logging as python_logging  # pylint: disable=g-import-not-at-top
+  from cope_jax.base import command_line as cl  # pylint: disable=g-import-not-at-top
+
+  def record(level, path):
+    return python_logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+  library = "/usr/lib/python3/site-packages/tensorflow_datasets/core/dataset_builder.py"
+  own = os.path.join(os.path.dirname(cl.__file__), "domains.py")
+  keep = cl._project_warnings_and_errors  # pylint: disable=protected-access
+  assert not keep(record(python_logging.WARNING, library))
+  assert keep(record(python_logging.ERROR, library))
+  assert keep(record(python_logging.WARNING, own))

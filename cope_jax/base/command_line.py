@@ -398,6 +398,17 @@ def _define_common_flags(command: Command, flag_values: flags.FlagValues,
                        "libraries' logs), 1 debug", flag_values=flag_values)
 
 
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PROJECT_PACKAGES = tuple(os.path.join(_PROJECT_ROOT, name) + os.sep
+                          for name in ("cope_jax", "data_pipelines", "benchmarks"))
+
+
+def _project_warnings_and_errors(record: python_logging.LogRecord) -> bool:
+  """A log filter: errors from anywhere, warnings only from this project's code."""
+  return (record.levelno >= python_logging.ERROR
+          or os.path.abspath(record.pathname).startswith(_PROJECT_PACKAGES))
+
+
 def _finish(status: int, message: str, in_process: bool) -> None:
   """Prints `message` and ends: os._exit for a program (library threads must neither
   print more nor keep it alive), CommandExit for an in-process call."""
@@ -518,6 +529,11 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
     flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
   logging.set_verbosity(args.verbosity)
+  if args.verbosity < 0 and not in_process:
+    # The default verbosity shows this project's warnings and everyone's errors; the
+    # libraries' warnings (TFDS's "Using custom data configuration", Orbax's) need
+    # --verbosity 0.
+    logging.get_absl_handler().addFilter(_project_warnings_and_errors)
   background_errors = BackgroundErrorReports()
   quiet = not traceback_requested(argv) and not in_process
   if quiet:
