@@ -205,6 +205,7 @@ _LIBC = _glibc()
 
 _PREAD_SPANS = 4096  # up to this many spans: one read each; beyond, read in long runs
 _RUN_BYTES = 1 << 22  # the longest run of a file read at once for its spans
+_RUN_DENSITY = 8  # spans covering less than 1/8 of a run are read one by one
 
 
 def gather_spans(path: str, starts: np.ndarray, lengths: np.ndarray) -> pa.LargeStringArray:
@@ -234,6 +235,16 @@ def gather_spans(path: str, starts: np.ndarray, lengths: np.ndarray) -> pa.Large
       while i < len(starts):
         run_start = int(starts[i])
         j = max(i + 1, int(np.searchsorted(ends, run_start + _RUN_BYTES, "right")))
+        wanted = int(out_offsets[j] - out_offsets[i])
+        if wanted * _RUN_DENSITY < int(ends[j - 1]) - run_start:  # scattered: one read each
+          for k in range(i, j):
+            length = int(lengths[k])
+            chunk = os.pread(fd, length, int(starts[k]))
+            if len(chunk) != length:
+              raise ValueError(f"{path} is shorter than when it was read (changed since?)")
+            data[out_offsets[k]:out_offsets[k] + length] = np.frombuffer(chunk, np.uint8)
+          i = j
+          continue
         run_length = int(ends[j - 1]) - run_start
         run = os.pread(fd, run_length, run_start)
         if len(run) != run_length:
