@@ -349,6 +349,9 @@ class Rope(tfds.core.GeneratorBasedBuilder):
     super()._download_and_prepare(dl_manager, download_config)
     if self._build["beam"]:
       self._collect_beam_problems()
+    plan_dir = self.data_path / _PLAN_DIR  # what the workers read: not part of the dataset
+    if plan_dir.exists():
+      plan_dir.rmtree()
     split_infos = self.info.splits
     write_build_files(
         self.data_path, self._build, self._build["decode_problems"],
@@ -385,16 +388,13 @@ class Rope(tfds.core.GeneratorBasedBuilder):
     raise NotImplementedError
 
   def _collect_beam_problems(self) -> None:
-    """Reads (then deletes) the problem files and the plan the workers read."""
+    """Reads (then deletes) the problem files the workers wrote."""
     for name, prefix in self._build["beam_files"]:
       problems = self._build["decode_problems"].setdefault(name, [])
       for path in sorted(prefix.parent.glob(f"{prefix.name}-*.jsonl")):
         with path.open(encoding="utf-8") as f:
           problems.extend(json.loads(line) for line in f if line.strip())
         path.unlink()
-    plan_dir = self.data_path / _PLAN_DIR
-    if plan_dir.exists():
-      plan_dir.rmtree()
 
 
 # --- what a build writes besides the records ---------------------------------------

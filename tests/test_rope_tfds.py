@@ -101,6 +101,7 @@ _NO_TENSORFLOW_SCRIPT = textwrap.dedent("""
     frames = [len(source[i]["frames"]) for i in range(len(source))]
     print(json.dumps({"ids": ids, "frames": frames,
                       "catalog": list(rope_format.load_rope(rope_dir, "test").videos),
+                      "files": sorted(p.name for p in builder.data_path.iterdir()),
                       "tensorflow_imported": "tensorflow" in sys.modules}))
 """)
 
@@ -127,6 +128,7 @@ def test_build_and_read_never_import_tensorflow(tmp_path):
   assert not output["tensorflow_imported"]
   assert output["ids"] == output["catalog"]  # catalog order
   assert set(output["frames"]) == {4}  # frames4: the 4 segment-middle frames of 6
+  assert not [name for name in output["files"] if "tmp" in name]  # the plan is gone
 
 
 @pytest.mark.slow
