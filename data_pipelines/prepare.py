@@ -26,7 +26,13 @@ docstring describes splits, record order and configs). It
      file, a directory in its place or an unreadable one is an error naming each;
   2. builds the dataset into OUT/tfds, or skips the build when OUT already holds it for
      the same inputs and options (the dataset folder carries a fingerprint of the txt
-     files and options). Without a Beam runner the build is the project's shard writer
+     files and options). A build first plans: it parses the catalog, checks the image
+     files and writes the records to encode as Arrow files (`rope_tfds.plan_build`,
+     `rope_plan`; in OUT/.building/<config>-<fingerprint>.plan/, deleted at the end),
+     which the workers read. `--plan_only` stops there, writes the counts and problems
+     to OUT/configs/<config>/plan_report.json and no plan file, decodes no image and
+     builds no dataset (`--check_files=false` also skips the file check).
+     Without a Beam runner the build is the project's shard writer
      (`rope_shards`): `--workers` processes encode, one writes the ArrayRecord shards
      in order, in OUT/.building/<config>-<fingerprint>/, which is renamed into place
      when complete. It resumes per shard: a rerun after a kill -9 keeps every shard

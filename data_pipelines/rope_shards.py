@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
 import os
@@ -110,14 +111,19 @@ class _Shard:
     self.name, self.index, self.plan, self.start, self.stop = name, index, plan, start, stop
     self.path = os.fspath(template.sharded_filepath(shard_index=index, num_shards=count))
     self.done_path = self.path + DONE_SUFFIX
-    self.chunk_images = [int(images[a:a + CHUNK_ROWS].sum())
-                         for a in range(start, stop, CHUNK_ROWS)]
-    self.images = sum(self.chunk_images)
+    self._images = images[start:stop]  # a view: images of each row
+    self.images = int(self._images.sum())
 
   def chunks(self) -> list[tuple[str, int, int]]:
     """(plan path, first row, last row) of each chunk of CHUNK_ROWS rows."""
     return [(self.plan, a, min(self.stop, a + CHUNK_ROWS))
             for a in range(self.start, self.stop, CHUNK_ROWS)]
+
+  def chunk_images(self) -> list[int]:
+    """The images of each chunk."""
+    if not len(self._images):
+      return []
+    return np.add.reduceat(self._images, np.arange(0, len(self._images), CHUNK_ROWS)).tolist()
 
   def finished(self) -> dict | None:
     """The done file's record when the shard is complete on disk, else None."""
@@ -135,7 +141,7 @@ class _Shard:
 def _encoded(shards: list[_Shard], max_side: int, workers: int
              ) -> Iterator[list[tuple[dict | None, list[dict]]]]:
   """Encoded chunks of every shard's rows, in order (CHUNK_ROWS rows each)."""
-  chunks = [chunk for shard in shards for chunk in shard.chunks()]
+  chunks = itertools.chain.from_iterable(shard.chunks() for shard in shards)  # lazily
   if workers <= 1:
     for plan, start, stop in chunks:
       yield rope_plan.encode_plan_rows(plan, start, stop, max_side)
@@ -147,12 +153,11 @@ def _encoded(shards: list[_Shard], max_side: int, workers: int
       "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
     in_flight: collections.deque = collections.deque()
-    position = 0
-    while position < len(chunks) or in_flight:
-      while position < len(chunks) and len(in_flight) < 4 * workers:
-        in_flight.append(pool.submit(rope_plan.encode_plan_rows, *chunks[position],
-                                     max_side))
-        position += 1
+    for chunk in chunks:
+      if len(in_flight) == 4 * workers:
+        yield in_flight.popleft().result()
+      in_flight.append(pool.submit(rope_plan.encode_plan_rows, *chunk, max_side))
+    while in_flight:
       yield in_flight.popleft().result()
 
 
@@ -206,7 +211,7 @@ def build_shards(builder, build: dict, plans: dict[str, str], staging_dir: str, 
       temporary = shard.path + ".tmp"
       writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
       records, record_bytes, problems = 0, 0, []
-      for chunk_images in shard.chunk_images:
+      for chunk_images in shard.chunk_images():
         for example, row_problems in next(chunks):
           problems += row_problems
           if example is not None:
