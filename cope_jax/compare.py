@@ -33,6 +33,7 @@ evaluated on all its ids. Written into OUT (default `./compare`):
 
 from __future__ import annotations
 
+from absl import flags
 import dataclasses
 import math
 import os
@@ -55,6 +56,7 @@ from data_pipelines import rope_format
 
 from cope_jax.compare_report import CANDIDATE, EXAMPLES, JSON_FILE, MARKDOWN_FILE
 from cope_jax.compare_report import OVERLAP_K, PLOT_FILE, REFERENCE, TABLE_METRICS
+from cope_jax.base import command_line
 
 RELEASE, EXPORT = "release", "export"
 DEFAULT_OUT = "compare"
@@ -433,7 +435,6 @@ def compare(reference_dir: str, rope_dir: str, split: str, candidate_dir: str | 
 
 
 def _define_flags(flag_values) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
 
   define = dict(flag_values=flag_values)
   flags.DEFINE_string("reference", None, "folder of the reference embeddings (release "
@@ -457,7 +458,6 @@ def _main(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """The command line (`argv`: the arguments after the program name)."""
-  from cope_jax.base import command_line  # pylint: disable=g-import-not-at-top
 
   command = command_line.Command(
       "python -m cope_jax.compare",

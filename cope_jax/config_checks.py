@@ -20,6 +20,7 @@ import ml_collections
 from cope_jax.search import faiss_index
 from cope_jax.search import index as search_index
 from cope_jax.base import domains
+from data_pipelines import prepare
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -226,7 +227,6 @@ def check_split(prepared_dir: str, split: str, field: str, min_domains: int = 1,
   Returns:
     The record count of each domain.
   """
-  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
 
   try:
     identity = prepare.dataset_identity(prepared_dir, config_name)

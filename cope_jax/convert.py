@@ -43,6 +43,7 @@ converted towers) and `conversion.json` (kind, source, its sha256, counts, confi
 
 from __future__ import annotations
 
+from absl import flags
 import copy
 import dataclasses
 import hashlib
@@ -61,6 +62,7 @@ from cope_jax import losses
 from cope_jax import state
 from cope_jax import weight_mapping
 from cope_jax.base import domains
+from cope_jax import cli
 
 KINDS = ("cope", "xclip", "clip_vit", "bert")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -445,7 +447,6 @@ def run(torch_checkpoint: str, kind: str, config: ml_collections.ConfigDict, out
 
 
 def _define_flags(flag_values) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string("torch_checkpoint", None, "PyTorch/.safetensors file, or a HF model "
                       "dir for --kind bert", flag_values=flag_values)
@@ -459,7 +460,6 @@ def _define_flags(flag_values) -> None:
 
 
 def main(argv=None) -> None:
-  from cope_jax import cli  # pylint: disable=g-import-not-at-top
 
   command = cli.command("python -m cope_jax.convert", __doc__, config=DEFAULT_CONFIG,
                         config_help="config file fixing the model's shapes (config.model)",

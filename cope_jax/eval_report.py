@@ -20,6 +20,7 @@ log: the command `python -m cope_jax.report --workdir DIR` (`cope_jax/report.py`
 
 from __future__ import annotations
 
+import json
 import html
 import io
 import math
@@ -39,6 +40,7 @@ from cope_jax.base import result_files
 from cope_jax.search import exact
 from cope_jax.search import metrics as search_metrics
 from cope_jax.base import domains
+from data_pipelines import prepare
 
 REPORT_FILE = workdir_layout.REPORT_FILE
 RECALL_CURVES_FILE = "recall_curves.png"
@@ -364,7 +366,6 @@ def _write_examples(eval_dir: str, embeddings: Mapping[str, embed.DomainEmbeddin
   num_examples = int(config.eval.report_examples)
   if num_examples <= 0:
     return None
-  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
 
   prepared_dir, split = config.data.prepared_dir, config.data.eval_split
   config_name = config.data.prepared_config
@@ -395,7 +396,6 @@ def rewrite_report(workdir: str, config: ml_collections.ConfigDict | None = None
   Raises:
     FileNotFoundError: no `eval/metrics.json` in `workdir`.
   """
-  import json  # pylint: disable=g-import-not-at-top
 
   eval_dir = workdir_layout.eval_dir(workdir)
   metrics_path = workdir_layout.metrics_file(workdir)

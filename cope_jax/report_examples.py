@@ -3,6 +3,7 @@ top-k results as inline thumbnails (a self-contained page; `cope_jax.report` wri
 
 from __future__ import annotations
 
+from PIL import Image
 import base64
 import html
 import io
@@ -24,7 +25,6 @@ THUMBNAIL_QUALITY = 85  # JPEG quality of the embedded thumbnails
 
 def thumbnail_data_uri(jpeg_bytes: bytes, side: int = THUMBNAIL_SIDE) -> str:
   """A `data:image/jpeg;base64,...` URI of the image shrunk to `side` pixels."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
 
   with Image.open(io.BytesIO(jpeg_bytes)) as image:
     image = image.convert("RGB")

@@ -5,6 +5,9 @@
   # only the 8 frames per clip training reads, images at most 256 px:
   python -m data_pipelines.prepare --rope_dir R --out O --num_frames 8 --max_image_side 256
 
+  # check a catalog before a long build: parse, check the image files, count, report
+  python -m data_pipelines.prepare --rope_dir R --out O --num_frames 8 --plan_only
+
   # every core: 8 local processes decode / check / re-encode, one writer writes shards
   python -m data_pipelines.prepare --rope_dir R --out O --workers 8
 
@@ -23,7 +26,13 @@ docstring describes splits, record order and configs). It
      file, a directory in its place or an unreadable one is an error naming each;
   2. builds the dataset into OUT/tfds, or skips the build when OUT already holds it for
      the same inputs and options (the dataset folder carries a fingerprint of the txt
-     files and options). Without a Beam runner the build is the project's shard writer
+     files and options). A build first plans: it parses the catalog, checks the image
+     files and writes the records to encode as Arrow files (`rope_tfds.plan_build`,
+     `rope_plan`; in OUT/.building/<config>-<fingerprint>.plan/, deleted at the end),
+     which the workers read. `--plan_only` stops there, writes the counts and problems
+     to OUT/configs/<config>/plan_report.json and no plan file, decodes no image and
+     builds no dataset (`--check_files=false` also skips the file check).
+     Without a Beam runner the build is the project's shard writer
      (`rope_shards`): `--workers` processes encode, one writes the ArrayRecord shards
      in order, in OUT/.building/<config>-<fingerprint>/, which is renamed into place
      when complete. It resumes per shard: a rerun after a kill -9 keeps every shard
@@ -73,6 +82,7 @@ import shutil
 from collections.abc import Sequence
 
 from etils import epath
+import numpy as np
 
 from cope_jax.base import command_line
 from cope_jax.base import domains
@@ -82,6 +92,8 @@ from data_pipelines import rope_shards
 from data_pipelines import rope_tfds
 
 REPORT_NAME = "prepare_report.json"
+PLAN_REPORT_NAME = "plan_report.json"  # prepare --plan_only, in OUT/configs/<config>/
+PLAN_SUFFIX = ".plan"  # OUT/.building/<config>-<fingerprint>.plan/: the build's plan files
 POINTER_NAME = "dataset.json"
 PRODUCTS_NAME = "products.json"
 TFDS_SUBDIR = "tfds"
@@ -160,7 +172,8 @@ def _remove_stale(out_dir: str, dataset_dir: str, staging_dir: str, log) -> None
 def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
             num_frames: int = 0, max_image_side: int = 0, num_shards: int | None = None,
             workers: int = 1, beam_runner: str | None = None,
-            beam_pipeline_options: str = "", progress: bool = True, log=print) -> dict:
+            beam_pipeline_options: str = "", plan_only: bool = False,
+            check_files: bool = True, progress: bool = True, log=print) -> dict:
   """Prepares `rope_dir` into `out_dir`; returns the report it writes.
 
   Args:
@@ -176,6 +189,11 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
     beam_runner: Beam runner name (DirectRunner, DataflowRunner, FlinkRunner,
       SparkRunner); None: the shard writer unless pipeline options name one.
     beam_pipeline_options: comma-separated `key=value` Beam pipeline options.
+    plan_only: stop after the plan (`plan` below): parse the catalog, check the image
+      files, count products, records, images and shards, write the report to
+      OUT/configs/<config>/plan_report.json; decode no image and write no dataset.
+    check_files: check that every image named exists (a directory listing per folder);
+      False (only with `plan_only`) skips it.
     progress: show the progress bar (images/s and time left).
     log: receives one line per step.
 
@@ -191,6 +209,9 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
     raise ValueError(f"need workers >= 1, num_frames >= 0, max_image_side >= 0, "
                      f"num_shards >= 1; got {workers}, {num_frames}, {max_image_side}, "
                      f"{num_shards}")
+  if not check_files and not plan_only:
+    raise ValueError("check_files=False (--check_files=false) is for --plan_only: a build "
+                     "reads every image anyway, and the frames kept depend on the check")
   splits = list(splits) if splits else rope_tfds.present_splits(rope_dir)
   if not splits:
     raise rope_tfds.RopeFilesError(
@@ -198,14 +219,17 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
         f"{' and '.join(rope_format.SPLITS)}, e.g. "
         f"{rope_format.file_name(rope_format.SPLITS[0], domains.DOMAINS[0].files.pair)})")
   rope_tfds.check_split_files(rope_dir, splits)  # before anything is written
+  config = rope_tfds.rope_config(num_frames, max_image_side)
+  fingerprint = rope_tfds.input_fingerprint(rope_dir, splits, config)
+  if plan_only:
+    return _plan_only(rope_dir, out_dir, splits, config, fingerprint, num_shards,
+                      check_files, log)
   beam_options = _beam_options(beam_runner, workers, beam_pipeline_options)
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  config = rope_tfds.rope_config(num_frames, max_image_side)
-  fingerprint = rope_tfds.input_fingerprint(rope_dir, splits, config)
   tfds_dir = os.path.join(out_dir, TFDS_SUBDIR)
   builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
-                           file_format=rope_tfds.FILE_FORMAT)
+                           file_format=rope_tfds.FILE_FORMAT, fingerprint=fingerprint)
   dataset_dir = os.fspath(builder.data_path)
   staging_dir = os.path.join(out_dir, BUILDING_SUBDIR, f"{config.name}-{fingerprint[:16]}")
   os.makedirs(out_dir, exist_ok=True)
@@ -224,7 +248,8 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
     if changed and beam_options is not None:  # built from other inputs: stale (TFDS
       shutil.rmtree(dataset_dir)  # builds into an empty folder; the shard writer
       builder = rope_tfds.Rope(config=config, data_dir=tfds_dir, rope_splits=splits,
-                               file_format=rope_tfds.FILE_FORMAT)  # replaces it at the end)
+                               file_format=rope_tfds.FILE_FORMAT,  # replaces it at the end)
+                               fingerprint=fingerprint)
     runner = (f"the shard writer ({workers} process{'es' if workers > 1 else ''})"
               if beam_options is None else "Apache Beam")
     log(f"{config.name}: building {', '.join(splits)} into {dataset_dir} with {runner}"
@@ -259,6 +284,7 @@ def prepare(rope_dir: str, out_dir: str, *, splits: Sequence[str] | None = None,
         "domains": {d: {"records": counts[d]["records"],
                         "products": sum(bool(p[d]) for p in products),
                         "dropped_at_decode": counts[d]["dropped_at_decode"],
+                        "images": counts[d].get("images"),
                         "shards": counts[d]["shards"], "status": status}
                     for d in domains.NAMES},
     }
@@ -343,9 +369,15 @@ def _build_with_shard_writer(builder, rope_dir: str, splits: list[str], staging_
                              dataset_dir: str, num_shards: int | None, workers: int,
                              progress: bool, log) -> dict:
   """Builds (or finishes) the dataset in `staging_dir`, then renames it to `dataset_dir`.
+  The plan files go to `staging_dir`.plan and are deleted at the end.
   Returns {"written": shards written, "reused": shards a killed run had finished}."""
-  build, rows_by_name = rope_tfds.plan_build(rope_dir, splits, builder.builder_config)
-  result = rope_shards.build_shards(builder, build, rows_by_name, staging_dir,
+  plan_dir = staging_dir + PLAN_SUFFIX
+  build, plans = rope_tfds.plan_build(rope_dir, splits, builder.builder_config, plan_dir,
+                                      fingerprint=builder.fingerprint)
+  images = [counts for entry in build["splits"].values() for counts in entry["images"].values()]
+  log(f"planned {sum(len(c) for c in images):,} records, {sum(int(c.sum()) for c in images):,} "
+      "images")
+  result = rope_shards.build_shards(builder, build, plans, staging_dir,
                                     num_shards=num_shards, workers=workers,
                                     progress=progress, log=log)
   rope_tfds.write_build_files(epath.Path(staging_dir), build, result["decode_problems"],
@@ -355,7 +387,57 @@ def _build_with_shard_writer(builder, rope_dir: str, splits: list[str], staging_
     shutil.rmtree(dataset_dir)
   os.replace(staging_dir, dataset_dir)
   rope_shards.remove_work_files(dataset_dir)
+  shutil.rmtree(plan_dir, ignore_errors=True)
   return {"written": result["shards_written"], "reused": result["shards_reused"]}
+
+
+def _plan_only(rope_dir: str, out_dir: str, splits: list[str], config, fingerprint: str,
+               num_shards: int | None, check_files: bool, log) -> dict:
+  """`prepare(plan_only=True)`: the catalog checked and counted, the report written to
+  OUT/configs/<config>/plan_report.json; no image decoded, no dataset written."""
+  log(f"{config.name}: planning {', '.join(splits)} (no image is decoded"
+      + ("" if check_files else "; image files not checked") + ")")
+  build, _ = rope_tfds.plan_build(rope_dir, splits, config, None, check_files=check_files,
+                                  fingerprint=fingerprint, require_products=False)
+  split_reports, problems = {}, []
+  totals = {"records": 0, "images": 0, "shards": 0}
+  for split, entry in build["splits"].items():
+    problems += [{"split": split, "stage": "read", **p} for p in entry["read_problems"]]
+    num_products = len(entry["product_ids"])
+    present = {d: np.bincount(entry["product_index"][d], minlength=num_products) > 0
+               for d in domains.NAMES}
+    domain_reports = {}
+    for d in domains.NAMES:
+      images = entry["images"][d]
+      shards = len(rope_shards.shard_bounds(images, num_shards)) if len(images) else 0
+      domain_reports[d] = {"records": len(images), "products": int(present[d].sum()),
+                           "images": int(images.sum()), "shards": shards,
+                           "status": "planned"}
+      for key in totals:
+        totals[key] += domain_reports[d][key]
+    split_reports[split] = {
+        "fingerprint": fingerprint, "products": num_products,
+        "products_with_all_domains": int(np.logical_and.reduce(list(present.values())).sum()),
+        "frames_skipped_by_download": entry["frames_skipped_by_download"],
+        "domains": domain_reports}
+  report = {
+      "rope_dir": os.path.abspath(rope_dir),
+      "options": {"splits": splits, "num_frames": config.num_frames,
+                  "max_image_side": config.max_side, "num_shards": num_shards,
+                  "check_files": check_files},
+      "tfds": {"name": rope_tfds.DATASET_NAME, "config": config.name,
+               "version": rope_tfds.DATASET_VERSION},
+      "status": "planned (no image decoded)", "plan": totals,
+      "splits": split_reports, "num_problems": len(problems), "problems": problems}
+  report_path = os.path.join(out_dir, CONFIGS_SUBDIR, config.name, PLAN_REPORT_NAME)
+  os.makedirs(os.path.dirname(report_path), exist_ok=True)
+  _write_json(report_path, report)
+  for split, entry in split_reports.items():
+    if not entry["products"]:
+      raise rope_tfds.NoUsableProductError(
+          rope_tfds.no_usable_product_message(rope_dir, split, [
+              p for p in problems if p["split"] == split]) + f" (report: {report_path})")
+  return report
 
 
 # --- reading -----------------------------------------------------------------------
@@ -542,6 +624,11 @@ def _define_flags(flag_values) -> None:
                       **define)
   flags.DEFINE_string("beam_pipeline_options", "", "comma-separated key=value Beam "
                       "pipeline options", **define)
+  flags.DEFINE_bool("plan_only", False, "parse the catalog, check the image files, count "
+                    "and write the report (OUT/configs/<config>/plan_report.json); decode "
+                    "no image, build no dataset", **define)
+  flags.DEFINE_bool("check_files", True, "check that every image file exists "
+                    "(--check_files=false: skip it; only with --plan_only)", **define)
 
 
 COMMAND = command_line.Command("python -m data_pipelines.prepare", __doc__,
@@ -554,11 +641,20 @@ def _main(args) -> None:
                    num_frames=args.num_frames, max_image_side=args.max_image_side,
                    num_shards=args.num_shards, workers=args.workers,
                    beam_runner=args.beam_runner,
-                   beam_pipeline_options=args.beam_pipeline_options)
+                   beam_pipeline_options=args.beam_pipeline_options,
+                   plan_only=args.plan_only, check_files=args.check_files)
   for split, entry in report["splits"].items():
     counts = ", ".join(f"{d} {c['records']}" for d, c in entry["domains"].items())
     print(f"{split}: {entry['products']} products ({entry['products_with_all_domains']} with "
           f"all three domains); records: {counts}")
+  if args.plan_only:
+    plan = report["plan"]
+    print(f"{report['tfds']['config']} planned: {plan['records']:,} records, "
+          f"{plan['images']:,} images to decode, {plan['shards']:,} shards "
+          f"({report['status']})")
+    print(f"{report['num_problems']} problem(s); report: "
+          f"{os.path.join(args.out, CONFIGS_SUBDIR, report['tfds']['config'], PLAN_REPORT_NAME)}")
+    return
   config = report["tfds"]["config"]
   print(f"{config} ({report['status']}): {report['tfds']['dataset_dir']}")
   others = [name for name in prepared_configs(args.out) if name != config]

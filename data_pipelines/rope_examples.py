@@ -5,7 +5,8 @@ project's own resumable shard writer `rope_shards`), and light: a worker process
 encodes rows imports PIL and NumPy only, not TFDS.
 
   row      {key, domain, media_file, id, product_id, product_index, text, paths,
-            frame_keys, lines}: JSON-able, one per catalog record (`catalog_rows`)
+            frame_keys, lines}: one catalog record, built from the build's plan file
+            (`rope_plan.Plan.rows`) only for the records being encoded
   example  {id, product_id, product_index, text, frames: [JPEG bytes], frame_keys}:
             the record's features (`encode_row`)
 """
@@ -16,7 +17,6 @@ import os
 
 from cope_jax.base import domains
 from data_pipelines import images
-from data_pipelines import rope_format
 from data_pipelines import transforms
 
 
@@ -30,30 +30,6 @@ def kept_frame_positions(num_available: int, num_frames: int) -> list[int]:
   if not num_frames:
     return list(range(num_available))
   return sorted(set(transforms.sample_frame_indices(num_available, num_frames)))
-
-
-def catalog_rows(catalog: rope_format.RopeCatalog, domain: str,
-                 product_index: dict[str, int], num_frames: int) -> list[dict]:
-  """One JSON-able row per catalog record of `domain`, in catalog order (key = position).
-
-  Row: {key, domain, media_file, id, product_id, product_index, text, paths, frame_keys,
-  lines}; for clips only the frames that `num_frames` keeps.
-  """
-  media_file = catalog.media_file(domain)
-  rows = []
-  for key, record in enumerate(catalog.domain(domain).values()):
-    if domains.get(domain).is_clip:
-      keep = kept_frame_positions(len(record.frames), num_frames)
-      paths = [record.frames[i] for i in keep]
-      frame_keys = [record.frame_keys[i] for i in keep]
-      lines = [record.frame_lines[i] for i in keep]
-    else:
-      paths, frame_keys, lines = [record.image], [0], [record.image_line]
-    rows.append({"key": key, "domain": domain, "media_file": media_file, "id": record.id,
-                 "product_id": record.product_id,
-                 "product_index": product_index[record.product_id], "text": record.text,
-                 "paths": paths, "frame_keys": frame_keys, "lines": lines})
-  return rows
 
 
 def encode_row(row: dict, max_side: int) -> tuple[dict | None, list[dict]]:
@@ -88,6 +64,6 @@ def encode_row(row: dict, max_side: int) -> tuple[dict | None, list[dict]]:
 
 
 def encode_rows(rows: list[dict], max_side: int) -> list[tuple[dict | None, list[dict]]]:
-  """`encode_row` of each row (what a worker process of `rope_shards` runs: this module
-  imports no TFDS, so a worker starts without it)."""
+  """`encode_row` of each row (what a worker process runs: this module imports no TFDS,
+  so a worker starts without it)."""
   return [encode_row(row, max_side) for row in rows]

@@ -24,7 +24,12 @@ others are never turned into paths.
 
 Memory: the catalog keeps its records as columns (Arrow strings, NumPy integers); a
 `PageRecord` / `ClipRecord` is built when it is looked up or iterated over, and the id
-index behind `catalog.videos[id]` is built on the first lookup.
+index behind `catalog.videos[id]` is built on the first lookup. Texts and image names
+are not held: each record keeps the byte span of its text and of its image names in
+the txt files, read when records are built (the txt files must not change meanwhile: a
+changed one is an error); a large range of records reads every name of its domain in
+one pass over the media file, kept from then on. The memory each file's parse freed
+is given back before the next file is read.
 
 Parsing rules:
   * UTF-8 with or without a byte-order mark; LF or CRLF line ends. Blank lines and lines
@@ -41,9 +46,11 @@ Parsing rules:
     row) and left out of the catalog. Rows about ids that no pair file names are
     reported.
   * Image names are resolved as `root/images/<name>` first, then `root/<name>`. With
-    `check_files=True` (the default) each image's existence is checked with one or two
-    `stat` calls; missing files are reported on the txt row that names them. Whether a
-    file actually decodes is checked later, by `data_pipelines.prepare`.
+    `check_files=True` (the default) each image's existence is checked against a
+    listing of the two folders (`os.scandir`, once each; a name that is not a plain file
+    name, with a `/`, is looked up with `os.path.exists`); missing files are reported on
+    the txt row that names them. Whether a file actually decodes is checked later, by
+    `data_pipelines.prepare`.
   * Problems are listed file by file (pair, text, media file of each domain), in line
     order, then the pair-file rows of records without a text row or without images.
 """
@@ -59,6 +66,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cope_jax.base import domains
 from data_pipelines import rope_txt
@@ -72,6 +80,8 @@ IMAGE_NOT_FOUND = rope_txt.IMAGE_NOT_FOUND  # in the reason of each image file n
 
 _IN_IMAGE_DIR, _IN_ROOT, rope_txt.ABSENT = 0, 1, 2  # where a media row's image was found
 _ITERATION_BLOCK = 4096  # records converted to Python objects at a time
+_LISTING_BATCH = 1 << 16  # directory entries hashed at a time
+_DIRECT_NAMES = 1 << 16  # image names read one by one for a range up to this many
 
 
 def file_name(split: str, kind: str) -> str:
@@ -116,18 +126,27 @@ class DomainRecords(collections.abc.Mapping):
   """id -> PageRecord / ClipRecord of one domain, in pair-file order, kept as columns.
 
   A read-only mapping (`[id]`, `in`, `len`, iteration, `.items()`, `.values()`); records
-  are built on access. Columns: ids, product ids, texts [n]; the images of record i are
-  rows `offsets[i]:offsets[i + 1]` of names, keys, lines and places [frames].
+  are built on access. Columns: ids, product ids [n]; the images of record i are rows
+  `offsets[i]:offsets[i + 1]` of keys, lines and places [frames]. Texts [n] and image
+  names [frames] are kept as their byte spans in the txt files (`rope_txt.Spans`) and
+  read when records are built: a few at a time directly, a large range (more than
+  `_DIRECT_NAMES` images) by reading every name of the domain in one pass over its
+  media file, kept from then on.
   """
 
   def __init__(self, is_clip: bool, directories: tuple[str, str], ids: pa.Array,
-               product_ids: pa.Array, texts: pa.Array, offsets: np.ndarray,
-               names: pa.Array, keys: np.ndarray, lines: np.ndarray, places: np.ndarray):
+               product_ids: pa.Array, texts: rope_txt.Spans, offsets: np.ndarray,
+               names: rope_txt.Spans, keys: np.ndarray, lines: np.ndarray,
+               places: np.ndarray):
     self._is_clip = is_clip
     self._directories = directories  # (images dir, root): where places 0 / 1 point
     self._ids, self._product_ids, self._texts = ids, product_ids, texts
     self._offsets, self._names = offsets, names
     self._keys, self._lines, self._places = keys, lines, places
+
+  @functools.cached_property
+  def _all_names(self) -> tuple[pa.LargeStringArray, np.ndarray]:
+    return self._names.read_all()
 
   def __len__(self) -> int:
     return len(self._ids)
@@ -146,15 +165,59 @@ class DomainRecords(collections.abc.Mapping):
     for start in range(0, len(self), _ITERATION_BLOCK):
       yield from self._ids.slice(start, _ITERATION_BLOCK).to_pylist()
 
+  # Column access, for the readers that need no Python object per record.
+
+  @property
+  def ids(self) -> pa.Array:
+    """[n] the ids, in pair-file order."""
+    return self._ids
+
+  @property
+  def product_ids(self) -> pa.Array:
+    """[n] each record's product id."""
+    return self._product_ids
+
+  @property
+  def image_offsets(self) -> np.ndarray:
+    """int64 [n + 1]: record i's images are images offsets[i]:offsets[i + 1]."""
+    return self._offsets
+
+  def texts(self, start: int, stop: int) -> pa.Array:
+    """[stop - start] the texts of records start:stop (read from the txt file;
+    `MISSING_TEXT` where a record has none)."""
+    texts = self._texts.read(start, stop)
+    return pc.if_else(pc.equal(texts, ""), MISSING_TEXT, texts)
+
+  def images(self, first: int, last: int) -> tuple[pa.Array, np.ndarray, np.ndarray,
+                                                   np.ndarray]:
+    """(names, keys int64, lines int32, places int8) of images first:last; a place
+    indexes `directories` (-1: the name is a path as written)."""
+    if last - first > _DIRECT_NAMES or "_all_names" in self.__dict__:
+      all_names, index = self._all_names
+      names = all_names.take(pa.array(index[first:last]))
+    else:
+      names = self._names.read(first, last)
+    return (names, self._keys[first:last], self._lines[first:last],
+            self._places[first:last])
+
+  @property
+  def places(self) -> np.ndarray:
+    """int8 [frames]: where each image was found (an index of `directories`)."""
+    return self._places
+
+  @property
+  def directories(self) -> tuple[str, str]:
+    """(images folder, ROPE root): where an image of place 0 / 1 is."""
+    return self._directories
+
   def _records(self, start: int, stop: int) -> list[tuple[str, PageRecord | ClipRecord]]:
     ids = self._ids.slice(start, stop - start).to_pylist()
     products = self._product_ids.slice(start, stop - start).to_pylist()
-    texts = self._texts.slice(start, stop - start).to_pylist()
+    texts = self.texts(start, stop).to_pylist()
     first, last = int(self._offsets[start]), int(self._offsets[stop])
-    names = self._names.slice(first, last - first).to_pylist()
-    keys = self._keys[first:last].tolist()
-    lines = self._lines[first:last].tolist()
-    places = self._places[first:last].tolist()
+    names, keys, lines, places = self.images(first, last)
+    names, keys, lines, places = (names.to_pylist(), keys.tolist(), lines.tolist(),
+                                  places.tolist())
     paths = [name if place < 0 else os.path.join(self._directories[place], name)
              for name, place in zip(names, places)]
     records = []
@@ -215,16 +278,29 @@ class RopeCatalog:
 
   @functools.cached_property
   def products(self) -> dict[str, dict[str, list[str]]]:
-    """product_id -> {"page": [ids], "video": [ids], "live": [ids]}, sorted by id."""
+    """product_id -> {"page": [ids], "video": [ids], "live": [ids]}, sorted by id (a
+    Python object per record: for small catalogs and tests; `product_columns` is the
+    same as columns)."""
     table: dict[str, dict[str, list[str]]] = {}
     for domain in domains.NAMES:
       records = self.domain(domain)
-      # pylint: disable=protected-access
-      for item_id, product_id in zip(records._ids.to_pylist(),
-                                     records._product_ids.to_pylist()):
+      for item_id, product_id in zip(records.ids.to_pylist(),
+                                     records.product_ids.to_pylist()):
         entry = table.setdefault(product_id, {d: [] for d in domains.NAMES})
         entry[domain].append(item_id)
     return dict(sorted(table.items()))
+
+  def product_columns(self) -> tuple[pa.Array, dict[str, np.ndarray]]:
+    """The `products` table as columns, with no Python object per record: (the product
+    ids sorted, each one's position being its product_index; per domain, int32 [n] the
+    product_index of each record in record order)."""
+    every = pa.chunked_array([self.domain(d).product_ids.cast(pa.string())
+                              for d in domains.NAMES], pa.string())
+    unique = pc.unique(every)
+    product_ids = unique.take(pc.sort_indices(unique))
+    return product_ids, {
+        d: pc.index_in(self.domain(d).product_ids, value_set=product_ids).to_numpy(
+            zero_copy_only=False).astype(np.int32) for d in domains.NAMES}
 
 
 def _kept_frames(counts: np.ndarray, ranks: np.ndarray, num_frames: int) -> np.ndarray:
@@ -239,30 +315,91 @@ def _kept_frames(counts: np.ndarray, ranks: np.ndarray, num_frames: int) -> np.n
   return keep
 
 
+class _DirectoryListing:
+  """The file names of one directory, as a sorted array of their 64-bit hashes
+  (`rope_txt.string_hashes`): listed once with `os.scandir` (one system call answers
+  for thousands of names), 8 bytes a name, no name held."""
+
+  def __init__(self, directory: str):
+    self._directory = directory
+
+  @functools.cached_property
+  def _hashes(self) -> np.ndarray:
+    chunks, batch = [], []
+    with os.scandir(self._directory) as entries:
+      for entry in entries:
+        batch.append(entry.name)
+        if len(batch) == _LISTING_BATCH:
+          chunks.append(rope_txt.string_hashes(_name_array(batch)))
+          batch = []
+    chunks.append(rope_txt.string_hashes(_name_array(batch)))
+    hashes = np.concatenate(chunks)
+    hashes.sort()
+    return hashes
+
+  def contains(self, hashes: np.ndarray) -> np.ndarray:
+    """bool [n]: which of the names with these hashes the directory holds."""
+    listed = self._hashes
+    if not len(listed):
+      return np.zeros(len(hashes), bool)
+    where = np.minimum(np.searchsorted(listed, hashes), len(listed) - 1)
+    return listed[where] == hashes
+
+
+def _name_array(names: list[str]) -> pa.Array:
+  try:
+    return pa.array(names, pa.string())
+  except (UnicodeEncodeError, pa.ArrowException):  # names that are not UTF-8
+    return pa.array([os.fsencode(name) for name in names], pa.binary())
+
+
 class _ImageResolver:
-  """Finds image files: `root/images/<name>` (place 0), else `root/<name>` (place 1)."""
+  """Finds image files: `root/images/<name>` (place 0), else `root/<name>` (place 1).
+
+  Each directory is listed once (`_DirectoryListing`) and a block of names is looked up
+  in the listing column-wise, instead of one `stat` per name. Names that are not plain
+  file names (with a `/`, or `.` / `..`) are looked up with `os.path.exists`. A name
+  counts as present when the directory lists it (a broken symbolic link too: its
+  decode fails later and is reported then), or, with a chance of about 1e-11 for a
+  catalog of a hundred million names, when its hash equals a listed name's.
+  """
 
   def __init__(self, root: str, check_files: bool):
     self._root = root
     self._image_dir = os.path.join(root, IMAGE_SUBDIR)
     self._has_image_dir = os.path.isdir(self._image_dir)
-    self._check_files = check_files
+    self._listings = (_DirectoryListing(self._image_dir), _DirectoryListing(root))
     self.directories = (self._image_dir, root)
     self.checks_files = check_files
     self.unchecked_place = _IN_IMAGE_DIR if self._has_image_dir else _IN_ROOT
 
-  def __call__(self, names: list[str]) -> np.ndarray:
-    if not self._check_files:
-      return np.full(len(names), _IN_IMAGE_DIR if self._has_image_dir else _IN_ROOT, np.int8)
-    places = np.empty(len(names), np.int8)
-    exists = os.path.exists
-    for i, name in enumerate(names):
-      if self._has_image_dir and exists(os.path.join(self._image_dir, name)):
-        places[i] = _IN_IMAGE_DIR
-      elif exists(os.path.join(self._root, name)):
-        places[i] = _IN_ROOT
+  def __call__(self, names: pa.Array) -> np.ndarray:
+    """int8 [n]: the place of each name (IN_IMAGE_DIR, IN_ROOT or ABSENT)."""
+    places = np.full(len(names), rope_txt.ABSENT, np.int8)
+    if not len(names):
+      return places
+    hashes = rope_txt.string_hashes(names)
+    unresolved = np.ones(len(names), bool)
+    for place, listing in ((_IN_IMAGE_DIR, self._listings[0]), (_IN_ROOT, self._listings[1])):
+      if place == _IN_IMAGE_DIR and not self._has_image_dir:
+        continue
+      rows = np.flatnonzero(unresolved)
+      if not len(rows):
+        break
+      found = rows[listing.contains(hashes[rows])]
+      places[found] = place
+      unresolved[found] = False
+    special = (pc.match_substring(names, "/").to_numpy(zero_copy_only=False)
+               | pc.is_in(names, value_set=pa.array([".", ".."], names.type)).to_numpy(
+                   zero_copy_only=False))
+    for row in np.flatnonzero(special).tolist():
+      name = names[row].as_py()
+      if self._has_image_dir and os.path.exists(os.path.join(self._image_dir, name)):
+        places[row] = _IN_IMAGE_DIR
+      elif os.path.exists(os.path.join(self._root, name)):
+        places[row] = _IN_ROOT
       else:
-        places[i] = rope_txt.ABSENT
+        places[row] = rope_txt.ABSENT
     return places
 
 
@@ -277,11 +414,15 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
   reports = {role: rope_txt.Report(name) for role, name in names.items()}
   paths = {role: os.path.join(root, name) for role, name in names.items()}
 
+  # The memory each file's read freed goes back before the next one (see
+  # `rope_txt.release_free_memory`): the peak is one file's read, not their sum.
   pairs = rope_txt.read_pair_file(paths["pair"], domain, reports["pair"])
+  rope_txt.release_free_memory()
   texts, has_text = rope_txt.read_text_file(paths["text"], domain, pairs, reports["text"])
-  # Without file checks the names are not needed until the end (read again then).
+  rope_txt.release_free_memory()
   media = rope_txt.read_media_file(paths["media"], domain, pairs, reports["media"],
                                    resolver if resolver.checks_files else None)
+  rope_txt.release_free_memory()
   if not resolver.checks_files:
     media.places[:] = resolver.unchecked_place
   media, skipped = rope_txt.drop_absent(media, spec.is_clip, sampled_frames, reports["media"])
@@ -296,6 +437,7 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
     starts = np.concatenate([[0], np.cumsum(counts)])
     ranks = np.arange(len(positions)) - starts[positions]
     media = media.subset(_kept_frames(counts[positions], ranks, num_frames))
+    del starts, ranks
   positions = media.positions
   counts = np.bincount(positions, minlength=len(pairs.ids))
   with_media = counts > 0
@@ -316,8 +458,10 @@ def _load_domain(root: str, split: str, domain: str, resolver: _ImageResolver,
   offsets = np.concatenate([[0], np.cumsum(counts[with_media])]).astype(np.int64)
   records = DomainRecords(
       spec.is_clip, resolver.directories, pairs.ids.filter(included),
-      pairs.product_ids.filter(included), texts.filter(included), offsets,
-      media.sorted_names(), media.keys, media.lines, media.places)
+      pairs.product_ids.filter(included), texts.subset(with_media), offsets,
+      media.name_spans(), media.keys, media.lines, media.places)
+  del media, pairs, texts
+  rope_txt.release_free_memory()
   return records, skipped
 
 
@@ -368,7 +512,7 @@ def media_names(root: str, split: str, domain: str
   starts = media.group_starts()
   ends = np.r_[starts[1:], len(media.lines)].astype(np.int64)
   first_lines = np.minimum.reduceat(media.lines, starts) if len(starts) else starts
-  keys, names, lines = (media.keys.tolist(), media.sorted_names().to_pylist(),
+  keys, names, lines = (media.keys.tolist(), media.names().to_pylist(),
                         media.lines.tolist())
   result = {}
   for group in np.argsort(first_lines, kind="stable").tolist():  # media-file order

@@ -1,7 +1,7 @@
 """The local build of the `rope` dataset: ArrayRecord shards written one at a time by
 this process, fed by a pool of worker processes, resumable per shard.
 
-  finished = build_shards(builder, build, rows_by_name, staging_dir, workers=N)
+  finished = build_shards(builder, build, plans, staging_dir, workers=N)
 
 What `prepare` runs on one machine (Beam stays for cluster runners). The dataset it
 leaves is the one TFDS's own writer leaves (`tfds.builder("rope/<config>")`,
@@ -11,32 +11,34 @@ leaves is the one TFDS's own writer leaves (`tfds.builder("rope/<config>")`,
 (`dataset_info.json`, `features.json`) written by TFDS from the builder's `DatasetInfo`
 with the split infos of the shards (`DatasetInfo.set_splits`, `write_to_directory`).
 
-Shards. Each TFDS split's rows (catalog order, integer key = catalog position) are cut
-into contiguous shards before anything is encoded: `num_shards` equal parts when given,
-else shards of about `IMAGES_PER_SHARD` images. Records go into the shards in row
-order, so the dataset is the same for any number of workers and any number of
-interruptions.
+Shards. Each TFDS split's rows (its plan file, `rope_plan`: catalog order, integer key =
+catalog position) are cut into contiguous shards before anything is encoded:
+`num_shards` equal parts when given, else shards of about `IMAGES_PER_SHARD` images.
+Records go into the shards in row order, so the dataset is the same for any number of
+workers and any number of interruptions.
 
 Resumption. All of it happens in `staging_dir`, named for the fingerprint of the
-inputs and options. `build_state.json` records the fingerprint and a digest of every
-row; a shard is written to `<shard>.tmp`, renamed into place, and then its
+inputs and options. `build_state.json` records the fingerprint, the plan's digest
+(`rope_tfds.plan_build`: which images were found) and the shard bounds; a shard is
+written to `<shard>.tmp`, renamed into place, and then its
 `<shard>.done.json` (records, bytes, the decode problems of its rows) is written
 atomically. A rerun with the same fingerprint and rows keeps every shard whose done
 file and shard file agree (their files are not touched) and writes the others, so a
 kill -9 at any moment loses at most the shard being written. A state that does not
 match (other inputs, other rows) empties `staging_dir` first.
 
-Workers. `workers` > 1 starts that many processes (forked); each decodes, checks and
-re-encodes chunks of `CHUNK_ROWS` rows (`rope_examples.encode_row`); this process
-serializes the examples and writes the shards in order, with at most `4 * workers`
-chunks in flight. `workers` = 1 encodes in this process.
+Workers. `workers` > 1 starts that many processes (forked); each reads chunks of
+`CHUNK_ROWS` rows from the memory-mapped plan file (a task is a plan path and a row
+range) and decodes, checks and re-encodes them (`rope_plan.encode_plan_rows`); this
+process serializes the examples and writes the shards in order, with at most
+`4 * workers` chunks in flight. `workers` = 1 encodes in this process.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -44,10 +46,11 @@ import shutil
 from collections.abc import Callable, Iterator
 
 from array_record.python import array_record_module
+import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_pipelines import rope_examples
+from data_pipelines import rope_plan
 
 STATE_NAME = "build_state.json"
 DONE_SUFFIX = ".done.json"
@@ -56,21 +59,29 @@ CHUNK_ROWS = 8
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
-def shard_bounds(rows: list[dict], num_shards: int | None,
+def shard_bounds(images_per_row, num_shards: int | None,
                  images_per_shard: int = IMAGES_PER_SHARD) -> list[tuple[int, int]]:
-  """[(start, stop)] row ranges of the shards of one split, contiguous and in order."""
+  """[(start, stop)] row ranges of the shards of one split, contiguous and in order.
+
+  `images_per_row`: int [n rows], the images of each row. A shard closes before the
+  row that would take it past `images_per_shard` (a row of more images is a shard of
+  its own).
+  """
+  images = np.asarray(images_per_row, np.int64)
+  count = len(images)
   if num_shards:
-    count = max(1, min(num_shards, len(rows)))
-    edges = [len(rows) * i // count for i in range(count + 1)]
+    shards = max(1, min(num_shards, count))
+    edges = [count * i // shards for i in range(shards + 1)]
     return list(zip(edges[:-1], edges[1:]))
-  bounds, start, images = [], 0, 0
-  for index, row in enumerate(rows):
-    if images and images + len(row["paths"]) > images_per_shard:
-      bounds.append((start, index))
-      start, images = index, 0
-    images += len(row["paths"])
-  bounds.append((start, len(rows)))
-  return bounds
+  bounds, start = [], 0
+  cumulative = np.concatenate([[0], np.cumsum(images)])
+  while start < count:
+    # the last row whose images still fit after `start` (at least one row)
+    stop = int(np.searchsorted(cumulative, cumulative[start] + images_per_shard, "right")) - 1
+    stop = min(count, max(start + 1, stop))
+    bounds.append((start, stop))
+    start = stop
+  return bounds or [(0, 0)]
 
 
 def _write_json_atomically(path: str, value) -> None:
@@ -89,27 +100,30 @@ def read_json(path: str):
     return None
 
 
-def _rows_digest(rows_by_name: dict[str, list[dict]], bounds: dict) -> str:
-  digest = hashlib.sha256()
-  for name in sorted(rows_by_name):
-    digest.update(json.dumps([name, bounds[name]]).encode())
-    for row in rows_by_name[name]:
-      digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
-  return digest.hexdigest()
-
-
 class _Shard:
-  """One shard to build: its split, position, rows and file names."""
+  """One shard to build: its split, position, plan rows and file names."""
 
-  def __init__(self, staging_dir: str, name: str, index: int, count: int,
-               rows: list[dict]):
+  def __init__(self, staging_dir: str, name: str, index: int, count: int, plan: str,
+               start: int, stop: int, images: np.ndarray):
     template = tfds.core.naming.ShardedFileTemplate(
         data_dir=staging_dir, template=_TEMPLATE, dataset_name="rope", split=name,
         filetype_suffix="array_record")
-    self.name, self.index, self.rows = name, index, rows
+    self.name, self.index, self.plan, self.start, self.stop = name, index, plan, start, stop
     self.path = os.fspath(template.sharded_filepath(shard_index=index, num_shards=count))
     self.done_path = self.path + DONE_SUFFIX
-    self.images = sum(len(row["paths"]) for row in rows)
+    self._images = images[start:stop]  # a view: images of each row
+    self.images = int(self._images.sum())
+
+  def chunks(self) -> list[tuple[str, int, int]]:
+    """(plan path, first row, last row) of each chunk of CHUNK_ROWS rows."""
+    return [(self.plan, a, min(self.stop, a + CHUNK_ROWS))
+            for a in range(self.start, self.stop, CHUNK_ROWS)]
+
+  def chunk_images(self) -> list[int]:
+    """The images of each chunk."""
+    if not len(self._images):
+      return []
+    return np.add.reduceat(self._images, np.arange(0, len(self._images), CHUNK_ROWS)).tolist()
 
   def finished(self) -> dict | None:
     """The done file's record when the shard is complete on disk, else None."""
@@ -127,37 +141,36 @@ class _Shard:
 def _encoded(shards: list[_Shard], max_side: int, workers: int
              ) -> Iterator[list[tuple[dict | None, list[dict]]]]:
   """Encoded chunks of every shard's rows, in order (CHUNK_ROWS rows each)."""
-  chunks = [shard.rows[i:i + CHUNK_ROWS] for shard in shards
-            for i in range(0, len(shard.rows), CHUNK_ROWS)]
+  chunks = itertools.chain.from_iterable(shard.chunks() for shard in shards)  # lazily
   if workers <= 1:
-    for chunk in chunks:
-      yield rope_examples.encode_rows(chunk, max_side)
+    for plan, start, stop in chunks:
+      yield rope_plan.encode_plan_rows(plan, start, stop, max_side)
     return
   # fork where there is one: a spawned worker would import the launching program's main
   # module again (TFDS and, under a benchmark, JAX: seconds per worker); the workers run
-  # only PIL, NumPy and libjpeg-turbo, none of which a fork puts at risk.
+  # only PIL, NumPy, pyarrow and libjpeg-turbo, none of which a fork puts at risk.
   context = multiprocessing.get_context(
       "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
     in_flight: collections.deque = collections.deque()
-    position = 0
-    while position < len(chunks) or in_flight:
-      while position < len(chunks) and len(in_flight) < 4 * workers:
-        in_flight.append(pool.submit(rope_examples.encode_rows, chunks[position],
-                                     max_side))
-        position += 1
+    for chunk in chunks:
+      if len(in_flight) == 4 * workers:
+        yield in_flight.popleft().result()
+      in_flight.append(pool.submit(rope_plan.encode_plan_rows, *chunk, max_side))
+    while in_flight:
       yield in_flight.popleft().result()
 
 
-def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
-                 staging_dir: str, *, num_shards: int | None = None, workers: int = 1,
-                 progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def build_shards(builder, build: dict, plans: dict[str, str], staging_dir: str, *,
+                 num_shards: int | None = None, workers: int = 1, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict:
   """Writes (or finishes) the shards and TFDS metadata of every split in `staging_dir`.
 
   Args:
     builder: the `rope_tfds.Rope` builder of the config (features, `DatasetInfo`).
-    build: `rope_tfds.plan_build`'s description (its fingerprint names the state).
-    rows_by_name: TFDS split name -> catalog rows (non-empty splits only).
+    build: `rope_tfds.plan_build`'s description (its fingerprint and plan digest name
+      the state).
+    plans: TFDS split name -> its plan file (`rope_plan`; non-empty splits only).
     staging_dir: the build's folder (created; kept between interrupted runs).
     num_shards: shards per split (None: about IMAGES_PER_SHARD images each).
     workers: encoding processes (1: this process).
@@ -166,9 +179,10 @@ def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
     {"decode_problems": {split name: [problem]}, "split_counts": {split name:
     (records, shards)}, "shards_written": n, "shards_reused": m}.
   """
-  bounds = {name: shard_bounds(rows, num_shards) for name, rows in rows_by_name.items()}
-  state = {"fingerprint": build["fingerprint"],
-           "rows_digest": _rows_digest(rows_by_name, bounds)}
+  images = {name: rope_plan.open_plan(path).images_per_record() for name, path in plans.items()}
+  bounds = {name: shard_bounds(images[name], num_shards) for name in plans}
+  state = {"fingerprint": build["fingerprint"], "plan_digest": build["plan_digest"],
+           "bounds": {name: [list(b) for b in bounds[name]] for name in sorted(bounds)}}
   state_path = os.path.join(staging_dir, STATE_NAME)
   if read_json(state_path) != state:
     if os.path.isdir(staging_dir):
@@ -176,9 +190,9 @@ def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
       shutil.rmtree(staging_dir)
     os.makedirs(staging_dir)
     _write_json_atomically(state_path, state)
-  shards = [_Shard(staging_dir, name, index, len(bounds[name]),
-                   rows_by_name[name][start:stop])
-            for name in rows_by_name for index, (start, stop) in enumerate(bounds[name])]
+  shards = [_Shard(staging_dir, name, index, len(bounds[name]), plans[name], start, stop,
+                   images[name])
+            for name in plans for index, (start, stop) in enumerate(bounds[name])]
   finished = {shard.path: shard.finished() for shard in shards}
   to_write = [shard for shard in shards if finished[shard.path] is None]
   reused = len(shards) - len(to_write)
@@ -197,7 +211,7 @@ def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
       temporary = shard.path + ".tmp"
       writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
       records, record_bytes, problems = 0, 0, []
-      for start in range(0, len(shard.rows), CHUNK_ROWS):
+      for chunk_images in shard.chunk_images():
         for example, row_problems in next(chunks):
           problems += row_problems
           if example is not None:
@@ -205,7 +219,7 @@ def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
             writer.write(serialized)
             records += 1
             record_bytes += len(serialized)
-        bar.update(sum(len(row["paths"]) for row in shard.rows[start:start + CHUNK_ROWS]))
+        bar.update(chunk_images)
       writer.close()
       os.replace(temporary, shard.path)
       done = {"records": records, "bytes": record_bytes,
@@ -218,7 +232,7 @@ def build_shards(builder, build: dict, rows_by_name: dict[str, list[dict]],
 
   decode_problems: dict[str, list[dict]] = {}
   split_infos = []
-  for name in rows_by_name:
+  for name in plans:
     name_shards = [shard for shard in shards if shard.name == name]
     done = [finished[shard.path] for shard in name_shards]
     decode_problems[name] = [p for entry in done for p in entry["problems"]]

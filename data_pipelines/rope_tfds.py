@@ -57,17 +57,19 @@ Configs (`BUILDER_CONFIGS`) are the shapes that change what is stored:
 Config names say both: `all_frames_original`, `frames8_original`, `frames8_side256`...
 `rope_config(num_frames, max_side)` gives any other shape under the same naming.
 
-Three ways to write the same dataset. `prepare` on one machine uses the project's shard
-writer (`rope_shards`: worker processes, one writer, resumable per shard), which writes
-the shards and metadata this builder's TFDS writer would. Through TFDS directly
+Three ways to write the same dataset. All of them start from the plan (`plan_build`):
+the catalogs parsed (`load_rope`, in the launching process, one split at a time) and
+written as one Arrow file per TFDS split (`rope_plan`), from which the workers read the
+rows they encode. `prepare` on one machine uses the project's shard writer
+(`rope_shards`: worker processes, one writer, resumable per shard), which writes the
+shards and metadata this builder's TFDS writer would. Through TFDS directly
 (`download_and_prepare`), generation runs in this process (a plain generator) unless the
 download config names a Beam runner or pipeline options: then each split is a Beam
-pipeline, read catalog
-rows -> decode / check / re-encode -> TFDS's writer, on the DirectRunner (several local
-processes) or a cluster runner (Dataflow, Flink, Spark). Catalog parsing (`load_rope`)
-stays in the launching process; catalog rows reach the workers as JSON-lines files in
-the output folder, so ROPE_DIR's images must be readable at the same path on every
-worker (a shared file system).
+pipeline, plan row ranges -> decode / check / re-encode -> TFDS's writer, on the
+DirectRunner (several local processes) or a cluster runner (Dataflow, Flink, Spark).
+The pipeline carries row ranges, not rows; the plan files are in the output folder and
+ROPE_DIR's images are read at their paths, so every worker must see both at the same
+paths as the launching machine (a shared file system).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from etils import epath
@@ -86,6 +88,8 @@ import tensorflow_datasets as tfds
 from cope_jax.base import domains
 from data_pipelines import rope_examples
 from data_pipelines import rope_format
+from data_pipelines import rope_plan
+from data_pipelines import rope_txt
 
 DATASET_NAME = "rope"
 DATASET_VERSION = "1.0.0"
@@ -107,7 +111,8 @@ order; rope_products-<split>.json beside the shards lists each record's product_
 record order. rope_build.json lists every row the reader refused and every image that
 did not decode, with its txt file and line; records none of whose images decode are not
 stored."""
-_CATALOG_DIR = "catalog.tmp"
+BEAM_RANGE_ROWS = 64  # plan rows per element of a Beam pipeline
+_PLAN_DIR = "plan.tmp"
 _PROBLEMS_PREFIX = "problems.tmp-"
 
 
@@ -237,28 +242,34 @@ def input_fingerprint(rope_dir: str, splits: Sequence[str], config: RopeConfig) 
   return digest.hexdigest()
 
 
-def _encode_row_beam(row_json: str, max_side: int):
-  """Beam: one catalog row (JSON text) -> (key, example) and tagged problems."""
+def _encode_range_beam(row_range: tuple[int, int], plan_path: str, max_side: int):
+  """Beam: the plan's rows start:stop -> (key, example) and tagged problems."""
   beam = tfds.core.lazy_imports.apache_beam
-  row = json.loads(row_json)
-  example, problems = rope_examples.encode_row(row, max_side)
-  for problem in problems:
-    yield beam.pvalue.TaggedOutput("problems", json.dumps(problem, ensure_ascii=False))
-  if example is not None:
-    yield row["key"], example
+  start, stop = row_range
+  rows = rope_plan.open_plan(plan_path).rows(start, stop)
+  for row, (example, problems) in zip(rows, rope_examples.encode_rows(rows, max_side)):
+    for problem in problems:
+      yield beam.pvalue.TaggedOutput("problems", json.dumps(problem, ensure_ascii=False))
+    if example is not None:
+      yield row["key"], example
 
 
-def _beam_split(catalog_path: str, problems_prefix: str, max_side: int):
-  """PTransform: catalog rows file -> (key, example); problems to JSON-lines files."""
+def _beam_split(plan_path: str, num_rows: int, problems_prefix: str, max_side: int):
+  """PTransform: the plan's row ranges -> (key, example); problems to JSON-lines files.
+  The pipeline carries ranges of `BEAM_RANGE_ROWS` rows; each worker reads its rows
+  from the plan file (which it must see at the same path)."""
   beam = tfds.core.lazy_imports.apache_beam
+  ranges = [(start, min(num_rows, start + BEAM_RANGE_ROWS))
+            for start in range(0, num_rows, BEAM_RANGE_ROWS)]
 
   @beam.ptransform_fn
   def transform(pipeline):
-    rows = (pipeline
-            | "ReadCatalog" >> beam.io.ReadFromText(catalog_path)
-            | "Distribute" >> beam.Reshuffle())
-    outputs = rows | "DecodeCheckEncode" >> beam.FlatMap(
-        _encode_row_beam, max_side=max_side).with_outputs("problems", main="examples")
+    row_ranges = (pipeline
+                  | "PlanRanges" >> beam.Create(ranges)
+                  | "Distribute" >> beam.Reshuffle())
+    outputs = row_ranges | "DecodeCheckEncode" >> beam.FlatMap(
+        _encode_range_beam, plan_path=plan_path, max_side=max_side).with_outputs(
+            "problems", main="examples")
     _ = outputs.problems | "WriteProblems" >> beam.io.WriteToText(
         problems_prefix, file_name_suffix=".jsonl")
     return outputs.examples
@@ -286,9 +297,12 @@ class Rope(tfds.core.GeneratorBasedBuilder):
       "data_pipelines.download` fetches them), then pass it as "
       "DownloadConfig(manual_dir=...) or `prepare --rope_dir`.")
 
-  def __init__(self, *, rope_splits: Sequence[str] | None = None, **kwargs):
-    """`rope_splits`: the ROPE splits to build (default: those in the manual dir)."""
+  def __init__(self, *, rope_splits: Sequence[str] | None = None,
+               fingerprint: str | None = None, **kwargs):
+    """`rope_splits`: the ROPE splits to build (default: those in the manual dir);
+    `fingerprint`: their `input_fingerprint`, when the caller has computed it."""
     self._rope_splits = tuple(rope_splits) if rope_splits is not None else None
+    self.fingerprint = fingerprint
     self._build: dict[str, Any] = {}
     if kwargs.get("file_format") is None:  # TFDS's default, TFRecord, needs TensorFlow
       kwargs["file_format"] = FILE_FORMAT
@@ -335,6 +349,9 @@ class Rope(tfds.core.GeneratorBasedBuilder):
     super()._download_and_prepare(dl_manager, download_config)
     if self._build["beam"]:
       self._collect_beam_problems()
+    plan_dir = self.data_path / _PLAN_DIR  # what the workers read: not part of the dataset
+    if plan_dir.exists():
+      plan_dir.rmtree()
     split_infos = self.info.splits
     write_build_files(
         self.data_path, self._build, self._build["decode_problems"],
@@ -349,80 +366,94 @@ class Rope(tfds.core.GeneratorBasedBuilder):
       raise RopeFilesError(f"{rope_dir!r} holds no ROPE split (looked for the txt files of "
                            f"{' and '.join(rope_format.SPLITS)})")
     check_split_files(rope_dir, splits)
-    build, rows = plan_build(rope_dir, splits, self.builder_config)
+    # The plan files are read by the workers: in the dataset's (temporary) folder.
+    build, plans = plan_build(rope_dir, splits, self.builder_config,
+                              os.fspath(self.data_path / _PLAN_DIR),
+                              fingerprint=self.fingerprint)
     self._build.update(build)
-    return {name: self._examples(name, split_rows) for name, split_rows in rows.items()}
+    return {name: self._examples(name, path) for name, path in plans.items()}
 
-  def _examples(self, name: str, rows: list[dict]):
+  def _examples(self, name: str, plan_path: str):
     """The examples of one TFDS split: a generator, or a Beam PTransform."""
     max_side = self.builder_config.max_side
     if not self._build["beam"]:
       problems = self._build["decode_problems"].setdefault(name, [])
-      return _generate(rows, max_side, problems, name)
-    # Workers read the rows from a file in the output folder (any file system Beam and
-    # epath know: local, gs://, ...), not from the pipeline graph (a cluster runner
-    # limits its size).
-    catalog_dir = self.data_path / _CATALOG_DIR
-    catalog_dir.mkdir(parents=True, exist_ok=True)
-    catalog_path = catalog_dir / f"{name}.jsonl"
-    with catalog_path.open("w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      return _generate(plan_path, max_side, problems, name)
     problems_prefix = self.data_path / f"{_PROBLEMS_PREFIX}{name}"
     self._build["beam_files"].append((name, problems_prefix))
-    return _beam_split(os.fspath(catalog_path), os.fspath(problems_prefix), max_side)
+    return _beam_split(plan_path, len(rope_plan.open_plan(plan_path)),
+                       os.fspath(problems_prefix), max_side)
 
   def _generate_examples(self, **kwargs):  # splits come from `_split_generators`
     raise NotImplementedError
 
   def _collect_beam_problems(self) -> None:
-    """Reads (then deletes) the problem files and the catalog rows the workers read."""
+    """Reads (then deletes) the problem files the workers wrote."""
     for name, prefix in self._build["beam_files"]:
       problems = self._build["decode_problems"].setdefault(name, [])
       for path in sorted(prefix.parent.glob(f"{prefix.name}-*.jsonl")):
         with path.open(encoding="utf-8") as f:
           problems.extend(json.loads(line) for line in f if line.strip())
         path.unlink()
-    catalog_dir = self.data_path / _CATALOG_DIR
-    if catalog_dir.exists():
-      catalog_dir.rmtree()
 
 
 # --- what a build writes besides the records ---------------------------------------
 
-def plan_build(rope_dir: str, splits: Sequence[str], config: RopeConfig
-               ) -> tuple[dict, dict[str, list[dict]]]:
-  """Reads the catalogs: (the build's description, the rows of each non-empty TFDS split).
+def plan_build(rope_dir: str, splits: Sequence[str], config: RopeConfig,
+               plan_dir: str | None, *, check_files: bool = True,
+               fingerprint: str | None = None, require_products: bool = True
+               ) -> tuple[dict, dict[str, str]]:
+  """Reads the catalogs: (the build's description, the plan file of each non-empty TFDS
+  split).
 
-  Raises NoUsableProductError, before anything is encoded, when a split has no record.
+  One ROPE split's catalog is held at a time; its records go into one plan file per
+  TFDS split (`rope_plan`, in `plan_dir`; None: no plan files, for a plan-only run).
+  The description holds no Python object per record:
 
-  The description {rope_dir, rope_splits, fingerprint, config, splits: {rope split:
-  {product_ids, read_problems, frames_skipped_by_download, rows: {domain: [(key,
-  product_index)]}}}} is what `write_build_files` needs besides the decode problems.
+    {rope_dir, rope_splits, fingerprint, plan_digest, config,
+     splits: {rope split: {product_ids: [str] (product_index order), read_problems,
+              frames_skipped_by_download, product_index: {domain: int32 [records]},
+              images: {domain: int64 [records]}}}}
+
+  plan_digest: sha256 of the fingerprint, the image folders and where each image was
+  found, which with the txt files (the fingerprint) determine every row.
+
+  Raises NoUsableProductError (with `require_products`), before anything is written,
+  when a split has no record.
   """
   build = {"rope_dir": os.path.abspath(rope_dir), "rope_splits": list(splits),
-           "fingerprint": input_fingerprint(rope_dir, splits, config),
+           "fingerprint": fingerprint or input_fingerprint(rope_dir, splits, config),
            "config": {"name": config.name, "num_frames": config.num_frames,
                       "max_side": config.max_side}, "splits": {}}
-  rows_by_name = {}
+  digest = hashlib.sha256(build["fingerprint"].encode())
+  plans = {}
+  if plan_dir is not None:
+    os.makedirs(plan_dir, exist_ok=True)
   for rope_split in splits:
-    catalog = rope_format.load_rope(rope_dir, rope_split,
+    catalog = rope_format.load_rope(rope_dir, rope_split, check_files=check_files,
                                     num_frames=config.num_frames or None)
-    if not any(len(catalog.domain(domain)) for domain in domains.NAMES):
+    if require_products and not any(len(catalog.domain(d)) for d in domains.NAMES):
       raise NoUsableProductError(no_usable_product_message(rope_dir, rope_split,
                                                            catalog.problems))
-    product_ids = list(catalog.products)
-    product_index = {p: i for i, p in enumerate(product_ids)}
-    entry = {"product_ids": product_ids, "read_problems": catalog.problems,
+    product_ids, product_index = catalog.product_columns()
+    entry = {"product_ids": product_ids.to_pylist(), "read_problems": catalog.problems,
              "frames_skipped_by_download": catalog.frames_skipped_by_download,
-             "rows": {}}
+             "product_index": product_index, "images": {}}
     for domain in domains.NAMES:
-      rows = rope_examples.catalog_rows(catalog, domain, product_index, config.num_frames)
-      entry["rows"][domain] = [(row["key"], row["product_index"]) for row in rows]
-      if rows:
-        rows_by_name[split_name(rope_split, domain)] = rows
+      records = catalog.domain(domain)
+      entry["images"][domain] = np.diff(records.image_offsets)
+      digest.update(json.dumps([rope_split, domain, list(records.directories)]).encode())
+      digest.update(records.places.tobytes())
+      name = split_name(rope_split, domain)
+      if len(records) and plan_dir is not None:
+        plans[name] = os.path.join(plan_dir, f"{name}.arrow")
+        rope_plan.write_plan(plans[name], records, domain, catalog.media_file(domain),
+                             product_index[domain])
     build["splits"][rope_split] = entry
-  return build, rows_by_name
+    del catalog, records
+    rope_txt.release_free_memory()
+  build["plan_digest"] = digest.hexdigest()
+  return build, plans
 
 
 def write_build_files(data_path: epath.Path, build: dict, decode_problems: dict,
@@ -445,17 +476,19 @@ def write_build_files(data_path: epath.Path, build: dict, decode_problems: dict,
       name = split_name(rope_split, domain)
       decode = sorted(decode_problems.get(name, []),
                       key=lambda p: (p["key"], p["position"]))
-      dropped = {p["key"] for p in decode if p["dropped"]}
-      record_product_index[domain] = [index for key, index in entry["rows"][domain]
-                                      if key not in dropped]
+      product_index = entry["product_index"][domain]
+      dropped = np.zeros(len(product_index), bool)
+      dropped[[p["key"] for p in decode if p["dropped"]]] = True
+      record_product_index[domain] = product_index[~dropped].tolist()
       num_records = len(record_product_index[domain])
       written, shards = split_counts.get(name, (0, 0))
       if written != num_records:
         raise RuntimeError(f"{name}: wrote {written} records but the catalog and the "
                            f"decode problems account for {num_records}")
       domain_counts[domain] = {
-          "catalog": len(entry["rows"][domain]), "records": num_records,
-          "dropped_at_decode": len(dropped), "shards": shards}
+          "catalog": len(product_index), "records": num_records,
+          "dropped_at_decode": int(dropped.sum()),
+          "images": int(entry["images"][domain].sum()), "shards": shards}
       problems += [{"split": rope_split, "stage": "decode", "file": p["file"],
                     "line": p["line"], "reason": p["reason"]} for p in decode]
     _write_json(data_path / f"{PRODUCTS_PREFIX}{rope_split}.json",
@@ -472,16 +505,18 @@ def write_build_files(data_path: epath.Path, build: dict, decode_problems: dict,
       "splits": report_splits, "num_problems": len(problems), "problems": problems})
 
 
-def _generate(rows: Iterable[dict], max_side: int, problems: list[dict], name: str
+def _generate(plan_path: str, max_side: int, problems: list[dict], name: str
               ) -> Iterator[tuple[int, dict]]:
   """Single-process generation: (key, example) per usable row; problems appended."""
+  plan = rope_plan.open_plan(plan_path)
   written = 0
-  for row in rows:
-    example, row_problems = rope_examples.encode_row(row, max_side)
-    problems.extend(row_problems)
-    if example is not None:
-      written += 1
-      yield row["key"], example
+  for start in range(0, len(plan), rope_plan.BATCH_RECORDS):
+    for row in plan.rows(start, min(len(plan), start + rope_plan.BATCH_RECORDS)):
+      example, row_problems = rope_examples.encode_row(row, max_side)
+      problems.extend(row_problems)
+      if example is not None:
+        written += 1
+        yield row["key"], example
   if not written:
     raise ValueError(f"every record of {name} failed to decode (first: "
                      f"{problems[0]['file']} line {problems[0]['line']}: "

@@ -15,7 +15,9 @@ from PIL import Image
 import pytest
 
 from cope_jax.base import domains
+from data_pipelines import images
 from data_pipelines import prepare
+from data_pipelines import rope_examples
 from data_pipelines import rope_format
 from data_pipelines import rope_shards
 from data_pipelines import rope_tfds
@@ -382,6 +384,88 @@ def test_prepare_without_usable_products_exits_1_saying_why(small_rope_dir, tmp_
   assert "has no usable product" in process.stderr and "download" in process.stderr
 
 
+# ---- prepare --plan_only: everything before decoding an image --------------------------
+
+def _no_image_is_decoded(monkeypatch):
+  """Makes any image decode fail the test (and any record encode)."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("an image was decoded")
+  monkeypatch.setattr(images, "read_stored_bytes", refuse)
+  monkeypatch.setattr(rope_examples, "encode_row", refuse)
+
+
+@pytest.mark.parametrize("faults", [False, True])
+def test_plan_only_reports_what_a_full_prepare_finds_without_decoding(tmp_path, monkeypatch,
+                                                                      faults):
+  rope_dir = str(tmp_path / "rope")
+  synthetic.generate(rope_dir, products=5, test_products=3, frames_per_clip=5,
+                     image_size=16, seed=5, inject_faults=faults)
+  options = {"num_frames": 3, "num_shards": 2}
+  full = prepare.prepare(rope_dir, str(tmp_path / "full"), **options, **QUIET)
+
+  out = str(tmp_path / "planned")
+  with monkeypatch.context() as patch:
+    _no_image_is_decoded(patch)
+    plan = prepare.prepare(rope_dir, out, plan_only=True, **options, **QUIET)
+  # Only the report is left: no dataset, no plan files, no reader files.
+  report_path = os.path.join(out, prepare.CONFIGS_SUBDIR, "frames3_original",
+                             prepare.PLAN_REPORT_NAME)
+  assert sorted(_files(out)) == [os.path.relpath(report_path, out)]
+  assert prepare.prepared_configs(out) == []
+  with open(report_path, encoding="utf-8") as f:
+    assert json.load(f) == json.loads(json.dumps(plan))
+  assert plan["status"] == "planned (no image decoded)"
+
+  # The same problems as the full prepare's read stage; decode problems need decoding.
+  assert plan["problems"] == [p for p in full["problems"] if p["stage"] == "read"]
+  assert any(p["stage"] == "decode" for p in full["problems"]) == faults
+  for split, entry in plan["splits"].items():
+    built = full["splits"][split]
+    for key in ("products", "fingerprint", "frames_skipped_by_download"):
+      assert entry[key] == built[key], (split, key)
+    for domain, counts in entry["domains"].items():
+      done = built["domains"][domain]
+      assert counts["records"] == done["records"] + done["dropped_at_decode"]
+      assert (counts["images"], counts["shards"]) == (done["images"], done["shards"])
+      if not faults:
+        assert counts["products"] == done["products"]
+    if not faults:
+      assert entry["products_with_all_domains"] == built["products_with_all_domains"]
+  assert plan["plan"]["records"] == sum(c["records"] for e in plan["splits"].values()
+                                        for c in e["domains"].values())
+
+
+def test_plan_only_without_file_checks_and_with_images_missing(small_rope_dir, tmp_path,
+                                                              monkeypatch):
+  rope_dir = str(tmp_path / "rope")
+  shutil.copytree(small_rope_dir, rope_dir)
+  checked = prepare.prepare(rope_dir, str(tmp_path / "a"), plan_only=True, **QUIET)
+  image_dir = os.path.join(rope_dir, rope_format.IMAGE_SUBDIR)
+  lost = sorted(os.listdir(image_dir))[:3]
+  for name in lost:
+    os.remove(os.path.join(image_dir, name))
+  _no_image_is_decoded(monkeypatch)
+  unchecked = prepare.prepare(rope_dir, str(tmp_path / "b"), plan_only=True,
+                              check_files=False, **QUIET)
+  assert unchecked["problems"] == checked["problems"] == []
+  assert unchecked["splits"] == checked["splits"]  # the files are not looked at
+  assert unchecked["options"]["check_files"] is False
+  missing = prepare.prepare(rope_dir, str(tmp_path / "c"), plan_only=True, **QUIET)
+  assert sorted(p["reason"].split()[2] for p in missing["problems"]
+                if rope_format.IMAGE_NOT_FOUND in p["reason"]) == lost
+
+  # No image at all: the report is written, then the command exits 1 saying why.
+  shutil.rmtree(image_dir)
+  with pytest.raises(SystemExit) as exit_info:
+    prepare.main(["--rope_dir", rope_dir, "--out", str(tmp_path / "d"), "--plan_only"])
+  assert exit_info.value.code == 1
+  assert "has no usable product" in str(exit_info.value)
+  assert os.path.exists(os.path.join(tmp_path / "d", prepare.CONFIGS_SUBDIR,
+                                     "all_frames_original", prepare.PLAN_REPORT_NAME))
+  with pytest.raises(ValueError, match="check_files=False .* is for --plan_only"):
+    prepare.prepare(rope_dir, str(tmp_path / "e"), check_files=False, **QUIET)
+
+
 # ---- every file of every requested split is checked before anything is written ------
 
 def _damaged_copy(tiny_rope_dir, tmp_path):
@@ -544,9 +628,10 @@ def test_workers_write_the_records_of_a_single_process(tmp_path):
 
 
 def test_shard_bounds_cut_rows_in_order():
-  rows = [{"paths": ["x"] * n} for n in (3, 1, 4, 1, 5, 9, 2, 6)]
-  assert rope_shards.shard_bounds(rows, 3) == [(0, 2), (2, 5), (5, 8)]
-  assert rope_shards.shard_bounds(rows, 20) == [(i, i + 1) for i in range(8)]
-  by_images = rope_shards.shard_bounds(rows, None, images_per_shard=8)
+  images = [3, 1, 4, 1, 5, 9, 2, 6]
+  assert rope_shards.shard_bounds(images, 3) == [(0, 2), (2, 5), (5, 8)]
+  assert rope_shards.shard_bounds(images, 20) == [(i, i + 1) for i in range(8)]
+  by_images = rope_shards.shard_bounds(images, None, images_per_shard=8)
   assert by_images == [(0, 3), (3, 5), (5, 6), (6, 8)]  # a 9-image row alone
-  assert rope_shards.shard_bounds(rows[:1], None, images_per_shard=1) == [(0, 1)]
+  assert rope_shards.shard_bounds(images[:1], None, images_per_shard=1) == [(0, 1)]
+  assert rope_shards.shard_bounds([4, 4, 4], None, images_per_shard=8) == [(0, 2), (2, 3)]

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from cope_jax.base import domains
@@ -235,3 +237,67 @@ def test_a_large_file_is_read_in_blocks_with_the_same_lines(tmp_path, monkeypatc
   assert in_blocks.problems == catalog.problems
   for domain in domains.NAMES:
     assert dict(in_blocks.domain(domain).items()) == dict(catalog.domain(domain).items())
+
+
+# ---- strings read back from their byte spans; the file check by directory listing ----
+
+def test_spans_read_back_the_exact_strings_in_any_order(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  words = ["红色", "a", "条纹，杯子", "OK", " ", "é", "直播间"]
+  lines = ["".join(rng.choice(words, int(rng.integers(0, 9)))) for _ in range(12000)]
+  path = tmp_path / "lines.txt"
+  data = "\n".join(lines).encode("utf-8")
+  path.write_bytes(data)
+  starts, position = [], 0
+  for line in lines:
+    starts.append(position)
+    position += len(line.encode("utf-8")) + 1
+  starts = np.array(starts, np.int64)
+  lengths = np.array([len(line.encode("utf-8")) for line in lines], np.int32)
+  monkeypatch.setattr(rope_txt, "_RUN_BYTES", 4096)  # many runs
+  for count in (5, 3000, 6000, 12000):  # one read each; scattered; dense runs
+    if count == 12000:
+      chosen = np.arange(12000)
+    else:
+      chosen = rng.choice(12000, count, replace=False)
+    asked = np.concatenate([chosen, chosen[:50]])  # in any order, some twice
+    got = rope_txt.read_spans(str(path), starts[asked], lengths[asked]).to_pylist()
+    assert got == [lines[i] for i in asked]
+  stat = (os.stat(path).st_size, os.stat(path).st_mtime_ns)
+  names, index = rope_txt.Spans(str(path), starts, lengths, stat).read_all()
+  assert [names[i].as_py() for i in index[:100]] == lines[:100]
+  path.write_bytes(data + b"\n")  # changed since it was parsed
+  with pytest.raises(ValueError, match="changed since"):
+    rope_txt.Spans(str(path), starts, lengths, (len(data), 0)).read(0, 3)
+
+
+def test_string_hashes_do_not_depend_on_the_other_strings():
+  values = ["a", "abcdefgh", "abcdefghi", "", "红色" * 9, "x" * 300]
+  together = rope_txt.string_hashes(pa.array(values))
+  alone = [int(rope_txt.string_hashes(pa.array([v], pa.large_string()))[0]) for v in values]
+  assert together.tolist() == alone and len(set(alone)) == len(values)
+  names = pa.array([f"{i:032x}.jpg" for i in range(200000)])
+  assert len(np.unique(rope_txt.string_hashes(names))) == 200000
+
+
+def test_the_file_check_by_listing_finds_what_exists_finds(tmp_path):
+  root = tmp_path / "rope"
+  (root / "images" / "sub").mkdir(parents=True)
+  present = ["a.jpg", "红色.jpg", "sub", "x y.jpg"]
+  for name in present:
+    if name != "sub":
+      (root / "images" / name).write_bytes(b"jpeg")
+  (root / "images" / "sub" / "b.jpg").write_bytes(b"jpeg")
+  (root / "in_root.jpg").write_bytes(b"jpeg")
+  asked = present + ["sub/b.jpg", "in_root.jpg", "missing.jpg", "sub/none.jpg", "..", "A.jpg"]
+  resolver = rope_format._ImageResolver(str(root), check_files=True)
+  places = resolver(pa.array(asked)).tolist()
+  expected = []
+  for name in asked:
+    if os.path.exists(root / "images" / name):
+      expected.append(0)
+    elif os.path.exists(root / name):
+      expected.append(1)
+    else:
+      expected.append(2)
+  assert places == expected == [0, 0, 0, 0, 0, 1, 2, 2, 0, 2]

@@ -13,6 +13,7 @@ from cope_jax.base import domains
 from data_pipelines import prepare
 from data_pipelines import rope_examples
 from data_pipelines import rope_format
+from data_pipelines import rope_plan
 from data_pipelines import rope_tfds
 from data_pipelines import synthetic
 from data_pipelines import transforms
@@ -100,6 +101,7 @@ _NO_TENSORFLOW_SCRIPT = textwrap.dedent("""
     frames = [len(source[i]["frames"]) for i in range(len(source))]
     print(json.dumps({"ids": ids, "frames": frames,
                       "catalog": list(rope_format.load_rope(rope_dir, "test").videos),
+                      "files": sorted(p.name for p in builder.data_path.iterdir()),
                       "tensorflow_imported": "tensorflow" in sys.modules}))
 """)
 
@@ -126,6 +128,7 @@ def test_build_and_read_never_import_tensorflow(tmp_path):
   assert not output["tensorflow_imported"]
   assert output["ids"] == output["catalog"]  # catalog order
   assert set(output["frames"]) == {4}  # frames4: the 4 segment-middle frames of 6
+  assert not [name for name in output["files"] if "tmp" in name]  # the plan is gone
 
 
 @pytest.mark.slow
@@ -152,3 +155,31 @@ def test_beam_direct_runner_with_two_workers_writes_the_same_dataset(tmp_path):
   dataset_dir = beam["tfds"]["dataset_dir"]
   leftovers = [name for name in os.listdir(dataset_dir) if "tmp" in name]
   assert not leftovers  # catalog rows and problem files of the workers are gone
+
+
+def test_beam_workers_read_their_rows_from_the_columnar_plan(tmp_path, monkeypatch):
+  rope_dir = str(tmp_path / "rope")
+  synthetic.generate(rope_dir, products=4, test_products=2, frames_per_clip=3, image_size=16,
+                     seed=6)
+  plain = prepare.prepare(rope_dir, str(tmp_path / "plain"), splits=["test"], **QUIET)
+  read = []
+  original_rows = rope_plan.Plan.rows
+
+  def rows(plan, start, stop):
+    read.append((os.path.basename(plan.path), start, stop))
+    return original_rows(plan, start, stop)
+
+  monkeypatch.setattr(rope_plan.Plan, "rows", rows)
+  # One DirectRunner worker runs in this process, so the plan reads are seen here.
+  beam = prepare.prepare(rope_dir, str(tmp_path / "beam"), splits=["test"],
+                         beam_runner="DirectRunner", **QUIET)
+  assert beam["tfds"]["generated_with"] == "beam"
+  for domain in domains.NAMES:
+    name = f"test_{domain}"
+    ranges = sorted((start, stop) for plan, start, stop in read if plan == f"{name}.arrow")
+    records = plain["splits"]["test"]["domains"][domain]["records"]
+    # Every row read once, in ranges of at most BEAM_RANGE_ROWS.
+    assert [r for r in ranges] == [(a, min(records, a + rope_tfds.BEAM_RANGE_ROWS))
+                                   for a in range(0, records, rope_tfds.BEAM_RANGE_ROWS)]
+    assert (list(prepare.open_domain(str(tmp_path / "beam"), "test", domain))
+            == list(prepare.open_domain(str(tmp_path / "plain"), "test", domain)))
