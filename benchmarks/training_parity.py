@@ -89,10 +89,10 @@ from cope_jax import cli
 from cope_jax import compare
 from cope_jax import config_checks
 from cope_jax import convert
+from cope_jax import eval_report
 from cope_jax import evaluate
 from cope_jax import optim
 from cope_jax import release_format
-from cope_jax import report
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax.base import domains
@@ -482,7 +482,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
   keys = list(runs[JAX][0]["curves"])
   columns = min(4, len(keys))
   rows = -(-len(keys) // columns)
-  figure, _ = report.new_figure()
+  figure, _ = eval_report.new_figure()
   figure.set_size_inches(4.2 * columns, 3.2 * rows)
   figure.clear()
   colours = {JAX: "tab:blue", PYTORCH: "tab:orange"}
@@ -504,7 +504,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
       axes.legend(fontsize="small", loc="upper right")
   figure.suptitle(f"{title}\nlines: the mean over the seeds; bands: lowest to highest seed "
                   f"(window means every {runs[JAX][0]['steps'][0]} steps)", fontsize="medium")
-  report.save_figure(figure, path)
+  eval_report.save_figure(figure, path)
 
 
 def _row(values: Mapping[str, Any], metric: str) -> str:
