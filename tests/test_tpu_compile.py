@@ -107,6 +107,7 @@ def test_tiny_train_step_compiles_for_a_v5e_topology(tiny_v5e_step):
   assert collectives.collectives(compiled.as_text(), 4)["all-reduce"]["count"] > 0
 
 
+@pytest.mark.slow  # a compile of its own with XLA's dumps (~15 s on 2 cores)
 def test_the_readers_of_xla_dumps_read_a_real_one(tmp_path):
   """The dump formats tests/test_tpu_parsers.py writes by hand are XLA's: a row compiled
   with a dump folder lists buffers, and the live ranges give a peak with values."""
