@@ -56,13 +56,11 @@ with --prepare_only benchmarks/results/data_pipeline_prepare.json).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import tempfile
@@ -71,9 +69,9 @@ import time
 import numpy as np
 import PIL.Image
 
+from benchmarks import common
 from configs import synthetic_tiny
 from cope_jax.base import batch as batch_contract
-from cope_jax.base import result_files
 from cope_jax.base import domains
 from data_pipelines import pipelines
 from data_pipelines import prepare
@@ -240,17 +238,6 @@ def _records_digest(prepared_dir: str) -> str:
   return digest.hexdigest()
 
 
-def _cpu_times() -> tuple[float, float] | None:
-  """(busy, total) jiffies of all cores from /proc/stat, or None off Linux."""
-  try:
-    with open("/proc/stat", encoding="ascii") as f:
-      values = [float(v) for v in f.readline().split()[1:]]
-  except OSError:
-    return None
-  idle = values[3] + values[4]  # idle + iowait
-  return sum(values) - idle, sum(values)
-
-
 def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_workers: int,
                     max_side: int) -> tuple[list[PrepareMeasurement], str | None]:
   """Times prepare with the shard writer at each worker count (and Beam), same input;
@@ -272,15 +259,12 @@ def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_wor
     load = os.getloadavg()[0]
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    machine_before = _cpu_times()
+    machine_before = common.core_jiffies()
     start = time.perf_counter()
     report = prepare.prepare(rope_dir, out, progress=False, log=lambda line: None,
                              max_image_side=max_side, **options)
     seconds = time.perf_counter() - start
-    machine_after = _cpu_times()
-    busy = (round((machine_after[0] - machine_before[0])
-                  / max(machine_after[1] - machine_before[1], 1), 3)
-            if machine_before and machine_after else 0.0)
+    busy = common.busy_share(machine_before, common.core_jiffies())
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     writer_cpu = (own.ru_utime - own_before.ru_utime) + (own.ru_stime - own_before.ru_stime)
@@ -300,17 +284,14 @@ def measure_prepare(rope_dir: str, root: str, worker_counts: list[int], beam_wor
 
 
 def _print_prepare_table(measurements: list[PrepareMeasurement]) -> None:
-  header = (f"{'preparation':<18} {'workers':>7} {'seconds':>8} {'images':>7} "
-            f"{'images/s':>9} {'vs 1st':>7} {'writer cpu':>10} {'worker cpu':>10} "
-            f"{'cores':>6} {'load':>5} {'busy':>5}")
-  print(header)
-  print("-" * len(header))
-  for m in measurements:
-    ratio = measurements[0].seconds / m.seconds
-    print(f"{m.path:<18} {m.workers:>7} {m.seconds:>8.2f} {m.images:>7} "
-          f"{m.images_per_s:>9.1f} {ratio:>6.2f}x {m.writer_cpu_s:>10.1f} "
-          f"{m.worker_cpu_s:>10.1f} {m.cores_used:>6.2f} {m.load_average_before:>5.1f} "
-          f"{m.machine_busy:>5.0%}")
+  first = measurements[0]
+  print(common.table(
+      ["preparation", "workers", "seconds", "images", "images/s", "vs 1st", "writer cpu",
+       "worker cpu", "cores", "load", "busy"],
+      [[m.path, m.workers, f"{m.seconds:.2f}", m.images, f"{m.images_per_s:.1f}",
+        f"{first.seconds / m.seconds:.2f}x", f"{m.writer_cpu_s:.1f}",
+        f"{m.worker_cpu_s:.1f}", f"{m.cores_used:.2f}", f"{m.load_average_before:.1f}",
+        f"{m.machine_busy:.0%}"] for m in measurements]))
 
 
 def _config(shape: str, rope_dir: str, prepared_dir: str, workers: int,
@@ -443,17 +424,15 @@ def measure_naive(config, shape: str, source: str, num_batches: int) -> Measurem
 
 
 def _print_table(measurements: list[Measurement], speedups: dict) -> None:
-  header = (f"{'shape':<6} {'source':<9} {'stored':<10} {'loader':<10} {'workers':>7} "
-            f"{'batch':>5} {'first s':>8} {'examples/s':>11} {'frames/s':>9} "
-            f"{'/core':>6} {'vs naive':>8}")
-  print(header)
-  print("-" * len(header))
+  rows = []
   for m in measurements:
     ratio = speedups.get(_row_name(m))
-    ratio_text = f"{ratio:.2f}x" if ratio else ""
-    print(f"{m.shape:<6} {m.source:<9} {m.stored:<10} {m.loader:<10} {m.workers:>7} "
-          f"{m.batch_size:>5} {m.first_batch_s:>8.2f} {m.examples_per_s:>11.1f} "
-          f"{m.frames_per_s:>9.0f} {m.frames_per_s_per_core:>6.0f} {ratio_text:>8}")
+    rows.append([m.shape, m.source, m.stored, m.loader, m.workers, m.batch_size,
+                 f"{m.first_batch_s:.2f}", f"{m.examples_per_s:.1f}",
+                 f"{m.frames_per_s:.0f}", f"{m.frames_per_s_per_core:.0f}",
+                 f"{ratio:.2f}x" if ratio else ""])
+  print(common.table(["shape", "source", "stored", "loader", "workers", "batch", "first s",
+                      "examples/s", "frames/s", "/core", "vs naive"], rows, left=4))
 
 
 def _row_name(m: Measurement) -> str:
@@ -475,7 +454,9 @@ def _gpu_step_rate(paths: str) -> dict | None:
         continue
       rate = row["jax"]["examples_per_second"]
       if best is None or rate > best["examples_per_second_per_device"]:
-        best = {"file": path, "device": results.get("device"),
+        # The device is in "machine" (results before: at the top).
+        device = results.get("machine", {}).get("device", results.get("device"))
+        best = {"file": path, "device": device,
                 "batch_size": row["batch_size"], "examples_per_second_per_device": rate}
   return best
 
@@ -485,11 +466,68 @@ def _prepare_quietly(rope_dir: str, out: str, **options) -> str:
   return out
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=None,
-                      help="JSON path (default benchmarks/results/data_pipeline.json, "
-                           "with --prepare_only data_pipeline_prepare.json)")
+def measure_loaders(args, root: str, rope_dir: str, shapes: list[str]
+                    ) -> tuple[list[Measurement], dict[str, float], dict]:
+  """Part 2 of the module docstring: for each source, the naive loop and each Grain
+  loader, stored form and worker count. Returns the measurements, each Grain row's
+  speed-up over the naive loop of its shape and source, and the realistic images' mean
+  sizes in bytes."""
+  measurements, speedups, image_bytes = [], {}, {}
+  for source in args.sources.split(","):
+    source_dir = os.path.join(root, f"rope_{source}")
+    shutil.copytree(rope_dir, source_dir)
+    if source == "realistic":
+      image_bytes = make_realistic(source_dir)
+    prepared = {"original": _prepare_quietly(source_dir, os.path.join(root, f"{source}_o"),
+                                             num_frames=8)}
+    if "resized" in args.stored and source == "realistic":
+      prepared["resized"] = _prepare_quietly(source_dir, os.path.join(root, f"{source}_r"),
+                                             num_frames=8, max_image_side=576)
+    for shape in shapes:
+      naive = measure_naive(_config(shape, source_dir, prepared["original"], 0), shape,
+                            source, args.batches)
+      measurements.append(naive)
+      for stored in (s for s in args.stored.split(",") if s in prepared):
+        for loader in args.loaders.split(","):
+          for workers in (int(w) for w in args.workers.split(",")):
+            result = measure_grain(
+                _config(shape, source_dir, prepared[stored], workers, loader), shape,
+                source, stored, args.batches)
+            measurements.append(result)
+            speedups[_row_name(result)] = result.examples_per_s / naive.examples_per_s
+  return measurements, speedups, image_bytes
+
+
+def host_cores_per_accelerator(measurements: list[Measurement], gpu: dict) -> dict:
+  """Per paper-shape row: the host cores that feed one accelerator at `gpu`'s step rate
+  (17 frames an example); prints the best realistic row and the naive loop's."""
+  frames_needed = gpu["examples_per_second_per_device"] * 17
+  cores_needed = {_row_name(m): round(frames_needed / m.frames_per_s_per_core, 1)
+                  for m in measurements if m.shape == "paper"}
+  if not cores_needed:
+    return cores_needed
+  realistic = {k: v for k, v in cores_needed.items() if "/realistic/" in k}
+  best = min((realistic or cores_needed).items(), key=lambda item: item[1])
+  print(f"\nat {gpu['examples_per_second_per_device']:.0f} examples/s per "
+        f"{gpu['device']} ({gpu['file']}), {frames_needed:.0f} frames/s: host cores "
+        f"per accelerator {best[1]} ({best[0]}); naive loop "
+        + ", ".join(f"{v}" for k, v in cores_needed.items() if "naive" in k))
+  return cores_needed
+
+
+def prepare_report(args, measurements: list[PrepareMeasurement], note: str | None) -> dict:
+  return {
+      "measurements": [dataclasses.asdict(m) for m in measurements],
+      "speedup_vs_single_process": {
+          f"{m.path}/{m.workers}_workers": round(measurements[0].seconds / m.seconds, 2)
+          for m in measurements[1:]},
+      "images": measurements[0].images, "max_image_side": args.max_image_side,
+      "distinct_files_per_kind": args.prepare_distinct, "note": note}
+
+
+def _parser():
+  parser = common.parser(__doc__, out_help="JSON file (default benchmarks/results/"
+                         "data_pipeline.json, with --prepare_only data_pipeline_prepare.json)")
   parser.add_argument("--batches", type=int, default=16,
                       help="timed batches per measurement (after the warm-up ones)")
   parser.add_argument("--products", type=int, default=40,
@@ -517,16 +555,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--prepare_only", action="store_true",
                       help="measure only the preparation comparison")
   parser.add_argument("--gpu_step_results",
-                      default="benchmarks/results/train_step_gpu_paper.json",
+                      default=common.result_path("train_step_gpu_paper.json"),
                       help="comma-separated train-step results; the best paper-shape rate "
                            "gives the host cores an accelerator needs")
-  args = parser.parse_args(argv)
-  if args.out is None:
-    args.out = ("benchmarks/results/data_pipeline_prepare.json" if args.prepare_only
-                else "benchmarks/results/data_pipeline.json")
-  worker_counts = [int(w) for w in args.workers.split(",")]
-  shapes = [] if args.prepare_only else args.shapes.split(",")
+  return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+  args = _parser().parse_args(argv)
+  shapes = [] if args.prepare_only else args.shapes.split(",")
   prepare_measurements, prepare_note, image_bytes = [], None, {}
   measurements, speedups = [], {}
   with tempfile.TemporaryDirectory(prefix="cope_data_bench_") as root:
@@ -541,30 +578,8 @@ def main(argv: list[str] | None = None) -> None:
       prepare_measurements, prepare_note = measure_prepare(
           rope_dir, root, [int(w) for w in args.prepare_workers.split(",")],
           args.prepare_beam_workers, args.max_image_side)
-    for source in ([] if args.prepare_only else args.sources.split(",")):
-      source_dir = os.path.join(root, f"rope_{source}")
-      shutil.copytree(rope_dir, source_dir)
-      if source == "realistic":
-        image_bytes = make_realistic(source_dir)
-      prepared = {"original": _prepare_quietly(source_dir, os.path.join(root, f"{source}_o"),
-                                               num_frames=8)}
-      if "resized" in args.stored and source == "realistic":
-        prepared["resized"] = _prepare_quietly(source_dir, os.path.join(root, f"{source}_r"),
-                                               num_frames=8, max_image_side=576)
-      for shape in shapes:
-        naive = measure_naive(_config(shape, source_dir, prepared["original"], 0), shape,
-                              source, args.batches)
-        measurements.append(naive)
-        for stored in args.stored.split(","):
-          if stored not in prepared:
-            continue
-          for loader in args.loaders.split(","):
-            for workers in worker_counts:
-              result = measure_grain(
-                  _config(shape, source_dir, prepared[stored], workers, loader), shape,
-                  source, stored, args.batches)
-              measurements.append(result)
-              speedups[_row_name(result)] = result.examples_per_s / naive.examples_per_s
+    else:
+      measurements, speedups, image_bytes = measure_loaders(args, root, rope_dir, shapes)
 
   if prepare_measurements:
     _print_prepare_table(prepare_measurements)
@@ -575,30 +590,19 @@ def main(argv: list[str] | None = None) -> None:
   if measurements:
     print()
     _print_table(measurements, speedups)
-    if gpu and "paper" in shapes:
-      frames_needed = gpu["examples_per_second_per_device"] * 17
-      for m in measurements:
-        if m.shape == "paper":
-          cores_needed[_row_name(m)] = round(frames_needed / m.frames_per_s_per_core, 1)
-      realistic = {k: v for k, v in cores_needed.items() if "/realistic/" in k}
-      best = min((realistic or cores_needed).items(), key=lambda item: item[1])
-      print(f"\nat {gpu['examples_per_second_per_device']:.0f} examples/s per "
-            f"{gpu['device']} ({gpu['file']}), {frames_needed:.0f} frames/s: host cores "
-            f"per accelerator {best[1]} ({best[0]}); naive loop "
-            + ", ".join(f"{v}" for k, v in cores_needed.items() if "naive" in k))
+    if gpu:
+      cores_needed = host_cores_per_accelerator(measurements, gpu)
+  config = synthetic_tiny.get_config()
   report = {
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version(),
-                  "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+      "machine": common.machine(),
       "dataset": {"train_products": args.products, "frames_per_clip": 8,
                   "sources": {"256": "256 x 256 JPEGs of the generator",
                               "realistic": "800 x 800 pages, 720 x 1280 frames, quality 90"},
                   "realistic_mean_bytes": image_bytes,
                   "resized": "prepare --max_image_side 576 (720 x 1280 -> 324 x 576)",
                   "setup_seconds": round(setup_seconds, 1)},
-      "config": {"num_threads": synthetic_tiny.get_config().data.num_threads,
-                 "prefetch_buffer_size":
-                     synthetic_tiny.get_config().data.prefetch_buffer_size,
+      "config": {"num_threads": config.data.num_threads,
+                 "prefetch_buffer_size": config.data.prefetch_buffer_size,
                  "canvas_size": CANVAS},
       "shapes": {name: dict(zip(("image_size", "num_frames", "batch_size"), value))
                  for name, value in SHAPES.items() if name in shapes},
@@ -608,18 +612,10 @@ def main(argv: list[str] | None = None) -> None:
       "host_cores_per_accelerator": cores_needed,
   }
   if prepare_measurements:
-    report["prepare"] = {
-        "measurements": [dataclasses.asdict(m) for m in prepare_measurements],
-        "speedup_vs_single_process": {
-            f"{m.path}/{m.workers}_workers": round(
-                prepare_measurements[0].seconds / m.seconds, 2)
-            for m in prepare_measurements[1:]},
-        "images": prepare_measurements[0].images, "max_image_side": args.max_image_side,
-        "distinct_files_per_kind": args.prepare_distinct, "note": prepare_note}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(result_files.strict(report), f, indent=1, allow_nan=False)
-  print(f"dataset set-up {setup_seconds:.0f} s; wrote {args.out}")
+    report["prepare"] = prepare_report(args, prepare_measurements, prepare_note)
+  print(f"dataset set-up {setup_seconds:.0f} s")
+  common.write_result(args.out or common.result_path(
+      "data_pipeline_prepare.json" if args.prepare_only else "data_pipeline.json"), report)
 
 
 if __name__ == "__main__":

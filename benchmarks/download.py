@@ -27,19 +27,17 @@ seconds. JSON default: benchmarks/results/download_rerun.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import http.server
 import multiprocessing
 import os
-import platform
 import shutil
 import tempfile
 import time
 import urllib.parse
 
-from cope_jax.base import result_files
+from benchmarks import common
 from data_pipelines import download
 from data_pipelines import synthetic
 
@@ -93,17 +91,6 @@ def image_server(served_dir: str, delay_ms: float):
   finally:
     server.kill()
     server.join()
-
-
-def _write_report(out: str, report: dict) -> None:
-  """Adds the machine's description to `report` and writes it as strict JSON to `out`,
-  atomically."""
-  report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(),
-                        "load_average_1min": round(os.getloadavg()[0], 2)},
-            **report}
-  result_files.write_json(out, report, indent=1, sort_keys=False)
-  print(f"wrote {out}")
 
 
 @dataclasses.dataclass
@@ -176,45 +163,47 @@ def measure_reruns(rope_dir: str, prefix: str, workers: int) -> list[RerunMeasur
   return measurements
 
 
+def _rerun_dataset(root: str, min_files: int, seed: int) -> tuple[str, str, int]:
+  """A synthetic dataset whose txt files name at least `min_files` images (products
+  added until they do): (ROPE folder, folder of the images to serve, products)."""
+  rope_dir, served = os.path.join(root, "rope"), os.path.join(root, "served")
+  products = max(2, min_files // 60)
+  while True:
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    synthetic.generate(rope_dir, products=products, test_products=2, frames_per_clip=8,
+                       image_size=64, seed=seed, url_form_images=served)
+    if _images_named(rope_dir) >= min_files:
+      return rope_dir, served, products
+    products = int(products * 1.1) + 1
+
+
 def main_reruns(args) -> None:
   """--rerun_files: the rerun measurements (see the module docstring)."""
   workers = max(int(w) for w in args.workers.split(","))
   with tempfile.TemporaryDirectory(prefix="cope_download_rerun_bench_") as root:
-    rope_dir, served = os.path.join(root, "rope"), os.path.join(root, "served")
-    products = max(2, args.rerun_files // 60)
-    while True:
-      shutil.rmtree(root, ignore_errors=True)
-      os.makedirs(root)
-      synthetic.generate(rope_dir, products=products, test_products=2, frames_per_clip=8,
-                         image_size=64, seed=args.seed, url_form_images=served)
-      if _images_named(rope_dir) >= args.rerun_files:
-        break
-      products = int(products * 1.1) + 1
+    rope_dir, served, products = _rerun_dataset(root, args.rerun_files, args.seed)
     with image_server(served, args.delay_ms) as prefix:
       measurements = measure_reruns(rope_dir, prefix, workers)
   baseline = measurements[1]
-  header = (f"{'rerun':<22} {'files':>6} {'quick':>6} {'decoded':>7} {'seconds':>8} "
-            f"{'files/s':>9} {'vs full':>8}")
-  print(header)
-  print("-" * len(header))
-  for m in measurements:
-    print(f"{m.rerun:<22} {m.files:>6} {m.checked_quickly:>6} {m.checked_by_decode:>7} "
-          f"{m.seconds:>8.2f} {m.files_per_s:>9.0f} "
-          f"{baseline.seconds / m.seconds:>7.1f}x")
-  report = {
+  print(common.table(
+      ["rerun", "files", "quick", "decoded", "seconds", "files/s", "vs full"],
+      [[m.rerun, m.files, m.checked_quickly, m.checked_by_decode, f"{m.seconds:.2f}",
+        f"{m.files_per_s:.0f}", f"{baseline.seconds / m.seconds:.1f}x"]
+       for m in measurements]))
+  common.write_result(args.out or common.result_path("download_rerun.json"), {
+      "machine": common.machine(),
       "setup": {"rerun_files": args.rerun_files, "train_products": products,
                 "jpeg_side": 64, "frames_per_clip": 8, "all_frames": True,
                 "workers": workers, "delay_ms": args.delay_ms},
       "measurements": [dataclasses.asdict(m) for m in measurements],
       "speedup_vs_full": {m.rerun: round(baseline.seconds / m.seconds, 2)
-                          for m in measurements}}
-  _write_report(args.out or "benchmarks/results/download_rerun.json", report)
+                          for m in measurements}})
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=None, help="JSON path (default "
-                      "benchmarks/results/download.json, download_rerun.json)")
+  parser = common.parser(__doc__, out_help="JSON file (default benchmarks/results/"
+                         "download.json; with --rerun_files download_rerun.json)")
   parser.add_argument("--products", type=int, default=24,
                       help="training products of the generated dataset (test: a quarter)")
   parser.add_argument("--workers", default="1,32", help="comma-separated worker counts; "
@@ -230,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
   if args.rerun_files:
     main_reruns(args)
     return
-  args.out = args.out or "benchmarks/results/download.json"
   worker_counts = [int(w) for w in args.workers.split(",")]
 
   with tempfile.TemporaryDirectory(prefix="cope_download_bench_") as root:
@@ -244,24 +232,22 @@ def main(argv: list[str] | None = None) -> None:
 
   baseline = measurements[0]
   speedups = {m.workers: m.files_per_s / baseline.files_per_s for m in measurements}
-  header = (f"{'workers':>7} {'files':>6} {'seconds':>8} {'files/s':>8} {'MB/s':>6} "
-            f"{'vs ' + str(baseline.workers) + ' worker':>12}")
-  print(f"server latency {args.delay_ms:g} ms per request (bound for 1 worker: "
-        f"{1000 / args.delay_ms:.0f} files/s)")
-  print(header)
-  print("-" * len(header))
-  for m in measurements:
-    print(f"{m.workers:>7} {m.files:>6} {m.seconds:>8.2f} {m.files_per_s:>8.1f} "
-          f"{m.megabytes_per_s:>6.2f} {speedups[m.workers]:>11.1f}x")
-  report = {
+  bound = f" (bound for 1 worker: {1000 / args.delay_ms:.0f} files/s)" if args.delay_ms else ""
+  print(f"server latency {args.delay_ms:g} ms per request{bound}")
+  print(common.table(
+      ["workers", "files", "seconds", "files/s", "MB/s", f"vs {baseline.workers} worker"],
+      [[m.workers, m.files, f"{m.seconds:.2f}", f"{m.files_per_s:.1f}",
+        f"{m.megabytes_per_s:.2f}", f"{speedups[m.workers]:.1f}x"] for m in measurements],
+      left=0))
+  common.write_result(args.out or common.result_path("download.json"), {
+      "machine": common.machine(),
       "setup": {"delay_ms": args.delay_ms, "train_products": args.products,
                 "jpeg_side": 64, "frames_per_clip": 8, "all_frames": True,
                 "server": "http.server ThreadingHTTPServer, HTTP/1.1, separate process",
                 "repeats": args.repeats},
       "measurements": [dataclasses.asdict(m) for m in measurements],
       "speedup_vs_baseline": {f"{w}_workers": round(r, 2) for w, r in speedups.items()},
-  }
-  _write_report(args.out, report)
+  })
 
 
 if __name__ == "__main__":

@@ -33,10 +33,8 @@ Prints the table and writes JSON (`--out`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -47,17 +45,17 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import common
 from configs import synthetic_tiny
 from cope_jax import checkpoints
 from cope_jax import export_format
-from cope_jax.base import result_files
 from cope_jax import sharding
 from cope_jax import state
 from cope_jax.base import domains
 from data_pipelines import prepare
 from data_pipelines import synthetic
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = common.REPO_ROOT
 SPLIT = "test"
 TOLERANCE = 1e-5
 
@@ -78,17 +76,6 @@ class Run:
   items_per_cpu_second: float = 0.0
 
 
-def _cpu_times() -> tuple[float, float] | None:
-  """(busy, total) jiffies of all cores from /proc/stat, or None off Linux."""
-  try:
-    with open("/proc/stat", encoding="ascii") as f:
-      values = [float(v) for v in f.readline().split()[1:]]
-  except OSError:
-    return None
-  idle = values[3] + values[4]  # idle + iowait
-  return sum(values) - idle, sum(values)
-
-
 def _env() -> dict:
   env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
   return {**env, "PYTHONPATH": REPO_ROOT}
@@ -97,18 +84,15 @@ def _env() -> dict:
 def _timed(name: str, workers: int, command: list[str], out: str) -> Run:
   load = os.getloadavg()[0]
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  machine_before = _cpu_times()
+  machine_before = common.core_jiffies()
   start = time.perf_counter()
   result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
   seconds = time.perf_counter() - start
   if result.returncode != 0:
     raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  machine_after = _cpu_times()
+  busy = common.busy_share(machine_before, common.core_jiffies())
   cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  busy = (round((machine_after[0] - machine_before[0])
-                / max(machine_after[1] - machine_before[1], 1), 3)
-          if machine_before and machine_after else 0.0)
   manifest = export_format.Manifest.read(out)
   items = sum(entry.count for entry in manifest.domains.values())
   return Run(name, workers, round(seconds, 2), items, round(items / seconds, 2),
@@ -219,9 +203,7 @@ def run(root: str, test_products: int, small_products: int, image_size: int,
       "runs": [dataclasses.asdict(run) for run in runs],
       "small_runs": [dataclasses.asdict(run) for run in small], "costs": costs,
       "ratio_most_workers_to_one": ratio, "most_workers": most,
-      "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version(), "jax": jax.__version__,
-                  "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+      "machine": common.machine(jax=True),
   }
 
 
@@ -229,21 +211,20 @@ def table(result: dict) -> str:
   lines = [f"{result['items']} items ({result['test_products']} products, "
            f"{result['image_size']} px, T={result['num_frames']}); prepare (untimed in the "
            f"export row): {result['prepare_seconds']} s",
-           "| run | workers | seconds | items/s | CPU s | items per CPU s | cores used | "
-           "machine busy | load | max abs diff |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for run in result["runs"]:
-    difference = ("-" if run["max_abs_difference"] is None
-                  else f"{run['max_abs_difference']:.1e}")
-    lines.append(f"| {run['name']} | {run['workers']} | {run['seconds']} | "
-                 f"{run['items_per_second']} | {run['cpu_seconds']} | "
-                 f"{run['items_per_cpu_second']} | {run['cores_used']} | "
-                 f"{run['machine_busy']:.0%} | {run['load_average']} | {difference} |")
+           common.table(
+               ["run", "workers", "seconds", "items/s", "CPU s", "items per CPU s",
+                "cores used", "machine busy", "load", "max abs diff"],
+               [[run["name"], run["workers"], run["seconds"], run["items_per_second"],
+                 run["cpu_seconds"], run["items_per_cpu_second"], run["cores_used"],
+                 f"{run['machine_busy']:.0%}", run["load_average"],
+                 "-" if run["max_abs_difference"] is None
+                 else f"{run['max_abs_difference']:.1e}"] for run in result["runs"]],
+               markdown=True)]
   if result["costs"]:
     lines += ["", f"CPU split from a {result['small_products']}-product run of each command:",
-              "| run | fixed CPU s (start-up) | CPU ms per item |", "|---|---|---|"]
-    lines += [f"| {cost['name']} | {cost['fixed_cpu_seconds']} | {cost['cpu_ms_per_item']} |"
-              for cost in result["costs"]]
+              common.table(["run", "fixed CPU s (start-up)", "CPU ms per item"],
+                           [[cost["name"], cost["fixed_cpu_seconds"], cost["cpu_ms_per_item"]]
+                            for cost in result["costs"]], markdown=True)]
   if result["ratio_most_workers_to_one"] is not None:
     lines.append(f"Beam items/s, {result['most_workers']} workers / 1: "
                  f"{result['ratio_most_workers_to_one']}x on {result['machine']['cpu_count']} "
@@ -252,14 +233,12 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = common.parser(__doc__, "embed_beam.json")
   parser.add_argument("--test_products", type=int, default=300)
   parser.add_argument("--small_products", type=int, default=4,
                       help="products of the split that measures start-up (0: none)")
   parser.add_argument("--image_size", type=int, default=64, help="the model's input side")
   parser.add_argument("--workers", default="1,2", help="Beam worker process counts")
-  parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results",
-                                                    "embed_beam.json"))
   args = parser.parse_args(argv)
   worker_counts = [int(w) for w in args.workers.split(",") if w]
   root = tempfile.mkdtemp(prefix="embed_beam_benchmark_")
@@ -269,8 +248,7 @@ def main(argv=None) -> None:
   finally:
     shutil.rmtree(root, ignore_errors=True)
   print(table(result))
-  result_files.write_json(args.out, result)
-  print(f"wrote {args.out}")
+  common.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ PyTorch's float32 matmuls do not, which shows in `max_abs_diff` and favours JAX.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 
@@ -34,9 +31,9 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from configs import rope_vitb16  # pylint: disable=g-import-not-at-top
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import rope_vitb16
 from configs import synthetic_tiny
-from cope_jax.base import result_files
 from cope_jax import weight_mapping
 from cope_jax.models import vision
 from cope_jax.models.config import ModelConfig
@@ -139,7 +136,8 @@ def benchmark_shape(shape: str, batch_size: int, iterations: int, warmup: int,
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.parser(__doc__, out_help="JSON file (default benchmarks/results/"
+                         "encoder_forward_<backend>.json)")
   parser.add_argument("--shapes", default="tiny,vitb16", help="comma-separated: tiny, vitb16")
   parser.add_argument("--batch_size", type=int, default=2)
   parser.add_argument("--tiny_iterations", type=int, default=20)
@@ -147,8 +145,6 @@ def main(argv=None) -> dict:
   parser.add_argument("--warmup", type=int, default=2, help="calls before timing (>= 1)")
   parser.add_argument("--jax_dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--torch_threads", type=int, default=2)
-  parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/"
-                      "encoder_forward_<backend>.json)")
   args = parser.parse_args(argv)
 
   import torch  # pylint: disable=g-import-not-at-top
@@ -161,27 +157,21 @@ def main(argv=None) -> dict:
     rows.append(benchmark_shape(shape, args.batch_size, iterations, max(args.warmup, 1),
                                 args.jax_dtype, torch_device))
 
-  header = (f"{'shape':8} {'batch':>5} {'T':>3} {'side':>4} {'JAX clips/s':>12} "
-            f"{'torch clips/s':>14} {'JAX/torch':>9} {'JAX 1st call s':>14} {'max |diff|':>10}")
   print(f"JAX {jax.__version__} on {backend} ({jax.devices()[0].device_kind}); torch "
         f"{torch.__version__} on {torch_device} ({torch.get_num_threads()} threads)")
-  print(header)
-  for row in rows:
-    print(f"{row['shape']:8} {row['batch_size']:>5} {row['frames']:>3} {row['image_size']:>4} "
-          f"{row['jax_clips_per_second']:>12.2f} {row['torch_clips_per_second']:>14.2f} "
-          f"{row['jax_over_torch']:>9.2f} {row['jax_first_call_seconds']:>14.2f} "
-          f"{row['max_abs_diff']:>10.1e}")
-  result = {"backend": backend, "device_kind": jax.devices()[0].device_kind,
-            "jax_version": jax.__version__, "torch_version": torch.__version__,
-            "torch_device": torch_device, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "load_average_1min": os.getloadavg()[0], "rows": rows}
-  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
-                                 f"encoder_forward_{backend}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result_files.strict(result), f, indent=2, allow_nan=False)
-  print(f"wrote {out}")
+  print(common.table(
+      ["shape", "batch", "T", "side", "JAX clips/s", "torch clips/s", "JAX/torch",
+       "JAX 1st call s", "max |diff|"],
+      [[row["shape"], row["batch_size"], row["frames"], row["image_size"],
+        f"{row['jax_clips_per_second']:.2f}", f"{row['torch_clips_per_second']:.2f}",
+        f"{row['jax_over_torch']:.2f}", f"{row['jax_first_call_seconds']:.2f}",
+        f"{row['max_abs_diff']:.1e}"] for row in rows]))
+  result = {"machine": common.machine(jax=True, torch_version=torch.__version__,
+                                      torch_device=torch_device,
+                                      torch_threads=torch.get_num_threads()),
+            "rows": rows}
+  common.write_result(args.out or common.result_path(f"encoder_forward_{backend}.json"),
+                      result)
   return result
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks import common
 
 METHODS = ("train_state", "model_params")
 
@@ -57,55 +58,59 @@ def _measure(method: str, config_path: str, workdir: str) -> dict:
                                  - rss_before) / 1024}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def measure_in_fresh_processes(config: str, workdir: str, repeats: int) -> dict:
+  """{method: [one `_measure` per repeat]}, each in a process of its own."""
+  runs = {method: [] for method in METHODS}
+  for _ in range(repeats):
+    for method in METHODS:
+      result = subprocess.run(
+          [sys.executable, "-m", "benchmarks.restore", "--child", method, "--config",
+           config, "--workdir", workdir], capture_output=True, text=True, check=True,
+          env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
+      runs[method].append(json.loads(result.stdout.strip().splitlines()[-1]))
+  return runs
+
+
+def summarise(runs: dict) -> dict:
+  """Per method: the medians over the repeats, the restored bytes and the step."""
+  return {method: {
+      "median_seconds": statistics.median(r["seconds"] for r in results),
+      "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+      "median_peak_rss_growth_mb": statistics.median(r["peak_rss_growth_mb"]
+                                                     for r in results),
+      "restored_bytes": results[0]["restored_bytes"], "step": results[0]["step"]}
+          for method, results in runs.items()}
+
+
+def main(argv=None) -> None:
+  parser = common.parser(__doc__, "restore.json")
   parser.add_argument("--workdir", default="demo_run")
   parser.add_argument("--config", default="configs/synthetic_tiny.py")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default="benchmarks/results/restore.json")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(_measure(args.child, args.config, args.workdir)))
     return
 
-  runs = {method: [] for method in METHODS}
-  for _ in range(args.repeats):
-    for method in METHODS:
-      result = subprocess.run(
-          [sys.executable, "-m", "benchmarks.restore", "--child", method, "--config",
-           args.config, "--workdir", args.workdir], capture_output=True, text=True,
-          check=True, env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS",
-                                                                          "cpu")})
-      runs[method].append(json.loads(result.stdout.strip().splitlines()[-1]))
-  summary = {}
-  for method, results in runs.items():
-    summary[method] = {
-        "median_seconds": statistics.median(r["seconds"] for r in results),
-        "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
-        "median_peak_rss_growth_mb": statistics.median(r["peak_rss_growth_mb"]
-                                                       for r in results),
-        "restored_bytes": results[0]["restored_bytes"], "step": results[0]["step"]}
+  runs = measure_in_fresh_processes(args.config, args.workdir, args.repeats)
+  summary = summarise(runs)
   before, after = summary["train_state"], summary["model_params"]
   print(f"checkpoint {args.workdir}/checkpoints/{before['step']} ({args.config}), "
         f"median of {args.repeats}")
-  print(f"{'restore':<14}{'seconds':>10}{'peak RSS MB':>14}{'RSS growth MB':>16}"
-        f"{'arrays MB':>12}")
-  for method, row in summary.items():
-    print(f"{method:<14}{row['median_seconds']:>10.3f}{row['median_peak_rss_mb']:>14.0f}"
-          f"{row['median_peak_rss_growth_mb']:>16.1f}{row['restored_bytes'] / 2**20:>12.2f}")
+  print(common.table(
+      ["restore", "seconds", "peak RSS MB", "RSS growth MB", "arrays MB"],
+      [[method, f"{row['median_seconds']:.3f}", f"{row['median_peak_rss_mb']:.0f}",
+        f"{row['median_peak_rss_growth_mb']:.1f}", f"{row['restored_bytes'] / 2**20:.2f}"]
+       for method, row in summary.items()]))
   ratios = {"time": before["median_seconds"] / after["median_seconds"],
             "restored_bytes": before["restored_bytes"] / after["restored_bytes"]}
   print(f"model params only: {ratios['time']:.2f}x faster, "
         f"{ratios['restored_bytes']:.2f}x fewer bytes restored")
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "python": platform.python_version()},
-               "workdir": args.workdir, "config": args.config, "repeats": args.repeats,
-               "summary": summary, "ratios_before_over_after": ratios, "runs": runs},
-              f, indent=2, allow_nan=False)
-  print(f"wrote {args.out}")
+  common.write_result(args.out, {
+      "machine": common.machine(), "workdir": args.workdir, "config": args.config,
+      "repeats": args.repeats, "summary": summary, "ratios_before_over_after": ratios,
+      "runs": runs})
 
 
 if __name__ == "__main__":

@@ -35,18 +35,16 @@ synthetic test split with the tiny config, at eval batch 32 against batch 1 (the
 in-run baseline); written to benchmarks/results/embedding.json.
 """
 
-import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import common
 from configs import synthetic_tiny
-from cope_jax.base import result_files
 from cope_jax.search import exact
 from cope_jax.search import index as search_index
 from cope_jax.search import metrics
@@ -318,22 +316,20 @@ def print_tables(results, target_recall, clock):
   print(f"\nPareto front by {THROUGHPUT[clock][2]}, and the tuned settings "
         f"(target recall@10 {target_recall}); speed-ups against exact search by the wall "
         "clock and per CPU-second:")
-  header = (f"{'gallery':>9} {'method':<19} {'settings':<34} {'recall@10':>9} {'q/s':>9} "
-            f"{'vs exact':>8} {'q/CPU-s':>9} {'vs exact':>8}")
-  print(header)
-  print("-" * len(header))
+  lines = []
   for result in results:
     tuned = [result["scann"]["tuned"]]
     if "tuned" in result["faiss_hnsw"]:
       tuned.append(result["faiss_hnsw"]["tuned"])
     rows = pareto(all_points(result), clock)
     rows += [p for p in tuned if p not in rows]
-    for p in rows:
-      print(f"{result['gallery_size']:>9,d} {p['method']:<19} {_settings_text(p['settings']):<34} "
-            f"{p['recall@10']:>9.4f} {p['queries_per_second']:>9,.0f} "
-            f"{p['speedup_vs_exact']:>7.1f}x {p['queries_per_cpu_second']:>9,.0f} "
-            f"{p['cpu_speedup_vs_exact']:>7.1f}x")
-    print()
+    lines += [[f"{result['gallery_size']:>9,d}", p["method"], _settings_text(p["settings"]),
+               f"{p['recall@10']:.4f}", f"{p['queries_per_second']:,.0f}",
+               f"{p['speedup_vs_exact']:.1f}x", f"{p['queries_per_cpu_second']:,.0f}",
+               f"{p['cpu_speedup_vs_exact']:.1f}x"] for p in rows]
+  print(common.table(["gallery", "method", "settings", "recall@10", "q/s", "vs exact",
+                      "q/CPU-s", "vs exact"], lines, left=3))
+  print()
   for result in results:
     scann, hnsw = result["scann"], result["faiss_hnsw"]
     line = (f"{result['gallery_size']:>9,d}: ScaNN build {scann['build_seconds']:.1f} s "
@@ -395,7 +391,8 @@ def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
   import tempfile  # pylint: disable=g-import-not-at-top
   from cope_jax import config_checks, embed, sharding  # pylint: disable=g-import-not-at-top
   from cope_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from cope_jax.base import domains, prepare, synthetic  # pylint: disable=g-import-not-at-top
+  from cope_jax.base import domains  # pylint: disable=g-import-not-at-top
+  from data_pipelines import prepare, synthetic  # pylint: disable=g-import-not-at-top
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -427,8 +424,75 @@ def embedding_throughput(test_products: int, batch_sizes=(1, 32)) -> list[dict]:
   return rows
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def measure_embedding(test_products: int, out: str) -> None:
+  """Export's embedding rate (`embedding_throughput`): a table, and `out`."""
+  rows = embedding_throughput(test_products)
+  print()
+  print(common.table(["domain", "batch", "items/s", "vs batch 1"],
+                     [[row["domain"], row["batch_size"], f"{row['items_per_s']:.1f}",
+                       f"{row['speedup_vs_batch_1']:.2f}"] for row in rows]))
+  common.write_result(out, {"machine": common.machine(jax=True),
+                            "config": "configs/synthetic_tiny.py (random weights)",
+                            "results": rows})
+
+
+def _faiss_available(skip: bool) -> bool:
+  if skip:
+    return False
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    print("faiss-cpu is not installed: HNSW left out (pip install -r requirements-search.txt)")
+    return False
+
+
+def _versions(faiss_available: bool) -> dict[str, str]:
+  import scann  # pylint: disable=g-import-not-at-top
+  versions = {"jax": jax.__version__,
+              "scann": getattr(scann, "__version__", "see requirements.txt")}
+  if faiss_available:
+    import faiss  # pylint: disable=g-import-not-at-top
+    versions["faiss"] = faiss.__version__
+  return versions
+
+
+def search_report(results, args, eval_config, faiss_available, load_before) -> dict:
+  """The JSON of the search part: the machine, versions, data, settings, every point
+  measured and each gallery's Pareto front."""
+  return {
+      "machine": common.machine(jax=True, load_average_1_5_15_min={
+          "start": load_before, "end": os.getloadavg()}),
+      "versions": _versions(faiss_available),
+      "data": {"generator": "benchmarks/search.py product_embeddings", "parameters": DATA,
+               "description": (
+                   "unit vectors: categories of ~40 products, products of ~16 items "
+                   "(lognormal popularity); Gaussian noise whose per-dimension scale "
+                   f"decays as (1 + i/{DATA['spectrum_decay']})^-{DATA['spectrum_power']} "
+                   "in a random rotation (participation ratio about 20 of 128 dimensions "
+                   "for 8 and 1: learned embeddings vary in few directions); queries "
+                   "are new items of gallery products, drawn "
+                   "farther from their product (query_spread > item_spread)"),
+               "seed": args.seed},
+      "settings": {"k": K, "repeats": args.repeats, "clock": args.clock,
+                   "scann_num_leaves": eval_config.scann_num_leaves,
+                   "scann_soar_lambda": eval_config.scann_soar_lambda,
+                   "query_chunk": args.query_chunk,
+                   "query_block": args.query_block, "gallery_block": args.gallery_block,
+                   "target_recall": eval_config.target_recall,
+                   "tune_queries": eval_config.tune_queries,
+                   "recall_check_queries": eval_config.recall_check_queries,
+                   "scann_sweep_reorders": SCANN_SWEEP_REORDERS,
+                   "scann_sweep_max_leaves_fraction": SCANN_SWEEP_MAX_LEAVES_FRACTION,
+                   "hnsw": {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION,
+                            "efSearch_sweep": HNSW_SWEEP_EF_SEARCH}},
+      "results": results,
+      "pareto": {str(r["gallery_size"]): pareto(all_points(r), args.clock) for r in results},
+  }
+
+
+def _parser():
+  parser = common.parser(__doc__, "search.json")
   parser.add_argument("--gallery_sizes", default="100000,1000000",
                       help="comma-separated gallery sizes")
   parser.add_argument("--num_queries", type=int, default=10_000)
@@ -452,92 +516,37 @@ def main():
                       help="override config.eval.scann_soar_lambda")
   parser.add_argument("--skip_faiss", action="store_true",
                       help="leave out faiss HNSW even when faiss-cpu is installed")
-  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "search.json"))
-  parser.add_argument("--plot", default=os.path.join("benchmarks", "results", "search.png"))
+  parser.add_argument("--plot", default=common.result_path("search.png"))
   parser.add_argument("--embed_test_products", type=int, default=60,
                       help="test products of the synthetic split embedded (0: skip)")
   parser.add_argument("--only_embedding", action="store_true",
                       help="skip the search part (writes --embed_out only)")
-  parser.add_argument("--embed_out",
-                      default=os.path.join("benchmarks", "results", "embedding.json"))
-  args = parser.parse_args()
+  parser.add_argument("--embed_out", default=common.result_path("embedding.json"))
+  return parser
 
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
   if args.embed_test_products:
-    embedding_rows = embedding_throughput(args.embed_test_products)
-    print(f"\n{'domain':6} {'batch':>5} {'items/s':>9} {'vs batch 1':>10}")
-    for row in embedding_rows:
-      print(f"{row['domain']:6} {row['batch_size']:>5} {row['items_per_s']:>9.1f} "
-            f"{row['speedup_vs_batch_1']:>10.2f}")
-    os.makedirs(os.path.dirname(args.embed_out) or ".", exist_ok=True)
-    with open(args.embed_out, "w") as f:
-      json.dump(result_files.strict(
-          {"machine": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count()},
-           "config": "configs/synthetic_tiny.py (random weights)",
-           "results": embedding_rows}), f, indent=2, allow_nan=False)
-    print(f"wrote {args.embed_out}")
+    measure_embedding(args.embed_test_products, args.embed_out)
   if args.only_embedding:
     return
 
-  faiss_available = False
-  if not args.skip_faiss:
-    try:
-      import faiss  # pylint: disable=g-import-not-at-top,unused-import
-      faiss_available = True
-    except ImportError:
-      print("faiss-cpu is not installed: HNSW left out (pip install -r requirements-search.txt)")
+  faiss_available = _faiss_available(args.skip_faiss)
   eval_config = synthetic_tiny.get_config().eval
   if args.scann_num_leaves is not None:
     eval_config.scann_num_leaves = args.scann_num_leaves
   if args.scann_soar_lambda is not None:
     eval_config.scann_soar_lambda = args.scann_soar_lambda
   load_before = os.getloadavg()
-  results = []
-  for gallery_size in (int(size) for size in args.gallery_sizes.split(",")):
-    results.append(benchmark(gallery_size, args, eval_config, faiss_available))
+  results = [benchmark(int(size), args, eval_config, faiss_available)
+             for size in args.gallery_sizes.split(",")]
   print_tables(results, eval_config.target_recall, args.clock)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
   plot(results, args.plot, eval_config.target_recall, args.clock)
-  versions = {"jax": jax.__version__}
-  import scann  # pylint: disable=g-import-not-at-top
-  versions["scann"] = getattr(scann, "__version__", "see requirements.txt")
-  if faiss_available:
-    import faiss  # pylint: disable=g-import-not-at-top
-    versions["faiss"] = faiss.__version__
-  with open(args.out, "w") as f:
-    json.dump(result_files.strict({
-        "machine": {"jax_backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()],
-                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_1_5_15_min": {"start": load_before,
-                                                "end": os.getloadavg()}},
-        "versions": versions,
-        "data": {"generator": "benchmarks/search.py product_embeddings", "parameters": DATA,
-                 "description": (
-                     "unit vectors: categories of ~40 products, products of ~16 items "
-                     "(lognormal popularity); Gaussian noise whose per-dimension scale "
-                     f"decays as (1 + i/{DATA['spectrum_decay']})^-{DATA['spectrum_power']} "
-                     "in a random rotation (participation ratio about 20 of 128 dimensions "
-                     "for 8 and 1: learned embeddings vary in few directions); queries "
-                     "are new items of gallery products, drawn "
-                     "farther from their product (query_spread > item_spread)"),
-                 "seed": args.seed},
-        "settings": {"k": K, "repeats": args.repeats, "clock": args.clock,
-                     "scann_num_leaves": eval_config.scann_num_leaves,
-                     "scann_soar_lambda": eval_config.scann_soar_lambda,
-                     "query_chunk": args.query_chunk,
-                     "query_block": args.query_block, "gallery_block": args.gallery_block,
-                     "target_recall": eval_config.target_recall,
-                     "tune_queries": eval_config.tune_queries,
-                     "recall_check_queries": eval_config.recall_check_queries,
-                     "scann_sweep_reorders": SCANN_SWEEP_REORDERS,
-                     "scann_sweep_max_leaves_fraction": SCANN_SWEEP_MAX_LEAVES_FRACTION,
-                     "hnsw": {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION,
-                              "efSearch_sweep": HNSW_SWEEP_EF_SEARCH}},
-        "results": results,
-        "pareto": {str(r["gallery_size"]): pareto(all_points(r), args.clock)
-                   for r in results},
-    }), f, indent=2, allow_nan=False)
-  print(f"wrote {args.out} and {args.plot}")
+  common.write_result(args.out, search_report(results, args, eval_config, faiss_available,
+                                              load_before))
+  print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -26,18 +26,15 @@ old rule's).
 Prints a table per part; writes JSON (default benchmarks/results/search_reproducibility.json).
 """
 
-import argparse
 import dataclasses
-import os
-import platform
 import time
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.search import DATA
 from benchmarks.search import product_embeddings
 from configs import synthetic_tiny
-from cope_jax.base import result_files
 from cope_jax.search import exact
 from cope_jax.search import metrics
 from cope_jax.search import scann_index
@@ -128,8 +125,35 @@ def tuning_part(num_galleries: int, targets: list[float]) -> dict:
           "per_gallery": {f"{rule}@{target}": found for (rule, target), found in rows.items()}}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_build_table(rows: list[dict]) -> None:
+  lines = []
+  for row in rows:
+    for name in ("kmeans_plus_plus", "random_baseline"):
+      entry = row[name]
+      lines.append([f"{row['gallery_size']:>9,}", name, row["parameters"]["num_leaves"],
+                    f"{entry['build_wall_seconds']:.1f}", f"{entry['build_cpu_seconds']:.1f}",
+                    entry["all_builds_identical"],
+                    f"{np.mean(entry['recall@10_at_fixed_setting']):.4f}"])
+  print()
+  print(common.table(["gallery", "init", "leaves", "wall s", "CPU s", "identical",
+                      "recall@10"], lines, left=2))
+  for row in rows:
+    print(f"{row['gallery_size']:,}: deterministic build / random: "
+          f"{row['wall_cost_ratio']:.2f}x wall, {row['cpu_cost_ratio']:.2f}x CPU")
+
+
+def print_tuning_table(summary: list[dict]) -> None:
+  print()
+  print(common.table(
+      ["rule", "target", "misses", "worst", "mean", "bytes"],
+      [[row["rule"], f"{row['target_recall']:.2f}",
+        f"{row['held_out_misses']}/{row['galleries']}", f"{row['worst_held_out_recall']:.4f}",
+        f"{row['mean_held_out_recall']:.4f}",
+        f"{row['bytes_vs_mean_less_one_standard_error']:.2f}x"] for row in summary]))
+
+
+def main(argv=None):
+  parser = common.parser(__doc__, "search_reproducibility.json")
   parser.add_argument("--part", choices=("build", "tuning", "both"), default="both")
   parser.add_argument("--gallery_sizes", default="100000", help="build part, comma-separated")
   parser.add_argument("--dim", type=int, default=128)
@@ -137,38 +161,17 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--galleries", type=int, default=80, help="tuning part")
   parser.add_argument("--targets", default="0.95,0.98", help="tuning part, comma-separated")
-  parser.add_argument("--out", default=os.path.join("benchmarks", "results",
-                                                    "search_reproducibility.json"))
-  args = parser.parse_args()
-  report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-
+  args = parser.parse_args(argv)
+  report = {}
   if args.part in ("build", "both"):
     report["build"] = [build_part(int(size), args.dim, args.builds, args.seed)
                        for size in args.gallery_sizes.split(",")]
-    print(f"\n{'gallery':>9} {'leaves':>6} {'init':17} {'wall s':>7} {'CPU s':>7} "
-          f"{'identical':>9} {'recall@10':>9}")
-    for row in report["build"]:
-      for name in ("kmeans_plus_plus", "random_baseline"):
-        entry = row[name]
-        print(f"{row['gallery_size']:>9,} {row['parameters']['num_leaves']:>6} {name:17} "
-              f"{entry['build_wall_seconds']:>7.1f} {entry['build_cpu_seconds']:>7.1f} "
-              f"{str(entry['all_builds_identical']):>9} "
-              f"{np.mean(entry['recall@10_at_fixed_setting']):>9.4f}")
-      print(f"{'':>9} deterministic build / random: {row['wall_cost_ratio']:.2f}x wall, "
-            f"{row['cpu_cost_ratio']:.2f}x CPU")
-
+    print_build_table(report["build"])
   if args.part in ("tuning", "both"):
     report["tuning"] = tuning_part(args.galleries, [float(t) for t in args.targets.split(",")])
-    print(f"\n{'rule':30} {'target':>6} {'misses':>9} {'worst':>7} {'mean':>7} {'bytes':>7}")
-    for row in report["tuning"]["summary"]:
-      print(f"{row['rule']:30} {row['target_recall']:>6.2f} "
-            f"{row['held_out_misses']:>4}/{row['galleries']:<4} "
-            f"{row['worst_held_out_recall']:>7.4f} {row['mean_held_out_recall']:>7.4f} "
-            f"{row['bytes_vs_mean_less_one_standard_error']:>6.2f}x")
-
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  result_files.write_json(args.out, report)
-  print(f"\nwrote {args.out}")
+    print_tuning_table(report["tuning"]["summary"])
+  print()
+  common.write_result(args.out, {"machine": common.machine(jax=True), **report})
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ Prints a table, writes JSON (default benchmarks/results/stall_<backend>_<shape>.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,7 +39,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 os.environ.setdefault("TQDM_DISABLE", "1")  # the Logger's progress bar (read at import)
 
-from benchmarks import data_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import data_pipeline
 from configs import rope_vitb16
 from configs import synthetic_tiny
 from cope_jax.base import workdir as workdir_layout
@@ -138,8 +137,35 @@ def _data(root: str, shape: str, jpeg_side: int, products: int | None, realistic
   return rope_dir, prepared_dir
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def measure(config, workdir: str, steps: int) -> dict:
+  """One row: the real loop, then the same compiled step on one in-memory batch."""
+  real, run, state = real_loop(config, workdir)
+  memory = in_memory_loop(run, state, steps)
+  return {"augment_on": config.data.augment_on, "batch_size": config.train.batch_size,
+          "image_size": config.data.image_size, "num_frames": config.data.num_frames,
+          "num_threads": config.data.num_threads, "num_workers": config.data.num_workers,
+          "prefetch_buffer_size": config.data.prefetch_buffer_size,
+          "real_pipeline": real, "in_memory_batch": memory,
+          "real_over_in_memory": real["examples_per_second"]
+                                 / memory["examples_per_second"]}
+
+
+def print_table(rows: list[dict], args) -> None:
+  print(f"\ndata stall, {args.shape} shape on {jax.devices()[0].device_kind}; {args.steps} "
+        f"steps, windows of {args.log_every} (first left out); load average "
+        f"{os.getloadavg()[0]:.1f}")
+  print(common.table(
+      ["augment_on", "batch", "real ex/s", "in-memory ex/s", "ratio", "data_stall", "max"],
+      [[row["augment_on"], row["batch_size"],
+        f"{row['real_pipeline']['examples_per_second']:.1f}",
+        f"{row['in_memory_batch']['examples_per_second']:.1f}",
+        f"{row['real_over_in_memory']:.2f}", f"{row['real_pipeline']['data_stall']:.1%}",
+        f"{row['real_pipeline']['data_stall_max']:.1%}"] for row in rows]))
+
+
+def _parser():
+  parser = common.parser(__doc__, out_help="JSON file (default benchmarks/results/"
+                         "stall_<backend>_<shape>.json)")
   parser.add_argument("--shape", default="demo", choices=("demo", "paper"))
   parser.add_argument("--augment_on", default="host,device")
   parser.add_argument("--canvas_size", type=int, default=0,
@@ -164,8 +190,11 @@ def main(argv=None):
                       help="prepare --max_image_side (frames stored pre-resized; 0: no)")
   parser.add_argument("--prepare_to", default="",
                       help="only generate and prepare the data into this folder, then exit")
-  parser.add_argument("--out", default="")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
   if args.prepare_to:
     start = time.perf_counter()
     rope_dir, prepared_dir = _data(args.prepare_to, args.shape, args.jpeg_side,
@@ -174,23 +203,11 @@ def main(argv=None):
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return
 
-  device = jax.devices()[0].device_kind
-  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
-                                 f"stall_{jax.default_backend()}_{args.shape}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-
-  def write(rows):  # after every row, so that a run stopped part-way keeps its rows
-    with open(out, "w", encoding="utf-8") as f:
-      json.dump({"device": device, "backend": jax.default_backend(),
-                 "device_count": jax.device_count(), "jax_version": jax.__version__,
-                 "cpus": os.cpu_count(), "platform": platform.platform(),
-                 "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-                 "shape": args.shape, "steps": args.steps, "log_every": args.log_every,
-                 "data": {"realistic": args.realistic, "max_image_side": args.max_image_side,
-                          "jpeg_side": args.jpeg_side, "products": args.products},
-                 "rows": rows}, f, indent=1)
-
-  rows = []
+  result = common.ResultRows(
+      args.out or common.result_path(f"stall_{jax.default_backend()}_{args.shape}.json"),
+      jax=True, shape=args.shape, steps=args.steps, log_every=args.log_every,
+      data={"realistic": args.realistic, "max_image_side": args.max_image_side,
+            "jpeg_side": args.jpeg_side, "products": args.products})
   with tempfile.TemporaryDirectory(prefix="cope_stall_") as root:
     if args.prepared_dir:
       rope_dir, prepared_dir = args.rope_dir, args.prepared_dir
@@ -201,32 +218,10 @@ def main(argv=None):
       config = make_config(args.shape, rope_dir, prepared_dir, args.steps, args.log_every,
                            augment_on, args.canvas_size, args.batch_size, args.attention,
                            args.prefetch_buffer_size)
-      workdir = os.path.join(root, f"run_{augment_on}")
-      real, run, state = real_loop(config, workdir)
-      memory = in_memory_loop(run, state, args.steps)
-      row = {"augment_on": augment_on, "batch_size": config.train.batch_size,
-             "image_size": config.data.image_size, "num_frames": config.data.num_frames,
-             "num_threads": config.data.num_threads, "num_workers": config.data.num_workers,
-             "prefetch_buffer_size": config.data.prefetch_buffer_size,
-             "real_pipeline": real, "in_memory_batch": memory,
-             "real_over_in_memory": real["examples_per_second"]
-                                    / memory["examples_per_second"]}
-      rows.append(row)
-      write(rows)
+      row = result.add(measure(config, os.path.join(root, f"run_{augment_on}"), args.steps))
       print(json.dumps({k: v for k, v in row.items() if k != "real_pipeline"}), flush=True)
-
-  print(f"\ndata stall, {args.shape} shape on {device}; {args.steps} steps, windows of "
-        f"{args.log_every} (first left out); load average {os.getloadavg()[0]:.1f}")
-  print(f"{'augment_on':10} {'batch':>5} {'real ex/s':>10} {'in-memory ex/s':>15} "
-        f"{'ratio':>6} {'data_stall':>10} {'max':>6}")
-  for row in rows:
-    real = row["real_pipeline"]
-    print(f"{row['augment_on']:10} {row['batch_size']:>5} {real['examples_per_second']:>10.1f} "
-          f"{row['in_memory_batch']['examples_per_second']:>15.1f} "
-          f"{row['real_over_in_memory']:>6.2f} {real['data_stall']:>10.1%} "
-          f"{real['data_stall_max']:>6.1%}")
-  write(rows)
-  print(f"wrote {out}")
+  print_table(result.rows, args)
+  result.write(quiet=False)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ model FLOPs utilisation (analytic FLOPs, cope_jax/flops.py).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import glob
@@ -43,18 +42,17 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from configs import rope_vitb16  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import rope_vitb16
 from configs import synthetic_tiny
 from cope_jax.base import batch as batch_contract
 from cope_jax import flops as model_flops
 from cope_jax import losses
 from cope_jax import optim
-from cope_jax.base import result_files
 from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax.base import domains
-from data_pipelines import pipelines
 
 VOCAB_SIZE = {"tiny": 1000, "paper": 21128}
 
@@ -316,8 +314,92 @@ def _torch_result(shape, batch_size, dtype, args) -> dict:
     return {"error": "out of memory"}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _out_of_memory_row(shape, batch_size, remat, attention, augment_on) -> dict:
+  return {"shape": shape, "batch_size": batch_size, "remat": remat, "attention": attention,
+          "augment_on": augment_on, "jax": None, "error": "out of memory"}
+
+
+def measure_batch_sizes(result: common.ResultRows, shape: str, sizes: list[int], dtype: str,
+                        setting: tuple[str, str, str], args, torch_rates: dict) -> int:
+  """The rows of one JAX setting at each batch size; returns the largest that fit (0:
+  none). Each row is written at once, then again with PyTorch's figures (measured once
+  per batch size, kept in `torch_rates`), then with the profile (the first row of the
+  run only): a run stopped part-way keeps what it measured."""
+  remat, attention, augment_on = setting
+  largest = 0
+  for batch_size in sizes:
+    try:
+      row, profile = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)
+    except Exception as error:  # pylint: disable=broad-except
+      if not _is_out_of_memory(error):
+        raise
+      row = result.add(_out_of_memory_row(shape, batch_size, remat, attention, augment_on))
+      print(json.dumps(row), flush=True)
+      continue
+    largest = batch_size
+    first_row = not result.rows
+    result.add(row)
+    if not args.skip_torch and batch_size not in torch_rates:
+      torch_rates[batch_size] = _torch_result(shape, batch_size, dtype, args)
+    torch_result = torch_rates.get(batch_size, {})
+    if "examples_per_second" in torch_result:
+      row["torch"] = torch_result
+      row["jax_over_torch"] = (row["jax"]["examples_per_second"]
+                               / torch_result["examples_per_second"])
+      result.write()
+    if args.profile and first_row:
+      row["jax"]["profile_top_ops"] = profile(args.profile)
+      result.write()
+    del profile  # frees the state and the compiled step before the next setting
+    print(json.dumps(row), flush=True)
+  return largest
+
+
+def find_largest_batch(result: common.ResultRows, shape: str, batch_size: int, dtype: str,
+                       setting: tuple[str, str, str], args) -> None:
+  """Doubles `batch_size` (which fit) until the step no longer fits in memory or passes
+  --max_batch_limit; a row for each that fits."""
+  remat, attention, augment_on = setting
+  while batch_size * 2 <= args.max_batch_limit:
+    batch_size *= 2
+    try:
+      # [0]: the profile, and with it the state and compiled step, go at once, before
+      # the next doubling compiles (else they would take its memory).
+      row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)[0]
+    except Exception as error:  # pylint: disable=broad-except
+      if not _is_out_of_memory(error):
+        raise
+      print(json.dumps({"shape": shape, "batch_size": batch_size, "remat": remat,
+                        "attention": attention, "error": "out of memory"}), flush=True)
+      return
+    row["largest_batch_search"] = True
+    print(json.dumps(result.add(row)), flush=True)
+
+
+def print_table(rows: list[dict], args) -> None:
+  print(f"\ntrain step on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{args.steps} timed steps after {args.warmup}")
+  lines = []
+  for row in rows:
+    jax_result = row.get("jax") or {}
+    mfu, rate = jax_result.get("mfu"), jax_result.get("examples_per_second")
+    torch_rate = row.get("torch", {}).get("examples_per_second")
+    ratio = row.get("jax_over_torch")
+    lines.append([row["shape"], row["batch_size"], row["attention"], row["remat"],
+                  row["augment_on"], f"{rate:.2f}" if rate else "OOM",
+                  f"{mfu:.1%}" if mfu else "-", f"{torch_rate:.2f}" if torch_rate else "-",
+                  f"{ratio:.2f}" if ratio else "-"])
+  print(common.table(["shape", "batch", "attention", "remat", "augment", "JAX ex/s", "MFU",
+                      "torch ex/s", "ratio"], lines))
+  for row in rows:  # where the device time of a profiled row went
+    for part in (row.get("jax") or {}).get("profile_top_ops", {}).get("by_model_part", [])[:8]:
+      print(f"    {row['shape']} batch {row['batch_size']}: {part['share']:6.1%}  "
+            f"{part['part'][:100]}")
+
+
+def _parser():
+  parser = common.parser(__doc__, out_help="JSON file (default benchmarks/results/"
+                         "train_step_<backend>_<shapes>.json)")
   parser.add_argument("--shapes", default="tiny", help="comma-separated: tiny, paper")
   parser.add_argument("--batch_sizes", "--batch_size", default="",
                       help="comma-separated per-run batch sizes, or 'max' last (default: "
@@ -334,105 +416,32 @@ def main(argv=None):
                       help="largest batch tried by 'max'")
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--profile", default="", help="trace folder (first JAX setting)")
-  parser.add_argument("--out", default="")
-  args = parser.parse_args(argv)
+  return parser
 
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
   backend = jax.default_backend()
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
-  device = jax.devices()[0].device_kind
-  out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
-                                 f"train_step_{backend}_{'_'.join(args.shapes.split(','))}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-
-  def write(rows):  # after every row, so that a run stopped part-way keeps its rows
-    with open(out, "w") as f:
-      json.dump(result_files.strict({"device": device, "backend": backend,
-                                     "jax_version": jax.__version__, "steps": args.steps,
-                                     "warmup": args.warmup, "rows": rows}),
-                f, indent=2, allow_nan=False)
-
+  result = common.ResultRows(
+      args.out or common.result_path(
+          f"train_step_{backend}_{'_'.join(args.shapes.split(','))}.json"),
+      jax=True, steps=args.steps, warmup=args.warmup)
   settings = [(remat, attention, augment_on) for attention in args.attention.split(",")
               for remat in args.remat.split(",") for augment_on in args.augment_on.split(",")]
-  rows = []
   for shape in args.shapes.split(","):
     sizes = [s for s in args.batch_sizes.split(",") if s] or [
         "32" if shape == "tiny" else "8"]
     find_max = sizes[-1] == "max"
     sizes = [int(s) for s in sizes if s != "max"]
     torch_rates = {}
-    for setting_index, (remat, attention, augment_on) in enumerate(settings):
-      largest = 0
-      for batch_size in sizes:
-        try:
-          row, profile = _jax_row(shape, batch_size, dtype, remat, attention, augment_on,
-                                  args)
-        except Exception as error:  # pylint: disable=broad-except
-          if not _is_out_of_memory(error):
-            raise
-          row = {"shape": shape, "batch_size": batch_size, "remat": remat,
-                 "attention": attention, "augment_on": augment_on, "jax": None,
-                 "error": "out of memory"}
-          rows.append(row)
-          write(rows)
-          print(json.dumps(row), flush=True)
-          continue
-        # Written at once, then again with PyTorch's figures, then with the profile (the
-        # first setting only): a run stopped part-way keeps what it measured.
-        largest = batch_size
-        first_row = not rows
-        rows.append(row)
-        write(rows)
-        if not args.skip_torch and batch_size not in torch_rates:
-          torch_rates[batch_size] = _torch_result(shape, batch_size, dtype, args)
-        torch_result = torch_rates.get(batch_size, {})
-        if "examples_per_second" in torch_result:
-          row["torch"] = torch_result
-          row["jax_over_torch"] = (row["jax"]["examples_per_second"]
-                                   / torch_result["examples_per_second"])
-          write(rows)
-        if args.profile and first_row:
-          row["jax"]["profile_top_ops"] = profile(args.profile)
-          write(rows)
-        del profile  # frees the state and the compiled step before the next setting
-        print(json.dumps(row), flush=True)
-      batch_size = max(sizes) if sizes else 8
+    for setting_index, setting in enumerate(settings):
+      largest = measure_batch_sizes(result, shape, sizes, dtype, setting, args, torch_rates)
       # The largest batch that fits: doubled from the largest listed, first setting only.
-      while (find_max and setting_index == 0 and largest == batch_size
-             and batch_size * 2 <= args.max_batch_limit):
-        batch_size *= 2
-        try:
-          # [0]: the profile, and with it the state and compiled step, go at once, before
-          # the next doubling compiles (else they would take its memory).
-          row = _jax_row(shape, batch_size, dtype, remat, attention, augment_on, args)[0]
-        except Exception as error:  # pylint: disable=broad-except
-          if not _is_out_of_memory(error):
-            raise
-          print(json.dumps({"shape": shape, "batch_size": batch_size, "remat": remat,
-                            "attention": attention, "error": "out of memory"}), flush=True)
-          break
-        largest = batch_size
-        row["largest_batch_search"] = True
-        rows.append(row)
-        write(rows)
-        print(json.dumps(row), flush=True)
-
-  print(f"\ntrain step on {device} ({backend}), {args.steps} timed steps after {args.warmup}")
-  print(f"{'shape':6} {'batch':>5} {'attention':>9} {'remat':>17} {'augment':>7} "
-        f"{'JAX ex/s':>9} {'MFU':>6} {'torch ex/s':>10} {'ratio':>6}")
-  for row in rows:
-    jax_result = row.get("jax") or {}
-    mfu = jax_result.get("mfu")
-    torch_rate = row.get("torch", {}).get("examples_per_second")
-    ratio = row.get("jax_over_torch")
-    rate = jax_result.get("examples_per_second")
-    print(f"{row['shape']:6} {row['batch_size']:>5} {row['attention']:>9} {row['remat']:>17} "
-          f"{row['augment_on']:>7} {f'{rate:.2f}' if rate else 'OOM':>9} "
-          f"{f'{mfu:.1%}' if mfu else '-':>6} {f'{torch_rate:.2f}' if torch_rate else '-':>10} "
-          f"{f'{ratio:.2f}' if ratio else '-':>6}")
-    for part in jax_result.get("profile_top_ops", {}).get("by_model_part", [])[:8]:
-      print(f"    {part['share']:6.1%}  {part['part'][:100]}")
-  write(rows)
-  print(f"wrote {out}")
+      if find_max and setting_index == 0 and largest == (max(sizes) if sizes else 8):
+        find_largest_batch(result, shape, largest, dtype, setting, args)
+  print_table(result.rows, args)
+  result.write(quiet=False)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,6 @@ import copy
 import hashlib
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -84,16 +83,16 @@ sys.path.insert(0, REPO_ROOT)
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cope_jax import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import compare
 from cope_jax import config_checks
 from cope_jax import convert
+from cope_jax import eval_report
 from cope_jax import evaluate
 from cope_jax import optim
 from cope_jax import release_format
-from cope_jax import report
-from cope_jax.base import result_files
 from cope_jax import state as state_lib
 from cope_jax import train
 from cope_jax.base import domains
@@ -483,7 +482,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
   keys = list(runs[JAX][0]["curves"])
   columns = min(4, len(keys))
   rows = -(-len(keys) // columns)
-  figure, _ = report.new_figure()
+  figure, _ = eval_report.new_figure()
   figure.set_size_inches(4.2 * columns, 3.2 * rows)
   figure.clear()
   colours = {JAX: "tab:blue", PYTORCH: "tab:orange"}
@@ -505,7 +504,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
       axes.legend(fontsize="small", loc="upper right")
   figure.suptitle(f"{title}\nlines: the mean over the seeds; bands: lowest to highest seed "
                   f"(window means every {runs[JAX][0]['steps'][0]} steps)", fontsize="medium")
-  report.save_figure(figure, path)
+  eval_report.save_figure(figure, path)
 
 
 def _row(values: Mapping[str, Any], metric: str) -> str:
@@ -578,13 +577,12 @@ def _recipe(config) -> dict[str, Any]:
   }
 
 
-def _machine(torch_threads: int) -> dict[str, Any]:
+def _machine(torch_threads: int, load_at_start: float) -> dict[str, Any]:
+  """The machine (`load_average_1min`: now) with PyTorch's version and threads."""
   import torch  # pylint: disable=g-import-not-at-top
-  return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-          "device_count": jax.device_count(), "cpus": os.cpu_count(),
-          "platform": platform.platform(), "jax_version": jax.__version__,
-          "torch_version": torch.__version__, "torch_threads": torch_threads,
-          "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
+  return common.machine(jax=True, torch_version=torch.__version__,
+                        torch_threads=torch_threads,
+                        load_average_1min_at_start=load_at_start)
 
 
 def run_benchmark(config, *, config_name: str, seeds: int, steps: int, precision: str,
@@ -598,6 +596,7 @@ def run_benchmark(config, *, config_name: str, seeds: int, steps: int, precision
   torch.set_num_threads(torch_threads)
   if not jax.config.jax_compilation_cache_dir:  # later seeds reuse the compiled programs
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
+  load_at_start = round(os.getloadavg()[0], 2)
   config = benchmark_config(config, steps, precision)
   plot_path = os.path.splitext(out)[0] + ".png"
   result: dict[str, Any] = {
@@ -605,16 +604,16 @@ def run_benchmark(config, *, config_name: str, seeds: int, steps: int, precision
       "seeds": list(range(seeds)),
       "precision": {JAX: precision, PYTORCH: "float32"},
       "recipe": _recipe(config), "data": _data_summary(config),
-      "machine": _machine(torch_threads), "plot": os.path.basename(plot_path),
+      "machine": _machine(torch_threads, load_at_start), "plot": os.path.basename(plot_path),
       "runs": {side: [] for side in SIDES}, "complete": False}
   runs = {side: [] for side in SIDES}
 
   def write():
-    result["machine"]["load_average_1min_now"] = round(os.getloadavg()[0], 2)
+    result["machine"] = _machine(torch_threads, load_at_start)  # the load average now
     result["runs"] = {side: [{key: value for key, value in run.items()
                               if key not in ("digests", "initial_classifier")}
                              for run in runs[side]] for side in SIDES}
-    result_files.write_json(out, result)
+    common.write_result(out, result, quiet=True)
 
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   for seed in range(seeds):

@@ -275,7 +275,7 @@ def test_state_and_augment_do_not_import_the_pipelines_or_grain():
 
 
 def test_no_benchmark_imports_the_tests():
-  for path in sorted((ROOT / "benchmarks").glob("*.py")):
+  for path in sorted((ROOT / "benchmarks").rglob("*.py")):
     imported = _imports(path, {"tests"})
     assert not imported, f"{path.relative_to(ROOT)} imports {sorted(imported)}"
 

@@ -15,6 +15,8 @@ from packaging.requirements import Requirement
 import pytest
 
 from benchmarks import tpu_compile
+from benchmarks.tpu import collectives
+from benchmarks.tpu import memory
 from cope_jax import sharding
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,25 +104,21 @@ def test_tiny_train_step_compiles_for_a_v5e_topology(tiny_v5e_step):
   batch_in = compiled.input_shardings[0][1]
   assert batch_in["page_image"].spec == P("data")
   # Data parallelism: the gradients are summed over 'data' by all-reduces.
-  assert tpu_compile.collectives(compiled.as_text(), 4)["all-reduce"]["count"] > 0
+  assert collectives.collectives(compiled.as_text(), 4)["all-reduce"]["count"] > 0
 
 
-HLO_LINES = """
-  %all-reduce.1 = (f32[8]{0}, bf16[4,2]{1,0}) all-reduce(%a, %b), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
-  %all-gather-start.2 = (bf16[2,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(%c), replica_groups=[2,4]<=[8], dimensions={0}
-  %all-gather-done.2 = bf16[8,16]{1,0} all-gather-done(%all-gather-start.2)
-  %reduce-scatter.3 = f32[4]{0} reduce-scatter(%d), replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}
-  ROOT %collective-permute-start.4 = (f32[2]{0}, f32[2]{0}, u32[], u32[]) collective-permute-start(%e), source_target_pairs={{0,1}}
-"""
-
-
-def test_collective_bytes_from_hlo_text():
-  got = tpu_compile.collectives(HLO_LINES, 8)
-  assert got["all-reduce"] == {"count": 1, "result_bytes": 48, "sent_bytes": 2 * 3 / 4 * 48}
-  # The async pair counts once, with the gathered result.
-  assert got["all-gather"] == {"count": 1, "result_bytes": 256, "sent_bytes": 3 / 4 * 256}
-  assert got["reduce-scatter"] == {"count": 1, "result_bytes": 16, "sent_bytes": 16}
-  assert got["collective-permute"] == {"count": 1, "result_bytes": 8, "sent_bytes": 8}
+@pytest.mark.slow  # a compile of its own with XLA's dumps (~15 s on 2 cores)
+def test_the_readers_of_xla_dumps_read_a_real_one(tmp_path):
+  """The dump formats tests/test_tpu_parsers.py writes by hand are XLA's: a row compiled
+  with a dump folder lists buffers, and the live ranges give a peak with values."""
+  row = tpu_compile.compile_row("tiny", "v5e:2x2", "dp", "train", 1, dump_dir=str(tmp_path))
+  assert row["fits"] and row["largest_buffers"]
+  assert all(entry["mib"] >= 0 and "[" in entry["shapes"] for entry in row["largest_buffers"])
+  live = memory.live_at_peak(str(tmp_path), min_bytes=0)
+  assert live["instruction"] and live["values"] and live["peak_gib"] >= 0
+  assert sum(value["mib"] for value in live["values"]) > 0
+  assert row["collectives"]["all-reduce"]["count"] > 0
+  assert row["projection"]["bound_by"] in ("compute", "HBM", "ICI", "DCN")
 
 
 # ---- multi-slice: the 'data' axis over DCN and ICI -----------------------------------
@@ -154,7 +152,7 @@ def test_two_slice_train_step_reduces_over_ici_then_dcn():
   config = tpu_compile.make_config("tiny", global_batch=8)
   lowered, _ = tpu_compile.lower_train_step(config, sharding.make_mesh(config.mesh, devices))
   hlo = lowered.compile().as_text()
-  found = tpu_compile.collectives(hlo, 8)
+  found = collectives.collectives(hlo, 8)
   assert found["dcn-all-reduce"]["count"] > 0 and found["dcn-all-reduce"]["sent_bytes"] > 0
   assert found["all-reduce"]["count"] + found.get("reduce-scatter", {"count": 0})["count"] > 0
   groups = re.findall(r" (?:all-reduce|all-gather|reduce-scatter)\(.*?replica_groups=\{\{([\d,]*)\}",
@@ -208,34 +206,3 @@ def test_attention_auto_is_xla_on_tpu():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   assert layers.resolve_attention("auto", jnp.bfloat16, "tpu") == "xla"
   assert layers.resolve_attention("auto", jnp.float32, "tpu") == "xla"
-
-
-def test_live_at_peak_reads_xla_live_ranges(tmp_path):
-  """The moment of highest memory and what is live then, from an XLA-style dump."""
-  (tmp_path / "module_0001.step.after_optimizations.txt").write_text(
-      "ENTRY %main {\n"
-      "  %a = f32[1024,1024]{1,0} parameter(0)\n"
-      "  %b = bf16[1024,1024]{1,0} fusion(%a), kind=kLoop\n"
-      "  %c = (f32[512,1024]{1,0}, f32[8]{0}) fusion(%b), kind=kLoop\n"
-      "  ROOT %d = f32[1024,1024]{1,0} add(%a, %a)\n"
-      "}\n")
-  (tmp_path / "module_0001.step.after_optimizations-live-range.txt").write_text(
-      "HloLiveRange (max 3):\n  InstructionSequence:\n    0:a\n    1:b\n    2:c\n    3:d\n"
-      "  BufferLiveRange:\n    a{}:0-1\n    b{}:1-2\n    c{}:2-2\n    c{0}:2-3\n"
-      "    c{1}:2-3\n    d{}:3-3\n")
-  found = tpu_compile.live_at_peak(str(tmp_path))
-  # At 1: a (4 MiB) + b (2 MiB); at 2: b + c{0} (2 MiB); at 3: c{0} + d (4 MiB) = 6 MiB too,
-  # so the first moment of 6 MiB is the peak. c{1} (32 bytes) is under the 1 MiB cut.
-  assert found["peak_gib"] == round(6 * 2 ** 20 / 2 ** 30, 3)
-  assert found["instruction"] == "b"
-  assert found["values"] == [{"shape": "f32[1024,1024]", "count": 1, "mib": 4.0},
-                             {"shape": "bf16[1024,1024]", "count": 1, "mib": 2.0}]
-  assert tpu_compile.live_at_peak(str(tmp_path / "missing")) == {}
-
-
-def test_out_of_memory_figures_are_read_from_the_compilers_refusal():
-  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
-             "HLO temporaries (16.27G) exceeds available HBM (15.75G).")
-  assert tpu_compile.out_of_memory_figures(message) == {"temp_gib": 16.27,
-                                                        "compiler_available_gib": 15.75}
-  assert tpu_compile.out_of_memory_figures("RESOURCE_EXHAUSTED: something else") == {}
