@@ -48,10 +48,8 @@ The files are written column-wise (NumPy and pyarrow, a few minutes at full size
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -61,6 +59,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from benchmarks import common
 
 ROPE_TRAINING = {"products": 187_431, "pages": 3_025_236, "videos": 5_837_716,
                  "lives": 3_464_116}
@@ -421,7 +421,7 @@ def file_check(root: str, fraction: float, num_frames: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.parser(__doc__, "catalog_scale.json")
   parser.add_argument("--fractions", default="1", help="comma-separated; 1: full size")
   parser.add_argument("--num_frames", type=int, default=8,
                       help="frames kept per clip (0: all)")
@@ -432,46 +432,63 @@ def main(argv: list[str] | None = None) -> None:
                       "in --data_dir")
   parser.add_argument("--file_check_fraction", type=float, default=0.0,
                       help="also measure the file check on hard links at this fraction")
-  parser.add_argument("--out", default="benchmarks/results/catalog_scale.json")
   args = parser.parse_args(argv)
   fractions = [float(f) for f in args.fractions.split(",") if f]
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="cope_catalog_scale_")
-  runs = []
   try:
-    for fraction in fractions:
-      root = os.path.join(data_dir, f"training_f{fraction:g}")
-      summary = ensure_split(root, fraction, args.seed, args.keep_data)
-      print(f"fraction {fraction:g}: {summary['lines']:,} lines, "
-            f"{summary['bytes'] / 1e9:.2f} GB, {summary['frame_rows']:,} frame rows, "
-            f"{summary['planted']:,} planted problem rows"
-            + (" (reused)" if summary["reused"] else
-               f" (written in {summary['write_seconds']:.0f} s)"), flush=True)
-      run = {"fraction": fraction, "catalog": summary}
-      for what in MEASURED:
-        run[what] = measure(what, root, args.num_frames)
-        assert run[what]["problems"] == summary["planted"], (what, run[what], summary)
-        print(f"  {what}: {run[what]['seconds']:.1f} s ({run[what]['cpu_seconds']:.1f} s of "
-              f"CPU, load {run[what]['load_average_1min']:.1f}), peak RSS "
-              f"{_gib(run[what]['peak_rss_kib']):.2f} GiB, problems "
-              f"{run[what]['problems']:,} (planted {summary['planted']:,})", flush=True)
-      assert run["plan_only"]["left_in_out"] == [] or all(
-          name == "configs" for name in run["plan_only"]["left_in_out"])
-      runs.append(run)
-      if not args.keep_data:
-        shutil.rmtree(root)
-    check = None
-    if args.file_check_fraction:
-      root = os.path.join(data_dir, f"file_check_f{args.file_check_fraction:g}")
-      check = file_check(root, args.file_check_fraction, args.num_frames, args.seed)
-      shutil.rmtree(root)
-      print(f"file check on {check['files']:,} hard-linked files: +{check['added_seconds']}"
-            f" s ({check['added_seconds_per_million_files']} s per million files; a stat "
-            f"per file from Python: {check['stat_loop_seconds_per_million_files']} s per "
-            "million)", flush=True)
+    runs, check = _measure_all(args, fractions, data_dir)
   finally:
     if not args.data_dir:
       shutil.rmtree(data_dir, ignore_errors=True)
+  _print_table(runs)
+  common.write_result(args.out, {
+      "machine": common.machine(),
+      "setup": {"rope_training": ROPE_TRAINING, "frames_per_clip": FRAMES_PER_CLIP,
+                "asr_chars": {"median": ASR_MEDIAN_CHARS, "log_sigma": ASR_SIGMA,
+                              "max": ASR_MAX_CHARS},
+                "title_chars": TITLE_CHARS, "problem_rate": PROBLEM_RATE,
+                "num_frames": args.num_frames, "check_files": False,
+                "generator": GENERATOR_VERSION, "seed": args.seed},
+      "runs": runs, "file_check": check})
 
+
+def _measure_all(args, fractions, data_dir):
+  """Each fraction's catalog written (or reused) and measured; the file check."""
+  runs = []
+  for fraction in fractions:
+    root = os.path.join(data_dir, f"training_f{fraction:g}")
+    summary = ensure_split(root, fraction, args.seed, args.keep_data)
+    print(f"fraction {fraction:g}: {summary['lines']:,} lines, "
+          f"{summary['bytes'] / 1e9:.2f} GB, {summary['frame_rows']:,} frame rows, "
+          f"{summary['planted']:,} planted problem rows"
+          + (" (reused)" if summary["reused"] else
+             f" (written in {summary['write_seconds']:.0f} s)"), flush=True)
+    run = {"fraction": fraction, "catalog": summary}
+    for what in MEASURED:
+      run[what] = measure(what, root, args.num_frames)
+      assert run[what]["problems"] == summary["planted"], (what, run[what], summary)
+      print(f"  {what}: {run[what]['seconds']:.1f} s ({run[what]['cpu_seconds']:.1f} s of "
+            f"CPU, load {run[what]['load_average_1min']:.1f}), peak RSS "
+            f"{_gib(run[what]['peak_rss_kib']):.2f} GiB, problems "
+            f"{run[what]['problems']:,} (planted {summary['planted']:,})", flush=True)
+    assert run["plan_only"]["left_in_out"] == [] or all(
+        name == "configs" for name in run["plan_only"]["left_in_out"])
+    runs.append(run)
+    if not args.keep_data:
+      shutil.rmtree(root)
+  check = None
+  if args.file_check_fraction:
+    root = os.path.join(data_dir, f"file_check_f{args.file_check_fraction:g}")
+    check = file_check(root, args.file_check_fraction, args.num_frames, args.seed)
+    shutil.rmtree(root)
+    print(f"file check on {check['files']:,} hard-linked files: +{check['added_seconds']}"
+          f" s ({check['added_seconds_per_million_files']} s per million files; a stat "
+          f"per file from Python: {check['stat_loop_seconds_per_million_files']} s per "
+          "million)", flush=True)
+  return runs, check
+
+
+def _print_table(runs):
   header = (f"{'fraction':>8} {'lines':>12} {'GB':>6} {'what':>10} {'seconds':>8} "
             f"{'CPU s':>7} {'peak GiB':>9} {'held GiB':>9} {'problems':>9}")
   print(header)
@@ -485,21 +502,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{run['catalog']['bytes'] / 1e9:>6.2f} {what:>10} {result['seconds']:>8.1f} "
             f"{result['cpu_seconds']:>7.1f} {_gib(result['peak_rss_kib']):>9.2f} {held} "
             f"{result['problems']:>9,}")
-  report = {
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                  "python": platform.python_version(),
-                  "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
-      "setup": {"rope_training": ROPE_TRAINING, "frames_per_clip": FRAMES_PER_CLIP,
-                "asr_chars": {"median": ASR_MEDIAN_CHARS, "log_sigma": ASR_SIGMA,
-                              "max": ASR_MAX_CHARS},
-                "title_chars": TITLE_CHARS, "problem_rate": PROBLEM_RATE,
-                "num_frames": args.num_frames, "check_files": False,
-                "generator": GENERATOR_VERSION, "seed": args.seed},
-      "runs": runs, "file_check": check}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, ensure_ascii=False, allow_nan=False)
-  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

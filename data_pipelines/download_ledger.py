@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from cope_jax.base import result_files
 from cope_jax.base import progress as progress_display
 from data_pipelines import rope_format
 
@@ -171,10 +172,8 @@ class Ledger:
               "seconds": round(time.monotonic() - self._start, 2),
               "options": dataclasses.asdict(self._options),
               "failures_file": FAILURES_NAME}
-    temporary = self.report_path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-      json.dump(report, f, ensure_ascii=False, indent=1)
-    os.replace(temporary, self.report_path)
+    result_files.write_json(self.report_path, report, indent=1, sort_keys=False,
+                            ensure_ascii=False)
     return report
 
   def close(self) -> None:

@@ -84,6 +84,7 @@ from collections.abc import Sequence
 from etils import epath
 import numpy as np
 
+from cope_jax.base import result_files
 from cope_jax.base import command_line
 from cope_jax.base import domains
 from data_pipelines import rope_format
@@ -105,11 +106,8 @@ POINTER_FORMAT = 3
 
 
 def _write_json(path: str, value) -> None:
-  """Writes strict JSON atomically (temporary file, then rename)."""
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w", encoding="utf-8") as f:
-    json.dump(value, f, ensure_ascii=False, indent=1, allow_nan=False)
-  os.replace(tmp_path, path)
+  """Strict JSON, written whole (`result_files`), keys in the order written."""
+  result_files.write_json(path, value, indent=1, sort_keys=False, ensure_ascii=False)
 
 
 def _beam_options(beam_runner: str | None, workers: int, pipeline_options: str):

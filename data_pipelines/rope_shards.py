@@ -48,8 +48,9 @@ from collections.abc import Callable, Iterator
 from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
+from cope_jax.base import result_files
+from cope_jax.base import progress as progress_display
 from data_pipelines import rope_plan
 
 STATE_NAME = "build_state.json"
@@ -85,10 +86,7 @@ def shard_bounds(images_per_row, num_shards: int | None,
 
 
 def _write_json_atomically(path: str, value) -> None:
-  temporary = path + ".tmp"
-  with open(temporary, "w", encoding="utf-8") as f:
-    json.dump(value, f, ensure_ascii=False, allow_nan=False)
-  os.replace(temporary, path)
+  result_files.write_json(path, value, indent=None, sort_keys=False, ensure_ascii=False)
 
 
 def read_json(path: str):
@@ -201,10 +199,10 @@ def build_shards(builder, build: dict, plans: dict[str, str], staging_dir: str, 
         f"{len(to_write)} to write")
 
   features = builder.info.features
-  bar = tqdm.tqdm(total=sum(shard.images for shard in shards),
-                  initial=sum(shard.images for shard in shards if finished[shard.path]),
-                  unit="img", unit_scale=True, smoothing=0.1, disable=not progress,
-                  dynamic_ncols=True, desc="prepare")
+  bar = progress_display.bar(
+      sum(shard.images for shard in shards), desc="prepare", unit="img",
+      initial=sum(shard.images for shard in shards if finished[shard.path]),
+      disable=not progress, unit_scale=True, smoothing=0.1)
   chunks = _encoded(to_write, builder.builder_config.max_side, workers)
   try:
     for shard in to_write:

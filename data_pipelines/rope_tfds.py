@@ -85,6 +85,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cope_jax.base import result_files
 from cope_jax.base import domains
 from data_pipelines import rope_examples
 from data_pipelines import rope_format
@@ -525,7 +526,7 @@ def _generate(plan_path: str, max_side: int, problems: list[dict], name: str
 
 def _write_json(path: epath.Path, value) -> None:
   """Strict JSON (no NaN); the dataset folder itself only appears once complete."""
-  path.write_text(json.dumps(value, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+  path.write_text(result_files.dumps(value, ensure_ascii=False), encoding="utf-8")
 
 
 # --- reading the files beside the records ------------------------------------------

@@ -15,12 +15,7 @@ def training_config(prepared_dir, rope_dir, num_steps=4):
 
 def shrink(config):
   """`config` with the small shapes of SMALL_FIELDS (changed in place; returned)."""
-  for field, value in SMALL_FIELDS.items():
-    section, *path = field.split(".")
-    node = config[section]
-    for part in path[:-1]:
-      node = node[part]
-    node[path[-1]] = value
+  config.update_from_flattened_dict(SMALL_FIELDS)
   return config
 
 
