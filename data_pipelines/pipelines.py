@@ -47,6 +47,7 @@ import numpy as np
 
 from data_pipelines import domains
 from data_pipelines import prepare
+from data_pipelines import stop_signals
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
 
@@ -306,9 +307,11 @@ def _read_and_prefetch(dataset: grain.MapDataset, data_config) -> grain.IterData
       prefetch_buffer_size=data_config.prefetch_buffer_size))
   if data_config.num_workers > 0:
     _ensure_absl_flags_parsed()
+    # Workers leave SIGINT/SIGTERM to the job, which stops at a step boundary.
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
-        per_worker_buffer_size=data_config.prefetch_buffer_size))
+        per_worker_buffer_size=data_config.prefetch_buffer_size),
+        worker_init_fn=stop_signals.ignore_in_worker)
   return iter_dataset
 
 
