@@ -4,7 +4,8 @@ Two kinds live on disk:
 
 - training checkpoints, `WORKDIR/checkpoints/<step>/` (one Orbax CheckpointManager):
   item `state` (the `TrainState` pytree: step, params, optimiser state, RNG), item
-  `data` (the Grain iterator state, one JSON file per process) and item `integrity`
+  `data` (the Grain iterator state, one JSON file per process, `process_<i>-of-<n>.json`)
+  and item `integrity`
   (JSON: per state leaf its path, shape, dtype, a 64-bit checksum of its bytes and its
   count of non-finite values; `cope_jax.checkpoint_integrity`). The three are committed together (Orbax writes the step
   into a temporary folder and renames it), so a step without a readable integrity
@@ -23,6 +24,16 @@ steps newer than the one it resumes from to `checkpoints/damaged/<step>-<reason>
 (`checkpoint_integrity.set_aside`): never deleted, out of the way of the next save of that
 step and of `max_to_keep`.
 
+A step resumes on another number of processes or devices than wrote it (a smaller or
+larger slice after a preemption): Orbax reshards the arrays, and the data-iterator
+position is global, so every process of the new run takes the position the writing
+processes agreed on (they hold the same one: each process reads its share of every
+global batch). Checkpoints whose processes hold different positions are refused with a
+`CheckpointLayoutError` naming the process count; they are not damaged.
+
+A failed write (disk full, a file-size limit) is a `CheckpointWriteError` of one line
+(`write_errors_explained`); the libraries' tracebacks of it are not printed.
+
 `load_params` reads the model parameters of either kind (a training run starts from a
 converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
 """
@@ -30,8 +41,10 @@ converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as python_logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +65,15 @@ INTEGRITY_ITEM = "integrity"
 
 class NoIntactCheckpointError(RuntimeError):
   """Checkpoints exist but every one of them is damaged."""
+
+
+class CheckpointLayoutError(RuntimeError):
+  """An intact step that this run cannot resume as laid out (e.g. its processes' data
+  positions differ and the process count changed)."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a training checkpoint failed."""
 
 
 class _Damaged(Exception):
@@ -116,8 +138,78 @@ def save_training_state(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def _committed_steps(directory: str) -> list[int]:
+  try:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  except OSError:
+    return []
+
+
+@contextlib.contextmanager
+def write_errors_explained(manager: ocp.CheckpointManager,
+                           step: int | None = None) -> Iterator[None]:
+  """Turns an error of a checkpoint write (raised by `save` or `wait_until_finished`,
+  possibly for an earlier asynchronous save) into one CheckpointWriteError line."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    directory = str(manager.directory)
+    steps = _committed_steps(directory)
+    last = (f"the last complete checkpoint is step {steps[-1]}" if steps
+            else "there is no complete checkpoint yet")
+    when = f" (saving step {step})" if step is not None else ""
+    raise CheckpointWriteError(
+        f"writing a checkpoint to {directory} failed{when}: {short_error(error)}; {last}. "
+        "Free space (or raise the file-size limit) and rerun the same command to resume."
+    ) from error
+
+
 # ----------------------------------------------------------------------------
 # Restoring.
+
+_ITERATOR_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _iterator_state_to_adopt(step_dir: str, step: int) -> dict | None:
+  """The data-iterator state this process takes from a step written by another number
+  of processes, or None when the step has this process's own file (Grain reads it).
+
+  Raises:
+    _Damaged: the step's data/ folder lacks files its writers left.
+    CheckpointLayoutError: the writers' positions differ (not resumable elsewhere).
+  """
+  data_dir = os.path.join(step_dir, DATA_ITEM)
+  if not os.path.isdir(data_dir):
+    return None  # Orbax reports the missing item
+  me, count = jax.process_index(), jax.process_count()
+  written = {}
+  for name in os.listdir(data_dir):
+    match = _ITERATOR_FILE.fullmatch(name)
+    if match:
+      written[(int(match.group(1)), int(match.group(2)))] = name
+  if (me, count) in written:
+    return None
+  writers = {n for _, n in written}
+  if len(writers) != 1 or len(written) != next(iter(writers)):
+    raise _Damaged("missing-file", f"{DATA_ITEM}/ lacks data-iterator states "
+                   f"(has {', '.join(sorted(written.values())) or 'none'})")
+  writer_count = next(iter(writers))
+  states = []
+  for index in range(writer_count):
+    path = os.path.join(data_dir, written[(index, writer_count)])
+    try:
+      with open(path, encoding="utf-8") as f:
+        states.append(json.load(f))
+    except (OSError, ValueError) as error:
+      raise _Damaged("unreadable", f"{DATA_ITEM}/{os.path.basename(path)} is unreadable "
+                     f"({short_error(error)})") from error
+  if any(state != states[0] for state in states[1:]):
+    raise CheckpointLayoutError(
+        f"checkpoint step {step} ({step_dir}) was written by {writer_count} processes whose "
+        f"data-iterator positions differ, so it resumes only on {writer_count} processes "
+        f"(this run has {count}): start {writer_count} processes "
+        f"(COPE_NUM_PROCESSES={writer_count}), or resume from another step")
+  return states[0]
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -203,8 +295,12 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   else:
     state_args = ocp.args.StandardRestore(abstract_state)
   items = {STATE_ITEM: state_args}
+  adopted_position = None
   if data_iterator is not None:
-    items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    # Another process count wrote it: the global position, read here, not by Grain.
+    adopted_position = _iterator_state_to_adopt(step_dir, step)
+    if adopted_position is None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     with quiet_library_logs():
       restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -217,6 +313,10 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   problem = checkpoint_integrity.verify_integrity(state, record)
   if problem:
     raise _Damaged("non-finite" if problem.startswith("non-finite") else "checksum", problem)
+  if adopted_position is not None:
+    data_iterator.set_state(adopted_position)
+    if hasattr(data_iterator, "start_prefetch"):
+      data_iterator.start_prefetch()
   return state
 
 
