@@ -68,7 +68,9 @@ def _with_peers(job: Callable[[types.SimpleNamespace], Any]
       explained = distributed.explain_failure(error)
       if explained is error:
         raise
-      raise explained from None
+      if command_line.traceback_requested() or getattr(args, "traceback", False):
+        raise explained from error
+      raise explained from None  # the runtime's raw line stays off the terminal
 
   return run
 

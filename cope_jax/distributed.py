@@ -367,11 +367,27 @@ def explain_failure(error: BaseException) -> BaseException:
     named = "; ".join(f"process {pid} of {count} failed: {line}" for pid, line in failures)
   else:
     lost = _lost_processes(me, count)
-    named = (f"process {', '.join(map(str, lost))} of {count} stopped (killed, crashed or "
-             "unreachable)" if lost else
-             f"another of the {count} processes stopped (killed, crashed or unreachable)")
+    late = "DEADLINE_EXCEEDED" in text or "timed out" in text
+    how = ("did not answer in time (it stopped, hangs or is far behind)" if late
+           else "stopped (killed, crashed or unreachable)")
+    named = (f"process {', '.join(map(str, lost))} of {count} {how}" if lost
+             else f"another of the {count} processes {how}")
   return PeerLostError(f"{named}; process {me} stops too. The last complete checkpoint "
                        "is kept: rerun the same command on every process to resume.")
+
+
+def compile_together(jitted, *args, name: str, timeout_seconds: int):
+  """`jitted` compiled for `args`, returned once every process has compiled it.
+
+  A collective operation's first run waits only about 30 s for its peers to reach it
+  (the collective library's set-up), and compile times differ between busy hosts: the
+  barrier (of the coordination service, bounded by `initialization_timeout`) lets the
+  first run start together. One process: compiled at once.
+  """
+  compiled = jitted.lower(*args).compile()
+  if is_multi_process():
+    _client().wait_at_barrier(f"cope_jax/compiled/{name}", int(timeout_seconds * 1000))
+  return compiled
 
 
 def _post_failure(error: BaseException) -> None:

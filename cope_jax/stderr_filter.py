@@ -41,7 +41,8 @@ def reason(details: str, process_id: int, num_processes: int, address: str,
   """What the runtime's fatal log (`details`) says was lost, in one sentence."""
   count = f" of {num_processes}" if num_processes > 0 else ""
   if "RegisterTask" in details or ("Connect" in details and "DEADLINE_EXCEEDED" in details):
-    return (f"not all{count} processes connected to the coordinator at {address or '?'} "
+    every = f"all {num_processes}" if num_processes > 0 else "all"
+    return (f"not {every} processes connected to the coordinator at {address or '?'} "
             f"within {initialization_timeout} s (config.distributed.initialization_timeout). "
             "Start every process with the same coordinator address and process count, each "
             "with its own process id (COPE_COORDINATOR_ADDRESS, COPE_NUM_PROCESSES, "

@@ -372,11 +372,16 @@ def run_steps(run: TrainingRun, hooks: Sequence[Hook],
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
       if stop.begin(step):
         raise stop.stopped(step, before_first_step=True)
+      step_fn = run.step_fn
       while step < run.config.train.num_steps and run.stop_step is None:
         fetch_start = time.perf_counter()
         batch = sharding.host_batch_to_global(next(run.data_iterator), run.mesh)
         data_wait_seconds = time.perf_counter() - fetch_start
-        state, step_metrics = run.step_fn(state, batch)
+        if step_fn is run.step_fn and distributed.is_multi_process():
+          step_fn = distributed.compile_together(
+              run.step_fn, state, batch, name=f"train step {step + 1}",
+              timeout_seconds=run.config.distributed.get("initialization_timeout", 300))
+        state, step_metrics = step_fn(state, batch)
         step_metrics = dict(step_metrics, data_wait_seconds=data_wait_seconds)
         step += 1
         if stop.after(step):
