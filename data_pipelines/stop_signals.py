@@ -143,7 +143,7 @@ class StopSignals:
     if not self._deferred:
       raise Stopped(signal_number)
     if first:
-      self._announce(f"{signal_name(signal_number)}: finishing the step in flight, then "
+      self._announce(f"\n{signal_name(signal_number)}: finishing the step in flight, then "
                      "saving it (a second signal stops at once, without saving)")
 
   def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
