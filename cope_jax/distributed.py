@@ -235,7 +235,8 @@ def _filter_runtime_output(settings: Settings) -> None:
 
 
 def is_multi_process() -> bool:
-  return jax.process_count() > 1 and jax.distributed.is_initialized()
+  # is_initialized first: process_count() would start a backend before initialisation.
+  return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def _client():
@@ -262,17 +263,15 @@ class StepStop:
     """True: stop before any step (one process, a signal during set-up)."""
     if not self._multi:
       return self._requested()
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.reached_preemption_sync_point(step)  # this process's step counter
+    _reached_sync_point(step)  # this process's step counter
     self._post_if_requested()
     return False
 
   def after(self, step: int) -> bool:
     if not self._multi:
       return self._requested()
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     self._post_if_requested()
-    return bool(multihost_utils.reached_preemption_sync_point(step))
+    return _reached_sync_point(step)
 
   @property
   def requested_here(self) -> bool:
@@ -327,6 +326,14 @@ class StepStop:
                 "command to resume", everywhere=self._multi)
 
 
+def _reached_sync_point(step: int) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+    return False
+
+
 def _signal_number(name: str) -> int:
   return int(getattr(signal, name, signal.SIGTERM))
 
@@ -372,8 +379,8 @@ def explain_failure(error: BaseException) -> BaseException:
            else "stopped (killed, crashed or unreachable)")
     named = (f"process {', '.join(map(str, lost))} of {count} {how}" if lost
              else f"another of the {count} processes {how}")
-  return PeerLostError(f"{named}; process {me} stops too. The last complete checkpoint "
-                       "is kept: rerun the same command on every process to resume.")
+  return PeerLostError(f"{named}; process {me} stops too. Rerun the command on every "
+                       "process (training resumes from its last complete checkpoint).")
 
 
 def compile_together(jitted, *args, name: str, timeout_seconds: int):

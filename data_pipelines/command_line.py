@@ -534,5 +534,8 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
   finally:
     if library_errors is not None:
       logging.get_absl_handler().removeFilter(library_errors)
+  if library_errors is not None and library_errors.dropped:
+    print(f"note: libraries logged {library_errors.dropped} errors with tracebacks that "
+          "were not shown (--traceback shows them)", file=sys.stderr, flush=True)
   if isinstance(status, int) and not isinstance(status, bool) and status != EXIT_OK:
     _finish(status, "", in_process)  # any other return value (a result) is success

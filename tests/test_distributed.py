@@ -3,6 +3,7 @@ refused) to say "distributed", and the stderr filter that ends a runtime abort w
 paragraph instead of a C++ stack trace. (Real processes: tests/test_multihost.py.)"""
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from configs import common
 from cope_jax import distributed
+from cope_jax import embed
 from cope_jax import stderr_filter
 
 ADDRESS = "10.0.0.1:1234"
@@ -156,3 +158,13 @@ def test_the_filter_names_what_was_lost(details, process_id, reason):
 def test_without_an_abort_the_filter_only_passes_output_through():
   data = b"waiting for 2 processes\n\rtrain: 1/4\rtrain: 4/4\nstopped at step 4\n"
   assert _filtered(data) == data.decode()
+
+
+@pytest.mark.parametrize("num_records, process_count, batch_size", [
+    (25, 2, 8), (7, 2, 8), (16, 1, 8), (3, 4, 2)])
+def test_process_0_progress_counts_every_process_rows(num_records, process_count, batch_size):
+  largest_part = math.ceil(num_records / process_count)  # as the eval pipeline splits
+  num_batches = max(1, math.ceil(largest_part / batch_size))
+  rows = embed.global_rows_per_batch(num_records, process_count, batch_size, num_batches)
+  assert sum(rows) == num_records  # the bar reaches 100%, not 1 / process_count of it
+  assert all(0 <= r <= batch_size * process_count for r in rows)
