@@ -18,8 +18,10 @@ shapes are compared with the model's (`cope_jax.checkpoint_fit`: a mismatch is a
 error, reported as a list of `path: checkpoint shape vs model shape` with the config field
 most likely to differ), the
 arrays are read and their checksums and finiteness compared with the record. A damaged
-step (missing, truncated or corrupt files, checksum or finiteness failure, any Orbax
-error) is reported in one line and the next older step is tried. Training moves damaged
+step (missing, truncated or corrupt files, checksum or finiteness failure, an Orbax read
+error about the stored bytes) is reported in one line and the next older step is tried.
+Any other read error is a `CheckpointReadError`: nothing shows damage, so nothing is
+moved and no older step is used. Training moves damaged
 steps newer than the one it resumes from to `checkpoints/damaged/<step>-<reason>/`
 (`checkpoint_integrity.set_aside`): never deleted, out of the way of the next save of that
 step and of `max_to_keep`.
@@ -74,6 +76,18 @@ class CheckpointLayoutError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
   """Writing a training checkpoint failed."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A step could not be read, for a reason that does not show damage (nothing is moved
+  aside, no older step is used instead)."""
+
+
+# Orbax/TensorStore read errors that show damaged stored bytes (or missing files); any
+# other read error does not make a step "damaged".
+_DAMAGE_WORDS = re.compile(r"zstd|compress|truncat|corrupt|checksum|DATA_LOSS|NOT_FOUND|"
+                           r"no such file|does not exist|unexpected end|frame",
+                           re.IGNORECASE)
 
 
 class _Damaged(Exception):
@@ -305,7 +319,14 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     with quiet_library_logs():
       restored = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as error:  # pylint: disable=broad-except
-    raise _Damaged("unreadable", f"Orbax cannot read it: {short_error(error)}") from error
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+      chain.append(f"{type(cause).__name__}: {cause}")
+      cause = cause.__cause__ or cause.__context__
+    if _DAMAGE_WORDS.search(" ".join(chain)):
+      raise _Damaged("unreadable", f"Orbax cannot read it: {short_error(error)}") from error
+    raise _Unreadable(f"checkpoint step {step} ({step_dir}) could not be read: "
+                      f"{short_error(error)}") from error
   state = restored[STATE_ITEM]
   if record is None:  # unverified: at least refuse values a training run never saves
     record = checkpoint_integrity.integrity_record(state)
@@ -320,13 +341,20 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return state
 
 
-def _agree_across_processes(damaged: bool) -> bool:
-  """Whether any process found the step damaged (all processes then skip it)."""
+class _Unreadable(Exception):
+  """Orbax could not read a step, and nothing shows that it is damaged."""
+
+
+_RESTORED, _DAMAGED, _UNREADABLE = 0, 1, 2
+
+
+def _agree_across_processes(outcome: int) -> int:
+  """The worst outcome of restoring a step on any process (all processes act on it)."""
   if jax.process_count() == 1:
-    return damaged
+    return outcome
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.array([int(damaged)], np.int32))
-  return bool(np.any(flags))
+  outcomes = multihost_utils.process_allgather(np.array([outcome], np.int32))
+  return int(np.max(outcomes))
 
 
 def _print_on_first_process(message: str) -> None:
@@ -341,12 +369,24 @@ def _restore_newest_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
   damaged: list[checkpoint_integrity.DamagedStep] = []
   for position, step in enumerate(steps):
     found: _Damaged | None = None
+    unreadable: _Unreadable | None = None
     state = None
     try:
       state = _restore_step(manager, step, abstract_state, data_iterator, partial, config)
     except _Damaged as error:
       found = error
-    if _agree_across_processes(found is not None):
+    except _Unreadable as error:
+      unreadable = error
+    outcome = _agree_across_processes(
+        _UNREADABLE if unreadable else _DAMAGED if found else _RESTORED)
+    if outcome == _UNREADABLE:
+      reason = str(unreadable) if unreadable else (
+          f"checkpoint step {step} in {manager.directory}: another process could not read it")
+      raise CheckpointReadError(
+          f"{reason}. Nothing shows that it is damaged, so nothing was moved and no older "
+          "step was used: fix the cause and rerun (or move the step folder away to resume "
+          "from an older one).") from unreadable
+    if outcome == _DAMAGED:
       found = found or _Damaged("other-process", "another process could not restore it")
       damaged.append(checkpoint_integrity.DamagedStep(step, found.kind, found.reason))
       following = (f"; trying step {steps[position + 1]}" if position + 1 < len(steps)

@@ -293,3 +293,24 @@ def test_differing_positions_are_refused_naming_the_process_count_not_damage(tmp
   assert messages == []  # not reported as damaged
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
   manager.close()
+
+
+def test_a_read_error_that_shows_no_damage_moves_nothing(tmp_path, monkeypatch):
+  manager = checkpoints.checkpoint_manager(str(tmp_path), keep=3)
+  for step in (1, 2):
+    checkpoints.save_training_state(manager, step, _state(step), None)
+  manager.wait_until_finished()
+  restore = manager.restore
+
+  def failing_restore(step, args=None):  # e.g. out of memory while reading step 2
+    if step == 2 and checkpoints.STATE_ITEM in args.keys():
+      raise MemoryError("RESOURCE_EXHAUSTED: could not allocate 4.0G")
+    return restore(step, args=args)
+
+  monkeypatch.setattr(manager, "restore", failing_restore)
+  with pytest.raises(checkpoints.CheckpointReadError,
+                     match=r"checkpoint step 2 .* could not be read: MemoryError: "
+                           r"RESOURCE_EXHAUSTED.* nothing was moved and no older step"):
+    checkpoints.restore_latest_intact(manager, _abstract(_state(1)), None, log=pytest.fail)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  manager.close()
