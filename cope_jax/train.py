@@ -380,7 +380,9 @@ def run_steps(run: TrainingRun, hooks: Sequence[Hook],
         if step_fn is run.step_fn and distributed.is_multi_process():
           step_fn = distributed.compile_together(
               run.step_fn, state, batch, name=f"train step {step + 1}",
-              timeout_seconds=run.config.distributed.get("initialization_timeout", 300))
+              timeout_seconds=run.config.get("distributed", {}).get(
+                  "initialization_timeout", distributed.DEFAULT_TIMEOUTS[
+                      "initialization_timeout"]))
         state, step_metrics = step_fn(state, batch)
         step_metrics = dict(step_metrics, data_wait_seconds=data_wait_seconds)
         step += 1

@@ -5,6 +5,7 @@ JAX's own names)."""
 import dataclasses
 import os
 import subprocess
+import threading
 
 import portpicker
 
@@ -32,36 +33,54 @@ def process_env(process_id: int, port: int, num_processes: int = 2, names: str =
 
 @dataclasses.dataclass
 class Process:
-  """One started process; its output goes to files (no pipe can fill up)."""
+  """One started process. Its stdout and stderr are read to the end by threads (also what
+  a child that outlives it, such as `cope_jax/stderr_filter.py`, writes there), and
+  copied to `<log_prefix>.out/.err`."""
   popen: subprocess.Popen
-  stdout_path: str
-  stderr_path: str
+  log_prefix: str
+  _readers: list = dataclasses.field(default_factory=list)
+  _texts: dict = dataclasses.field(default_factory=dict)
 
   def wait(self, timeout: float) -> int:
-    return self.popen.wait(timeout=timeout)
+    """The exit status, once the process has ended and its outputs are read to the end."""
+    status = self.popen.wait(timeout=timeout)
+    for reader in self._readers:
+      reader.join(timeout=60)
+    return status
 
   @property
   def stdout(self) -> str:
-    with open(self.stdout_path, encoding="utf-8", errors="replace") as f:
-      return f.read()
+    return "".join(self._texts.get("out", []))
 
   @property
   def stderr(self) -> str:
-    with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-      return f.read()
+    return "".join(self._texts.get("err", []))
 
   def stderr_lines(self) -> list[str]:
     """stderr's lines, progress-bar updates (ended by carriage returns) apart."""
     return [line for line in self.stderr.replace("\r", "\n").splitlines() if line.strip()]
 
 
+def _read_to_end(stream, chunks: list, log_path: str) -> None:
+  with open(log_path, "w", encoding="utf-8") as log:
+    for chunk in iter(lambda: stream.read(4096), ""):
+      chunks.append(chunk)
+      log.write(chunk)
+
+
 def start(command: list[str], env: dict[str, str], log_prefix: str,
           preexec_fn=None) -> Process:
-  stdout_path, stderr_path = f"{log_prefix}.out", f"{log_prefix}.err"
-  with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-    popen = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=stdout, stderr=stderr,
-                             preexec_fn=preexec_fn)
-  return Process(popen, stdout_path, stderr_path)
+  popen = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, errors="replace",
+                           preexec_fn=preexec_fn)
+  process = Process(popen, log_prefix)
+  for name, stream in (("out", popen.stdout), ("err", popen.stderr)):
+    chunks = process._texts.setdefault(name, [])  # pylint: disable=protected-access
+    reader = threading.Thread(target=_read_to_end, args=(stream, chunks,
+                                                         f"{log_prefix}.{name}"), daemon=True)
+    reader.start()
+    process._readers.append(reader)  # pylint: disable=protected-access
+  return process
 
 
 def start_two_processes(command: list[str], log_prefix: str, names: str = "COPE",
