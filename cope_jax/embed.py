@@ -61,7 +61,9 @@ def iter_embedding_batches(config: ml_collections.ConfigDict, model: nn.Module, 
   progress = tqdm.tqdm(total=dataset.num_records, desc=f"embed {domain}", unit="item",
                        disable=not show_progress or jax.process_index() != 0,
                        dynamic_ncols=True)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
+  # Closed however the loop ends (a signal included): the bar ends its line.
+  with progress, jax.set_mesh(mesh), nn.logical_axis_rules(
+      sharding.logical_axis_rules(config.mesh)):
     for batch_index, host_batch in enumerate(dataset):
       batch = sharding.host_batch_to_global(host_batch, mesh)
       batch_embeddings = _local_rows(embed_fn(model_params, batch))
@@ -70,7 +72,6 @@ def iter_embedding_batches(config: ml_collections.ConfigDict, model: nn.Module, 
                       else 0)
       yield (np.asarray(host_batch["id"])[valid], np.asarray(host_batch["product_id"])[valid],
              np.asarray(batch_embeddings, np.float32)[valid])
-  progress.close()
 
 
 def global_rows_per_batch(num_records: int, process_count: int, batch_size: int,
