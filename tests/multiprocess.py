@@ -5,6 +5,7 @@ JAX's own names)."""
 import dataclasses
 import os
 import subprocess
+import sys
 import threading
 
 import portpicker
@@ -68,11 +69,19 @@ def _read_to_end(stream, chunks: list, log_path: str) -> None:
       log.write(chunk)
 
 
-def start(command: list[str], env: dict[str, str], log_prefix: str,
-          preexec_fn=None) -> Process:
+def with_file_size_limit(command: list[str], max_bytes: int) -> list[str]:
+  """`command` run with a file-size limit (as `ulimit -f`): a file cannot grow past
+  `max_bytes` (a write beyond fails with EFBIG). The limit is set by a small Python that
+  then becomes the command (no `preexec_fn` in the test's threaded process)."""
+  setter = ("import os, resource, sys; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_bytes}, {max_bytes})); "
+            "os.execv(sys.argv[1], sys.argv[1:])")
+  return [sys.executable, "-c", setter, *command]
+
+
+def start(command: list[str], env: dict[str, str], log_prefix: str) -> Process:
   popen = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, errors="replace",
-                           preexec_fn=preexec_fn)
+                           stderr=subprocess.PIPE, text=True, errors="replace")
   process = Process(popen, log_prefix)
   for name, stream in (("out", popen.stdout), ("err", popen.stderr)):
     chunks = process._texts.setdefault(name, [])  # pylint: disable=protected-access
@@ -84,11 +93,14 @@ def start(command: list[str], env: dict[str, str], log_prefix: str,
 
 
 def start_two_processes(command: list[str], log_prefix: str, names: str = "COPE",
-                        preexec_fns=(None, None)) -> list[Process]:
-  """Starts `command` as processes 0 and 1 of two (logs: `log_prefix`-<i>.out/.err)."""
+                        commands: tuple[list[str], list[str]] | None = None
+                        ) -> list[Process]:
+  """Starts `command` (or `commands[i]`) as processes 0 and 1 of two (logs:
+  `log_prefix`-<i>.out/.err)."""
   port = portpicker.pick_unused_port()
-  return [start(command, process_env(i, port, names=names), f"{log_prefix}-{i}",
-                preexec_fn=preexec_fns[i]) for i in range(2)]
+  commands = commands or (command, command)
+  return [start(commands[i], process_env(i, port, names=names), f"{log_prefix}-{i}")
+          for i in range(2)]
 
 
 def run_two_processes(command: list[str], timeout: float = 420) -> list[str]:

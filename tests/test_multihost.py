@@ -4,7 +4,6 @@ missing, killed or failing process ends the others with a paragraph naming it.""
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -212,18 +211,17 @@ def _export(workdir, prepared_dir, rope_dir, out):
           *tiny_configs.command_line_overrides(prepared_dir, rope_dir)]
 
 
-def _limit_file_size():  # process 1 cannot write a file over 1 KiB (its Parquet files)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", ["killed", "failed"])
 def test_a_peer_lost_during_export_ends_the_other_naming_it(uninterrupted, tiny_prepared_dir,
                                                             tiny_rope_dir, tmp_path, ending):
   out = tmp_path / "export"
-  processes = multiprocess.start_two_processes(
-      _export(uninterrupted, tiny_prepared_dir, tiny_rope_dir, out), str(tmp_path / "log"),
-      preexec_fns=(None, _limit_file_size if ending == "failed" else None))
+  command = _export(uninterrupted, tiny_prepared_dir, tiny_rope_dir, out)
+  # "failed": process 1 cannot write a file over 1 KiB (its Parquet files are larger).
+  process_1 = (multiprocess.with_file_size_limit(command, 1024) if ending == "failed"
+               else command)
+  processes = multiprocess.start_two_processes(command, str(tmp_path / "log"),
+                                               commands=(command, process_1))
   if ending == "killed":  # once the processes share the staging folder
     _wait_for(lambda: os.path.isdir(tmp_path / ".export.staging-shared"), processes)
     processes[1].popen.send_signal(signal.SIGKILL)

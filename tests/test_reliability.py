@@ -22,7 +22,6 @@ same programs), so each run after the first costs seconds of compilation, not a 
 import glob
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -51,6 +50,7 @@ from cope_jax import train
 from cope_jax.evaluators import retrieval as retrieval_evaluator
 from cope_jax.search import directions
 from data_pipelines import transforms
+from tests import multiprocess
 from tests import tiny_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -500,18 +500,17 @@ def test_signal_soak_stops_at_saved_steps_and_resumes_to_identical_parameters(
   assert result["identical"], result["max_abs_param_difference"]
 
 
-def _limit_file_size():  # as `ulimit -f 200` (KiB): checkpoint files are larger
-  resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))
-
-
 def test_a_failed_checkpoint_write_is_a_short_paragraph(tiny_prepared_dir, tiny_rope_dir,
                                                         compile_cache, tmp_path):
-  command = soak.train_command(str(tmp_path / "run"), tiny_prepared_dir, tiny_rope_dir, 4, 2)
+  # As `ulimit -f 200` (KiB): checkpoint files are larger.
+  command = multiprocess.with_file_size_limit(
+      soak.train_command(str(tmp_path / "run"), tiny_prepared_dir, tiny_rope_dir, 4, 2),
+      200 * 1024)
   # Compiled programs are read from the cache but none is written (it would be too large).
   env = dict(soak.subprocess_env(compile_cache),
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(2**62))
   result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
-                          timeout=600, preexec_fn=_limit_file_size)
+                          timeout=600)
   assert result.returncode == 1
   lines = [line for line in result.stderr.split(b"\n") if line.strip()]
   text = result.stderr.decode(errors="replace")

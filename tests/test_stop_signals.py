@@ -21,7 +21,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # "immediate" (the default handling), "deferred" (as the training loop runs) or "fork"
 # (it forks a worker that sleeps 3 s, then waits for it).
 PROGRAM = textwrap.dedent("""
-    import os, time
+    import os, signal, time
+    if os.environ.get("STOP_TEST_IGNORE_SIGINT"):  # as a shell starts a background job
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
     from data_pipelines import command_line, stop_signals
 
     def job(args):
@@ -48,13 +50,12 @@ PROGRAM = textwrap.dedent("""
 
 
 def _start(mode: str, ignore_sigint: bool = False) -> subprocess.Popen:
-  def ignore():  # as a shell does for a background job
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, STOP_TEST_MODE=mode)
+  if ignore_sigint:
+    env["STOP_TEST_IGNORE_SIGINT"] = "1"
   process = subprocess.Popen(
-      [sys.executable, "-c", PROGRAM], cwd=REPO_ROOT,
-      env=dict(os.environ, PYTHONPATH=REPO_ROOT, STOP_TEST_MODE=mode), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, preexec_fn=ignore if ignore_sigint else None)
+      [sys.executable, "-c", PROGRAM], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
   line = process.stdout.readline()
   assert line.startswith("ready"), (line, process.stderr.read())
   return process, line
