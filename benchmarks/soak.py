@@ -1,7 +1,9 @@
-r"""Kill -9 soak: training killed at random moments resumes to the uninterrupted result.
+r"""Kill soak: training stopped at random moments resumes to the uninterrupted result.
 
   python -m benchmarks.soak --kills 20            # about 10 minutes on 2 CPU cores
   python -m benchmarks.soak --kills 5             # what tests/test_reliability.py runs
+  python -m benchmarks.soak --signal TERM --kills 20   # SIGTERM instead of SIGKILL
+  python -m benchmarks.soak --signal INT --kills 10    # SIGINT (Ctrl-C)
 
 Trains the tiny test config (`cope_jax/testing/tiny_configs.py`) on a synthetic ROPE dataset made in
 a temporary folder, 8 fake CPU devices: first without interruption (the reference), then
@@ -12,6 +14,12 @@ random 0-1 s after the run has logged one to six new steps (often during a write
 After the last kill the command runs to the end and its final parameters are compared
 with the reference.
 
+With `--signal TERM` or `--signal INT` each life gets that signal instead (same moments)
+and must stop by itself: each life's exit status (143 or 130), the seconds from the
+signal to its exit, and its newest checkpoint against the last step it logged (the
+step it stopped at is saved) are recorded; `all_stopped_cleanly` says whether every
+signalled life did so within `--max_stop_seconds`.
+
 Prints a table (and writes benchmarks/results/soak.json): kills, kills during a
 checkpoint write, the steps the runs resumed from, damaged steps reported, wall time of
 the soak against the uninterrupted run, and the largest absolute parameter difference
@@ -20,7 +28,6 @@ the soak against the uninterrupted run, and the largest absolute parameter diffe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -38,13 +45,17 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from cope_jax.testing import tiny_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common
 from cope_jax.base import workdir as workdir_layout
+from cope_jax.testing import tiny_configs
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a step folder being written
 POLL_SECONDS = 0.002
 LIFE_TIMEOUT_SECONDS = 300
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+MAX_STOP_SECONDS = 30.0  # from a SIGTERM/SIGINT to the exit, checkpoint written
 
 
 @dataclasses.dataclass
@@ -57,6 +68,9 @@ class Life:
   damaged_reports: list[str] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
   returncode: int | None = None
+  stop_seconds: float | None = None  # from the signal to the exit (SIGTERM/SIGINT)
+  last_logged: int | None = None  # the last step in metrics.jsonl when the life ended
+  newest_checkpoint: int | None = None  # the newest committed step when the life ended
 
 
 def train_command(workdir: str, prepared_dir: str, rope_dir: str, num_steps: int,
@@ -87,6 +101,25 @@ def _logged_steps(workdir: str) -> int:
     return 0
 
 
+def _last_logged_step(workdir: str) -> int | None:
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      lines = [line for line in f if line.strip()]
+  except FileNotFoundError:
+    return None
+  return int(json.loads(lines[-1])["step"]) if lines else None
+
+
+def _newest_checkpoint(workdir: str) -> int | None:
+  try:
+    steps = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+             if name.isdigit()]
+  except FileNotFoundError:
+    return None
+  return max(steps) if steps else None
+
+
 def _writing(workdir: str) -> bool:
   try:
     return any(TMP_MARKER in name for name in os.listdir(workdir_layout.checkpoints_dir(workdir)))
@@ -95,8 +128,9 @@ def _writing(workdir: str) -> bool:
 
 
 def _run_life(command: list[str], env: dict[str, str], workdir: str, plan: str,
-              rng: random.Random, log_dir: str, index: int) -> Life:
-  """Starts the command and kills it as `plan` says (or lets it finish)."""
+              rng: random.Random, log_dir: str, index: int,
+              stop_signal: int = signal.SIGKILL) -> Life:
+  """Starts the command and signals it as `plan` says (or lets it finish)."""
   life = Life(plan=plan)
   out_path = os.path.join(log_dir, f"life-{index:03d}.out")
   started = time.monotonic()
@@ -110,14 +144,15 @@ def _run_life(command: list[str], env: dict[str, str], workdir: str, plan: str,
     # by this run at start-up) does not count.
     writes_seen, was_writing = 0, _writing(workdir)
     deadline = started + LIFE_TIMEOUT_SECONDS
-    kill_at = None
+    kill_at = signalled_at = None
     while process.poll() is None and time.monotonic() < deadline:
       if kind == "write":
         writing = _writing(workdir)
         if writing and not was_writing:
           writes_seen += 1
           if writes_seen >= count:
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(stop_signal)
+            signalled_at = time.monotonic()
             life.killed, life.killed_during_write = True, True
             break
         was_writing = writing
@@ -126,15 +161,25 @@ def _run_life(command: list[str], env: dict[str, str], workdir: str, plan: str,
           kill_at = time.monotonic() + rng.uniform(0.0, 1.0)
         if kill_at is not None and time.monotonic() >= kill_at:
           life.killed_during_write = _writing(workdir)
-          process.send_signal(signal.SIGKILL)
+          process.send_signal(stop_signal)
+          signalled_at = time.monotonic()
           life.killed = True
           break
       time.sleep(POLL_SECONDS)
     if process.poll() is None and not life.killed:
       process.send_signal(signal.SIGKILL)  # over its time limit
       life.killed = True
+    if life.killed and stop_signal != signal.SIGKILL and process.poll() is None:
+      try:
+        process.wait(timeout=LIFE_TIMEOUT_SECONDS)
+      except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)  # it did not stop: recorded as status -9
     life.returncode = process.wait()
+    if signalled_at is not None and stop_signal != signal.SIGKILL:
+      life.stop_seconds = time.monotonic() - signalled_at
   life.seconds = time.monotonic() - started
+  life.last_logged = _last_logged_step(workdir)
+  life.newest_checkpoint = _newest_checkpoint(workdir)
   with open(out_path, encoding="utf-8") as f:
     text = f.read()
   resumed = re.findall(r"resumed from .*/checkpoints/(\d+)", text)
@@ -168,12 +213,17 @@ def max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> fl
 
 def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps: int,
              checkpoint_every: int = 2, seed: int = 0, cache_dir: str | None = None,
-             platform: str = "cpu", reference_workdir: str | None = None) -> dict[str, Any]:
+             platform: str = "cpu", reference_workdir: str | None = None,
+             signal_name: str = "KILL",
+             max_stop_seconds: float = MAX_STOP_SECONDS) -> dict[str, Any]:
   """Runs the soak in `root`; returns the result (see the module docstring).
 
   Args:
     reference_workdir: an uninterrupted run of the same command, if one exists already.
+    signal_name: KILL, TERM or INT: what each life gets.
+    max_stop_seconds: (TERM, INT) the longest a life may take from the signal to its exit.
   """
+  stop_signal = SIGNALS[signal_name]
   rng = random.Random(seed)
   env = subprocess_env(cache_dir, platform)
   log_dir = os.path.join(root, "logs")
@@ -193,7 +243,7 @@ def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps:
   soak_started = time.monotonic()
   for index in range(kills):
     plan = f"write {rng.randint(1, 3)}" if index % 2 == 0 else f"steps {rng.randint(1, 6)}"
-    life = _run_life(command, env, workdir, plan, rng, log_dir, index + 1)
+    life = _run_life(command, env, workdir, plan, rng, log_dir, index + 1, stop_signal)
     lives.append(life)
     if not life.killed:  # it reached the last step before the planned kill
       break
@@ -201,7 +251,19 @@ def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps:
   soak_seconds = time.monotonic() - soak_started
   difference = max_abs_difference(final_params(reference_workdir, num_steps),
                                   final_params(workdir, num_steps))
+  signalled = [life for life in lives if life.killed]
+  clean = [life for life in signalled
+           if life.returncode == 128 + int(stop_signal)
+           and life.stop_seconds is not None and life.stop_seconds <= max_stop_seconds
+           and life.newest_checkpoint is not None
+           and life.newest_checkpoint == life.last_logged]
   return {
+      "signal": signal_name,
+      "stopped_cleanly": len(clean) if stop_signal != signal.SIGKILL else None,
+      "all_stopped_cleanly": (len(clean) == len(signalled) if stop_signal != signal.SIGKILL
+                              else None),
+      "max_stop_seconds": max((life.stop_seconds for life in signalled
+                               if life.stop_seconds is not None), default=None),
       "kills_requested": kills,
       "kills": sum(life.killed for life in lives),
       "kills_during_checkpoint_write": sum(life.killed_during_write for life in lives),
@@ -234,6 +296,7 @@ def make_dataset(root: str) -> tuple[str, str]:
 
 def print_table(result: dict[str, Any]) -> None:
   rows = [
+      ("signal", f"SIG{result['signal']}"),
       ("kills (requested)", f"{result['kills']} ({result['kills_requested']})"),
       ("kills during a checkpoint write", str(result["kills_during_checkpoint_write"])),
       ("resumed from steps", " ".join("-" if s is None else str(s)
@@ -245,22 +308,30 @@ def print_table(result: dict[str, Any]) -> None:
       ("max |param difference|", f"{result['max_abs_param_difference']:.3g}"),
       ("identical final parameters", "yes" if result["identical"] else "NO"),
   ]
+  if result["stopped_cleanly"] is not None:
+    rows[2:2] = [
+        ("stopped cleanly (status, saved step)", f"{result['stopped_cleanly']} of "
+                                                 f"{result['kills']}"),
+        ("longest signal-to-exit (s)", f"{result['max_stop_seconds'] or 0:.1f}"),
+    ]
   width = max(len(name) for name, _ in rows)
   for name, value in rows:
     print(f"{name:<{width}}  {value}")
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.parser(
+      __doc__, out_help="default benchmarks/results/soak.json (soak-term.json, ...)")
   parser.add_argument("--kills", type=int, default=20)
+  parser.add_argument("--signal", choices=sorted(SIGNALS), default="KILL",
+                      help="what each life gets: KILL (kill -9), TERM or INT")
+  parser.add_argument("--max_stop_seconds", type=float, default=MAX_STOP_SECONDS)
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps (default: 4 per kill, at least 16)")
   parser.add_argument("--checkpoint_every", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of the runs")
   parser.add_argument("--root", default="", help="working folder (default: a temporary one)")
-  parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results",
-                                                    "soak.json"))
   args = parser.parse_args()
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers
   if args.platform == "cpu":  # read the runs' 8-device checkpoints with as many devices
@@ -270,14 +341,15 @@ def main() -> None:
   rope_dir, prepared_dir = make_dataset(os.path.join(root, "data"))
   result = run_soak(prepared_dir, rope_dir, root, args.kills, num_steps, args.checkpoint_every,
                     args.seed, cache_dir=os.path.join(root, "jax-cache"),
-                    platform=args.platform)
+                    platform=args.platform, signal_name=args.signal,
+                    max_stop_seconds=args.max_stop_seconds)
   print_table(result)
-  result["machine"] = {"cpu_count": os.cpu_count(), "platform": args.platform}
-  from cope_jax.base import result_files  # pylint: disable=g-import-not-at-top
-
-  result_files.write_json(args.out, result, indent=1, sort_keys=False)
-  print(f"wrote {args.out} (logs of each run under {root}/logs)")
-  if not result["identical"]:
+  suffix = "" if args.signal == "KILL" else f"-{args.signal.lower()}"
+  args.out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results", f"soak{suffix}.json")
+  result["machine"] = common.machine(jax_platforms=args.platform)
+  common.write_result(args.out, result)
+  print(f"logs of each run under {root}/logs")
+  if not result["identical"] or result["all_stopped_cleanly"] is False:
     sys.exit(1)
 
 

@@ -68,11 +68,22 @@ def mesh_config():
 
 
 def distributed_config():
+  """Multi-process start-up (cope_jax/distributed.py). The environment wins over these
+  fields: COPE_DISTRIBUTED=1|0, COPE_COORDINATOR_ADDRESS, COPE_NUM_PROCESSES,
+  COPE_PROCESS_ID, or JAX's names JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID; nothing else is read. A coordinator address switches start-up on;
+  enabled with no address lets JAX discover the cluster (TPU pods, SLURM, Open MPI)."""
   distributed = ml_collections.ConfigDict()
-  distributed.enabled = False  # or set COPE_DISTRIBUTED=1 / the JAX_* env variables
-  distributed.coordinator_address = ""
+  distributed.enabled = False
+  distributed.coordinator_address = ""  # process 0's host:port
   distributed.num_processes = 1
   distributed.process_id = 0
+  # Seconds: how long start-up waits for every process; after how long without
+  # heartbeats a process counts as lost (and the others stop); how long a finishing
+  # process waits for the others at the end.
+  distributed.initialization_timeout = 300
+  distributed.heartbeat_timeout = 100
+  distributed.shutdown_timeout = 300
   return distributed
 
 

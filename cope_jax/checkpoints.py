@@ -4,7 +4,8 @@ Two kinds live on disk:
 
 - training checkpoints, `WORKDIR/checkpoints/<step>/` (one Orbax CheckpointManager):
   item `state` (the `TrainState` pytree: step, params, optimiser state, RNG), item
-  `data` (the Grain iterator state, one JSON file per process) and item `integrity`
+  `data` (the Grain iterator state, one JSON file per process, `process_<i>-of-<n>.json`)
+  and item `integrity`
   (JSON: per state leaf its path, shape, dtype, a 64-bit checksum of its bytes and its
   count of non-finite values; `cope_jax.checkpoint_integrity`). The three are committed together (Orbax writes the step
   into a temporary folder and renames it), so a step without a readable integrity
@@ -17,11 +18,23 @@ shapes are compared with the model's (`cope_jax.checkpoint_fit`: a mismatch is a
 error, reported as a list of `path: checkpoint shape vs model shape` with the config field
 most likely to differ), the
 arrays are read and their checksums and finiteness compared with the record. A damaged
-step (missing, truncated or corrupt files, checksum or finiteness failure, any Orbax
-error) is reported in one line and the next older step is tried. Training moves damaged
+step (missing, truncated or corrupt files, checksum or finiteness failure, an Orbax read
+error about the stored bytes) is reported in one line and the next older step is tried.
+Any other read error is a `CheckpointReadError`: nothing shows damage, so nothing is
+moved and no older step is used. Training moves damaged
 steps newer than the one it resumes from to `checkpoints/damaged/<step>-<reason>/`
 (`checkpoint_integrity.set_aside`): never deleted, out of the way of the next save of that
 step and of `max_to_keep`.
+
+A step resumes on another number of processes or devices than wrote it (a smaller or
+larger slice after a preemption): Orbax reshards the arrays, and the data-iterator
+position is global, so every process of the new run takes the position the writing
+processes agreed on (they hold the same one: each process reads its share of every
+global batch). Checkpoints whose processes hold different positions are refused with a
+`CheckpointLayoutError` naming the process count; they are not damaged.
+
+A failed write (disk full, a file-size limit) is a `CheckpointWriteError` of one line
+(`write_errors_explained`); the libraries' tracebacks of it are not printed.
 
 `load_params` reads the model parameters of either kind (a training run starts from a
 converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
@@ -30,8 +43,10 @@ converted release checkpoint, or from another run, e.g. stage 2 from stage 1).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as python_logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +68,27 @@ INTEGRITY_ITEM = "integrity"
 
 class NoIntactCheckpointError(RuntimeError):
   """Checkpoints exist but every one of them is damaged."""
+
+
+class CheckpointLayoutError(RuntimeError):
+  """An intact step that this run cannot resume as laid out (e.g. its processes' data
+  positions differ and the process count changed)."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a training checkpoint failed."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A step could not be read, for a reason that does not show damage (nothing is moved
+  aside, no older step is used instead)."""
+
+
+# Orbax/TensorStore read errors that show damaged stored bytes (or missing files); any
+# other read error does not make a step "damaged".
+_DAMAGE_WORDS = re.compile(r"zstd|compress|truncat|corrupt|checksum|DATA_LOSS|NOT_FOUND|"
+                           r"no such file|does not exist|unexpected end|frame",
+                           re.IGNORECASE)
 
 
 class _Damaged(Exception):
@@ -117,8 +153,78 @@ def save_training_state(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def _committed_steps(directory: str) -> list[int]:
+  try:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  except OSError:
+    return []
+
+
+@contextlib.contextmanager
+def write_errors_explained(manager: ocp.CheckpointManager,
+                           step: int | None = None) -> Iterator[None]:
+  """Turns an error of a checkpoint write (raised by `save` or `wait_until_finished`,
+  possibly for an earlier asynchronous save) into one CheckpointWriteError line."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    directory = str(manager.directory)
+    steps = _committed_steps(directory)
+    last = (f"the last complete checkpoint is step {steps[-1]}" if steps
+            else "there is no complete checkpoint yet")
+    when = f" (saving step {step})" if step is not None else ""
+    raise CheckpointWriteError(
+        f"writing a checkpoint to {directory} failed{when}: {short_error(error)}; {last}. "
+        "Free space (or raise the file-size limit) and rerun the same command to resume."
+    ) from error
+
+
 # ----------------------------------------------------------------------------
 # Restoring.
+
+_ITERATOR_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _iterator_state_to_adopt(step_dir: str, step: int) -> dict | None:
+  """The data-iterator state this process takes from a step written by another number
+  of processes, or None when the step has this process's own file (Grain reads it).
+
+  Raises:
+    _Damaged: the step's data/ folder lacks files its writers left.
+    CheckpointLayoutError: the writers' positions differ (not resumable elsewhere).
+  """
+  data_dir = os.path.join(step_dir, DATA_ITEM)
+  if not os.path.isdir(data_dir):
+    return None  # Orbax reports the missing item
+  me, count = jax.process_index(), jax.process_count()
+  written = {}
+  for name in os.listdir(data_dir):
+    match = _ITERATOR_FILE.fullmatch(name)
+    if match:
+      written[(int(match.group(1)), int(match.group(2)))] = name
+  if (me, count) in written:
+    return None
+  writers = {n for _, n in written}
+  if len(writers) != 1 or len(written) != next(iter(writers)):
+    raise _Damaged("missing-file", f"{DATA_ITEM}/ lacks data-iterator states "
+                   f"(has {', '.join(sorted(written.values())) or 'none'})")
+  writer_count = next(iter(writers))
+  states = []
+  for index in range(writer_count):
+    path = os.path.join(data_dir, written[(index, writer_count)])
+    try:
+      with open(path, encoding="utf-8") as f:
+        states.append(json.load(f))
+    except (OSError, ValueError) as error:
+      raise _Damaged("unreadable", f"{DATA_ITEM}/{os.path.basename(path)} is unreadable "
+                     f"({short_error(error)})") from error
+  if any(state != states[0] for state in states[1:]):
+    raise CheckpointLayoutError(
+        f"checkpoint step {step} ({step_dir}) was written by {writer_count} processes whose "
+        f"data-iterator positions differ, so it resumes only on {writer_count} processes "
+        f"(this run has {count}): start {writer_count} processes "
+        f"(COPE_NUM_PROCESSES={writer_count}), or resume from another step")
+  return states[0]
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -204,13 +310,24 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   else:
     state_args = ocp.args.StandardRestore(abstract_state)
   items = {STATE_ITEM: state_args}
+  adopted_position = None
   if data_iterator is not None:
-    items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    # Another process count wrote it: the global position, read here, not by Grain.
+    adopted_position = _iterator_state_to_adopt(step_dir, step)
+    if adopted_position is None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     with quiet_library_logs():
       restored = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as error:  # pylint: disable=broad-except
-    raise _Damaged("unreadable", f"Orbax cannot read it: {short_error(error)}") from error
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+      chain.append(f"{type(cause).__name__}: {cause}")
+      cause = cause.__cause__ or cause.__context__
+    if _DAMAGE_WORDS.search(" ".join(chain)):
+      raise _Damaged("unreadable", f"Orbax cannot read it: {short_error(error)}") from error
+    raise _Unreadable(f"checkpoint step {step} ({step_dir}) could not be read: "
+                      f"{short_error(error)}") from error
   state = restored[STATE_ITEM]
   if record is None:  # unverified: at least refuse values a training run never saves
     record = checkpoint_integrity.integrity_record(state)
@@ -218,16 +335,27 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   problem = checkpoint_integrity.verify_integrity(state, record)
   if problem:
     raise _Damaged("non-finite" if problem.startswith("non-finite") else "checksum", problem)
+  if adopted_position is not None:
+    data_iterator.set_state(adopted_position)
+    if hasattr(data_iterator, "start_prefetch"):
+      data_iterator.start_prefetch()
   return state
 
 
-def _agree_across_processes(damaged: bool) -> bool:
-  """Whether any process found the step damaged (all processes then skip it)."""
+class _Unreadable(Exception):
+  """Orbax could not read a step, and nothing shows that it is damaged."""
+
+
+_RESTORED, _DAMAGED, _UNREADABLE = 0, 1, 2
+
+
+def _agree_across_processes(outcome: int) -> int:
+  """The worst outcome of restoring a step on any process (all processes act on it)."""
   if jax.process_count() == 1:
-    return damaged
+    return outcome
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.array([int(damaged)], np.int32))
-  return bool(np.any(flags))
+  outcomes = multihost_utils.process_allgather(np.array([outcome], np.int32))
+  return int(np.max(outcomes))
 
 
 def _print_on_first_process(message: str) -> None:
@@ -242,12 +370,24 @@ def _restore_newest_intact(manager: ocp.CheckpointManager, steps: Sequence[int],
   damaged: list[checkpoint_integrity.DamagedStep] = []
   for position, step in enumerate(steps):
     found: _Damaged | None = None
+    unreadable: _Unreadable | None = None
     state = None
     try:
       state = _restore_step(manager, step, abstract_state, data_iterator, partial, config)
     except _Damaged as error:
       found = error
-    if _agree_across_processes(found is not None):
+    except _Unreadable as error:
+      unreadable = error
+    outcome = _agree_across_processes(
+        _UNREADABLE if unreadable else _DAMAGED if found else _RESTORED)
+    if outcome == _UNREADABLE:
+      reason = str(unreadable) if unreadable else (
+          f"checkpoint step {step} in {manager.directory}: another process could not read it")
+      raise CheckpointReadError(
+          f"{reason}. Nothing shows that it is damaged, so nothing was moved and no older "
+          "step was used: fix the cause and rerun (or move the step folder away to resume "
+          "from an older one).") from unreadable
+    if outcome == _DAMAGED:
       found = found or _Damaged("other-process", "another process could not restore it")
       damaged.append(checkpoint_integrity.DamagedStep(step, found.kind, found.reason))
       following = (f"; trying step {steps[position + 1]}" if position + 1 < len(steps)

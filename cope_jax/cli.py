@@ -3,8 +3,11 @@
 The jobs (train, evaluate, export, convert, report, serving) take `--config FILE` (with
 `--config.a.b=value` overrides) and most take `--workdir DIR`; before the job runs,
 multi-process JAX is initialised when the config or the environment asks for it
-(`cope_jax.distributed`). Everything else (help, one-paragraph errors with
-`--traceback`, config-field typos, exit statuses 0/1/2) is the shared layer's.
+(`cope_jax.distributed`). In a multi-process job, an error that says a peer was lost
+names the lost process, any other error is posted for the other processes to name, and
+a job stopped by a signal leaves through JAX's shutdown barrier. Everything else (help,
+one-paragraph errors with `--traceback`, config-field typos, exit statuses 0/1/2,
+130/143 for SIGINT/SIGTERM) is the shared layer's.
 
   COMMAND = cli.command("python -m cope_jax.evaluate", __doc__,
                         workdir_help="training directory to evaluate")
@@ -78,13 +81,38 @@ def _initialize_distributed(args: types.SimpleNamespace) -> None:
   from cope_jax import distributed  # pylint: disable=g-import-not-at-top
 
   if getattr(args, "config", None) is not None:
-    distributed.maybe_initialize(args.config)
+    keep_traces = bool(getattr(args, "traceback", False)) or command_line.traceback_requested()
+    distributed.maybe_initialize(args.config, keep_traces=keep_traces)
+
+
+def _with_peers(job: Callable[[types.SimpleNamespace], Any]
+                ) -> Callable[[types.SimpleNamespace], Any]:
+  """`job` with the multi-process endings of `cope_jax.distributed` (a no-op on one
+  process)."""
+  def run(args: types.SimpleNamespace) -> Any:
+    from cope_jax import distributed  # pylint: disable=g-import-not-at-top
+    from cope_jax.base import stop_signals  # pylint: disable=g-import-not-at-top
+
+    try:
+      return job(args)
+    except stop_signals.Stopped as stop:
+      distributed.after_stop(stop)
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      explained = distributed.explain_failure(error)
+      if explained is error:
+        raise
+      if command_line.traceback_requested() or getattr(args, "traceback", False):
+        raise explained from error
+      raise explained from None  # the runtime's raw line stays off the terminal
+
+  return run
 
 
 def run_job(cmd: command_line.Command, job: Callable[[types.SimpleNamespace], Any],
             argv: Sequence[str] | None = None) -> None:
   """`command_line.run` with multi-process JAX initialised before the job."""
-  command_line.run(cmd, job, argv, before_job=_initialize_distributed)
+  command_line.run(cmd, _with_peers(job), argv, before_job=_initialize_distributed)
 
 
 def run(job: Callable[..., Any], workdir_help: str,

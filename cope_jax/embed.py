@@ -65,19 +65,35 @@ def iter_dataset_embeddings(config: ml_collections.ConfigDict, model: nn.Module,
   `pipelines.eval_dataset_from_source`, every process yielding as many batches)."""
   domain = dataset.domain
   embed_fn = make_embed_fn(model, domain, mesh)
-  # Process 0 shows the whole split's progress: the processes embed equal parts of it
-  # in step, so its own part times the process count.
+  # Process 0 shows the work of all processes: batch i is batch i of every process.
+  rows_per_batch = global_rows_per_batch(dataset.num_records, jax.process_count(),
+                                         config.eval.batch_size, dataset.num_batches)
   shown = progress.bar(dataset.num_records, desc=f"embed {domain}", unit="item",
                        disable=not show_progress or jax.process_index() != 0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(config.mesh)):
-    for host_batch in dataset:
+  # Closed however the loop ends (a signal included): the bar ends its line.
+  with shown, jax.set_mesh(mesh), nn.logical_axis_rules(
+      sharding.logical_axis_rules(config.mesh)):
+    for batch_index, host_batch in enumerate(dataset):
       batch = sharding.host_batch_to_global(host_batch, mesh)
       batch_embeddings = _local_rows(embed_fn(model_params, batch))
       valid = np.asarray(host_batch["valid"], bool)
-      shown.update(min(int(valid.sum()) * jax.process_count(), shown.total - shown.n))
+      shown.update(rows_per_batch[batch_index] if batch_index < len(rows_per_batch)
+                   else 0)
       yield (np.asarray(host_batch["id"])[valid], np.asarray(host_batch["product_id"])[valid],
              np.asarray(batch_embeddings, np.float32)[valid])
-  shown.close()
+
+
+def global_rows_per_batch(num_records: int, process_count: int, batch_size: int,
+                          num_batches: int) -> list[int]:
+  """Records in batch i of all processes together, for each i (process p embeds the
+  p-th contiguous part of the records, `batch_size` rows a batch, padded at its end)."""
+  rows = [0] * num_batches
+  for process in range(process_count):
+    part = (num_records * (process + 1) // process_count
+            - num_records * process // process_count)
+    for index in range(num_batches):
+      rows[index] += max(0, min(batch_size, part - index * batch_size))
+  return rows
 
 
 def embed_split(config: ml_collections.ConfigDict, model: nn.Module, model_params, domain: str,

@@ -10,7 +10,9 @@ once over the device mesh with explicit shardings. Around it:
   setup(config, workdir) -> TrainingRun     mesh, state (fresh, resumed or converted),
                                             data iterator, checkpoint manager, step_fn
   run_steps(run, hooks)                     the step loop; after every step each hook
-                                            sees (step, state, metrics)
+                                            sees (step, state, metrics); a SIGINT or
+                                            SIGTERM ends it at a step boundary, agreed
+                                            by every process, with that step saved
   hooks                                     FiniteCheck (NaN/Inf at log and checkpoint
                                             boundaries), Logger (metrics.jsonl,
                                             TensorBoard, progress bar), Checkpointer,
@@ -19,6 +21,7 @@ once over the device mesh with explicit shardings. Around it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -38,6 +41,7 @@ from cope_jax.base import progress
 from cope_jax import checkpoints
 from cope_jax import cli
 from cope_jax import config_checks
+from cope_jax import distributed
 from cope_jax import evaluate
 from cope_jax import evaluators
 from cope_jax import flops
@@ -50,6 +54,7 @@ from cope_jax import sharding
 from cope_jax import state as state_lib
 from cope_jax import workdir_lock
 from data_pipelines import pipelines
+from cope_jax.base import stop_signals
 
 TrainState = state_lib.TrainState
 # (config, workdir, model params, step, mesh, names=[evaluators due]) -> metrics: the
@@ -104,10 +109,18 @@ class TrainingRun:
   manager: Any  # orbax CheckpointManager of workdir/checkpoints
   step_fn: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]
   start_step: int
+  # The step a stop request ends the run at (set by `run_steps` before that step's hooks
+  # run), or None: the run ends at config.train.num_steps.
+  stop_step: int | None = None
 
   @property
   def is_chief(self) -> bool:
     return jax.process_index() == 0
+
+  @property
+  def final_step(self) -> int:
+    """The run's last step: the hooks log, check and save there."""
+    return self.config.train.num_steps if self.stop_step is None else self.stop_step
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module,
@@ -215,8 +228,8 @@ class FiniteCheck:
   def __call__(self, step, state, metrics):
     train = self._run.config.train
     self._unchecked.append(metrics)
-    if not (_is_boundary(step, train.log_every, train.num_steps)
-            or _is_boundary(step, train.checkpoint_every, train.num_steps)):
+    if not (_is_boundary(step, train.log_every, self._run.final_step)
+            or _is_boundary(step, train.checkpoint_every, self._run.final_step)):
       return
     finite = [bool(m["finite"]) for m in jax.device_get(self._unchecked)]
     unchecked, self._unchecked = self._unchecked, []
@@ -278,7 +291,7 @@ class Logger:
                                     initial=step, disable=not self._run.is_chief)
     else:
       self._progress.update(1)
-    if not _is_boundary(step, config.train.log_every, config.train.num_steps):
+    if not _is_boundary(step, config.train.log_every, self._run.final_step):
       return
     elapsed = time.perf_counter() - self._window_start
     data_wait = sum(m.get("data_wait_seconds", 0.0) for m in self._window)
@@ -307,19 +320,25 @@ class Logger:
 
 class Checkpointer:
   """Saves state and data-iterator position every `train.checkpoint_every` steps and at
-  the end (asynchronously; `close` waits for the last save)."""
+  the run's last step (asynchronously; `close` waits for the last save). A failed write
+  is a `CheckpointWriteError`, one paragraph."""
 
   def __init__(self, run: TrainingRun):
     self._run = run
 
   def __call__(self, step, state, metrics):
     train = self._run.config.train
-    if _is_boundary(step, train.checkpoint_every, train.num_steps):
-      checkpoints.save_training_state(self._run.manager, step, state, self._run.data_iterator)
+    if _is_boundary(step, train.checkpoint_every, self._run.final_step):
+      with checkpoints.write_errors_explained(self._run.manager, step):
+        checkpoints.save_training_state(self._run.manager, step, state,
+                                        self._run.data_iterator)
 
   def close(self):
-    self._run.manager.wait_until_finished()
-    self._run.manager.close()
+    try:
+      with checkpoints.write_errors_explained(self._run.manager):
+        self._run.manager.wait_until_finished()
+    finally:
+      self._run.manager.close()
 
 
 class PeriodicEvaluation:
@@ -333,7 +352,7 @@ class PeriodicEvaluation:
     self._evaluate_fn = evaluate_fn
 
   def __call__(self, step, state, metrics):
-    if step >= self._run.config.train.num_steps:
+    if step >= self._run.final_step:
       return
     names = evaluators.due(self._run.config, step)
     if names:
@@ -356,8 +375,15 @@ def default_hooks(run: TrainingRun, evaluate_fn: EvaluateFn | None = None) -> li
 # ---- the loop -----------------------------------------------------------------------
 
 
-def run_steps(run: TrainingRun, hooks: Sequence[Hook]) -> TrainState:
-  """Steps from `run.start_step` to `config.train.num_steps`; returns the final state."""
+def run_steps(run: TrainingRun, hooks: Sequence[Hook],
+              stop: distributed.StepStop | None = None) -> TrainState:
+  """Steps from `run.start_step` to `config.train.num_steps`; returns the final state.
+
+  `stop` (default: from the entry point's SIGINT/SIGTERM handler) ends the loop earlier:
+  the step where every process agrees to stop becomes the run's last step, which the
+  hooks log, check and save as they do the final one; once the save is written,
+  `stop_signals.Stopped` is raised (exit status 130 or 143).
+  """
   state = run.state
   run.state = None  # donated to the first step: never read it again
   rules = sharding.logical_axis_rules(run.config.mesh)
@@ -365,20 +391,36 @@ def run_steps(run: TrainingRun, hooks: Sequence[Hook]) -> TrainState:
   if step >= run.config.train.num_steps and run.is_chief:
     print(f"already at step {step} of {run.config.train.num_steps}: nothing to train "
           "(a larger --config.train.num_steps trains on)", flush=True)
+  stop = stop or distributed.StepStop(stop_signals.active())
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
-      while step < run.config.train.num_steps:
+      if stop.begin(step):
+        raise stop.stopped(step, before_first_step=True)
+      step_fn = run.step_fn
+      while step < run.config.train.num_steps and run.stop_step is None:
         fetch_start = time.perf_counter()
         batch = sharding.host_batch_to_global(next(run.data_iterator), run.mesh)
         data_wait_seconds = time.perf_counter() - fetch_start
-        state, step_metrics = run.step_fn(state, batch)
+        if step_fn is run.step_fn and distributed.is_multi_process():
+          step_fn = distributed.compile_together(
+              run.step_fn, state, batch, name=f"train step {step + 1}",
+              timeout_seconds=run.config.get("distributed", {}).get(
+                  "initialization_timeout", distributed.DEFAULT_TIMEOUTS[
+                      "initialization_timeout"]))
+        state, step_metrics = step_fn(state, batch)
         step_metrics = dict(step_metrics, data_wait_seconds=data_wait_seconds)
         step += 1
+        if stop.after(step):
+          run.stop_step = step
         for hook in hooks:
           hook(step, state, step_metrics)
   finally:
     for hook in hooks:
       hook.close()
+  if run.stop_step is not None:
+    raise stop.stopped(step, finished=step >= run.config.train.num_steps)
+  if stop.requested_here:  # the signal came during the last step (or, under
+    raise stop.stopped(step, finished=True)  # jax.distributed, agreement came too late)
   return state
 
 
@@ -389,8 +431,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `evaluate_fn`, when given, runs where an evaluator of `config.evals` is due (`every`).
   `run_options`: `setup`'s (allow_change, config_source, overrides).
   """
-  # One writer per workdir (process 0 writes its outputs): a second run stops here.
-  with workdir_lock.hold(workdir, "train", enabled=jax.process_index() == 0):
+  # One writer per workdir (process 0 writes its outputs): a second run stops here. A
+  # signal from here on stops the run at a step boundary (`run_steps`).
+  signals = stop_signals.active()
+  with workdir_lock.hold(workdir, "train", enabled=jax.process_index() == 0), \
+      (signals.deferred() if signals is not None else contextlib.nullcontext()):
     run = setup(config, workdir, **run_options)
     hooks = default_hooks(run, evaluate_fn)
     run_steps(run, hooks)

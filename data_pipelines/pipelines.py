@@ -48,6 +48,7 @@ from cope_jax.base import batch as batch_contract
 from cope_jax.base import domains
 from data_pipelines import eval_inputs
 from data_pipelines import prepare
+from cope_jax.base import stop_signals
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import transforms
 
@@ -227,9 +228,11 @@ def _read_and_prefetch(dataset: grain.MapDataset, data_config) -> grain.IterData
       prefetch_buffer_size=data_config.prefetch_buffer_size))
   if data_config.num_workers > 0:
     _ensure_absl_flags_parsed()
+    # Workers leave SIGINT/SIGTERM to the job, which stops at a step boundary.
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
-        per_worker_buffer_size=data_config.prefetch_buffer_size))
+        per_worker_buffer_size=data_config.prefetch_buffer_size),
+        worker_init_fn=stop_signals.ignore_in_worker)
   return iter_dataset
 
 

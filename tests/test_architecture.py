@@ -197,7 +197,8 @@ def test_the_export_format_is_read_and_written_in_one_module():
 # above the base (neither imports the other). Functions' own imports count too.
 JOB_MODULES = ("cope_jax.train", "cope_jax.evaluate", "cope_jax.export", "cope_jax.convert",
                "cope_jax.compare", "cope_jax.report", "cope_jax.serving",
-               "cope_jax.embed_beam", "cope_jax.cli", "cope_jax.distributed")
+               "cope_jax.embed_beam", "cope_jax.cli", "cope_jax.distributed",
+               "cope_jax.stderr_filter")
 MODEL_MODULES = ("cope_jax.models", "cope_jax.losses", "cope_jax.optim", "cope_jax.sharding",
                  "cope_jax.search", "cope_jax.augment", "cope_jax.flops")
 MAY_IMPORT = {

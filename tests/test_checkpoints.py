@@ -1,7 +1,9 @@
 """Checkpoint integrity on small pytrees: checksums, damage, fallback, shape mismatches."""
 
+import json
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -238,4 +240,77 @@ def test_checkpoints_older_than_integrity_records_are_read_with_finiteness_check
   assert step == 1 and "non-finite values" in messages[0]
   np.testing.assert_array_equal(np.asarray(restored["params"]["model"]["dense"]["kernel"]),
                                 np.asarray(good["params"]["model"]["dense"]["kernel"]))
+  manager.close()
+
+
+# ---- another process count -----------------------------------------------------------
+
+
+def _batches():
+  """A checkpointable Grain iterator: batches of 2 consecutive integers."""
+  return iter(grain.MapDataset.range(100).batch(2).to_iter_dataset())
+
+
+def _written_by_two_processes(tmp_path, positions=(3, 3)):
+  """A step saved as two processes save it: one data-iterator file per process.
+
+  Written by this (one) process, then its data/ file replaced by the two files two
+  processes leave, `process_<i>-of-2.json`, at `positions` (batches consumed).
+  """
+  manager = checkpoints.checkpoint_manager(str(tmp_path), keep=3)
+  state = _state(4)
+  iterator = _batches()
+  checkpoints.save_training_state(manager, 4, state, iterator)
+  manager.wait_until_finished()
+  data_dir = tmp_path / "checkpoints" / "4" / checkpoints.DATA_ITEM
+  (data_dir / "process_0-of-1.json").unlink()
+  for index, position in enumerate(positions):
+    (data_dir / f"process_{index}-of-2.json").write_text(json.dumps({"next_index": position}))
+  return manager, state
+
+
+def test_a_step_of_two_processes_resumes_on_one_at_the_same_data_position(tmp_path):
+  manager, state = _written_by_two_processes(tmp_path)
+  iterator = _batches()
+  restored, step = checkpoints.restore_latest_intact(manager, _abstract(state), iterator,
+                                                     log=pytest.fail)
+  assert step == 4
+  np.testing.assert_array_equal(next(iterator), [6, 7])  # the 4th batch: position 3
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # nothing moved aside
+  manager.close()
+
+
+def test_differing_positions_are_refused_naming_the_process_count_not_damage(tmp_path):
+  manager, state = _written_by_two_processes(tmp_path, positions=(3, 5))
+  messages = []
+  with pytest.raises(checkpoints.CheckpointLayoutError,
+                     match=r"written by 2 processes whose data-iterator positions differ.* "
+                           r"resumes only on 2 processes \(this run has 1\)"):
+    checkpoints.restore_latest_intact(manager, _abstract(state), _batches(),
+                                      log=messages.append)
+  assert messages == []  # not reported as damaged
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  manager.close()
+
+
+def test_a_read_error_that_shows_no_damage_moves_nothing(tmp_path, monkeypatch):
+  manager = checkpoints.checkpoint_manager(str(tmp_path), keep=3)
+  for step in (1, 2):
+    checkpoints.save_training_state(manager, step, _state(step), None)
+  manager.wait_until_finished()
+  restore = manager.restore
+
+  def failing_restore(step, args=None):  # e.g. out of memory while reading step 2
+    if step == 2 and checkpoints.STATE_ITEM in args.keys():
+      raise MemoryError("RESOURCE_EXHAUSTED: could not allocate 4.0G")
+    return restore(step, args=args)
+
+  monkeypatch.setattr(manager, "restore", failing_restore)
+  with pytest.raises(checkpoints.CheckpointReadError,
+                     match=r"checkpoint step 2 .* could not be read: MemoryError: "
+                           r"RESOURCE_EXHAUSTED.* nothing was moved and no older step"):
+    checkpoints.restore_latest_intact(manager, _abstract(_state(1)), None, log=pytest.fail)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
   manager.close()

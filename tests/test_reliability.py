@@ -10,7 +10,10 @@ One test per defect of the reliability review:
   7 non-finite config numbers are refused; the NaN stop on a fresh run says so;
   8 an undecodable image is named; a refused `export --resume` names the fields;
   and the entry points print a failure as one short paragraph.
-Plus the kill -9 soak (`benchmarks/soak.py`, 5 kills here).
+Plus the soaks of `benchmarks/soak.py`: kill -9 (5 kills here), SIGTERM (5 signals: each
+run stops with 143 within 30 s, its last logged step saved) and SIGINT (130), each ending
+with the uninterrupted run's parameters; and a checkpoint write failing under a file-size
+limit is one short paragraph.
 
 Training runs as a subprocess sharing a persistent compilation cache (the runs compile the
 same programs), so each run after the first costs seconds of compilation, not a minute.
@@ -20,8 +23,10 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -49,11 +54,14 @@ from data_pipelines import prepare
 from data_pipelines import synthetic
 from data_pipelines import transforms
 from cope_jax.testing import tiny_configs
+from tests import multiprocess
 from tests.conftest import TINY_ROPE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4  # checkpoints at steps 2 and 4 (checkpoint_every=2, keep_checkpoints=2)
 SOAK_KILLS = int(os.environ.get("COPE_SOAK_KILLS", "5"))
+SIGTERM_SOAK_SIGNALS = int(os.environ.get("COPE_SIGTERM_SOAK_SIGNALS", "5"))
+SIGINT_SOAK_SIGNALS = int(os.environ.get("COPE_SIGINT_SOAK_SIGNALS", "3"))
 
 
 def _strict_json(text: str):
@@ -481,3 +489,80 @@ def test_kill9_soak_resumes_to_identical_parameters(tiny_prepared_dir, tiny_rope
   assert len(set(resumed)) >= 2, result["lives"]  # killed lives made progress in between
   assert result["damaged_reports"] == []  # a kill never leaves a committed step damaged
   assert result["identical"], result["max_abs_param_difference"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, signals, status", [
+    ("TERM", SIGTERM_SOAK_SIGNALS, 143), ("INT", SIGINT_SOAK_SIGNALS, 130)])
+def test_signal_soak_stops_at_saved_steps_and_resumes_to_identical_parameters(
+    tiny_prepared_dir, tiny_rope_dir, compile_cache, tmp_path, signal_name, signals, status):
+  result = soak.run_soak(tiny_prepared_dir, tiny_rope_dir, str(tmp_path), kills=signals,
+                         num_steps=10 * signals, cache_dir=compile_cache, seed=2,
+                         signal_name=signal_name)
+  signalled = [life for life in result["lives"] if life["killed"]]
+  assert len(signalled) == signals, result["lives"]  # none reached the end first
+  for life in signalled:
+    assert life["returncode"] == status, life
+    assert life["stop_seconds"] <= soak.MAX_STOP_SECONDS, life
+    assert life["newest_checkpoint"] == life["last_logged"], life  # the step it stopped at
+  assert result["all_stopped_cleanly"]
+  assert result["kills_during_checkpoint_write"] >= 1, result["lives"]
+  assert result["damaged_reports"] == []
+  assert result["identical"], result["max_abs_param_difference"]
+
+
+def test_a_failed_checkpoint_write_is_a_short_paragraph(tiny_prepared_dir, tiny_rope_dir,
+                                                        compile_cache, tmp_path):
+  # As `ulimit -f 200` (KiB): checkpoint files are larger.
+  command = multiprocess.with_file_size_limit(
+      soak.train_command(str(tmp_path / "run"), tiny_prepared_dir, tiny_rope_dir, 4, 2),
+      200 * 1024)
+  # Compiled programs are read from the cache but none is written (it would be too large).
+  env = dict(soak.subprocess_env(compile_cache),
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(2**62))
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
+                          timeout=600)
+  assert result.returncode == 1
+  lines = [line for line in result.stderr.split(b"\n") if line.strip()]
+  text = result.stderr.decode(errors="replace")
+  assert len(lines) <= 5, text  # the progress bar (one line), the paragraph
+  assert "error: CheckpointWriteError: writing a checkpoint to " in text
+  assert "File too large" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job, signum", [("evaluate", signal.SIGTERM),
+                                         ("export", signal.SIGINT)])
+def test_a_signal_stops_evaluate_and_export_keeping_the_previous_result(
+    trained, tiny_prepared_dir, tiny_rope_dir, compile_cache, tmp_path, job, signum):
+  workdir = _copy(trained, tmp_path / "run")
+  if job == "evaluate":
+    previous_dir = os.path.join(workdir, "eval")
+    _write_previous_results(workdir)
+    extra = []
+  else:
+    previous_dir = str(tmp_path / "export")
+    os.makedirs(previous_dir)
+    with open(os.path.join(previous_dir, "manifest.json"), "w") as f:
+      f.write('{"previous": true}\n')
+    extra = ["--out", previous_dir]
+  before = {name: open(os.path.join(previous_dir, name), "rb").read()
+            for name in os.listdir(previous_dir)}
+  command = [sys.executable, "-m", f"cope_jax.{job}", "--config",
+             os.path.join(REPO_ROOT, "configs", "synthetic_tiny.py"), "--workdir", workdir,
+             *tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir), *extra]
+  stderr_path = tmp_path / "stderr"
+  with open(stderr_path, "w") as stderr:
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=soak.subprocess_env(compile_cache),
+                               stdout=subprocess.DEVNULL, stderr=stderr)
+  while "embed " not in stderr_path.read_text() and process.poll() is None:
+    time.sleep(0.02)  # embedding has begun
+  process.send_signal(signum)
+  sent = time.monotonic()
+  assert process.wait(timeout=300) == 128 + signum
+  assert time.monotonic() - sent < 30
+  lines = stderr_path.read_text().replace("\r", "\n").strip().splitlines()
+  assert lines[-1] == f"stopped by {signal.Signals(signum).name}"
+  after = {name: open(os.path.join(previous_dir, name), "rb").read()
+           for name in os.listdir(previous_dir)}
+  assert after == before

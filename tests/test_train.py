@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import jax
 import ml_collections
@@ -11,9 +12,11 @@ import pytest
 
 from cope_jax import checkpoints
 from cope_jax import config_checks
+from cope_jax import distributed
 from cope_jax import evaluate
 from cope_jax import train
 from cope_jax.base import domains
+from cope_jax.base import stop_signals
 from cope_jax.testing import tiny_configs
 
 
@@ -113,3 +116,40 @@ def test_evaluation_hook_and_entry_point_write_metrics(tiny_prepared_dir, tiny_r
   assert on_disk["video_spread"]["count"] == on_disk["num_items"]["video"]
   for name in ("report.md", "recall_curves.png", "training_curves.png", "examples.html"):
     assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+class _RequestStopAfter:
+  """A hook that asks for a stop (as a SIGTERM would) after one step."""
+
+  def __init__(self, signals, step):
+    self._signals, self._step = signals, step
+
+  def __call__(self, step, state, metrics):
+    if step == self._step:
+      self._signals.request(signal.SIGTERM)
+
+  def close(self):
+    pass
+
+
+def test_a_stop_request_saves_the_next_step_and_the_rerun_resumes_there(
+    tiny_prepared_dir, tiny_rope_dir, tmp_path):
+  config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=6)
+  config.train.log_every = 1
+  config.train.checkpoint_every = 100  # no regular save before the last step
+  signals = stop_signals.StopSignals(announce=lambda line: None)
+  with signals.deferred():
+    run = train.setup(config, str(tmp_path))
+    hooks = train.default_hooks(run) + [_RequestStopAfter(signals, 2)]
+    with pytest.raises(stop_signals.Stopped) as stopped:
+      train.run_steps(run, hooks, stop=distributed.StepStop(signals))
+  # The step in flight when the request came (3) is the one saved and logged last.
+  assert stopped.value.status == 143
+  assert str(stopped.value) == ("stopped at step 3 by SIGTERM; checkpoint saved; rerun the "
+                                "same command to resume")
+  assert checkpoints.checkpoint_manager(str(tmp_path), read_only=True).all_steps() == [3]
+  logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert logged == [1, 2, 3]
+  train.train_and_evaluate(config, str(tmp_path))
+  logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert logged == [1, 2, 3, 4, 5, 6]

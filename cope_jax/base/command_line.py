@@ -20,7 +20,11 @@ flag, as in big_vision. Every command gets the same behaviour:
                   names before anything runs
   exit status     0 success, 1 a user error (bad config, missing input, a failed job),
                   2 a usage error (unknown flag, missing required flag, a flag value
-                  that does not parse, stray arguments), 130 interrupted
+                  that does not parse, stray arguments), 130 stopped by SIGINT (Ctrl-C),
+                  143 stopped by SIGTERM
+  signals         the first SIGINT or SIGTERM stops the job cleanly (training at a step
+                  boundary, with that step saved), a second one at once
+                  (`cope_jax/base/stop_signals.py`)
 
 This module sits at the lowest library layer (it imports only absl and ml_collections),
 so that `data_pipelines` tools and `cope_jax` jobs share it.
@@ -43,6 +47,7 @@ from typing import Any
 from absl import flags
 from absl import logging
 
+from cope_jax.base import stop_signals
 from cope_jax.base import workdir as workdir_layout
 
 TRACEBACK_ENV = "COPE_TRACEBACK"
@@ -188,6 +193,26 @@ class BackgroundErrorReports:
     self._shown = True
     print(f"ignored error in a background task: {type(error).__name__}: "
           f"{first_line(error)}", file=sys.stderr, flush=True)
+
+
+class LibraryErrorLogs(python_logging.Filter):
+  """A filter of the absl log handler: drops records that carry a traceback, counting them.
+
+  Libraries log an exception with its whole traceback from their background threads and
+  then hand it to the caller (Orbax: a failed asynchronous checkpoint write is logged by
+  each of its threads, then raised by the next `save` or `wait_until_finished`), where the
+  command reports it in one paragraph. `--traceback` keeps them.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.dropped = 0
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[0] is not None:
+      self.dropped += 1
+      return False
+    return True
 
 
 # ---- config overrides ---------------------------------------------------------------
@@ -427,12 +452,15 @@ def _usage_error(command: Command, message: str, in_process: bool) -> None:
 
 
 def _user_error(error: BaseException, in_process: bool, argv: Sequence[str],
-                background_errors: BackgroundErrorReports | None = None) -> None:
+                background_errors: BackgroundErrorReports | None = None,
+                library_errors: LibraryErrorLogs | None = None) -> None:
   if traceback_requested(argv):
     traceback.print_exception(error, file=sys.stderr)
     _finish(EXIT_USER_ERROR, "", in_process)
   not_shown = background_errors.not_shown if background_errors else 0
   more = f"{not_shown} more errors in background tasks not shown; " if not_shown else ""
+  if library_errors is not None and library_errors.dropped:
+    more += f"{library_errors.dropped} library error logs with tracebacks not shown; "
   _finish(EXIT_USER_ERROR, f"error: {error_paragraph(error)}\n({more}full traceback: "
           f"{TRACEBACK_ENV}=1 or --traceback)", in_process)
 
@@ -535,6 +563,7 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
     # --verbosity 0.
     logging.get_absl_handler().addFilter(_project_warnings_and_errors)
   background_errors = BackgroundErrorReports()
+  library_errors = None
   quiet = not traceback_requested(argv) and not in_process
   if quiet:
     threading.excepthook = _quiet_thread_excepthook
@@ -544,13 +573,24 @@ def run(command: Command, job: Callable[[types.SimpleNamespace], int | None],
     # failed read is reported when it is garbage-collected, at any moment later, with a
     # full traceback: silence them for the whole run.
     python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL + 1)
+    library_errors = LibraryErrorLogs()
+    logging.get_absl_handler().addFilter(library_errors)
   try:
-    if before_job is not None:
-      before_job(args)
-    status = job(args)
+    with stop_signals.StopSignals():
+      if before_job is not None:
+        before_job(args)
+      status = job(args)
+  except stop_signals.Stopped as stop:
+    _finish(stop.status, stop.message, in_process)
   except KeyboardInterrupt:
     _finish(EXIT_INTERRUPTED, "interrupted", in_process)
   except Exception as error:  # pylint: disable=broad-except
-    _user_error(error, in_process, argv, background_errors)
+    _user_error(error, in_process, argv, background_errors, library_errors)
+  finally:
+    if library_errors is not None:
+      logging.get_absl_handler().removeFilter(library_errors)
+  if library_errors is not None and library_errors.dropped:
+    print(f"note: libraries logged {library_errors.dropped} errors with tracebacks that "
+          "were not shown (--traceback shows them)", file=sys.stderr, flush=True)
   if isinstance(status, int) and not isinstance(status, bool) and status != EXIT_OK:
     _finish(status, "", in_process)  # any other return value (a result) is success

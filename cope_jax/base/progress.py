@@ -97,6 +97,12 @@ class LineProgress:
       self._print()  # where it stopped
     self._closed = True
 
+  def __enter__(self) -> LineProgress:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
 
 def _kind(stream: TextIO) -> str:
   forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
