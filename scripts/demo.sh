@@ -33,7 +33,8 @@ python -m data_pipelines.prepare --rope_dir "$workdir/rope" --out "$workdir/prep
 echo "== 3/4 training $config (resumes from the last checkpoint if any)"
 python -m cope_jax.train --config "$config" --workdir "$workdir" "${overrides[@]}"
 echo "== 4/4 evaluating cross-domain retrieval on the test split"
-python -m cope_jax.evaluate --config "$config" --workdir "$workdir" "${overrides[@]}"
+# The run's config is in $workdir/run.json: --workdir is all evaluate needs.
+python -m cope_jax.evaluate --workdir "$workdir"
 echo
 echo "metrics: $workdir/eval/metrics.json"
 echo "report:  $workdir/eval/report.md  (plots and examples.html beside it)"
