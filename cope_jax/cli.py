@@ -23,9 +23,13 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import flags
 import ml_collections
 
+from cope_jax import distributed
+from cope_jax import run_record
 from cope_jax.base import command_line
+from cope_jax.base import stop_signals
 
 TRACEBACK_ENV = command_line.TRACEBACK_ENV
 error_paragraph = command_line.error_paragraph
@@ -33,8 +37,6 @@ _BackgroundErrorReports = command_line.BackgroundErrorReports
 
 
 def _recorded_config(workdir: str):
-  from cope_jax import run_record  # pylint: disable=g-import-not-at-top
-
   return run_record.recorded_config(workdir)
 
 
@@ -57,8 +59,6 @@ def command(prog: str, doc: str, *, workdir_help: str | None = None,
     own_flags = define_flags
 
     def define_flags(flag_values, own_flags=own_flags):
-      from absl import flags  # pylint: disable=g-import-not-at-top
-
       if own_flags is not None:
         own_flags(flag_values)
       flags.DEFINE_bool("allow_config_change", False, "run with model or input-data "
@@ -78,8 +78,6 @@ def job_options(args: types.SimpleNamespace) -> dict:
 
 
 def _initialize_distributed(args: types.SimpleNamespace) -> None:
-  from cope_jax import distributed  # pylint: disable=g-import-not-at-top
-
   if getattr(args, "config", None) is not None:
     keep_traces = bool(getattr(args, "traceback", False)) or command_line.traceback_requested()
     distributed.maybe_initialize(args.config, keep_traces=keep_traces)
@@ -90,9 +88,6 @@ def _with_peers(job: Callable[[types.SimpleNamespace], Any]
   """`job` with the multi-process endings of `cope_jax.distributed` (a no-op on one
   process)."""
   def run(args: types.SimpleNamespace) -> Any:
-    from cope_jax import distributed  # pylint: disable=g-import-not-at-top
-    from cope_jax.base import stop_signals  # pylint: disable=g-import-not-at-top
-
     try:
       return job(args)
     except stop_signals.Stopped as stop:
