@@ -233,7 +233,7 @@ def test_device_augmented_training_resumes_exactly_after_a_kill(
 
   save = checkpoints.save_training_state
 
-  class Killed(Exception):
+  class Killed(BaseException):  # as a kill: not an error the checkpoint writer explains
     pass
 
   def save_then_die(manager, step, state, data_iterator):
