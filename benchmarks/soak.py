@@ -4,6 +4,7 @@ r"""Kill soak: training stopped at random moments resumes to the uninterrupted r
   python -m benchmarks.soak --kills 5             # what tests/test_reliability.py runs
   python -m benchmarks.soak --signal TERM --kills 20   # SIGTERM instead of SIGKILL
   python -m benchmarks.soak --signal INT --kills 10    # SIGINT (Ctrl-C)
+  python -m benchmarks.soak --signal KILL,TERM,INT --kills 9   # the lives take turns
 
 Trains the tiny test config (`cope_jax/testing/tiny_configs.py`) on a synthetic ROPE dataset made in
 a temporary folder, 8 fake CPU devices: first without interruption (the reference), then
@@ -18,7 +19,8 @@ With `--signal TERM` or `--signal INT` each life gets that signal instead (same 
 and must stop by itself: each life's exit status (143 or 130), the seconds from the
 signal to its exit, and its newest checkpoint against the last step it logged (the
 step it stopped at is saved) are recorded; `all_stopped_cleanly` says whether every
-signalled life did so within `--max_stop_seconds`.
+signalled life did so within `--max_stop_seconds`. A list (`--signal KILL,TERM,INT`)
+gives the lives those signals in turn.
 
 Prints a table (and writes benchmarks/results/soak.json): kills, kills during a
 checkpoint write, the steps the runs resumed from, damaged steps reported, wall time of
@@ -62,6 +64,7 @@ MAX_STOP_SECONDS = 30.0  # from a SIGTERM/SIGINT to the exit, checkpoint written
 class Life:
   """One run of the training command."""
   plan: str  # "write 2": killed during its 2nd checkpoint write; "steps 3": after 3 steps
+  signal: str = "KILL"  # what it gets: KILL, TERM or INT
   killed: bool = False
   killed_during_write: bool = False
   resumed_from: int | None = None
@@ -131,7 +134,7 @@ def _run_life(command: list[str], env: dict[str, str], workdir: str, plan: str,
               rng: random.Random, log_dir: str, index: int,
               stop_signal: int = signal.SIGKILL) -> Life:
   """Starts the command and signals it as `plan` says (or lets it finish)."""
-  life = Life(plan=plan)
+  life = Life(plan=plan, signal=signal.Signals(stop_signal).name[len("SIG"):])
   out_path = os.path.join(log_dir, f"life-{index:03d}.out")
   started = time.monotonic()
   with open(out_path, "w", encoding="utf-8") as out:
@@ -214,16 +217,20 @@ def max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> fl
 def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps: int,
              checkpoint_every: int = 2, seed: int = 0, cache_dir: str | None = None,
              platform: str = "cpu", reference_workdir: str | None = None,
-             signal_name: str = "KILL",
-             max_stop_seconds: float = MAX_STOP_SECONDS) -> dict[str, Any]:
+             signal_name: str = "KILL", max_stop_seconds: float = MAX_STOP_SECONDS,
+             reference_checkpoint_every: int | None = None) -> dict[str, Any]:
   """Runs the soak in `root`; returns the result (see the module docstring).
 
   Args:
     reference_workdir: an uninterrupted run of the same command, if one exists already.
-    signal_name: KILL, TERM or INT: what each life gets.
+    signal_name: KILL, TERM or INT: what each life gets; a comma-separated list of them
+      (`"KILL,TERM"`): the lives get them in turn.
     max_stop_seconds: (TERM, INT) the longest a life may take from the signal to its exit.
+    reference_checkpoint_every: the uninterrupted run's checkpoint cadence (default: the
+      lives'); `num_steps` writes one checkpoint, at the end, for a quicker reference
+      (the saves do not change the training: the comparison checks that too).
   """
-  stop_signal = SIGNALS[signal_name]
+  stop_signals = [SIGNALS[name.strip()] for name in signal_name.split(",")]
   rng = random.Random(seed)
   env = subprocess_env(cache_dir, platform)
   log_dir = os.path.join(root, "logs")
@@ -232,8 +239,8 @@ def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps:
   if reference_workdir is None:
     reference_workdir = os.path.join(root, "uninterrupted")
     reference = _run_life(train_command(reference_workdir, prepared_dir, rope_dir, num_steps,
-                                        checkpoint_every), env, reference_workdir, "finish",
-                          rng, log_dir, 0)
+                                        reference_checkpoint_every or checkpoint_every),
+                          env, reference_workdir, "finish", rng, log_dir, 0)
     reference_seconds = reference.seconds
   else:
     reference_seconds = float("nan")
@@ -243,7 +250,8 @@ def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps:
   soak_started = time.monotonic()
   for index in range(kills):
     plan = f"write {rng.randint(1, 3)}" if index % 2 == 0 else f"steps {rng.randint(1, 6)}"
-    life = _run_life(command, env, workdir, plan, rng, log_dir, index + 1, stop_signal)
+    life = _run_life(command, env, workdir, plan, rng, log_dir, index + 1,
+                     stop_signals[index % len(stop_signals)])
     lives.append(life)
     if not life.killed:  # it reached the last step before the planned kill
       break
@@ -251,17 +259,17 @@ def run_soak(prepared_dir: str, rope_dir: str, root: str, kills: int, num_steps:
   soak_seconds = time.monotonic() - soak_started
   difference = max_abs_difference(final_params(reference_workdir, num_steps),
                                   final_params(workdir, num_steps))
-  signalled = [life for life in lives if life.killed]
+  signalled = [life for life in lives if life.killed and life.signal != "KILL"]
   clean = [life for life in signalled
-           if life.returncode == 128 + int(stop_signal)
+           if life.returncode == 128 + int(SIGNALS[life.signal])
            and life.stop_seconds is not None and life.stop_seconds <= max_stop_seconds
            and life.newest_checkpoint is not None
            and life.newest_checkpoint == life.last_logged]
+  only_kills = all(sig == signal.SIGKILL for sig in stop_signals)
   return {
       "signal": signal_name,
-      "stopped_cleanly": len(clean) if stop_signal != signal.SIGKILL else None,
-      "all_stopped_cleanly": (len(clean) == len(signalled) if stop_signal != signal.SIGKILL
-                              else None),
+      "stopped_cleanly": None if only_kills else len(clean),
+      "all_stopped_cleanly": None if only_kills else len(clean) == len(signalled),
       "max_stop_seconds": max((life.stop_seconds for life in signalled
                                if life.stop_seconds is not None), default=None),
       "kills_requested": kills,
@@ -296,7 +304,7 @@ def make_dataset(root: str) -> tuple[str, str]:
 
 def print_table(result: dict[str, Any]) -> None:
   rows = [
-      ("signal", f"SIG{result['signal']}"),
+      ("signal", ", ".join(f"SIG{name}" for name in result["signal"].split(","))),
       ("kills (requested)", f"{result['kills']} ({result['kills_requested']})"),
       ("kills during a checkpoint write", str(result["kills_during_checkpoint_write"])),
       ("resumed from steps", " ".join("-" if s is None else str(s)
@@ -310,8 +318,9 @@ def print_table(result: dict[str, Any]) -> None:
   ]
   if result["stopped_cleanly"] is not None:
     rows[2:2] = [
-        ("stopped cleanly (status, saved step)", f"{result['stopped_cleanly']} of "
-                                                 f"{result['kills']}"),
+        ("stopped cleanly (status, saved step)",
+         f"{result['stopped_cleanly']} of "
+         f"{sum(life['killed'] and life['signal'] != 'KILL' for life in result['lives'])}"),
         ("longest signal-to-exit (s)", f"{result['max_stop_seconds'] or 0:.1f}"),
     ]
   width = max(len(name) for name, _ in rows)
@@ -323,8 +332,9 @@ def main() -> None:
   parser = common.parser(
       __doc__, out_help="default benchmarks/results/soak.json (soak-term.json, ...)")
   parser.add_argument("--kills", type=int, default=20)
-  parser.add_argument("--signal", choices=sorted(SIGNALS), default="KILL",
-                      help="what each life gets: KILL (kill -9), TERM or INT")
+  parser.add_argument("--signal", default="KILL",
+                      help="what each life gets: KILL (kill -9), TERM or INT, or a "
+                           "comma-separated list of them that the lives take in turn")
   parser.add_argument("--max_stop_seconds", type=float, default=MAX_STOP_SECONDS)
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps (default: 4 per kill, at least 16)")
@@ -333,6 +343,10 @@ def main() -> None:
   parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of the runs")
   parser.add_argument("--root", default="", help="working folder (default: a temporary one)")
   args = parser.parse_args()
+  unknown = [name for name in args.signal.split(",") if name.strip() not in SIGNALS]
+  if unknown:
+    parser.error(f"--signal: unknown {', '.join(unknown)} (choose from "
+                 f"{', '.join(sorted(SIGNALS))})")
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers
   if args.platform == "cpu":  # read the runs' 8-device checkpoints with as many devices
     os.environ["XLA_FLAGS"] = subprocess_env(None)["XLA_FLAGS"]
@@ -344,7 +358,7 @@ def main() -> None:
                     platform=args.platform, signal_name=args.signal,
                     max_stop_seconds=args.max_stop_seconds)
   print_table(result)
-  suffix = "" if args.signal == "KILL" else f"-{args.signal.lower()}"
+  suffix = "" if args.signal == "KILL" else "-" + args.signal.lower().replace(",", "-")
   args.out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results", f"soak{suffix}.json")
   result["machine"] = common.machine(jax_platforms=args.platform)
   common.write_result(args.out, result)

@@ -16,6 +16,7 @@ from benchmarks import train_step
 TINY_STEP = ["--shapes", "tiny", "--batch_sizes", "8", "--steps", "1", "--warmup", "1"]
 
 
+@pytest.mark.slow
 def test_train_step_writes_each_figure_as_it_is_measured(tmp_path, monkeypatch):
   """The row is on disk with its JAX figure before PyTorch starts (a run stopped then
   keeps it), and ends with the JAX and PyTorch rates, their ratio and the profile."""

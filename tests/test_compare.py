@@ -594,6 +594,7 @@ def test_ids_of_another_split_are_an_error(tmp_path):
     compare.compare(folder, rope_dir, "training", out_dir=str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
   data = make_dataset()
   rope_dir = write_pairs(tmp_path / "rope", data)

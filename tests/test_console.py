@@ -19,7 +19,8 @@ CONFIG_FILE = "configs/synthetic_tiny.py"
 
 def test_line_progress_prints_a_line_every_tenth_and_no_carriage_return():
   stream = io.StringIO()
-  shown = progress.LineProgress(200, desc="embed page", unit="item", stream=stream)
+  shown = progress.LineProgress(200, desc="embed page", unit="item", stream=stream,
+                                min_seconds=0)
   for _ in range(200):
     shown.update(1)
     shown.set_postfix(loss="1.000")
@@ -34,12 +35,26 @@ def test_line_progress_prints_a_line_every_tenth_and_no_carriage_return():
 
 def test_line_progress_starts_where_a_resumed_loop_starts_and_says_where_it_stopped():
   stream = io.StringIO()
-  shown = progress.LineProgress(100, desc="train", unit="step", initial=45, stream=stream)
+  shown = progress.LineProgress(100, desc="train", unit="step", initial=45, stream=stream,
+                                min_seconds=0)
   for _ in range(10):
     shown.update(1)
   shown.close()
   printed = [line.split(" ")[1] for line in stream.getvalue().splitlines()]
   assert printed == ["50/100", "55/100"]  # the 50% mark, then where it stopped
+
+
+def test_line_progress_keeps_a_quiet_interval_between_lines_but_always_prints_the_end():
+  stream = io.StringIO()
+  now = [0.0]
+  shown = progress.LineProgress(100, desc="export", unit="item", stream=stream,
+                                min_seconds=5.0, clock=lambda: now[0])
+  for _ in range(100):
+    now[0] += 0.125  # a tenth every 1.25 s
+    shown.update(1)
+  shown.close()
+  printed = [line.split(" ")[1] for line in stream.getvalue().splitlines()]
+  assert printed == ["40/100", "80/100", "100/100"]  # tenths 5 s apart, then the end
 
 
 def test_the_kind_of_display_follows_the_terminal(monkeypatch):
@@ -60,6 +75,7 @@ def overrides(tiny_prepared_dir, tiny_rope_dir):
       "--config.train.num_steps=3"]
 
 
+@pytest.mark.slow
 def test_training_output_in_a_log(overrides, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   train.main(["--config", CONFIG_FILE, "--workdir", workdir, *overrides])

@@ -111,6 +111,7 @@ def converted_dir(release_checkpoint, tmp_path_factory):
   return str(out)
 
 
+@pytest.mark.slow
 def test_cli_conversion_reproduces_reference_embeddings(converted_dir, reference, config):
   params = checkpoints.load_params(converted_dir)["model"]
   # The release's layout: only the page head has a text projection.
@@ -140,6 +141,7 @@ def test_conversion_json_accounts_for_every_tensor(converted_dir, release_checkp
   assert len(metadata["config_hash"]) == 64
 
 
+@pytest.mark.slow
 def test_converted_dir_initialises_training(converted_dir, config):
   config = tiny_config()
   config.train.init_from = converted_dir

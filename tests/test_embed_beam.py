@@ -43,6 +43,8 @@ from tests import test_export_whole
 from tests import test_serving
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = "test"
 ATOL = 1e-5

@@ -24,6 +24,8 @@ from cope_jax.search import index as search_index
 from cope_jax.base import domains
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 # The metrics metrics.json and compare.json both report per direction.
 SHARED_METRICS = ("R@1", "R@5", "R@10", "median_rank", "mAP", "one_shot_accuracy")
 

@@ -18,6 +18,8 @@ from cope_jax.base import result_files
 from tests import test_serving
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 
 @pytest.fixture(scope="module")
 def config(tiny_prepared_dir, tiny_rope_dir, tmp_path_factory):

@@ -85,6 +85,7 @@ def rerun_metrics():
 
 
 @pytest.mark.parametrize("kind", SEARCH_KINDS)
+@pytest.mark.slow
 def test_metrics_are_bit_identical_on_a_rerun(kind, rerun_metrics):
   """The retrieval and one-shot metrics of one set of embeddings, serialised as
   metrics.json is, are the same bytes in this process and in another one, for every

@@ -28,6 +28,8 @@ from tests import test_export_whole
 from tests import test_serving
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 SPLIT = "test"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI_PROCESS_TOLERANCE = 1e-6  # rows embedded in other batches and on other devices

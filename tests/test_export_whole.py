@@ -28,6 +28,8 @@ from data_pipelines import pipelines
 from tests import test_serving
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

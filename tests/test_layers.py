@@ -14,6 +14,7 @@ from tests import test_models
 
 
 @pytest.mark.parametrize("policy", ["dots_saveable", "nothing_saveable"])
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients(policy):
   model_config = test_models.tiny_model_config()
   typed = ModelConfig.from_config(model_config)

@@ -146,6 +146,7 @@ def test_fusion_heads_match_reference(reference, params, model_config):
     video_head.apply({"params": params["video_head"]}, visual, title)
 
 
+@pytest.mark.slow
 def test_clip_text_projection_extension_matches_reference(model_config):
   """`clip_text` (for the in-domain ASR<->frames terms): the clip heads project their ASR
   text with fc0, without fusing it; checked against the reference's opt-in extension."""
@@ -260,6 +261,7 @@ def contrastive_loss(a, b, xp_log_softmax, temperature=0.05):
            + xp_log_softmax(logits.T, 1).diagonal().mean()) / 2
 
 
+@pytest.mark.slow
 def test_gradients_match_reference(reference, params, model_config):
   batch = make_batch()
   pairs = (("page_embedding", "video_embedding"), ("page_text_embedding", "live_embedding"),
@@ -369,6 +371,7 @@ def test_paper_size_parameter_count_matches_release_minus_unused():
   assert 150e6 < flax_count < 250e6
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_is_finite_and_close_to_float32(params, model_config):
   batch = make_batch()
   want = jax.jit(build(model_config).apply)({"params": params}, batch)
@@ -433,6 +436,7 @@ def test_params_carry_logical_axis_names(model_config):
   assert tuple(specs[word]) == ("vocab", "embed")
 
 
+@pytest.mark.slow
 def test_unsupported_frame_count_is_a_clear_error(params, model_config):
   batch = make_batch()
   batch["video_frames"] = batch["video_frames"][:, :2]

@@ -57,28 +57,6 @@ def _no_trace(text: str) -> bool:
   return "    @     0x" not in text and "Check failure stack trace" not in text
 
 
-def test_two_processes_train_on_one_mesh_and_agree(tiny_prepared_dir, tiny_rope_dir, tmp_path):
-  workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "cope_jax.train", "--config", CONFIG, "--workdir",
-             str(workdir), "--config.train.num_steps=3", "--config.train.log_every=3",
-             "--config.train.checkpoint_every=3",
-             *tiny_configs.command_line_overrides(tiny_prepared_dir, tiny_rope_dir)]
-  results = []
-  for stdout in multiprocess.run_two_processes(command):
-    lines = stdout.splitlines()  # only the job's own lines: no [Gloo] connection lines
-    assert all(not line.startswith("[Gloo]") for line in lines), stdout
-    results.append(json.loads([line for line in lines if line.startswith("{")][-1]))
-  assert sorted(r["process_index"] for r in results) == [0, 1]
-  losses = [r["final_metrics"]["loss"] for r in results]
-  assert abs(losses[0] - losses[1]) <= 1e-6 * max(1.0, abs(losses[0]))
-  # One checkpoint for both hosts, holding each host's data-iterator state.
-  manager = checkpoints.checkpoint_manager(str(workdir), read_only=True)
-  assert manager.latest_step() == 3
-  data_dir = workdir / "checkpoints" / "3" / "data"
-  iterator_states = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
-  assert iterator_states == ["process_0-of-2.json", "process_1-of-2.json"]
-
-
 # ---- a signal to one process ----------------------------------------------------------
 
 
@@ -156,8 +134,8 @@ def test_two_process_checkpoint_resumes_on_one_process(stopped_by_sigterm, unint
 
 
 @pytest.mark.slow
-def test_one_process_checkpoint_resumes_on_two(uninterrupted, tiny_prepared_dir,
-                                               tiny_rope_dir, tmp_path):
+def test_one_process_checkpoint_resumes_on_two_that_train_as_one_mesh_and_agree(
+    uninterrupted, tiny_prepared_dir, tiny_rope_dir, tmp_path):
   workdir = shutil.copytree(uninterrupted, tmp_path / "run")
   shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))  # from step 3, on 2 x 4
   os.remove(workdir / "metrics.jsonl")
@@ -167,11 +145,24 @@ def test_one_process_checkpoint_resumes_on_two(uninterrupted, tiny_prepared_dir,
     assert process.wait(TIMEOUT) == 0, process.stderr[-3000:]
   _assert_resumed_intact(workdir, processes[0], 3)
   assert _final_loss(workdir) == pytest.approx(_final_loss(uninterrupted), rel=1e-4)
+  results = []
+  for process in processes:
+    lines = process.stdout.splitlines()  # only the job's own lines: no [Gloo] connection lines
+    assert all(not line.startswith("[Gloo]") for line in lines), process.stdout
+    results.append(json.loads([line for line in lines if line.startswith("{")][-1]))
+  assert sorted(r["process_index"] for r in results) == [0, 1]
+  losses = [r["final_metrics"]["loss"] for r in results]
+  assert abs(losses[0] - losses[1]) <= 1e-6 * max(1.0, abs(losses[0]))
+  # One checkpoint for both hosts, holding each host's data-iterator state.
+  data_dir = workdir / "checkpoints" / str(NUM_STEPS) / "data"
+  iterator_states = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
+  assert iterator_states == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 # ---- missing, killed and failing processes --------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_missing_process_at_start_up_is_one_paragraph(tiny_prepared_dir, tiny_rope_dir,
                                                         tmp_path):
   env = multiprocess.process_env(0, multiprocess.portpicker.pick_unused_port())

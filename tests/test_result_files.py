@@ -155,6 +155,7 @@ def _report_command(workdir: str, limit: int | None = None):
       text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_report_command_rewrites_the_report_and_keeps_it_when_a_write_fails(tmp_path,
                                                                            umask_022):
   workdir = _evaluated_workdir(tmp_path)

@@ -74,6 +74,7 @@ def _ended(main, argv):
   return ended.value
 
 
+@pytest.mark.slow
 def test_the_workdir_records_the_resolved_config_data_and_code(trained):
   workdir, prepared_dir, _ = trained
   record = run_record.load(workdir)
@@ -93,6 +94,7 @@ def test_the_workdir_records_the_resolved_config_data_and_code(trained):
   assert _jobs(workdir)[0]["job"] == "train"
 
 
+@pytest.mark.slow
 def test_workdir_alone_gives_the_same_metrics_as_the_config_with_its_overrides(trained):
   workdir, _, overrides = trained
   evaluate.main(["--workdir", workdir])
@@ -109,6 +111,7 @@ def test_workdir_alone_gives_the_same_metrics_as_the_config_with_its_overrides(t
   assert sources[-2:] == [os.path.join(workdir, "run.json"), CONFIG_FILE]
 
 
+@pytest.mark.slow
 def test_a_model_field_is_refused_naming_both_values(trained):
   workdir, _, _ = trained
   ended = _ended(evaluate.main, ["--workdir", workdir, "--config.model.emb_dim=32"])
@@ -124,6 +127,7 @@ def test_a_model_field_is_refused_naming_both_values(trained):
   assert "optim.learning_rate: run 0.001, now 0.5" in ended.message
 
 
+@pytest.mark.slow
 def test_an_evaluation_field_is_accepted_and_recorded(trained):
   workdir, _, _ = trained
   evaluate.main(["--workdir", workdir, "--config.eval.one_shot_draws=2"])
@@ -136,6 +140,7 @@ def test_an_evaluation_field_is_accepted_and_recorded(trained):
       "config_digest"]
 
 
+@pytest.mark.slow
 def test_outputs_say_where_they_come_from(trained, tiny_rope_dir, tmp_path):
   workdir, _, _ = trained
   record = run_record.load(workdir)
@@ -201,6 +206,7 @@ def test_workdir_without_a_run_needs_a_config(tmp_path):
 
 
 # Last: it prepares a second config into the run's folder and then deletes the run's.
+@pytest.mark.slow
 def test_a_second_prepare_never_changes_the_runs_numbers(trained, tiny_rope_dir):
   workdir, prepared_dir, _ = trained
   evaluate.main(["--workdir", workdir])

@@ -207,6 +207,7 @@ print("modules:", loaded)
 """
 
 
+@pytest.mark.slow
 def test_a_process_without_the_model_code_serves_the_same_embeddings(
     serving_dir, config, params, tmp_path):
   batch, want = {}, {}

@@ -25,6 +25,8 @@ from cope_jax import train
 from cope_jax.base import domains
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 
 def _trained(config, workdir):
   train.train_and_evaluate(config, str(workdir))

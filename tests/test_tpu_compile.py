@@ -69,6 +69,7 @@ def tiny_v5e_step():
   return lowered.compile(), abstract, mesh
 
 
+@pytest.mark.slow
 def test_the_config_compiler_options_reach_the_compiler():
   """The option the TPU compile above accepts is unknown to the CPU compiler: compiling
   the tiny step for the CPU with it fails naming it, so the option is passed."""
@@ -81,6 +82,7 @@ def test_the_config_compiler_options_reach_the_compiler():
     lowered.compile()
 
 
+@pytest.mark.slow
 def test_tiny_train_step_compiles_for_a_v5e_topology(tiny_v5e_step):
   compiled, abstract, mesh = tiny_v5e_step
   assert dict(mesh.shape) == {"data": 2, "model": 2}
@@ -144,6 +146,7 @@ def test_dcn_data_off_multi_slice_devices_is_refused():
   assert dict(sharding.make_mesh(config.mesh, jax.devices()).shape) == {"data": 8, "model": 1}
 
 
+@pytest.mark.slow
 def test_two_slice_train_step_reduces_over_ici_then_dcn():
   """Compiled for 2 slices of v5e 2x2: the gradient reduction is split into collectives
   within each slice (ICI, groups of its 4 chips) and transfers between the slices (DCN,

@@ -34,6 +34,7 @@ def _assert_same_tree(a, b, atol=1e-6):
     np.testing.assert_allclose(x, y, rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss_and_logs(tiny_prepared_dir, tiny_rope_dir, tmp_path):
   config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=12)
   config.train.log_every = 4
@@ -70,6 +71,7 @@ def test_missing_data_path_is_named(tiny_rope_dir, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "work"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared_dir, tiny_rope_dir,
                                                               tmp_path):
   config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=6)
@@ -88,6 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared_dir,
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_evaluation_hook_and_entry_point_write_metrics(tiny_prepared_dir, tiny_rope_dir,
                                                        tmp_path):
   config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=4)
@@ -132,6 +135,7 @@ class _RequestStopAfter:
     pass
 
 
+@pytest.mark.slow
 def test_a_stop_request_saves_the_next_step_and_the_rerun_resumes_there(
     tiny_prepared_dir, tiny_rope_dir, tmp_path):
   config = tiny_configs.training_config(tiny_prepared_dir, tiny_rope_dir, num_steps=6)

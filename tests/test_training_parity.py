@@ -24,6 +24,8 @@ from cope_jax.testing import parity
 from cope_jax.base import domains
 from cope_jax.testing import tiny_configs
 
+pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY, SEEDS = 24, 6, 2
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",

@@ -8,8 +8,9 @@
 
 On a terminal (stderr is a TTY) this is tqdm's bar. Otherwise (a log file, a pipe, a CI
 console) carriage-return redraws would fill the log with thousands of partial lines, so
-a plain line is printed each time another `every_percent` of the total is done, and at
-the end:
+a plain line is printed each time another `every_percent` of the total is done (but not
+within `min_seconds` of the previous line: a short loop prints only its end), and at the
+end:
 
   train: 300/1200 step (25%), 8.1 step/s, 1:51 left; loss=17.373
 
@@ -21,12 +22,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import tqdm
 
 PROGRESS_ENV = "COPE_PROGRESS"
 EVERY_PERCENT = 10
+MIN_SECONDS = 5.0
 
 
 def _format_seconds(seconds: float) -> str:
@@ -40,8 +42,9 @@ class LineProgress:
   """tqdm's interface as far as this project uses it, printing whole lines."""
 
   def __init__(self, total: int | None, desc: str = "", unit: str = "it", initial: int = 0,
-               every_percent: float = EVERY_PERCENT, stream: TextIO | None = None,
-               disable: bool = False):
+               every_percent: float = EVERY_PERCENT, min_seconds: float = MIN_SECONDS,
+               stream: TextIO | None = None, disable: bool = False,
+               clock: Callable[[], float] = time.monotonic):
     self.total = total
     self.n = initial
     self._desc = desc
@@ -50,7 +53,10 @@ class LineProgress:
     self._next = (initial // self._every + 1) * self._every
     self._postfix = ""
     self._stream = stream
-    self._start_time = time.monotonic()
+    self._min_seconds = min_seconds
+    self._clock = clock
+    self._start_time = clock()
+    self._last_print_time = self._start_time
     self._start_n = initial
     self._closed = disable
     self.disable = disable
@@ -59,9 +65,11 @@ class LineProgress:
     if self._closed:
       return
     self.n += count
-    if self.n >= self._next or (self.total is not None and self.n >= self.total):
+    finished = self.total is not None and self.n >= self.total
+    if self.n >= self._next or finished:
       self._next = (self.n // self._every + 1) * self._every
-      self._print()
+      if finished or self._clock() - self._last_print_time >= self._min_seconds:
+        self._print()
 
   def set_postfix(self, refresh: bool = True, **values: Any) -> None:
     self._postfix = ", ".join(f"{key}={value}" for key, value in values.items())
@@ -76,7 +84,9 @@ class LineProgress:
     pass
 
   def _print(self) -> None:
-    elapsed = time.monotonic() - self._start_time
+    now = self._clock()
+    self._last_print_time = now
+    elapsed = now - self._start_time
     done = self.n - self._start_n
     rate = done / elapsed if elapsed > 0 else 0.0
     parts = [f"{self.n}/{self.total} {self._unit}" if self.total else f"{self.n} {self._unit}"]
