@@ -86,7 +86,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # Each weighted term as `loss/<term>` (the total is `loss`).
+  # Each term with a non-zero weight, before weighting, as `loss/<term>`; `loss` is the
+  # weighted total.
   metrics = {f"loss/{name}": value for name, value in terms.items() if name != "total"}
   metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                  finite=jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
