@@ -9,20 +9,8 @@ From the command line (the model of WORKDIR's latest checkpoint, or of
 
   python -m cope_jax.serving --config C --workdir DIR --out SERVING_DIR
 
-Layout of the output directory:
-
-  <domain>.jax_exported    `jax.export.Exported.serialize()` of
-                           `fn(params, inputs) -> {name: [B, D] float32}`, the
-                           `COPE.embed(..., domain)` computation, for each domain
-  params.npz               the model parameters, flattened with '/'-joined keys
-  vocab.txt                the WordPiece vocabulary the text inputs are tokenised with
-                           (a copy of config.data.vocab_path, when that file exists)
-  serving_manifest.json    per domain: the artifact, its inputs (name, shape, dtype; 'b' is
-                           the batch dimension) and outputs; embedding_dim, batch_size,
-                           platforms, config_hash, the config itself (the input sizes and
-                           eval settings a batch job over the artifact needs, e.g.
-                           `cope_jax.embed_beam`), the vocabulary file and its sha256,
-                           the JAX version that exported it
+The output directory's layout is documented once, in `cope_jax.serving_artifact` (the
+format's reader).
 
 Design: the parameters are an argument of the exported function, not constants folded
 into it, so the artifacts depend only on the architecture (config.model and the input

@@ -77,14 +77,7 @@ class _ExampleOptions:
 
   @classmethod
   def from_config(cls, data_config) -> _ExampleOptions:
-    augment_on = data_config.augment_on
-    if augment_on not in batch_contract.AUGMENT_ON:
-      raise ValueError(f"config.data.augment_on must be one of {batch_contract.AUGMENT_ON}, got "
-                       f"{augment_on!r}")
-    canvas_size = data_config.canvas_size or data_config.image_size
-    if canvas_size < data_config.image_size:
-      raise ValueError(f"config.data.canvas_size ({canvas_size}) must be at least "
-                       f"data.image_size ({data_config.image_size}), or 0 for equal")
+    canvas_size = batch_contract.canvas_size(data_config)  # checks augment_on too
     return cls(
         image_size=data_config.image_size, num_frames=data_config.num_frames,
         title_max_length=data_config.title_max_length,
@@ -92,7 +85,7 @@ class _ExampleOptions:
         crop_scale=tuple(data_config.crop_scale),
         title_augment_prob=data_config.title_augment_prob,
         title_augment_char_rate=data_config.title_augment_char_rate,
-        augment_on=augment_on, canvas_size=canvas_size)
+        augment_on=data_config.augment_on, canvas_size=canvas_size)
 
 
 def _decode_images(record: Mapping[str, Any], domain: domains.Domain, num_frames: int,
