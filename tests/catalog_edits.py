@@ -4,7 +4,11 @@ added, a title changed and a video removed (the incremental export and Beam job 
 import os
 import shutil
 
+from cope_jax import checkpoints
+from cope_jax import config_checks
 from cope_jax.base import domains
+from cope_jax.testing import tiny_configs
+from data_pipelines import prepare
 from data_pipelines import rope_format
 
 NEW_TITLE_SUFFIX = " 正品 包邮 新款"
@@ -37,6 +41,23 @@ def copy_catalog(rope_dir, out_dir):
     elif os.path.isfile(source):
       shutil.copy(source, os.path.join(out_dir, name))
   return str(out_dir)
+
+
+def prepared_copy_with_random_weights(rope_dir, root, seed):
+  """A copy of `rope_dir`'s catalog in ROOT/catalog, prepared in ROOT/prepared, and the
+  tiny config over it whose `train.init_from` holds a random model's weights (`seed`).
+  Returns (config, catalog folder, prepared folder)."""
+  from tests import test_serving  # pylint: disable=g-import-not-at-top
+
+  catalog = copy_catalog(rope_dir, os.path.join(root, "catalog"))
+  prepared = os.path.join(root, "prepared")
+  prepare.prepare(catalog, prepared, progress=False, log=lambda line: None)
+  config = tiny_configs.training_config(prepared, catalog)
+  weights = os.path.join(root, "weights")
+  checkpoints.save_params(weights, {"model": test_serving.random_params(
+      config_checks.resolve_vocab_size(config), seed=seed)})
+  config.train.init_from = weights
+  return config, catalog, prepared
 
 
 def change_catalog(root, split="test", added_products=2):

@@ -25,9 +25,7 @@ import pytest
 pytest.importorskip("apache_beam", reason="the Beam job needs apache-beam")
 pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
 
-from cope_jax import checkpoints  # pylint: disable=g-import-not-at-top
-from cope_jax import compare
-from cope_jax import config_checks
+from cope_jax import compare  # pylint: disable=g-import-not-at-top
 from cope_jax import embed_beam
 from cope_jax import export
 from cope_jax import export_format
@@ -40,8 +38,6 @@ from cope_jax.base import domains
 from data_pipelines import prepare
 from tests import catalog_edits
 from tests import test_export_whole
-from tests import test_serving
-from cope_jax.testing import tiny_configs
 
 pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
 
@@ -67,14 +63,8 @@ def setup(tiny_rope_dir, tmp_path_factory):
   serving artifact of the same weights, and one run of the Beam job over the changed
   catalog --since the first export."""
   root = tmp_path_factory.mktemp("embed_beam")
-  rope_dir = catalog_edits.copy_catalog(tiny_rope_dir, str(root / "catalog"))
-  prepared = str(root / "prepared")
-  prepare.prepare(rope_dir, prepared, progress=False, log=lambda line: None)
-  config = tiny_configs.training_config(prepared, rope_dir)
-  weights = str(root / "weights")
-  checkpoints.save_params(weights, {"model": test_serving.random_params(
-      config_checks.resolve_vocab_size(config), seed=6)})
-  config.train.init_from = weights
+  config, rope_dir, prepared = catalog_edits.prepared_copy_with_random_weights(
+      tiny_rope_dir, str(root), seed=6)
   workdir = str(root / "run")
   first = str(root / "first")
   export.export_embeddings(config, workdir, first, split=SPLIT)

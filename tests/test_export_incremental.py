@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 
-from cope_jax import checkpoints
 from cope_jax import compare
 from cope_jax import config_checks
 from cope_jax import export
@@ -25,7 +24,6 @@ from data_pipelines import prepare
 from tests import catalog_edits
 from tests import multiprocess
 from tests import test_export_whole
-from tests import test_serving
 from cope_jax.testing import tiny_configs
 
 pytestmark = pytest.mark.slow  # every test here needs a model trained or exported first
@@ -40,14 +38,8 @@ def catalog(tiny_rope_dir, tmp_path_factory):
   """(config, workdir, catalog folder, prepared folder, weights folder) of the
   catalog before it changes: prepared, and the weights of a random model."""
   root = tmp_path_factory.mktemp("incremental")
-  rope_dir = catalog_edits.copy_catalog(tiny_rope_dir, str(root / "catalog"))
-  prepared = str(root / "prepared")
-  prepare.prepare(rope_dir, prepared, progress=False, log=lambda line: None)
-  config = tiny_configs.training_config(prepared, rope_dir)
-  weights = str(root / "weights")
-  checkpoints.save_params(weights, {"model": test_serving.random_params(
-      config_checks.resolve_vocab_size(config), seed=5)})
-  config.train.init_from = weights
+  config, rope_dir, prepared = catalog_edits.prepared_copy_with_random_weights(
+      tiny_rope_dir, str(root), seed=5)
   return config, str(root / "run"), rope_dir, prepared
 
 
